@@ -1,0 +1,48 @@
+"""Shared fixtures: offline Hugging Face, seeded torch, the toy dataset, a tiny BERT folder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated toy dataset in precomp layout (small)."""
+    from vsectl.data.toy import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_dataset(root, n_train=120, n_dev=30, n_test=30, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BERT and fast WordPiece tokenizer saved to a local folder (built from configs, no download)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    words = ["a", "dog", "cat", "red", "blue", "ball", "on", "the", "grass", "and", "with", "##s", "run", "##ning",
+             "man", "woman", "tree", "car", "big", "small", "next", "to", "sky", "water", "."]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
