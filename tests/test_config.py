@@ -18,7 +18,8 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 def test_unknown_key_fails_with_did_you_mean_on_the_dotted_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model:\n  image:\n    pool:\n      d_pee: 16\n")
-    with pytest.raises(ConfigError, match=r"unknown key 'model.image.pool.d_pee' \(did you mean 'model.image.pool.d_pe'"):
+    expected = r"unknown key 'model.image.pool.d_pee' \(did you mean 'model.image.pool.d_pe'"
+    with pytest.raises(ConfigError, match=expected):
         load_recipe(recipe)
 
 

@@ -105,7 +105,9 @@ def resolve_checkpoint(path: Path, which: str = "best") -> tuple[Path, Path]:
     return path, ckpt
 
 
-def load_run(path: Path, which: str = "best", device: torch.device | str = "cpu") -> tuple[RunConfig, VSEModel, TextSide]:
+def load_run(
+    path: Path, which: str = "best", device: torch.device | str = "cpu"
+) -> tuple[RunConfig, VSEModel, TextSide]:
     """Load a trained model from a run directory or checkpoint folder, in eval mode on `device`."""
     run_dir, ckpt = resolve_checkpoint(path, which)
     meta = read_metadata(ckpt) if (ckpt / "model.safetensors").is_file() else {}

@@ -47,7 +47,7 @@ def encode_split(
     model.eval()
     images = DataLoader(ImageSetDataset(split), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_images)
-    captions = DataLoader(CaptionDataset(split.captions, text.processor(augment=False)), batch_size=batch_size,
+    captions = DataLoader(CaptionDataset(split, text.processor(augment=False)), batch_size=batch_size,
                           num_workers=num_workers, collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id))
     img_out, cap_out = [], []
     with precision.autocast():

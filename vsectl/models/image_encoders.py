@@ -55,7 +55,7 @@ class TwoLayerMLP(nn.Module):
 def grid_size_augment(
     feats: torch.Tensor, lengths: torch.Tensor, max_drop: float = GRID_DROP_MAX
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop grid cells on the device (spec §3, grid row): per sample u ~ U(0,1); if u > 0.2 drop each cell with p = 0.2·u.
+    """Drop grid cells on the device (spec §3, grid row): u ~ U(0,1) per sample; if u > 0.2 drop each cell w.p. 0.2·u.
 
     Survivors keep their order and are zero-padded; the batch is cut to the longest survivor; at least one cell stays.
 

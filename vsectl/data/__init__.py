@@ -1,0 +1,1 @@
+"""Feature sets, captions, vocabularies, augmentation and batching."""

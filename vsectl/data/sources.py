@@ -1,0 +1,388 @@
+"""Feature sources (SCAN precomp `.npy` memmaps, the HDF5 store) and split loading (spec §9, DATA-5/6/7).
+
+Sources keep only paths when pickled and open their files lazily in each process, so DataLoader workers read per item
+and never hold whole arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from vsectl.data.captions import karpathy_captions_for_ids
+from vsectl.data.store import open_store, read_store_captions
+from vsectl.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CAPTIONS_PER_IMAGE = 5  # SCAN precomp groups 5 consecutive captions per image (DATA-6)
+FINITE_CHECK_IMAGES = 2  # images checked for NaN/inf at each end of a split on load
+
+
+class FeatureSource(ABC):
+    """Random access to the feature sets of N unique images."""
+
+    @property
+    @abstractmethod
+    def feat_dim(self) -> int:
+        """D, the width of every feature row."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """N, the number of unique images."""
+
+    @abstractmethod
+    def lengths(self) -> np.ndarray:
+        """(N,) int64 set sizes."""
+
+    @abstractmethod
+    def get(self, i: int) -> np.ndarray:
+        """Return a fresh (n_i, D) float32 array with image i's features."""
+
+    def _check_index(self, i: int) -> int:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"image index {i} out of range for {n} images")
+        return i % n
+
+
+def _npy_shape(path: Path) -> tuple[int, ...]:
+    # Mapping reads only the header; the map is dropped at once, so nothing of the data is loaded or kept open.
+    try:
+        return tuple(np.load(path, mmap_mode="r").shape)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is not a readable .npy file ({e})") from e
+
+
+class NpyFeatures(FeatureSource):
+    """SCAN precomp features: a (rows, K, D) `.npy` read through a lazily opened memmap.
+
+    Args:
+        path: the `<split>_ims.npy` file.
+        row_stride: array rows per unique image; 5 when images are stored once per caption (DATA-5).
+    """
+
+    def __init__(self, path: str | Path, row_stride: int = 1) -> None:
+        self.path = Path(path)
+        self.row_stride = row_stride
+        self._shape: tuple[int, ...] | None = None
+        self._array: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(rows, K, D) of the array on disk."""
+        if self._shape is None:
+            shape = _npy_shape(self.path)
+            if len(shape) != 3:
+                raise DataError(f"{self.path} has shape {shape}; precomp features must be (rows, K, D)")
+            self._shape = shape
+        return self._shape
+
+    @property
+    def feat_dim(self) -> int:
+        return self.shape[2]
+
+    def __len__(self) -> int:
+        return self.shape[0] // self.row_stride
+
+    def lengths(self) -> np.ndarray:
+        return np.full(len(self), self.shape[1], dtype=np.int64)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The memory-mapped (rows, K, D) array, opened on first use in this process."""
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def get(self, i: int) -> np.ndarray:
+        i = self._check_index(i)
+        return np.array(self.array[i * self.row_stride], dtype=np.float32)  # (K, D), copied out of the map
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __repr__(self) -> str:
+        return f"NpyFeatures({str(self.path)!r}, row_stride={self.row_stride})"
+
+
+class H5Features(FeatureSource):
+    """Variable-length feature sets from the HDF5 store (see `store.py`).
+
+    The file handle is opened on the first `get` in each process and dropped when pickled (h5py handles are neither
+    picklable nor fork-safe). The (N+1,) offsets are read once.
+
+    Args:
+        path: the `<split>.h5` store.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._offsets: np.ndarray | None = None
+        self._feat_dim: int | None = None
+        self._n_rows: int | None = None
+        self._file: h5py.File | None = None
+        self._rows: h5py.Dataset | None = None
+        self._pid: int | None = None
+
+    def _load_meta(self) -> None:
+        with open_store(self.path) as f:
+            self._offsets = np.asarray(f["features/offsets"][()], dtype=np.int64)
+            self._feat_dim = int(f.attrs["feat_dim"])
+            self._n_rows = int(f["features/rows"].shape[0])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N+1,) int64; image n's rows are rows[offsets[n]:offsets[n+1]]."""
+        if self._offsets is None:
+            self._load_meta()
+        return self._offsets
+
+    @property
+    def n_rows(self) -> int:
+        """R, the total number of feature rows."""
+        if self._n_rows is None:
+            self._load_meta()
+        return self._n_rows
+
+    @property
+    def feat_dim(self) -> int:
+        if self._feat_dim is None:
+            self._load_meta()
+        return self._feat_dim
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def get(self, i: int) -> np.ndarray:
+        i = self._check_index(i)
+        if self._rows is None or self._pid != os.getpid():  # first use, or a forked worker inherited the handle
+            self._file = open_store(self.path)
+            self._rows = self._file["features/rows"]
+            self._pid = os.getpid()
+        start, stop = self.offsets[i], self.offsets[i + 1]
+        return self._rows[start:stop].astype(np.float32, copy=False)  # h5py returns a fresh array
+
+    def close(self) -> None:
+        """Close this process's handle (reopened on the next `get`)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._rows = self._pid = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_rows": None, "_pid": None}
+
+    def __repr__(self) -> str:
+        return f"H5Features({str(self.path)!r})"
+
+
+class SubsetFeatures(FeatureSource):
+    """The first `n` images of another source (used for dev-1k selection)."""
+
+    def __init__(self, source: FeatureSource, n: int) -> None:
+        self.source = source
+        self.n = n
+
+    @property
+    def feat_dim(self) -> int:
+        return self.source.feat_dim
+
+    def __len__(self) -> int:
+        return self.n
+
+    def lengths(self) -> np.ndarray:
+        return self.source.lengths()[: self.n]
+
+    def get(self, i: int) -> np.ndarray:
+        return self.source.get(self._check_index(i))
+
+    def __repr__(self) -> str:
+        return f"SubsetFeatures({self.source!r}, n={self.n})"
+
+
+@dataclass
+class Split:
+    """One split: unique images, their captions, and the caption → image index.
+
+    Attributes:
+        name: split name ("train", "dev", "test", "testall").
+        features: the N unique images' feature sets.
+        captions: the C captions.
+        cap2img: (C,) int64 image index of each caption.
+        image_ids: the N image ids, as strings.
+    """
+
+    name: str
+    features: FeatureSource
+    captions: list[str]
+    cap2img: np.ndarray
+    image_ids: list[str]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_ids)
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+    def subset_images(self, n: int) -> Split:
+        """The first `n` images and their captions (same order); features are not read."""
+        if not 0 < n <= self.n_images:
+            raise DataError(f"cannot take the first {n} images of split {self.name!r}, which has {self.n_images}")
+        keep = np.flatnonzero(self.cap2img < n)
+        return Split(
+            name=self.name,
+            features=SubsetFeatures(self.features, n),
+            captions=[self.captions[k] for k in keep],
+            cap2img=self.cap2img[keep].copy(),
+            image_ids=self.image_ids[:n],
+        )
+
+
+def check_finite(source: FeatureSource, indices: Iterable[int]) -> None:
+    """Raise DataError naming the first image among `indices` whose features contain NaN or inf."""
+    for i in indices:
+        if not np.isfinite(source.get(int(i))).all():
+            raise DataError(f"image {int(i)} of {source!r} has NaN or inf features; re-extract or re-import them")
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e})") from e
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise DataError(f"{path}: line {n} is an empty {what}; every line must hold one")
+    return [line.strip() for line in lines]
+
+
+def _available_splits(root: Path) -> list[str]:
+    found: set[str] = set()
+    for folder in (root, root / "precomp"):
+        if folder.is_dir():
+            found.update(p.name[: -len(".h5")] for p in folder.glob("*.h5"))
+            found.update(p.name[: -len("_ims.npy")] for p in folder.glob("*_ims.npy"))
+    return sorted(found)
+
+
+def _stride_from_ids(ids: list[str]) -> int:
+    # Without a caption file, rows stored once per caption show up as runs of 5 identical ids.
+    k = CAPTIONS_PER_IMAGE
+    if ids and len(ids) % k == 0 and all(ids[j] == ids[j - j % k] for j in range(len(ids))):
+        return k
+    return 1
+
+
+def _load_store_split(path: Path, split: str, captions_json: str | Path | None) -> Split:
+    features = H5Features(path)
+    captions, cap2img, image_ids = read_store_captions(path)
+    n = len(features)
+    if len(image_ids) != n:
+        raise DataError(f"{path}: {len(image_ids)} image ids but {n} feature sets; re-create the store")
+    lengths = features.lengths()
+    if n and (lengths.min() <= 0 or features.offsets[0] != 0 or features.offsets[-1] != features.n_rows):
+        raise DataError(f"{path}: feature offsets are inconsistent with the {features.n_rows} rows; re-create it")
+    if captions_json is not None:
+        captions, cap2img = karpathy_captions_for_ids(captions_json, split, image_ids)
+    for k, text in enumerate(captions):
+        if not text.strip():
+            raise DataError(f"{path}: caption {k} is empty")
+    if len(cap2img) and (cap2img.min() < 0 or cap2img.max() >= n):
+        raise DataError(f"{path}: caption image indices fall outside [0, {n}); re-create the store")
+    return Split(split, features, captions, cap2img, image_ids)
+
+
+def _load_precomp_split(ims: Path, split: str, captions_json: str | Path | None) -> Split:
+    folder = ims.parent
+    caps_path = folder / f"{split}_caps.txt"
+    ids_path = folder / f"{split}_ids.txt"
+    rows = _npy_shape(ims)[0]
+    row_ids = _read_lines(ids_path, "id") if ids_path.is_file() else None
+    if row_ids is not None and len(row_ids) != rows:
+        raise DataError(f"{ids_path} has {len(row_ids)} ids but {ims.name} has {rows} rows; they must match (DATA-5)")
+    if captions_json is not None:
+        if row_ids is None:
+            raise DataError(f"matching captions from {captions_json} needs the ids file {ids_path}")
+        stride = _stride_from_ids(row_ids)
+    elif not caps_path.is_file():
+        raise DataError(f"{caps_path} does not exist; precomp features need their captions (or pass captions_json)")
+    else:
+        captions = _read_lines(caps_path, "caption")
+        n_caps = len(captions)
+        stride = CAPTIONS_PER_IMAGE if rows == n_caps else 1  # DATA-5: one row per caption → 5 rows per image
+        if rows % stride or n_caps != CAPTIONS_PER_IMAGE * (rows // stride):
+            raise DataError(
+                f"{caps_path.name} has {n_caps} captions but {ims.name} has {rows} rows; precomp data needs "
+                f"{CAPTIONS_PER_IMAGE} consecutive captions per image, i.e. {CAPTIONS_PER_IMAGE * rows} captions "
+                f"(one row per image) or {rows} captions (one row per caption) (DATA-6)"
+            )
+    features = NpyFeatures(ims, row_stride=stride)
+    n = rows // stride
+    image_ids = row_ids[::stride] if row_ids is not None else [str(i) for i in range(n)]
+    if captions_json is not None:
+        captions, cap2img = karpathy_captions_for_ids(captions_json, split, image_ids)
+    else:
+        cap2img = np.arange(len(captions), dtype=np.int64) // CAPTIONS_PER_IMAGE
+    return Split(split, features, captions, cap2img, image_ids)
+
+
+def load_split(
+    root: str | Path, split: str, captions_json: str | Path | None = None, *, feat_dim: int | None = None
+) -> Split:
+    """Load one split, validating counts cheaply (no feature array is read whole).
+
+    Looks for, in order, `<root>/<split>.h5` (the store), `<root>/<split>_ims.npy` and `<root>/precomp/<split>_ims.npy`
+    (SCAN precomp with `<split>_caps.txt` and optional `<split>_ids.txt`).
+
+    Args:
+        root: dataset folder.
+        split: "train", "dev", "test", "testall", ...
+        captions_json: optional Karpathy JSON; captions then come from it, matched to the features by image id, with
+            any number of captions per image.
+        feat_dim: expected D; a mismatch raises DataError.
+
+    Returns:
+        The split, with features opened lazily.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist; set data.root to the dataset folder")
+    candidates = [root / f"{split}.h5", root / f"{split}_ims.npy", root / "precomp" / f"{split}_ims.npy"]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        looked = ", ".join(str(p) for p in candidates)
+        raise DataError(f"split {split!r} not found: looked for {looked}; splits in {root}: {_available_splits(root)}")
+    if found.suffix == ".h5":
+        result = _load_store_split(found, split, captions_json)
+    else:
+        result = _load_precomp_split(found, split, captions_json)
+    if feat_dim is not None and result.features.feat_dim != feat_dim:
+        raise DataError(
+            f"{found} holds {result.features.feat_dim}-d features but the model expects {feat_dim}; "
+            "set the image feature dimension to match the data"
+        )
+    n = result.n_images
+    ends = {*range(min(FINITE_CHECK_IMAGES, n)), *range(max(0, n - FINITE_CHECK_IMAGES), n)}
+    check_finite(result.features, sorted(ends))
+    log.info(
+        "split %s from %s: %d images, %d captions, %d-d features",
+        split,
+        found,
+        n,
+        result.n_captions,
+        result.features.feat_dim,
+    )
+    return result
