@@ -154,3 +154,28 @@ def test_two_gpos_at_default_sizes_hold_25408_parameters_gpo19():
                                      text=TextConfig(word_dim=8)), vocab_size=10)
     assert sum(p.numel() for p in model.image.pool.parameters()) + sum(
         p.numel() for p in model.text.pool.parameters()) == 25_408
+
+
+def test_frozen_body_gets_no_gradients_and_no_optimizer_group(tiny_bert_dir):
+    cfg = ModelConfig(embed_dim=12, image=ImageConfig(feat_dim=8, mlp_hidden=4),
+                      text=TextConfig(encoder="transformers", pretrained=str(tiny_bert_dir), freeze_body=True))
+    model = create_model(cfg).train()
+    assert not model.text.body.training  # no dropout in a frozen body
+    names = [g["name"] for g in param_groups(model, LRMultConfig())]
+    assert "text_body" not in names
+    tokens, lengths = torch.tensor([[2, 5, 6, 3]]), torch.tensor([4])
+    emb, _ = model.encode_text(tokens, lengths)
+    emb.sum().backward()
+    assert all(p.grad is None for p in model.text.body.parameters())
+    assert model.text.proj.weight.grad is not None
+
+
+def test_cached_states_give_the_same_embedding_as_running_the_body(tiny_bert_dir):
+    cfg = ModelConfig(embed_dim=12, image=ImageConfig(feat_dim=8, mlp_hidden=4),
+                      text=TextConfig(encoder="transformers", pretrained=str(tiny_bert_dir), freeze_body=True))
+    model = create_model(cfg).eval()
+    tokens, lengths = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 8, 9, 3]]), torch.tensor([4, 5])
+    direct, _ = model.encode_text(tokens, lengths)
+    states = model.text.states(tokens, lengths).detach()
+    cached, _ = model.encode_text(states, lengths)
+    torch.testing.assert_close(direct, cached)

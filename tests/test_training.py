@@ -150,3 +150,18 @@ def test_help_works_for_every_command(command):
 def test_version_flag():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("vsectl ")
+
+
+def test_frozen_transformer_text_with_cached_states_trains_and_evaluates(toy_root, tiny_bert_dir, tmp_path):
+    overrides = tiny_overrides(toy_root, "name=cached", "train.epochs=1", "model.text.encoder=transformers",
+                               f"model.text.pretrained={tiny_bert_dir}", "model.text.freeze_body=true",
+                               "model.text.cache_states=true")
+    run = train(load_recipe(TINY, overrides), tmp_path, device="cpu")
+    assert (run / "text_cache" / "train.h5").is_file() and (run / "text_cache" / "val.h5").is_file()
+    assert (run / "text_model" / "config.json").is_file()  # eval rebuilds the body without the hub
+    from vsectl.evaluation import evaluate_runs
+
+    result = evaluate_runs([run], protocol="f30k", split="test", device="cpu")["f30k"]
+    assert 0 <= result["metrics"]["rsum"] <= 600
+    cfg_text = json.loads(json.dumps(load_recipe(run / "config.yaml").model.text.cache_states))
+    assert cfg_text is True

@@ -45,6 +45,8 @@ class TextConfig:
     vocab_file: str = ""            # bigru: a SCAN-style vocab JSON to use instead of building one
     pretrained: str = "bert-base-uncased"  # transformers: local folder, hub id (from the cache), or 'minilm'
     size_augment: bool = True       # token-level mask/randomise/delete with p=0.2 per word
+    freeze_body: bool = False       # transformers: keep the pretrained body fixed (eval mode, no gradients)
+    cache_states: bool = False      # transformers + freeze_body: cache token states once (run/text_cache/)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
 
@@ -129,6 +131,10 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
+    if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
+        raise ConfigError("model.text.cache_states needs model.text.freeze_body: true (a trained body changes states)")
+    if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
+        raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
     for branch in ("image", "text"):
         pool = getattr(cfg.model, branch).pool
         if pool.d_pe % 2:

@@ -35,8 +35,11 @@ def encode_split(
     batch_size: int = 128,
     num_workers: int = 0,
     progress: Progress | None = None,
+    text_states: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every unique image once and every caption once (no augmentation).
+
+    `text_states` (a `CachedTextStates` of this split) replaces running a frozen text body on token ids.
 
     Returns:
         img (N, E) and cap (C, E) fp32 unit vectors on `device`, in split order.
@@ -47,8 +50,9 @@ def encode_split(
     model.eval()
     images = DataLoader(ImageSetDataset(split), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_images)
-    captions = DataLoader(CaptionDataset(split, text.processor(augment=False)), batch_size=batch_size,
-                          num_workers=num_workers, collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id))
+    caption_set = CaptionDataset(split, text.processor(augment=False)) if text_states is None else _States(text_states)
+    captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
+                          collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id))
     img_out, cap_out = [], []
     with precision.autocast():
         for batch in progress.track(images, total=len(images), description="encode images"):
@@ -61,10 +65,23 @@ def encode_split(
     return torch.cat(img_out), torch.cat(cap_out)
 
 
+class _States(torch.utils.data.Dataset):
+    """Cached token states of a split's captions, in caption order."""
+
+    def __init__(self, states: Any) -> None:
+        self.states = states
+
+    def __len__(self) -> int:
+        return len(self.states.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.states.get(i, None)), i
+
+
 def validate(model: VSEModel, split: Split, text: TextSide, device: torch.device, precision: Precision,
-             batch_size: int) -> dict[str, float]:
+             batch_size: int, text_states: Any = None) -> dict[str, float]:
     """R@K and rsum on a (dev) split, used for model selection."""
-    img, cap = encode_split(model, split, text, device, precision, batch_size)
+    img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states)
     cap2img = torch.as_tensor(split.cap2img, device=device)
     return recall_metrics(*rank_retrieval([(img, cap)], cap2img))
 

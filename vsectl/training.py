@@ -29,6 +29,7 @@ from vsectl.losses import ContrastiveLoss
 from vsectl.models.vse import VSEModel, param_groups
 from vsectl.runtime import NullProgress, Precision, Progress, env_info, resolve_device, seed_everything
 from vsectl.schedules import group_lr, use_hardest_negative
+from vsectl.text_cache import CachedTextStates, build_state_cache
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,12 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
     return train_split, dev_split
 
 
-def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int) -> DataLoader:
+def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
+                state_cache: Path | None = None) -> DataLoader:
     region_drop = REGION_DROP if cfg.model.image.encoder == "region" and cfg.model.image.size_augment else 0.0
-    dataset = PairDataset(split, text.processor(augment=cfg.model.text.size_augment), region_drop, cfg.seed)
+    augment = cfg.model.text.size_augment
+    source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
+    dataset = PairDataset(split, source, region_drop, cfg.seed)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch)
@@ -260,13 +264,22 @@ def train(
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     metrics.truncate_after(global_step)
 
+    state_cache, val_states = None, None
+    if cfg.model.text.cache_states:
+        identity = f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}"
+        caches = [build_state_cache(model.text, split, text.processor(augment=False),
+                                    run_dir / "text_cache" / f"{name}.h5", dev, identity,
+                                    batch_size=cfg.data.batch_size, progress=progress)
+                  for name, split in (("train", train_split), ("val", val_split))]
+        state_cache, val_states = caches[0], CachedTextStates(caches[1], augment=False)
+
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
     for epoch in range(start_epoch, cfg.train.epochs):
         set_learning_rates(optimizer, cfg, epoch)
-        loader = make_loader(cfg, train_split, text, epoch, start_batch=0)
+        loader = make_loader(cfg, train_split, text, epoch, start_batch=0, state_cache=state_cache)
         global_step = train_one_epoch(model, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
                                       metrics, progress)
-        val = validate(model, val_split, text, dev, precision, cfg.data.batch_size)
+        val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, text_states=val_states)
         is_best = val["rsum"] > best_rsum
         if is_best:
             best_rsum, best_epoch = val["rsum"], epoch

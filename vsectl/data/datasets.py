@@ -44,7 +44,8 @@ class PairDataset(Dataset):
 
     Args:
         split: the training split.
-        text: encodes captions; it augments only if built with `augment=True`.
+        text: encodes captions (it augments only if built with `augment=True`), or an object with
+            `get(i, rng) -> (T, H) float32` giving cached token states (vsectl.text_cache.CachedTextStates).
         region_drop: per-region drop probability (0 disables region augmentation).
         seed: base seed, ≥ 0.
     """
@@ -73,6 +74,8 @@ class PairDataset(Dataset):
         feats = self.split.features.get(int(self.split.cap2img[i]))  # (n, D)
         if self.region_drop > 0:
             feats = drop_regions(feats, self.region_drop, rng)
+        if hasattr(self.text, "get"):  # cached token states of a frozen text body: (T, H) float32
+            return torch.from_numpy(feats), torch.from_numpy(self.text.get(i, rng)), i
         ids = self.text.encode(self.split.captions[i], rng)
         return torch.from_numpy(feats), torch.tensor(ids, dtype=torch.int64), i
 
@@ -203,11 +206,11 @@ def collate_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_i
 
     Returns:
         images (B, K_max, D) float32 zero-padded, image_lengths (B,) int64, tokens (B, T_max) int64 padded with
-        `pad_id`, token_lengths (B,) int64, index (B,) int64.
+        `pad_id` (or (B, T_max, H) float32 zero-padded cached states), token_lengths (B,) int64, index (B,) int64.
     """
     feats, ids, index = zip(*batch, strict=True)
     images, image_lengths = _pad_sets(feats)
-    tokens, token_lengths = _pad_tokens(ids, pad_id)
+    tokens, token_lengths = _pad_sets(ids) if ids[0].is_floating_point() else _pad_tokens(ids, pad_id)
     return {
         "images": images,
         "image_lengths": image_lengths,
@@ -227,5 +230,5 @@ def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch
 def collate_tokens(batch: Sequence[tuple[torch.Tensor, int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad `CaptionDataset` items: tokens (B, T_max) int64 padded with `pad_id`, token_lengths (B,), index (B,)."""
     ids, index = zip(*batch, strict=True)
-    tokens, token_lengths = _pad_tokens(ids, pad_id)
+    tokens, token_lengths = _pad_sets(ids) if ids[0].is_floating_point() else _pad_tokens(ids, pad_id)
     return {"tokens": tokens, "token_lengths": token_lengths, "index": torch.tensor(index, dtype=torch.int64)}

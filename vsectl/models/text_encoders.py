@@ -63,16 +63,32 @@ class TransformerTextEncoder(nn.Module):
         pad_id: padding id; the attention mask is (id ≠ pad_id) within the length, as the official code does (TXT-6).
     """
 
-    def __init__(self, body: nn.Module, embed_dim: int, pool: nn.Module, pad_id: int = 0) -> None:
+    def __init__(
+        self, body: nn.Module, embed_dim: int, pool: nn.Module, pad_id: int = 0, freeze_body: bool = False
+    ) -> None:
         super().__init__()
         self.body = body
         self.proj = nn.Linear(body.config.hidden_size, embed_dim)
         self.pool = pool
         self.pad_id = pad_id
+        self.freeze_body = freeze_body
+        if freeze_body:
+            self.body.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TransformerTextEncoder:
+        super().train(mode)
+        if self.freeze_body:
+            self.body.eval()  # a frozen body runs without dropout, so its states are deterministic (and cacheable)
+        return self
+
+    def states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, H) last hidden states of the body."""
+        mask = (tokens != self.pad_id) & length_mask(lengths, tokens.size(1))
+        return self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        mask = (tokens != self.pad_id) & length_mask(lengths, tokens.size(1))
-        hidden = self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state   # (B, T, H)
+        """(B, T) ids, or (B, T, H) cached float states of a frozen body, and (B,) lengths → (B, E), weights."""
+        hidden = tokens if tokens.is_floating_point() else self.states(tokens, lengths)   # (B, T, H)
         pooled, weights = self.pool(self.proj(hidden), lengths)
         return l2_normalize(pooled), weights
 
@@ -147,7 +163,7 @@ def _build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None 
     if body is None:
         body, _ = load_pretrained_text(cfg.pretrained)
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else 0
-    return TransformerTextEncoder(body, embed_dim, create_pooler(cfg.pool), pad_id=pad_id)
+    return TransformerTextEncoder(body, embed_dim, create_pooler(cfg.pool), pad_id=pad_id, freeze_body=cfg.freeze_body)
 
 
 def create_text_encoder(

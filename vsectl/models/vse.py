@@ -48,12 +48,15 @@ def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
     text_body: list[nn.Parameter] = []
     text_head: list[nn.Parameter] = []
     for name, param in model.text.named_parameters():
+        if not param.requires_grad:
+            continue  # a frozen body belongs to no group
         if isinstance(model.text, TransformerTextEncoder) and name.startswith("body."):
             text_body.append(param)
         else:
             text_head.append(param)
     groups = [
-        {"name": "image_head", "lr_mult": mult.image_head, "params": list(model.image.parameters())},
+        {"name": "image_head", "lr_mult": mult.image_head,
+         "params": [p for p in model.image.parameters() if p.requires_grad]},
         {"name": "text_head", "lr_mult": mult.text_head, "params": text_head},
         {"name": "text_body", "lr_mult": mult.text_body, "params": text_body},
     ]
