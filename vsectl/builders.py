@@ -47,7 +47,7 @@ class TextSide:
         return int(self.tokenizer.pad_token_id or 0)
 
 
-def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str]) -> TextSide:
+def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
     """Create the text side of a new run and save what eval will need into `run_dir`.
 
     BiGRU: the vocabulary from `captions` (train + dev, count ≥ min_count) or `model.text.vocab_file`.
@@ -61,12 +61,14 @@ def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str]) -> TextSide
             vocab = Vocab.load(text.vocab_file)
         else:
             vocab = build_vocab(captions, min_count=text.vocab_min_count)
-        vocab.save(run_dir / VOCAB_FILE)
+        if write:
+            vocab.save(run_dir / VOCAB_FILE)
         log.info("vocabulary: %d tokens", len(vocab))
         return TextSide(vocab=vocab, tokenizer=None, body=None)
     body, tokenizer = load_pretrained_text(text.pretrained)
-    body.config.save_pretrained(run_dir / TEXT_MODEL_DIR)
-    tokenizer.save_pretrained(run_dir / TEXT_MODEL_DIR)
+    if write:
+        body.config.save_pretrained(run_dir / TEXT_MODEL_DIR)
+        tokenizer.save_pretrained(run_dir / TEXT_MODEL_DIR)
     return TextSide(vocab=None, tokenizer=tokenizer, body=body)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
@@ -17,7 +17,7 @@ from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json
 from vsectl.metrics import PROTOCOLS, evaluate_protocol, rank_retrieval, recall_metrics
 from vsectl.models.vse import VSEModel
-from vsectl.runtime import NullProgress, Precision, Progress
+from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,12 @@ def encode_split(
     num_workers: int = 0,
     progress: Progress | None = None,
     text_states: Any = None,
+    dist: Distributed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed every unique image once and every caption once (no augmentation).
 
-    `text_states` (a `CachedTextStates` of this split) replaces running a frozen text body on token ids.
+    `text_states` (a `CachedTextStates` of this split) replaces running a frozen text body on token ids. Under
+    torchrun (`dist`), each rank encodes a contiguous share and the embeddings are gathered in order on every rank.
 
     Returns:
         img (N, E) and cap (C, E) fp32 unit vectors on `device`, in split order.
@@ -48,9 +50,12 @@ def encode_split(
     precision = precision or Precision("fp32", device)
     was_training = model.training
     model.eval()
-    images = DataLoader(ImageSetDataset(split), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_images)
-    caption_set = CaptionDataset(split, text.processor(augment=False)) if text_states is None else _States(text_states)
+    dist = dist or Distributed()
+    image_set: Dataset = ImageSetDataset(split)
+    caption_set: Dataset = CaptionDataset(split, text.processor(augment=False)) if text_states is None \
+        else _States(text_states)
+    image_set, caption_set = _share(image_set, dist), _share(caption_set, dist)
+    images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
                           collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id))
     img_out, cap_out = [], []
@@ -62,7 +67,19 @@ def encode_split(
             emb, _ = model.encode_text(batch["tokens"].to(device), batch["token_lengths"].to(device))
             cap_out.append(emb.float())
     model.train(was_training)
-    return torch.cat(img_out), torch.cat(cap_out)
+    empty = torch.zeros(0, 0, device=device)
+    img = torch.cat(img_out) if img_out else empty
+    cap = torch.cat(cap_out) if cap_out else empty
+    return gather_rows(img, dist), gather_rows(cap, dist)
+
+
+def _share(dataset: Dataset, dist: Distributed) -> Dataset:
+    """This rank's contiguous share of a dataset (all of it without torchrun)."""
+    if not dist.enabled:
+        return dataset
+    n = len(dataset)
+    per = -(-n // dist.world_size)
+    return Subset(dataset, range(dist.rank * per, min(n, (dist.rank + 1) * per)))
 
 
 class _States(torch.utils.data.Dataset):
@@ -79,9 +96,9 @@ class _States(torch.utils.data.Dataset):
 
 
 def validate(model: VSEModel, split: Split, text: TextSide, device: torch.device, precision: Precision,
-             batch_size: int, text_states: Any = None) -> dict[str, float]:
+             batch_size: int, text_states: Any = None, dist: Distributed | None = None) -> dict[str, float]:
     """R@K and rsum on a (dev) split, used for model selection."""
-    img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states)
+    img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states, dist=dist)
     cap2img = torch.as_tensor(split.cap2img, device=device)
     return recall_metrics(*rank_retrieval([(img, cap)], cap2img))
 

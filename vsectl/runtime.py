@@ -159,3 +159,84 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# distributed (torchrun / SLURM): DDP only, no home-made launcher
+
+SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_NTASKS": "WORLD_SIZE", "SLURM_LOCALID": "LOCAL_RANK"}
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun (or SLURM) job; world_size 1 means a plain single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def distributed_from_env(env: dict[str, str] | None = None) -> Distributed:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK (torchrun), falling back to SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        for slurm, name in SLURM_TO_TORCH.items():
+            if slurm in env:
+                env[name] = env[slurm]
+    return Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA); pick this rank's GPU.
+
+    Returns:
+        the rank info and the device this process uses.
+    """
+    dist = distributed_from_env()
+    if not dist.enabled:
+        return dist, device
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        for name, value in (("RANK", dist.rank), ("WORLD_SIZE", dist.world_size), ("LOCAL_RANK", dist.local_rank)):
+            os.environ.setdefault(name, str(value))  # SLURM-only jobs: MASTER_ADDR/PORT still come from the script
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend, rank=dist.rank, world_size=dist.world_size)
+    return dist, device
+
+
+def gather_with_grad(x: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    """Concatenate every rank's (b, E) rows in rank order; gradients flow back to each rank's own rows."""
+    if not dist.enabled:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_rows(x: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    """Concatenate every rank's rows (no gradient; sizes may differ by rank) in rank order."""
+    if not dist.enabled:
+        return x
+    n = torch.tensor([x.size(0)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.size(0)] = x
+    parts = [torch.zeros_like(padded) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)], dim=0)

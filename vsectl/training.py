@@ -27,7 +27,17 @@ from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.vse import VSEModel, param_groups
-from vsectl.runtime import NullProgress, Precision, Progress, env_info, resolve_device, seed_everything
+from vsectl.runtime import (
+    Distributed,
+    NullProgress,
+    Precision,
+    Progress,
+    env_info,
+    gather_with_grad,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
 from vsectl.schedules import group_lr, use_hardest_negative
 from vsectl.text_cache import CachedTextStates, build_state_cache
 
@@ -55,8 +65,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
-    """Create a new run directory, or check a resumed one against `cfg`; return the config to run with."""
+def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
+    """Create a new run directory, or check a resumed one against `cfg`; return the config to run with.
+
+    Every rank of a distributed run checks; only the main one (`write`) writes.
+    """
     if resume:
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"cannot resume: {run_dir} has no config.yaml (start it without --resume)")
@@ -65,25 +78,27 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> RunConfig:
         changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
-        if saved != cfg:
+        if saved != cfg and write:
             save_config(cfg, run_dir / "config.yaml")
         return cfg
     if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                           "or choose another name with --set name=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")  # first file of the run, before any compute
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")  # first file of the run, before any compute
     return cfg
 
 
 class MetricsLog:
     """Append-only metrics.jsonl; on resume, records newer than the checkpoint are dropped."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # only the main rank writes
 
     def truncate_after(self, global_step: int) -> None:
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -96,6 +111,8 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -120,14 +137,16 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
 
 
 def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
-                state_cache: Path | None = None) -> DataLoader:
+                state_cache: Path | None = None, dist: Distributed | None = None) -> DataLoader:
+    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch)."""
+    dist = dist or Distributed()
     region_drop = REGION_DROP if cfg.model.image.encoder == "region" and cfg.model.image.size_augment else 0.0
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
     dataset = PairDataset(split, source, region_drop, cfg.seed)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
-                                start_batch=start_batch)
+                                start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
                       collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id))
 
@@ -158,12 +177,18 @@ def train_one_epoch(
     precision: Precision,
     metrics: MetricsLog,
     progress: Progress,
+    dist: Distributed | None = None,
 ) -> int:
-    """One pass over `loader`; returns the new global step."""
+    """One pass over `loader`; returns the new global step.
+
+    Under DDP the loss is computed on the whole global batch on every rank: embeddings are all-gathered with their
+    gradients (LOSS-6), so the hardest negatives are mined over all ranks and the objective equals one process's.
+    """
+    dist = dist or Distributed()
     model.train()
     hardest = use_hardest_negative(cfg, epoch)
     scaler = precision.grad_scaler()
-    total = steps_in_epoch(cfg, len(loader.dataset))
+    total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
     window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
     data_tic = time.perf_counter()
     step_in_epoch = 0
@@ -172,6 +197,7 @@ def train_one_epoch(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
             img, cap = model(batch)
+        img, cap = gather_with_grad(img, dist), gather_with_grad(cap, dist)
         loss = criterion(img, cap, hardest_negative=hardest)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step_in_epoch}; lower "
@@ -212,6 +238,37 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
         return None
 
 
+def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device,
+             metrics: MetricsLog) -> dict[str, Any]:
+    """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
+    ckpt = load_checkpoint(last, map_location=dev)
+    load_model_state(model, ckpt["model"])
+    if ckpt["optimizer"] is None:
+        raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["rng"] is not None:
+        restore_rng(*ckpt["rng"])
+    state = ckpt["trainer_state"]
+    metrics.truncate_after(state["global_step"])
+    log.info("resumed at epoch %d (step %d, best rsum %.2f)", state["epoch"], state["global_step"], state["best_rsum"])
+    return state
+
+
+def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
+                  dev: torch.device, dist: Distributed, progress: Progress) -> dict[str, Path]:
+    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches."""
+    identity = f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}"
+    out = {}
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            for name, split in splits.items():
+                out[name] = build_state_cache(model.text, split, text.processor(augment=False),
+                                              run_dir / "text_cache" / f"{name}.h5", dev, identity,
+                                              batch_size=cfg.data.batch_size, progress=progress)
+        dist.barrier()
+    return out
+
+
 def train(
     cfg: RunConfig,
     out_root: str | Path = "runs",
@@ -221,15 +278,20 @@ def train(
 ) -> Path:
     """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
 
+    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+
     Returns:
         the run directory.
     """
     progress = progress or NullProgress()
     run_dir = Path(out_root) / cfg.name
-    dev = resolve_device(device)
+    dist, dev = init_distributed(resolve_device(device))
     precision = Precision(cfg.train.precision, dev)
-    cfg = open_run_dir(cfg, run_dir, resume)
-    atomic_write_json(run_dir / "env.json", {**env_info(dev), "seed": cfg.seed, "precision": precision.name})
+    cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
+    dist.barrier()
+    if dist.is_main:
+        env = {**env_info(dev), "seed": cfg.seed, "precision": precision.name, "world_size": dist.world_size}
+        atomic_write_json(run_dir / "env.json", env)
     seed_everything(cfg.seed, cfg.train.deterministic)
 
     train_split, dev_split = load_data(cfg)
@@ -238,59 +300,54 @@ def train(
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
-        text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions)
+        text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text).to(dev)
     groups = param_groups(model, cfg.train.lr_mult)
     optimizer = torch.optim.AdamW(
         [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
         lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     criterion = ContrastiveLoss(margin=cfg.loss.margin)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
 
-    start_epoch, global_step, best_rsum, best_epoch = 0, 0, -math.inf, -1
+    state = {"epoch": 0, "global_step": 0, "best_rsum": -math.inf, "best_epoch": -1}
     if last is not None:
-        ckpt = load_checkpoint(last, map_location=dev)
-        load_model_state(model, ckpt["model"])
-        if ckpt["optimizer"] is None:
-            raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["trainer_state"]
-        start_epoch, global_step = state["epoch"], state["global_step"]
-        best_rsum, best_epoch = state["best_rsum"], state["best_epoch"]
-        if ckpt["rng"] is not None:
-            restore_rng(*ckpt["rng"])
-        log.info("resumed %s at epoch %d (step %d, best rsum %.2f)", run_dir, start_epoch, global_step, best_rsum)
+        state = _restore(last, model, optimizer, dev, metrics)
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
-    metrics.truncate_after(global_step)
-
-    state_cache, val_states = None, None
+    metrics.truncate_after(state["global_step"])
+    caches = {}
     if cfg.model.text.cache_states:
-        identity = f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}"
-        caches = [build_state_cache(model.text, split, text.processor(augment=False),
-                                    run_dir / "text_cache" / f"{name}.h5", dev, identity,
-                                    batch_size=cfg.data.batch_size, progress=progress)
-                  for name, split in (("train", train_split), ("val", val_split))]
-        state_cache, val_states = caches[0], CachedTextStates(caches[1], augment=False)
+        caches = _state_caches(cfg, model, text, {"train": train_split, "val": val_split}, run_dir, dev, dist,
+                               progress)
+    val_states = CachedTextStates(caches["val"], augment=False) if caches else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
+        if dist.enabled else model
 
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        set_learning_rates(optimizer, cfg, epoch)
-        loader = make_loader(cfg, train_split, text, epoch, start_batch=0, state_cache=state_cache)
-        global_step = train_one_epoch(model, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
-                                      metrics, progress)
-        val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, text_states=val_states)
-        is_best = val["rsum"] > best_rsum
-        if is_best:
-            best_rsum, best_epoch = val["rsum"], epoch
-        metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
-        log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
-                 val["t2i_r1"], " best" if is_best else "")
-        state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
-                 "val": val, "vsectl_version": vsectl.__version__}
-        model_state = model.state_dict()
-        if is_best:  # best first: a crash between the two leaves last behind, which resume handles
-            save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
-        save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
-                        optimizer_state=optimizer.state_dict())
+    global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
+    try:
+        for epoch in range(state["epoch"], cfg.train.epochs):
+            set_learning_rates(optimizer, cfg, epoch)
+            loader = make_loader(cfg, train_split, text, epoch, 0, state_cache=caches.get("train"), dist=dist)
+            global_step = train_one_epoch(net, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
+                                          metrics, progress, dist)
+            val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, val_states, dist)
+            is_best = val["rsum"] > best_rsum
+            if is_best:
+                best_rsum, best_epoch = val["rsum"], epoch
+            metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+            log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
+                     val["t2i_r1"], " best" if is_best else "")
+            state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
+                     "val": val, "vsectl_version": vsectl.__version__}
+            if dist.is_main:
+                model_state = model.state_dict()
+                if is_best:  # best first: a crash between the two leaves last behind, which resume handles
+                    save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
+                save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
+                                optimizer_state=optimizer.state_dict())
+            dist.barrier()
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return run_dir
