@@ -26,6 +26,12 @@ class PoolConfig:
     temperature: float = 0.1        # GPO softmax temperature (official code)
     k: int = 10                     # kmax: mean of the top-k values per dimension, clipped to the set size
     p: float = 3.0                  # gem: initial exponent (learned)
+    in_dim: int = 0                 # gpo_perdim, gpo_featin (required): size D of the pooled features = model.embed_dim
+    max_index: int = 1000           # gpo_index_bigru: rows of the learned index table, i.e. the longest set allowed
+    n_knots: int = 21               # gpo_interp: learned knots over rank ratio [0, 1], initialised to 1/(n_knots - 1)
+    transformer_layers: int = 1     # gpo_transformer: encoder layers (not published; ours)
+    transformer_heads: int = 4      # gpo_transformer: attention heads; must divide d_hidden
+    transformer_ffn: int = 64       # gpo_transformer: feed-forward width (dropout is 0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str = "data/f30k"         # folder with <split>_ims.npy/_caps.txt (precomp) or <split>.h5 (store)
+    modality: str = "image"         # image | video (a video is a set of frame features; only names change)
     train_split: str = "train"
     dev_split: str = "dev"
     val_images: int = 1000          # model selection on the first N dev images and their captions
@@ -111,6 +118,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "data.modality": ("image", "video"),
     "model.image.encoder": ("region", "grid"),
     "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("fp32", "bf16", "fp16"),

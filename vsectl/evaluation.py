@@ -143,7 +143,7 @@ def evaluate_runs(
         log.warning("COCO protocols are defined on 'testall' (5,000 images); 'test' gives non-comparable numbers")
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     data: Split | None = None
-    run_dirs = []
+    run_dirs, modality = [], "image"
     for run in runs:
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
@@ -154,12 +154,13 @@ def evaluate_runs(
         pairs.append(encode_split(model, data, text, device, Precision(precision, device), batch_size,
                                   progress=progress))
         run_dirs.append(str(run))
+        modality = cfg.data.modality
     assert data is not None
     cap2img = torch.as_tensor(data.cap2img, device=device)
     results = {}
     for name in names:
         result = evaluate_protocol([p[0] for p in pairs], [p[1] for p in pairs], cap2img, name)
-        result.update({"split": split_name, "runs": run_dirs, "checkpoint": which})
+        result.update({"split": split_name, "runs": run_dirs, "checkpoint": which, "modality": modality})
         results[name] = result
         if write:
             prefix = "ensemble_" if len(runs) > 1 else ""

@@ -31,11 +31,11 @@ def train_cli(
     typer.echo(str(run_dir))
 
 
-def metrics_table(title: str, metrics: dict[str, float]) -> Table:
+def metrics_table(title: str, metrics: dict[str, float], modality: str = "image") -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
         table.add_column(col, justify="right")
-    for d, label in (("i2t", "image→text"), ("t2i", "text→image")):
+    for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
         table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
     table.caption = f"rsum {metrics['rsum']:.1f}"
     return table
@@ -63,8 +63,9 @@ def eval_cli(
     results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
                           which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")))
     for name, result in results.items():
-        title = f"{name} · {result['split']} · {result['n_images']} images × {result['n_captions']} captions"
-        err.print(metrics_table(title, result["metrics"]))
+        modality = result.get("modality", "image")
+        title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
+        err.print(metrics_table(title, result["metrics"], modality))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:
