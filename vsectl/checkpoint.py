@@ -169,6 +169,15 @@ def recover(path: Path) -> Path:
     raise CheckpointError(f"no complete checkpoint at {path}")
 
 
+def remove_partial(folder: Path) -> int:
+    """Delete temporary folders left by checkpoint writes that were killed before their rename; return the count."""
+    removed = 0
+    for tmp in Path(folder).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a checkpoint's model file (config YAML, version)."""
     model_file = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)

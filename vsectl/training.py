@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader
 
 import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
-from vsectl.checkpoint import load_checkpoint, load_model_state, recover, restore_rng, save_checkpoint
+from vsectl.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    recover,
+    remove_partial,
+    restore_rng,
+    save_checkpoint,
+)
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config, to_dict
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.sources import Split, load_split
@@ -232,6 +239,7 @@ def train_one_epoch(
 
 
 def _last_checkpoint(run_dir: Path) -> Path | None:
+    remove_partial(run_dir / "checkpoints")
     try:
         return recover(run_dir / "checkpoints" / "last")
     except CheckpointError:
@@ -296,7 +304,7 @@ def train(
 
     train_split, dev_split = load_data(cfg)
     val_split = dev_split.subset_images(min(cfg.data.val_images, dev_split.n_images))
-    last = _last_checkpoint(run_dir) if resume else None
+    last = _last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
