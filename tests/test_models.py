@@ -179,3 +179,25 @@ def test_cached_states_give_the_same_embedding_as_running_the_body(tiny_bert_dir
     states = model.text.states(tokens, lengths).detach()
     cached, _ = model.encode_text(states, lengths)
     torch.testing.assert_close(direct, cached)
+
+
+def test_glove_initialises_known_words_and_keeps_uniform_elsewhere(tmp_path):
+    from vsectl.models.glove import glove_matrix
+
+    path = tmp_path / "glove.txt"
+    path.write_text("dog 0.5 -0.5 1.0\ncat 1.5 2.0 -1.0\nunused 9 9 9\n")
+    table, found = glove_matrix(["<pad>", "dog", "zebra", "cat"], str(path), dim=3)
+    assert found == 2
+    torch.testing.assert_close(torch.from_numpy(table[1]), torch.tensor([0.5, -0.5, 1.0]))
+    torch.testing.assert_close(torch.from_numpy(table[3]), torch.tensor([1.5, 2.0, -1.0]))
+    assert abs(table[2]).max() <= 0.1
+
+
+def test_glove_dimension_mismatch_is_a_config_error(tmp_path):
+    from vsectl.errors import ConfigError
+    from vsectl.models.glove import glove_matrix
+
+    path = tmp_path / "glove.txt"
+    path.write_text("dog 0.5 -0.5 1.0\n")
+    with pytest.raises(ConfigError, match="word_dim"):
+        glove_matrix(["dog"], str(path), dim=300)

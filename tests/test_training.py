@@ -165,3 +165,15 @@ def test_frozen_transformer_text_with_cached_states_trains_and_evaluates(toy_roo
     assert 0 <= result["metrics"]["rsum"] <= 600
     cfg_text = json.loads(json.dumps(load_recipe(run / "config.yaml").model.text.cache_states))
     assert cfg_text is True
+
+
+def test_glove_start_reaches_the_trained_run(toy_root, tmp_path):
+    words = ["dog", "cat", "a", "and"]
+    path = tmp_path / "glove.txt"
+    path.write_text("".join(f"{w} " + " ".join(["0.25"] * 32) + "\n" for w in words))
+    cfg = load_recipe(TINY, tiny_overrides(toy_root, "name=glove", "train.epochs=1", "train.max_steps_per_epoch=1",
+                                           "train.lr=1e-9", f"model.text.glove={path}"))
+    run = train(cfg, tmp_path, device="cpu")
+    vocab = json.loads((run / "vocab.json").read_text())["word2idx"]
+    table = load_file(str(run / "checkpoints/last/model.safetensors"))["text.embed.weight"]
+    torch.testing.assert_close(table[vocab["dog"]], torch.full((32,), 0.25), atol=1e-6, rtol=0)

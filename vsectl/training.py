@@ -309,7 +309,7 @@ def train(
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
-    model = build_model(cfg, text).to(dev)
+    model = build_model(cfg, text, init_words=last is None).to(dev)
     groups = param_groups(model, cfg.train.lr_mult)
     optimizer = torch.optim.AdamW(
         [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
