@@ -1,0 +1,183 @@
+"""Raw image-caption datasets on disk: the folder layout shared by `data prepare` and `extract`, and its reader.
+
+A raw dataset folder holds:
+
+    dataset.json    Karpathy-style captions: {"dataset": name, "images": [{"filename": "x.png", "filepath": "sub"
+                    (optional), "imgid": int, "split": "train" | "val" | "test", "sentences": [{"raw": str,
+                    "tokens": [...]}, ...], ...}]}. Any number of sentences per image; extra keys (e.g. "sha256",
+                    "source", "cocoid") are kept. Split names are normalised (Karpathy's "restval" becomes "train").
+    manifest.json   {"format": "vsectl-raw", "version": 1, "dataset": name, "image_root": folder of the images
+                    (relative to the dataset folder, e.g. "images", or absolute for data left in place), "counts":
+                    {...}, "checksums": {"dataset.json": sha256, ...}, ...provenance}.
+    images/         only when the images were copied in (openclipart); otherwise `image_root` points elsewhere.
+
+Image i's file is `image_root / filepath / filename` (or `image_root / filename` without a filepath). Readers call the
+Karpathy "val" split "dev".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vsectl.errors import DataError
+
+RAW_FORMAT = "vsectl-raw"
+RAW_VERSION = 1
+DATASET_JSON = "dataset.json"
+MANIFEST_JSON = "manifest.json"
+SPLITS = ("train", "dev", "test")
+JSON_SPLIT = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}  # → dataset.json
+READER_SPLIT = {"train": "train", "val": "dev", "test": "test"}  # dataset.json → RawDataset
+ID_KEYS = ("cocoid", "imgid", "id", "filename")  # same precedence as captions.load_karpathy
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file's bytes (of its first `limit` bytes when given), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(1 << 20 if left is None else min(1 << 20, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> str:
+    """Write `obj` as JSON through a temporary file and a rename, so a kill never leaves half a file.
+
+    Returns:
+        The sha256 of the bytes written.
+    """
+    path = Path(path)
+    data = json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_id(entry: dict[str, Any]) -> str:
+    """The id of a dataset.json entry: cocoid, else imgid, else id, else filename, as a string."""
+    for key in ID_KEYS:
+        if entry.get(key) is not None:
+            return str(entry[key])
+    raise DataError(f"an image entry has none of the id fields {ID_KEYS}: {str(entry)[:120]}")
+
+
+def entry_relpath(entry: dict[str, Any]) -> Path:
+    """The image file of a dataset.json entry relative to the image root (`filepath/filename`)."""
+    filepath = entry.get("filepath") or ""
+    return Path(filepath) / entry["filename"] if filepath else Path(entry["filename"])
+
+
+def entry_captions(entry: dict[str, Any]) -> list[str]:
+    """The stripped raw sentences of a dataset.json entry (tokens joined when "raw" is absent)."""
+    out = []
+    for sent in entry.get("sentences", []):
+        raw = sent.get("raw") if isinstance(sent, dict) else sent
+        if raw is None and isinstance(sent, dict):
+            raw = " ".join(sent.get("tokens", []))
+        out.append(str(raw).strip())
+    return out
+
+
+@dataclass
+class RawDataset:
+    """A raw image-caption dataset folder, read by `load_raw_dataset`.
+
+    Attributes:
+        root: the dataset folder (holding dataset.json and manifest.json).
+        image_root: the resolved folder the image paths are relative to.
+        images: one dict per image in dataset.json order: "id" (str), "path" (resolved Path), "split" ("train",
+            "dev" or "test"), "captions" (list[str], possibly empty), "filename", and "sha256" and "title" when known.
+        name: the dataset name from dataset.json.
+        manifest: the parsed manifest.json.
+    """
+
+    root: Path
+    image_root: Path
+    images: list[dict[str, Any]]
+    name: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        """The images of split `name` ("train", "dev"/"val" or "test"), in dataset order."""
+        key = READER_SPLIT.get(name, name)
+        if key not in SPLITS:
+            raise DataError(f"unknown split {name!r}; a raw dataset has {list(SPLITS)}")
+        return [im for im in self.images if im["split"] == key]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; a raw dataset folder needs {what} (made by `vsectl data prepare`)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); re-run `vsectl data prepare`") from e
+
+
+def is_raw_dataset(folder: str | Path) -> bool:
+    """True when `folder` holds a dataset.json and a manifest.json."""
+    folder = Path(folder)
+    return (folder / DATASET_JSON).is_file() and (folder / MANIFEST_JSON).is_file()
+
+
+def load_raw_dataset(folder: str | Path, check_files: bool = False) -> RawDataset:
+    """Read a raw dataset folder (layout in the module docstring).
+
+    Args:
+        folder: the dataset folder.
+        check_files: also check that every image file exists (one stat per image).
+
+    Returns:
+        The dataset, images in dataset.json order with splits named train/dev/test.
+    """
+    root = Path(folder).resolve()
+    if not root.is_dir():
+        raise DataError(f"raw dataset folder {folder} does not exist")
+    manifest = _read_json(root / MANIFEST_JSON, MANIFEST_JSON)
+    data = _read_json(root / DATASET_JSON, DATASET_JSON)
+    if not isinstance(manifest, dict) or "image_root" not in manifest:
+        raise DataError(f"{root / MANIFEST_JSON} has no 'image_root'; re-run `vsectl data prepare`")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{root / DATASET_JSON} has no 'images' list; it must be a Karpathy-style JSON")
+    image_root = (root / manifest["image_root"]).resolve()  # an absolute image_root stays as it is
+    images = []
+    for k, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict) or "filename" not in entry:
+            raise DataError(f"{root / DATASET_JSON}: image entry {k} has no 'filename'")
+        split = READER_SPLIT.get(JSON_SPLIT.get(entry.get("split", ""), ""))
+        if split is None:
+            raise DataError(
+                f"{root / DATASET_JSON}: image {entry['filename']!r} has unknown split {entry.get('split')!r}"
+            )
+        item = {"id": image_id(entry), "path": image_root / entry_relpath(entry), "split": split,
+                "captions": entry_captions(entry), "filename": entry["filename"]}
+        for key in ("sha256", "title"):
+            if entry.get(key):
+                item[key] = entry[key]
+        images.append(item)
+    if check_files:
+        missing = [str(im["path"]) for im in images if not im["path"].is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(images)} images are missing under {image_root}; first: {missing[:3]}"
+            )
+    return RawDataset(root=root, image_root=image_root, images=images, name=str(data.get("dataset", "")),
+                      manifest=manifest)
