@@ -104,3 +104,6 @@ def create_pooler(cfg: PoolConfig | nn.Module) -> nn.Module:
     if isinstance(cfg, nn.Module):
         return cfg
     return POOLERS.get(cfg.name)(cfg)
+
+
+from vsectl.models import gpo_variants  # noqa: E402,F401  (registers the research variants)
