@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset, sha256_file, write_jso
 from vsectl.data.store import DTYPES, StoreWriter, open_store
 from vsectl.errors import ConfigError, DataError
 from vsectl.models.backbones import Backbone, create_backbone
-from vsectl.runtime import NullProgress, Precision, Progress, resolve_device
+from vsectl.runtime import Distributed, NullProgress, Precision, Progress, distributed_from_env, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +43,15 @@ FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "input_size", "mean
                     "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256")
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+DistInfo = Distributed  # this process's place in a torchrun job (rank 0 of 1 without torchrun)
 
 
 def dist_info() -> DistInfo:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them."""
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun (or SLURM) sets them."""
     try:
-        info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise ConfigError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
-    if info.world_size < 1 or not 0 <= info.rank < info.world_size:
-        raise ConfigError(f"RANK={info.rank} is outside WORLD_SIZE={info.world_size}")
-    return info
+        return distributed_from_env()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def cpu_has_fast_bf16() -> bool:

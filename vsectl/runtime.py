@@ -195,7 +195,13 @@ def distributed_from_env(env: dict[str, str] | None = None) -> Distributed:
         for slurm, name in SLURM_TO_TORCH.items():
             if slurm in env:
                 env[name] = env[slurm]
-    return Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    try:
+        dist = Distributed(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if dist.world_size < 1 or not 0 <= dist.rank < dist.world_size:
+        raise ValueError(f"RANK={dist.rank} is outside WORLD_SIZE={dist.world_size}")
+    return dist
 
 
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
