@@ -146,7 +146,7 @@ def main() -> None:
                                "--device", "cuda", "--json"])
             entry["eval_rc"] = code
             if code == 0:
-                entry["rsum"] = json.loads(out[out.index("{"):])["f30k"]["metrics"]["rsum"]
+                entry["rsum"] = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]["f30k"]["metrics"]["rsum"]
         else:
             entry["log"] = log
         report["train"][precision] = entry
