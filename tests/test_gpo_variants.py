@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,6 @@ D = 4
 VARIANTS = ["gpo_index_bigru", "gpo_interp", "gpo_mlp", "gpo_transformer", "gpo_perdim", "gpo_featin"]
 LENGTH_ONLY = [v for v in VARIANTS if v != "gpo_featin"]  # θ = g(N) alone (GPO-13)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny ops: on the shared 2-core machine, 2 threads under load made a 2-step train() 70x slower (20 s vs 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make(name: str) -> torch.nn.Module:

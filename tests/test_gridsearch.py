@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from scipy.stats import ttest_rel
 from typer.testing import CliRunner
 
@@ -22,14 +20,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny ops: on the shared 2-core machine, 2 threads under load made a 2-step train() 70x slower (20 s vs 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def keys(cells: list[gs.Cell]) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ from vsectl.patterns import (
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny ops: on the shared 2-core machine, 2 threads under load made a 2-step train() 70x slower (20 s vs 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 REFERENCE = {  # (pattern, N) → θ*, written out by hand from the definitions in docs/patterns.md
     ("A", 1): [1.0],
     ("A", 4): [0.25, 0.25, 0.25, 0.25],

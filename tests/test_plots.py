@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from vsectl.cli import app
@@ -21,14 +19,6 @@ from vsectl.training import train
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    """Tiny ops: on the shared 2-core machine, 2 threads under load made a 2-step train() 70x slower (20 s vs 0.3 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_run(root: Path, out: Path, name: str, *extra: str) -> Path:
