@@ -40,7 +40,7 @@ demo: setup
 	@echo "results: runs/demo/eval/f30k.json, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
 
 bench: setup
-	$(PY) benchmarks/bench_ranking.py --quick
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf runs/demo data/demo_feats
