@@ -290,3 +290,66 @@ def test_cli_missing_weights_exits_2_with_one_line(raw: Path, tmp_path: Path, mo
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "resnet weights 'microsoft/resnet-152' not found locally" in result.output
+
+
+# ------------------------------------------------------------------------------------------------ video
+
+
+def make_video_raw(root: Path) -> Path:
+    """Frame folders: 12 frames named frame_1..frame_12 (natural order), 3 frames one corrupt, an empty folder."""
+    frames = root / "frames"
+    rng = np.random.default_rng(1)
+    for name, n in (("v0", 12), ("v1", 3), ("v2", 0), ("v3", 5)):
+        (frames / name).mkdir(parents=True)
+        for k in range(1, n + 1):
+            Image.fromarray(rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)).save(frames / name / f"frame_{k}.png")
+    (frames / "v1" / "frame_3.png").write_bytes(b"not a png")
+    (frames / "v0" / "notes.txt").write_text("not a frame")
+    entries = [{"filename": name, "split": "train", "sentences": [{"raw": f"{name} caption {j}"} for j in range(c)]}
+               for name, c in (("v0", 20), ("v1", 1), ("v2", 2), ("v3", 1))]
+    (root / "dataset_videos.json").write_text(json.dumps({"dataset": "videos", "images": entries}))
+    return frames
+
+
+def test_video_extraction_samples_frames_pools_each_and_skips_empty_videos(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+    from vsectl.extract import VideoSampling, list_frames
+
+    frames = make_video_raw(tmp_path)
+    runner = CliRunner()
+    prepared = runner.invoke(app, ["-q", "data", "prepare", "karpathy", "--json", str(tmp_path / "dataset_videos.json"),
+                                   "--images", str(frames), "--out", str(tmp_path / "raw"), "--video"])
+    assert prepared.exit_code == 0, prepared.output
+    with pytest.raises(ConfigError, match="add --video"):
+        run(TinyBackbone(), tmp_path / "raw", tmp_path / "out")
+
+    sampling = VideoSampling(stride=2, max_frames=4, frame_pool="mean")
+    kept = [p.name for p in list_frames(frames / "v0", sampling)]
+    assert kept == ["frame_1.png", "frame_5.png", "frame_7.png", "frame_11.png"]  # 1,3,..,11 then 4 spread
+    torch.manual_seed(0)
+    backbone = TinyBackbone()
+    (out,) = run(backbone, tmp_path / "raw", tmp_path / "out", video=sampling, batch_size=3)
+    split = load_split(tmp_path / "out", "train")
+    assert split.image_ids == ["0", "1", "3"]  # the empty folder (imgid 2) is skipped and counted
+    assert split.features.lengths().tolist() == [4, 1, 3]  # v1: frames 1 and 3 kept by the stride, 3 unreadable
+    assert np.bincount(split.cap2img).tolist() == [20, 1, 1]
+    attrs = read_store_attrs(out)
+    assert (attrs["n_skipped"], attrs["n_unreadable_frames"]) == (1, 1)
+    # each stored frame vector is the mean of that frame's own token set
+    expected = [f for _, f, _ in extract_images(backbone, [frames / "v0" / n for n in kept], workers=0)]
+    stored = split.features.get(0)
+    np.testing.assert_allclose(stored, np.stack([f.mean(axis=0) for f in expected]), rtol=1e-5, atol=1e-6)
+
+    run(backbone, tmp_path / "raw", tmp_path / "tokens", video=VideoSampling(max_frames=2, frame_pool="none"))
+    assert load_split(tmp_path / "tokens", "train").features.lengths().tolist() == [2 * 16, 1 * 16, 2 * 16]
+
+
+def test_video_options_are_checked() -> None:
+    from vsectl.extract import VideoSampling
+
+    for kwargs, message in (({"stride": 0}, "stride"), ({"max_frames": 0}, "max frames"),
+                            ({"frame_pool": "median"}, "frame pooling")):
+        with pytest.raises(ConfigError, match=message):
+            VideoSampling(**kwargs)

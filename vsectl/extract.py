@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,9 @@ MAX_SKIPPED_RECORDS = 100  # skipped images listed in attrs (HDF5 attrs over 64 
 POLL_SECONDS = 2.0  # rank 0 checks this often for the other ranks' shards
 RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (spec §5.3, test time)"
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "input_size", "mean", "std", "precision", "channels_last",
-                    "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256")
+                    "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256", "video")
+FRAME_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"})  # frame images in a video folder
+FRAME_POOLS = ("mean", "max", "none")
 
 
 DistInfo = Distributed  # this process's place in a torchrun job (rank 0 of 1 without torchrun)
@@ -158,22 +162,98 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+@dataclass(frozen=True)
+class VideoSampling:
+    """How a video's frame folder becomes a feature set (`extract --video`).
+
+    Attributes:
+        stride: keep every `stride`-th frame image (frames dumped at F fps, kept at F / stride fps).
+        max_frames: at most this many frames per video, picked uniformly over the kept ones (first and last kept).
+        frame_pool: "mean" or "max" pools each frame's tokens to one vector (the video's set is its frames);
+            "none" keeps every token of every frame.
+    """
+
+    stride: int = 1
+    max_frames: int | None = None
+    frame_pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise ConfigError(f"frame stride must be at least 1, got {self.stride}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ConfigError(f"max frames must be at least 1, got {self.max_frames}")
+        if self.frame_pool not in FRAME_POOLS:
+            raise ConfigError(f"unknown frame pooling '{self.frame_pool}'; use {', '.join(FRAME_POOLS)}")
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """frame_2.jpg before frame_10.jpg."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def list_frames(folder: Path, sampling: VideoSampling) -> list[Path]:
+    """The sampled frame images of one video folder, in natural name order (empty when there are none)."""
+    if not folder.is_dir():
+        return []
+    frames = sorted((p for p in folder.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file()),
+                    key=_natural_key)[:: sampling.stride]
+    if sampling.max_frames is not None and len(frames) > sampling.max_frames:
+        keep = np.linspace(0, len(frames) - 1, sampling.max_frames).round().astype(int)
+        frames = [frames[i] for i in keep]
+    return frames
+
+
+def _item_files(images: list[dict[str, Any]], a: int, b: int, video: VideoSampling | None) -> list[list[Path]]:
+    """The files of items a..b-1: the image itself, or a video's sampled frames."""
+    if video is None:
+        return [[Path(images[i]["path"])] for i in range(a, b)]
+    return [list_frames(Path(images[i]["path"]), video) for i in range(a, b)]
+
+
+def _pool_frames(feats: list[np.ndarray], video: VideoSampling | None) -> np.ndarray:
+    """One item's feature set from its files' (N, C) sets: an image's own set, or a video's frame set."""
+    if video is None:
+        return feats[0]
+    if video.frame_pool == "none":
+        return np.concatenate(feats, axis=0)
+    reduce = np.mean if video.frame_pool == "mean" else np.max
+    return np.stack([reduce(f, axis=0) for f in feats])  # (frames, C)
+
+
 def _write_shard(
-    writer: StoreWriter, images: list[dict[str, Any]], stream: Iterator[tuple[int, np.ndarray | None, str]], n: int
+    writer: StoreWriter,
+    images: list[dict[str, Any]],
+    files: list[list[Path]],
+    first: int,
+    stream: Iterator[tuple[int, np.ndarray | None, str]],
+    video: VideoSampling | None,
 ) -> None:
     skipped = []
-    for _ in range(n):
-        i, feats, reason = next(stream)
-        item = images[i]
-        if feats is None:
-            log.debug("skipped image %s: %s", item["id"], reason)
-            skipped.append({"id": item["id"], "reason": reason})
+    n_bad_frames = 0
+    for k, item_files in enumerate(files):
+        item = images[first + k]
+        feats, reasons = [], []
+        for _ in item_files:
+            _, f, reason = next(stream)
+            if f is None:
+                reasons.append(reason)
+            else:
+                feats.append(f)
+        if video is not None:
+            n_bad_frames += len(reasons)
+            if not item_files:
+                reasons.append(f"{item['path']}: no frame images ({', '.join(sorted(FRAME_SUFFIXES))}) in the folder")
+        if not feats:
+            log.debug("skipped %s %s: %s", "video" if video else "image", item["id"], reasons[0])
+            skipped.append({"id": item["id"], "reason": reasons[0]})
             continue
-        j = writer.add_image(item["id"], feats)
+        j = writer.add_image(item["id"], _pool_frames(feats, video))
         for text in item["captions"]:
             if text.strip():  # an empty sentence in dataset.json has nothing to train on
                 writer.add_caption(text, j)
     writer.attrs.update(n_skipped=len(skipped), skipped=skipped[:MAX_SKIPPED_RECORDS])
+    if video is not None:
+        writer.attrs.update(n_unreadable_frames=n_bad_frames)
 
 
 def write_shards(
@@ -192,26 +272,32 @@ def write_shards(
     dtype: str,
     progress: Progress,
     description: str = "extract",
+    video: VideoSampling | None = None,
 ) -> None:
-    """Extract the given shards of `images`, each to its own store file, atomically, in order.
+    """Extract the given shards of `images` (or of videos' frames), each to its own store file, atomically, in order.
 
     Batches never cross a shard boundary, so a shard's features do not depend on which shards ran before it.
     """
-    batches = [b for s in shards for b in make_batches(s * shard_size, min((s + 1) * shard_size, len(images)),
-                                                       batch_size)]
-    total = sum(len(b) for b in batches)
+    paths: list[Path] = []
+    batches: list[list[int]] = []
+    shard_files: dict[int, list[list[Path]]] = {}
+    for s in shards:
+        files = _item_files(images, s * shard_size, min((s + 1) * shard_size, len(images)), video)
+        start = len(paths)
+        paths.extend(p for item in files for p in item)
+        batches.extend(make_batches(start, len(paths), batch_size))
+        shard_files[s] = files
     stream = iter(progress.track(
-        extract_images(backbone, [im["path"] for im in images], batches=batches, workers=workers, device=device,
-                       precision=precision, channels_last=channels_last, progress=progress),
-        total=total, description=description,
+        extract_images(backbone, paths, batches=batches, workers=workers, device=device, precision=precision,
+                       channels_last=channels_last, progress=progress),
+        total=len(paths), description=description,
     ))
     try:
         for s in shards:
-            n = min((s + 1) * shard_size, len(images)) - s * shard_size
             attrs_s = {**attrs, "shard": s}
             with StoreWriter(shard_path(shard_dir, s), backbone.feat_dim, dtype=dtype, attrs=attrs_s) as writer:
-                _write_shard(writer, images, stream, n)
-            log.debug("shard %d done (%d images)", s, n)
+                _write_shard(writer, images, shard_files[s], s * shard_size, stream, video)
+            log.debug("shard %d done (%d items)", s, len(shard_files[s]))
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
@@ -225,7 +311,7 @@ def merge_shards(shard_files: Sequence[Path], out_path: Path, attrs: dict[str, A
         (images written, images skipped, the first `MAX_SKIPPED_RECORDS` skipped-image records).
     """
     skipped: list[dict] = []
-    n_skipped = 0
+    n_skipped = n_bad_frames = 0
     with open_store(shard_files[0]) as f:
         feat_dim, dtype = int(f.attrs["feat_dim"]), f["features/rows"].dtype.name
     with StoreWriter(out_path, feat_dim, dtype=dtype, attrs=attrs) as writer:
@@ -243,9 +329,12 @@ def merge_shards(shard_files: Sequence[Path], out_path: Path, attrs: dict[str, A
                 for text, j in zip(f["captions/text"].asstr()[()], f["captions/image_index"][()], strict=True):
                     writer.add_caption(text, base + int(j))
                 n_skipped += int(f.attrs.get("n_skipped", 0))
+                n_bad_frames += int(f.attrs.get("n_unreadable_frames", 0))
                 skipped.extend(json.loads(f.attrs.get("skipped", "[]")))
         skipped = skipped[:MAX_SKIPPED_RECORDS]
         writer.attrs.update(n_images=writer.n_images, n_skipped=n_skipped, skipped=skipped)
+        if "video" in attrs and attrs["video"] != "null":
+            writer.attrs.update(n_unreadable_frames=n_bad_frames)
         if writer.n_images == 0:
             raise DataError(f"none of the images for {out_path} could be read ({n_skipped} skipped)")
         n = writer.n_images
@@ -269,7 +358,7 @@ def _wait_for(files: list[Path], timeout_s: float | None) -> None:
 
 def split_provenance(
     backbone: Backbone, raw: RawDataset, split: str, *, precision: str, channels_last: bool, dtype: str,
-    limit: int | None, shard_size: int,
+    limit: int | None, shard_size: int, video: VideoSampling | None = None,
 ) -> dict[str, Any]:
     """Provenance attrs of an extracted split; `fingerprint` holds the part that decides whether files can be reused."""
     import vsectl
@@ -285,6 +374,7 @@ def split_provenance(
         split=split,
         limit=limit,
         shard_size=shard_size,
+        video=json.dumps(asdict(video) if video else None, sort_keys=True),  # frame sampling, or null for images
         source_dataset=str(raw.root),
         image_root=str(raw.image_root),
         source_dataset_sha256=sha256_file(raw.root / "dataset.json"),
@@ -313,6 +403,7 @@ def extract_split(
     dist: DistInfo | None = None,
     progress: Progress | None = None,
     wait_timeout_s: float | None = None,
+    video: VideoSampling | None = None,
 ) -> Path | None:
     """Extract one split of a raw dataset to a store file, resuming from finished shards.
 
@@ -328,6 +419,7 @@ def extract_split(
         dist: rank and world size (default: from the environment).
         progress: progress reporting.
         wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
+        video: each dataset entry is a folder of frame images, sampled and pooled as this says (None: images).
 
     Returns:
         `out_path` on rank 0; None on other ranks (rank 0 merges).
@@ -336,9 +428,9 @@ def extract_split(
     device = torch.device(device) if isinstance(device, str) else device
     images = raw.split(split)[:limit]
     if not images:
-        raise DataError(f"split {split!r} of {raw.root} has no images")
+        raise DataError(f"split {split!r} of {raw.root} has no {'videos' if video else 'images'}")
     attrs = split_provenance(backbone, raw, split, precision=precision, channels_last=channels_last, dtype=dtype,
-                             limit=limit, shard_size=shard_size)
+                             limit=limit, shard_size=shard_size, video=video)
     fingerprint = json.loads(attrs["fingerprint"])
     if out_path.is_file():
         old = _read_fingerprint(out_path)
@@ -357,7 +449,7 @@ def extract_split(
         start = time.perf_counter()
         write_shards(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
                      workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
-                     progress=progress, description=f"extract {split}")
+                     progress=progress, description=f"extract {split}", video=video)
         n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
         seconds = time.perf_counter() - start
         log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
@@ -370,8 +462,8 @@ def extract_split(
     n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size})
     shutil.rmtree(shard_dir)
     if n_skipped:
-        log.warning("split %s: skipped %d unreadable images (attrs n_skipped, skipped), first: %s",
-                    split, n_skipped, skipped[0]["reason"])
+        log.warning("split %s: skipped %d unreadable %s (attrs n_skipped, skipped), first: %s",
+                    split, n_skipped, "videos" if video else "images", skipped[0]["reason"])
     log.info("split %s: wrote %s (%d images)", split, out_path, n)
     return out_path
 
@@ -421,6 +513,7 @@ def extract(
     shard_size: int = DEFAULT_SHARD_SIZE,
     limit: int | None = None,
     progress: Progress | None = None,
+    video: VideoSampling | None = None,
 ) -> list[Path]:
     """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
 
@@ -432,6 +525,7 @@ def extract(
         weights, size: see `create_backbone`.
         batch_size, workers, precision, channels_last, device, dtype, shard_size, limit: see `extract_split`.
         progress: progress reporting.
+        video: treat each entry as a video's folder of frame images (`VideoSampling`); None for images.
 
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
@@ -454,6 +548,11 @@ def extract(
     if precision == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
         log.warning("this CPU has no native bf16 support: bf16 runs about 10x slower than fp32 here; use fp32")
     raw = load_raw_dataset(data)
+    modality = raw.manifest.get("modality")
+    if modality == "video" and video is None:
+        raise ConfigError(f"{raw.root} holds videos (folders of frames); add --video to extract them")
+    if modality == "image" and video is not None:
+        raise ConfigError(f"{raw.root} holds images, not videos; drop --video")
     model = create_backbone(backbone, weights=weights, size=size)
     written = []
     for name, path in targets.items():
@@ -462,7 +561,7 @@ def extract(
             continue
         result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
                                precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
-                               limit=limit, dist=dist, progress=progress)
+                               limit=limit, dist=dist, progress=progress, video=video)
         if result is not None:
             written.append(result)
     return written

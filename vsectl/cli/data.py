@@ -60,11 +60,12 @@ def prepare_karpathy_cli(
     json_path: Annotated[Path, typer.Option("--json", help="Karpathy dataset_*.json")],
     images: Annotated[Path, typer.Option(help="Image folder (COCO: holding the filepath subfolders)")],
     out: OutDir,
+    video: Annotated[bool, typer.Option("--video", help="Entries name folders of frame images, one per video")] = False,
 ) -> None:
     """Check a Karpathy JSON and its image folder; write a raw dataset (dataset.json, manifest.json) without copying."""
     from vsectl.data.prepare import prepare_karpathy
 
-    typer.echo(str(run_guarded(prepare_karpathy, json_path, images, out, progress=_progress())))
+    typer.echo(str(run_guarded(prepare_karpathy, json_path, images, out, progress=_progress(), video=video)))
 
 
 @data_app.command("import-precomp")

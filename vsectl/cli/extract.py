@@ -27,14 +27,20 @@ def extract_cli(
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: float16 | float32")] = "float16",
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard")] = 512,
     limit: Annotated[int | None, typer.Option(help="Only the first N images of each split")] = None,
+    video: Annotated[bool, typer.Option("--video", help="Each entry is a folder of frame images (one video)")] = False,
+    frame_stride: Annotated[int, typer.Option(help="--video: keep every Nth frame image")] = 1,
+    max_frames: Annotated[int | None, typer.Option(help="--video: at most N frames, spread uniformly")] = None,
+    frame_pool: Annotated[str, typer.Option(help="--video: mean | max pools each frame to one vector; none keeps "
+                                                 "every token")] = "mean",
 ) -> None:
     """Extract image feature sets with a frozen backbone; prints each finished .h5 path. Resumes a killed run."""
-    from vsectl.extract import extract
+    from vsectl.extract import VideoSampling, extract
 
+    sampling = run_guarded(VideoSampling, frame_stride, max_frames, frame_pool) if video else None
     paths = run_guarded(
         extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
         precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
-        limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")),
+        limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
     )
     for path in paths:
         typer.echo(str(path))

@@ -88,16 +88,17 @@ def _normalise_entry(entry: Any, k: int, path: Path) -> dict[str, Any]:
     return out
 
 
-def _locate(image_root: Path, entry: dict[str, Any]) -> str | None:
+def _locate(image_root: Path, entry: dict[str, Any], video: bool = False) -> str | None:
     # COCO's JSON names a subfolder (val2014/); accept it, or a flat folder holding every file.
+    exists = Path.is_dir if video else Path.is_file
     filepath = entry.get("filepath") or ""
-    if filepath and (image_root / filepath / entry["filename"]).is_file():
+    if filepath and exists(image_root / filepath / entry["filename"]):
         return filepath
-    return "" if (image_root / entry["filename"]).is_file() else None
+    return "" if exists(image_root / entry["filename"]) else None
 
 
 def prepare_karpathy(
-    json_path: str | Path, images: str | Path, out: str | Path, progress: Progress | None = None
+    json_path: str | Path, images: str | Path, out: str | Path, progress: Progress | None = None, video: bool = False
 ) -> Path:
     """Validate a Karpathy JSON against its image folder and write a raw dataset (images are not copied).
 
@@ -109,6 +110,7 @@ def prepare_karpathy(
         images: the image folder.
         out: output folder for dataset.json and manifest.json (whose "image_root" is `images`, absolute).
         progress: progress reporting.
+        video: each entry's filename names a folder of frame images (one video), for `vsectl extract --video`.
 
     Returns:
         `out`.
@@ -121,7 +123,7 @@ def prepare_karpathy(
     entries = [_normalise_entry(e, k, json_path) for k, e in enumerate(data["images"])]
     missing, seen = [], set()
     for entry in progress.track(entries, total=len(entries), description="check images"):
-        where = _locate(image_root, entry)
+        where = _locate(image_root, entry, video)
         if where is None:
             missing.append(str(Path(entry.get("filepath") or "") / entry["filename"]))
             continue
@@ -131,7 +133,8 @@ def prepare_karpathy(
             raise DataError(f"{json_path}: image {key!r} is listed twice; each image needs one entry")
         seen.add(key)
     if missing:
-        raise DataError(f"{len(missing)} of {len(entries)} images are missing under {image_root}; first: "
+        what = "video frame folders" if video else "images"
+        raise DataError(f"{len(missing)} of {len(entries)} {what} are missing under {image_root}; first: "
                         f"{', '.join(missing[:MAX_LISTED])}")
     splits = {s: {"images": sum(e["split"] == s for e in entries),
                   "captions": sum(len(e["sentences"]) for e in entries if e["split"] == s)} for s in ("train", "val",
@@ -145,7 +148,7 @@ def prepare_karpathy(
                 "source": {"json": str(json_path.resolve()), "json_sha256": sha256_file(json_path)},
                 "counts": {"images": len(entries), "captions": sum(len(e["sentences"]) for e in entries),
                            "restval_to_train": restval, "splits": splits},
-                "checksums": {DATASET_JSON: dataset_sha}}
+                "checksums": {DATASET_JSON: dataset_sha}, "modality": "video" if video else "image"}
     write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
     log.info("%s: %d images (%s) from %s", out, len(entries),
              ", ".join(f"{s} {v['images']}" for s, v in splits.items()), json_path)
