@@ -302,7 +302,8 @@ def make_video_raw(root: Path) -> Path:
     for name, n in (("v0", 12), ("v1", 3), ("v2", 0), ("v3", 5)):
         (frames / name).mkdir(parents=True)
         for k in range(1, n + 1):
-            Image.fromarray(rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)).save(frames / name / f"frame_{k}.png")
+            pixels = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(frames / name / f"frame_{k}.png")
     (frames / "v1" / "frame_3.png").write_bytes(b"not a png")
     (frames / "v0" / "notes.txt").write_text("not a frame")
     entries = [{"filename": name, "split": "train", "sentences": [{"raw": f"{name} caption {j}"} for j in range(c)]}

@@ -107,6 +107,27 @@ def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 # save / load
 
 
+def _write_checkpoint_files(
+    tmp: Path, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], metadata: dict[str, str],
+    optimizer_state: dict | None, rng: bool,
+) -> None:
+    state = dict(trainer_state)
+    save_file(_plain(model_state), str(tmp / MODEL_FILE), metadata=metadata)
+    if optimizer_state is not None:
+        tensors, meta = optimizer_to_tensors(optimizer_state)
+        save_file(_plain(tensors), str(tmp / OPTIMIZER_FILE))
+        state["optimizer"] = meta
+    if rng:
+        tensors, meta = capture_rng()
+        save_file(_plain(tensors), str(tmp / RNG_FILE))
+        state["rng"] = meta
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+
 def save_checkpoint(
     path: Path,
     model_state: dict[str, torch.Tensor],
@@ -131,21 +152,11 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = dict(trainer_state)
-    save_file(_plain(model_state), str(tmp / MODEL_FILE), metadata=metadata)
-    if optimizer_state is not None:
-        tensors, meta = optimizer_to_tensors(optimizer_state)
-        save_file(_plain(tensors), str(tmp / OPTIMIZER_FILE))
-        state["optimizer"] = meta
-    if rng:
-        tensors, meta = capture_rng()
-        save_file(_plain(tensors), str(tmp / RNG_FILE))
-        state["rng"] = meta
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    try:
+        _write_checkpoint_files(tmp, model_state, trainer_state, metadata, optimizer_state, rng)
+    except BaseException:  # disk full, Ctrl-C: drop the partial folder; the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.parent / f".old-{path.name}-{os.getpid()}"
     if path.exists():
         os.rename(path, old)

@@ -281,9 +281,11 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (pass a YAML file, e.g. recipes/tiny.yaml)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if data is None:  # an empty file is a mistake, not a request for every default (a 2048-d region model)
+            raise ConfigError(f"recipe {path} is empty; start from one in recipes/, e.g. recipes/tiny.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections")
     data = apply_overrides(data, overrides or [])

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
 from vsectl.data.sources import Split, load_split
+from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json
 from vsectl.metrics import PROTOCOLS, evaluate_protocol, rank_retrieval, recall_metrics
@@ -148,6 +149,8 @@ def evaluate_runs(
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
         data = load_split(root, split_name)
+        if text.vocab is not None:
+            warn_unknown_only(text.vocab, data.captions, f"{root}/{split_name}")
         if data.features.feat_dim != cfg.model.image.feat_dim:
             raise ConfigError(f"{root}/{split_name}: features are {data.features.feat_dim}-d but the model expects "
                               f"{cfg.model.image.feat_dim}-d (model.image.feat_dim)")

@@ -85,9 +85,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True
         changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
         if changed:
             raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
-        if saved != cfg and write:
-            save_config(cfg, run_dir / "config.yaml")
-        return cfg
+        return cfg  # a longer train.epochs is written once the checkpoint has loaded (train)
     if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                           "or choose another name with --set name=...")
@@ -322,6 +320,8 @@ def train(
         state = _restore(last, model, optimizer, dev, metrics)
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
+    if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
+        save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
     metrics.truncate_after(state["global_step"])
     caches = {}
     if cfg.model.text.cache_states:

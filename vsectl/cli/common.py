@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -53,8 +54,27 @@ class RichProgress:
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
+
+
+# OS errors that are the user's to fix (a path, permissions, space) rather than a bug: one line, exit 2.
+USER_OS_ERRORS = {errno.ENOENT: "no such file or folder", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
+                  errno.EISDIR: "a folder where a file was expected", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                  errno.EEXIST: "already exists"}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OS error a user can fix: what went wrong, on which path, and what to do."""
+    what = USER_OS_ERRORS[e.errno]
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what} while writing{where}; free space or choose another output folder (nothing finished is lost)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"cannot write or read here: {what}{where}; check the path or choose another output folder"
+    return f"{what}{where}"
 
 
 def run_guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - a thin wrapper
@@ -63,17 +83,14 @@ def run_guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - a thin wrapper
 
     try:
         return fn(*args, **kwargs)
-    except (VsectlError, FileNotFoundError, PermissionError) as e:
+    except VsectlError as e:
         if STATE["debug"]:
             raise
-        msg = str(e) if isinstance(e, VsectlError) else f"{e.strerror}: {e.filename}"
-        if isinstance(e, OSError) and e.errno == 28:
-            msg = f"no space left on the device while writing {e.filename}"
-        fail(msg)
+        fail(str(e))
     except OSError as e:
-        if STATE["debug"] or e.errno not in (28, 30):  # disk full, read-only file system
+        if STATE["debug"] or e.errno not in USER_OS_ERRORS:
             raise
-        fail(f"{e.strerror}: {e.filename}; free space or choose another output folder")
+        fail(os_error_line(e))
 
 
 def version_callback(value: bool) -> None:

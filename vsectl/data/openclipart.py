@@ -463,6 +463,9 @@ def render_all(
     """
     if not tasks:
         return
+    if render_fn is render_png:  # import once here: forked workers inherit it instead of paying it inside the limit
+        import cairosvg  # noqa: F401
+        import PIL.Image  # noqa: F401
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     pending = deque(tasks)
     slots = [_Slot(ctx, render_fn) for _ in range(max(1, min(workers, len(pending))))]

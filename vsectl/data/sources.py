@@ -58,7 +58,7 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
     # Mapping reads only the header; the map is dropped at once, so nothing of the data is loaded or kept open.
     try:
         return tuple(np.load(path, mmap_mode="r").shape)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise DataError(f"{path} is not a readable .npy file ({e})") from e
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vsectl.data.captions import word_tokenize
@@ -107,3 +107,16 @@ def build_vocab(captions: Iterable[str], min_count: int = MIN_COUNT) -> Vocab:
         "vocabulary: %d words kept of %d distinct (count >= %d), %d ids", len(words), len(counts), min_count, len(vocab)
     )
     return vocab
+
+
+def warn_unknown_only(vocab: Vocab, captions: Sequence[str], where: str) -> int:
+    """Count (and log a warning for) captions with no in-vocabulary word; they stay, as a row of `<unk>` tokens.
+
+    Such a caption is still a valid query (it ranks like any other), so it is kept rather than dropped.
+    """
+    n = sum(1 for c in captions if all(vocab(w) == Vocab.UNK for w in word_tokenize(c)))
+    if n:
+        first = next(c for c in captions if all(vocab(w) == Vocab.UNK for w in word_tokenize(c)))
+        log.warning("%s: %d of %d captions have no word in the vocabulary (kept as <unk> tokens), e.g. %r",
+                    where, n, len(captions), first[:80])
+    return n
