@@ -161,9 +161,11 @@ class StoreWriter:
         f.close()
         self._file = None
         os.replace(self.partial, self.path)
-        log.info(
-            "wrote %s: %d images, %d rows, %d captions", self.path, len(self._ids), self._written, len(self._captions)
-        )
+        if self._captions:
+            log.info("wrote %s: %d images (%d feature rows), %d captions", self.path, len(self._ids), self._written,
+                     len(self._captions))
+        else:  # a set store without captions, e.g. the token-state cache (one set per caption)
+            log.info("wrote %s: %d sets, %d rows", self.path, len(self._ids), self._written)
         return self.path
 
     def abort(self) -> None:

