@@ -213,26 +213,16 @@ def write_h5(root: Path, n_images: int, captions: list[str]) -> Path:
 # --- the pipeline -----------------------------------------------------------------------------------------------------
 
 
-class PreadNpyFeatures(NpyFeatures):
-    """Proposed NpyFeatures.get: read each image with one os.pread into a fresh array instead of through a memmap.
+class MemmapNpyFeatures(NpyFeatures):
+    """The previous NpyFeatures.get, kept as the baseline: copy each image out of a memmap of the whole file.
 
-    A memmap leaves every page a worker has touched mapped into it, so its VmRSS grows towards the file size (clean,
-    reclaimable page cache, but counted as resident); pread copies the bytes and maps nothing.
+    Every page a worker touches stays mapped into it, so its VmRSS grows toward the file size (clean, reclaimable
+    page cache, but counted as resident). The library now reads each image with one os.pread instead.
     """
 
     def get(self, i: int) -> np.ndarray:
         i = self._check_index(i)
-        if getattr(self, "_fd_pid", None) != os.getpid():  # first use in this process (fd not inherited across fork)
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._fd_pid = os.getpid()
-            self._data_offset = np.load(self.path, mmap_mode="r").offset  # header size; the map is dropped at once
-        _, k, d = self.shape
-        nbytes = k * d * 4
-        buf = os.pread(self._fd, nbytes, self._data_offset + i * self.row_stride * nbytes)
-        return np.frombuffer(buf, dtype=np.float32).reshape(k, d).copy()  # writable, like the memmap copy
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in super().__getstate__().items() if k not in ("_fd", "_fd_pid")}
+        return np.array(self.array[i * self.row_stride], dtype=np.float32)
 
 
 def run_epoch(root: Path, vocab: Vocab, max_batches: int | None, features_cls: type | None = None) -> dict[str, Any]:
@@ -278,12 +268,12 @@ def bench_format(kind: str, root: Path, n_images: int, captions: list[str], voca
     print(f"  {kind}: warm pass of {warm_batches} batches ...", file=sys.stderr, flush=True)
     out["warm"] = run_epoch(root, vocab, warm_batches)
     if kind == "npy":
-        print(f"  {kind}: warm pass with the proposed pread reader ...", file=sys.stderr, flush=True)
-        out["warm_pread"] = run_epoch(root, vocab, warm_batches, PreadNpyFeatures)
+        print(f"  {kind}: warm pass with the old memmap reader (baseline) ...", file=sys.stderr, flush=True)
+        out["warm_memmap"] = run_epoch(root, vocab, warm_batches, MemmapNpyFeatures)
         drop_cache(path)
-        out["cold_pread_batches"] = run_epoch(root, vocab, warm_batches, PreadNpyFeatures)
+        out["cold_memmap_batches"] = run_epoch(root, vocab, warm_batches, MemmapNpyFeatures)
         drop_cache(path)
-        out["cold_memmap_batches"] = run_epoch(root, vocab, warm_batches)
+        out["cold_pread_batches"] = run_epoch(root, vocab, warm_batches)
     return out
 
 
@@ -344,7 +334,7 @@ def render(res: dict[str, Any]) -> str:
              f"{'ΣPSS anon+shm':>15}{'batches':>9}"]
     for kind in ("npy", "h5"):
         r = res[kind]
-        for name in ("cold_epoch", "warm", "warm_pread", "cold_pread_batches", "cold_memmap_batches"):
+        for name in ("cold_epoch", "warm", "warm_memmap", "cold_pread_batches", "cold_memmap_batches"):
             if name not in r:
                 continue
             e, p = r[name], r[name]["peak_mb"]
@@ -372,12 +362,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                                  TARGET_PEAK_MB))
             checks.append(target(f"{kind} {name}: loader ÷ training pairs/s", e["pairs_per_s"] / train, ">=",
                                  TARGET_OVER_TRAINING, "×"))
-    if "warm_pread" in res["npy"]:
-        e = res["npy"]["warm_pread"]
-        checks.append(target("npy warm, proposed pread reader: peak ΣVmRSS (MB)", e["peak_mb"]["VmRSS"], "<=",
-                             TARGET_PEAK_MB))
-        checks.append(target("npy warm, proposed pread reader: loader ÷ training", e["pairs_per_s"] / train, ">=",
-                             TARGET_OVER_TRAINING, "×"))
+    if "warm_memmap" in res["npy"]:  # the baseline, reported for the ratio; not a target of the library
+        e = res["npy"]["warm_memmap"]
+        checks.append({"target": "npy warm, old memmap reader (baseline): peak ΣVmRSS (MB)",
+                       "value": e["peak_mb"]["VmRSS"], "info": True})
     return checks
 
 

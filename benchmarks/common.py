@@ -228,6 +228,9 @@ def render_targets(checks: list[dict[str, Any]]) -> str:
     for c in checks:
         name = f"{c.get('size', '')} {c['target']}".strip()
         value = "n/a" if c["value"] is None else f"{c['value']:.3g}"
+        if c.get("info"):  # a baseline figure shown beside the targets, not a target
+            lines.append(f"info   {name:58} {value:>9}")
+            continue
         off = f" (off by {c['off_by_factor']:.2f}×)" if c.get("off_by_factor") else ""
         verdict = "met" if c["met"] else "MISSED" + off
         lines.append(f"target {name:58} {value:>9} {c['op']} {c['limit']:<6g}{c.get('unit', ''):6} {verdict}")

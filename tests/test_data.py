@@ -519,3 +519,23 @@ def test_toy_dataset_is_deterministic(tmp_path: Path) -> None:
         make_toy_dataset(tmp_path / name, n_train=6, n_dev=2, n_test=2, feat_dim=8, seed=3)
     for file in ("train_ims.npy", "train_caps.txt", "dev_ids.txt"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_npy_features_read_with_pread_equal_the_array_and_catch_truncation(tmp_path, dtype):
+    from vsectl.data.sources import NpyFeatures
+
+    arr = np.random.default_rng(0).normal(size=(10, 3, 4)).astype(dtype)
+    np.save(tmp_path / "x_ims.npy", arr)
+    np.save(tmp_path / "f_ims.npy", np.asfortranarray(arr))  # Fortran order falls back to the memmap
+    for name in ("x_ims.npy", "f_ims.npy"):
+        feats = NpyFeatures(tmp_path / name, row_stride=5)
+        assert len(feats) == 2
+        for i in range(2):
+            got = feats.get(i)
+            assert got.dtype == np.float32 and got.flags.writeable
+            np.testing.assert_array_equal(got, arr[5 * i].astype(np.float32))
+    data = (tmp_path / "x_ims.npy").read_bytes()
+    (tmp_path / "t_ims.npy").write_bytes(data[: len(data) - 8])
+    with pytest.raises(DataError, match="truncated"):
+        NpyFeatures(tmp_path / "t_ims.npy").get(9)

@@ -59,11 +59,18 @@ def _npy_shape(path: Path) -> tuple[int, ...]:
     try:
         return tuple(np.load(path, mmap_mode="r").shape)
     except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+        if "greater than file size" in str(e):
+            raise DataError(f"{path} is truncated: shorter than its header says; re-create or re-copy it") from e
         raise DataError(f"{path} is not a readable .npy file ({e})") from e
 
 
 class NpyFeatures(FeatureSource):
-    """SCAN precomp features: a (rows, K, D) `.npy` read through a lazily opened memmap.
+    """SCAN precomp features: a (rows, K, D) `.npy`, each image read with one `os.pread` into a fresh array.
+
+    A memmap would leave every page a DataLoader worker touched mapped into that worker, so over an epoch its resident
+    memory grows toward the file size (33 GB for COCO; measured in benchmarks/bench_data.py: 19.7 GB peak for a 10 GB
+    file against 1.1 GB with pread). pread copies the bytes and maps nothing. Fortran-ordered files (rare) fall back
+    to the memmap.
 
     Args:
         path: the `<split>_ims.npy` file.
@@ -75,6 +82,9 @@ class NpyFeatures(FeatureSource):
         self.row_stride = row_stride
         self._shape: tuple[int, ...] | None = None
         self._array: np.ndarray | None = None
+        self._fd: int | None = None
+        self._fd_pid: int | None = None
+        self._layout: tuple[int, np.dtype, bool] | None = None  # (data offset, dtype, C order)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -98,17 +108,39 @@ class NpyFeatures(FeatureSource):
 
     @property
     def array(self) -> np.ndarray:
-        """The memory-mapped (rows, K, D) array, opened on first use in this process."""
+        """The memory-mapped (rows, K, D) array, opened on first use in this process (for bulk reads)."""
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
         return self._array
 
+    def _open(self) -> tuple[int, np.dtype, bool]:
+        if self._fd_pid != os.getpid():  # first use in this process: a descriptor is not shared across fork
+            if self._layout is None:
+                view = np.load(self.path, mmap_mode="r")  # reads the header; the map is dropped at once
+                self._layout = (int(view.offset), view.dtype, not np.isfortran(view))
+                del view
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd_pid = os.getpid()
+        return self._layout
+
     def get(self, i: int) -> np.ndarray:
         i = self._check_index(i)
-        return np.array(self.array[i * self.row_stride], dtype=np.float32)  # (K, D), copied out of the map
+        offset, dtype, c_order = self._open()
+        if not c_order or not hasattr(os, "pread"):
+            return np.array(self.array[i * self.row_stride], dtype=np.float32)  # (K, D), copied out of the map
+        _, k, d = self.shape
+        nbytes = k * d * dtype.itemsize
+        buf = os.pread(self._fd, nbytes, offset + i * self.row_stride * nbytes)
+        if len(buf) != nbytes:
+            raise DataError(f"{self.path} ends inside image {i}; the file is truncated, re-create it")
+        return np.frombuffer(buf, dtype=dtype).reshape(k, d).astype(np.float32)  # a fresh, writable copy
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
+        return {**self.__dict__, "_array": None, "_fd": None, "_fd_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
 
     def __repr__(self) -> str:
         return f"NpyFeatures({str(self.path)!r}, row_stride={self.row_stride})"
