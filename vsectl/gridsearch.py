@@ -494,7 +494,7 @@ def plot_grid(rows: Sequence[dict], branch: str, path: Path, title: str = "") ->
         texts = list(dict.fromkeys(r["text"] for r in grid))
         value = {(r["image"], r["text"]): r["rsum_mean"] for r in grid}
         matrix = [[value.get((i, t), math.nan) for t in texts] for i in images]
-        fig = new_figure(figsize=(1.2 * len(texts) + 3, 0.8 * len(images) + 2.5))
+        fig = new_figure(figsize=(max(1.2 * len(texts) + 3, 6.0), 0.8 * len(images) + 2.8))
         from matplotlib.patches import Rectangle  # after new_figure, which names the extra when matplotlib is missing
 
         ax = fig.subplots()
@@ -515,8 +515,8 @@ def plot_grid(rows: Sequence[dict], branch: str, path: Path, title: str = "") ->
         bar = fig.colorbar(im, ax=ax, label="rsum (mean over seeds)")
         if gpo is not None:
             bar.ax.axhline(gpo["rsum_mean"], color="red", linewidth=2)
-            ax.set_title(f"{title}\nGPO × GPO: rsum {_fmt(gpo['rsum_mean'], gpo['rsum_std'])} (red line on the bar); "
-                         "best fixed cell outlined")
+            ax.set_title(f"{title}\nGPO × GPO: rsum {_fmt(gpo['rsum_mean'], gpo['rsum_std'])} (red line on the bar)\n"
+                         "best fixed cell outlined", fontsize=10)
     else:
         shown = grid + ([gpo] if gpo else [])
         fig = new_figure(figsize=(0.8 * len(shown) + 3, 4))
