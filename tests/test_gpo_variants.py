@@ -177,7 +177,7 @@ def test_every_variant_trains_through_train_and_reloads(toy_root, tmp_path):
     for name in VARIANTS:
         cfg = load_recipe(REPO / "recipes" / "tiny.yaml", [
             f"data.root={toy_root}", f"name={name}", "train.epochs=1", "train.max_steps_per_epoch=2",
-            *(f"model.{b}.pool.{key}" for b in ("image", "text") for key in (f"name={name}", "in_dim=64")),
+            *(f"model.{b}.pool.name={name}" for b in ("image", "text")),  # in_dim: the encoders pass embed_dim
         ])
         run = train(cfg, tmp_path, device="cpu")
         _, model, _ = load_run(run)

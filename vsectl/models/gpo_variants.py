@@ -212,7 +212,7 @@ class FeatInGPO(GPO):
 def _needs_dim(cfg: PoolConfig) -> int:
     if cfg.in_dim <= 0:
         raise ConfigError(f"pooler '{cfg.name}' needs pool.in_dim, the size of the features it pools "
-                          "(model.embed_dim), e.g. --set model.image.pool.in_dim=1024")
+                          "(the encoders pass model.embed_dim; standalone, set it), e.g. pool.in_dim=1024")
     return cfg.in_dim
 
 

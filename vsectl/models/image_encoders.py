@@ -114,12 +114,12 @@ class GridEncoder(nn.Module):
 
 @IMAGE_ENCODERS.register("region")
 def _build_region(cfg: ImageConfig, embed_dim: int) -> nn.Module:
-    return RegionEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool), mlp_hidden=cfg.mlp_hidden)
+    return RegionEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), mlp_hidden=cfg.mlp_hidden)
 
 
 @IMAGE_ENCODERS.register("grid")
 def _build_grid(cfg: ImageConfig, embed_dim: int) -> nn.Module:
-    return GridEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool), size_augment=cfg.size_augment)
+    return GridEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), size_augment=cfg.size_augment)
 
 
 def create_image_encoder(cfg: ImageConfig, embed_dim: int) -> nn.Module:

@@ -7,6 +7,7 @@ Every pooler maps (feats (B, K, D), lengths (B,)) → (pooled (B, D), weights (B
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -99,10 +100,18 @@ POOLERS.register("kmax")(lambda cfg: KMaxPool(k=cfg.k))
 POOLERS.register("gem")(lambda cfg: GeMPool(p=cfg.p))
 
 
-def create_pooler(cfg: PoolConfig | nn.Module) -> nn.Module:
-    """Build the pooler named by `cfg.name` (or pass a ready-made module through)."""
+def create_pooler(cfg: PoolConfig | nn.Module, in_dim: int | None = None) -> nn.Module:
+    """Build the pooler named by `cfg.name` (or pass a ready-made module through).
+
+    Args:
+        cfg: the pooler's config.
+        in_dim: the size of the features it will pool (the encoder's embedding size); fills `pool.in_dim` when the
+            recipe leaves it unset (a new config object; the recipe's is not changed).
+    """
     if isinstance(cfg, nn.Module):
         return cfg
+    if in_dim is not None and cfg.in_dim <= 0:
+        cfg = dataclasses.replace(cfg, in_dim=in_dim)
     return POOLERS.get(cfg.name)(cfg)
 
 

@@ -164,7 +164,7 @@ def text_body_from_folder(folder: Path) -> tuple[nn.Module, Any]:
 def _build_bigru(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
     if not vocab_size:
         raise ValueError("the bigru text encoder needs vocab_size")
-    return BiGRUTextEncoder(vocab_size, cfg.word_dim, embed_dim, create_pooler(cfg.pool))
+    return BiGRUTextEncoder(vocab_size, cfg.word_dim, embed_dim, create_pooler(cfg.pool, embed_dim))
 
 
 @TEXT_ENCODERS.register("transformers")
@@ -172,7 +172,8 @@ def _build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None 
     if body is None:
         body, _ = load_pretrained_text(cfg.pretrained)
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else 0
-    return TransformerTextEncoder(body, embed_dim, create_pooler(cfg.pool), pad_id=pad_id, freeze_body=cfg.freeze_body)
+    return TransformerTextEncoder(body, embed_dim, create_pooler(cfg.pool, embed_dim), pad_id=pad_id,
+                                  freeze_body=cfg.freeze_body)
 
 
 def create_text_encoder(
