@@ -659,7 +659,7 @@ def render_items(
         status[outcome] += 1
         state[key] = {"source_sha256": sha_of[key], "status": outcome, "timeout": timeout}
         if outcome != "ok":
-            log.warning("render %s: %s (%s)", key, outcome, message)
+            log.debug("render %s: %s (%s)", key, outcome, message)  # counted below; each reason is in the state file
             state[key]["message"] = message
         progress.update(ok=status["ok"], failed=status["failed"] + status["timeout"])
         if n % STATE_EVERY == 0:
@@ -667,6 +667,9 @@ def render_items(
     write_json_atomic(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state})
     bad = {s: sum(1 for it in items if state.get(it.filename, {}).get("status") == s) for s in ("failed", "timeout")}
     log.info("rendered %d, reused %d, failed %d, timed out %d", status["ok"], reused, bad["failed"], bad["timeout"])
+    if bad["failed"] or bad["timeout"]:
+        log.warning("%d SVGs could not be rendered and are left out (reasons in %s; --verbose lists them)",
+                    bad["failed"] + bad["timeout"], state_path)
     return {"rendered_now": status["ok"], "render_reused": reused, "render_failed": bad["failed"],
             "render_timed_out": bad["timeout"], "render_skipped_known": known_bad}
 

@@ -1,0 +1,242 @@
+"""Checkpoints without pickles: safetensors for every tensor (model, optimizer, RNG), JSON for the rest.
+
+A checkpoint is a folder written under a temporary name and swapped in by rename, so a crash never leaves a
+half-written checkpoint in place:
+
+    checkpoints/last/  model.safetensors  optimizer.safetensors  rng.safetensors  trainer_state.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vsectl.errors import CheckpointError
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+STATE_FILE = "trainer_state.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+
+
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or non-contiguous storage; a CPU copy of each tensor avoids both
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# optimizer and RNG state as tensors + JSON
+
+
+def optimizer_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors and a JSON-able remainder."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, entry in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """Python, NumPy and torch (CPU and CUDA) generator states."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state(legacy=True)
+    tensors["numpy.keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# save / load
+
+
+def _write_checkpoint_files(
+    tmp: Path, model_state: dict[str, torch.Tensor], trainer_state: dict[str, Any], metadata: dict[str, str],
+    optimizer_state: dict | None, rng: bool,
+) -> None:
+    state = dict(trainer_state)
+    save_file(_plain(model_state), str(tmp / MODEL_FILE), metadata=metadata)
+    if optimizer_state is not None:
+        tensors, meta = optimizer_to_tensors(optimizer_state)
+        save_file(_plain(tensors), str(tmp / OPTIMIZER_FILE))
+        state["optimizer"] = meta
+    if rng:
+        tensors, meta = capture_rng()
+        save_file(_plain(tensors), str(tmp / RNG_FILE))
+        state["rng"] = meta
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+
+
+def save_checkpoint(
+    path: Path,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    metadata: dict[str, str],
+    optimizer_state: dict | None = None,
+    rng: bool = True,
+) -> Path:
+    """Write a checkpoint folder atomically (temporary folder, fsync, rename swap).
+
+    Args:
+        path: the checkpoint folder, e.g. run/checkpoints/last.
+        model_state: the model's state dict.
+        trainer_state: JSON-able dict (epoch, global_step, best_rsum, ...).
+        metadata: strings stored in the model file's header (config YAML, vsectl version).
+        optimizer_state: `optimizer.state_dict()`, or None.
+        rng: also save the generator states.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_checkpoint_files(tmp, model_state, trainer_state, metadata, optimizer_state, rng)
+    except BaseException:  # disk full, Ctrl-C: drop the partial folder; the previous checkpoint is untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.parent / f".old-{path.name}-{os.getpid()}"
+    if path.exists():
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
+
+
+def recover(path: Path) -> Path:
+    """Return a complete checkpoint folder: `path`, or the previous one kept aside by an interrupted swap."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    olds = sorted(path.parent.glob(f".old-{path.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds:
+        if (old / STATE_FILE).is_file():
+            os.rename(old, path)
+            return path
+    raise CheckpointError(f"no complete checkpoint at {path}")
+
+
+def remove_partial(folder: Path) -> int:
+    """Delete temporary folders left by checkpoint writes that were killed before their rename; return the count."""
+    removed = 0
+    for tmp in Path(folder).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a checkpoint's model file (config YAML, version)."""
+    model_file = Path(path) / MODEL_FILE if Path(path).is_dir() else Path(path)
+    try:
+        with safe_open(str(model_file), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (OSError, Exception) as err:  # safetensors raises its own error type for corrupt headers
+        raise CheckpointError(f"cannot read checkpoint {model_file}: {err}") from None
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint folder.
+
+    Returns:
+        {'model': state dict, 'trainer_state': dict, 'optimizer': state dict or None, 'rng': (tensors, meta) or None}.
+    """
+    path = recover(Path(path))
+    device = str(map_location)
+    try:
+        model = load_file(str(path / MODEL_FILE), device=device)
+        state = json.loads((path / STATE_FILE).read_text())
+        optimizer = None
+        if "optimizer" in state and (path / OPTIMIZER_FILE).is_file():
+            optimizer = optimizer_from_tensors(load_file(str(path / OPTIMIZER_FILE), device=device), state["optimizer"])
+        rng = None
+        if "rng" in state and (path / RNG_FILE).is_file():
+            rng = (load_file(str(path / RNG_FILE)), state["rng"])
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+    except Exception as err:  # safetensors' SafetensorError for truncated files
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+    return {"model": model, "trainer_state": state, "optimizer": optimizer, "rng": rng}
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict load with one readable error for a checkpoint of another configuration."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch at {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise CheckpointError("checkpoint does not match the model configuration: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)

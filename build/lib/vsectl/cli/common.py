@@ -1,0 +1,113 @@
+"""Shared pieces of the CLI: the typer app, the stderr console, rich progress, and one-line user errors."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from vsectl import __version__
+
+T = TypeVar("T")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+                  help="Image-text retrieval with visual semantic embeddings and learned pooling (VSE∞).")
+data_app = typer.Typer(no_args_is_help=True, help="Prepare and check datasets.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+STATE = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/tiny.yaml")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: a.b=c (repeatable)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+
+
+class RichProgress:
+    """rich progress bars for the library's `Progress` protocol (stderr)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.fields: dict[str, Any] = {}
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err,
+                            disable=not enabled, transient=True)
+        self.task = None
+
+    def track(self, iterable: Iterable[T], total: int | None, description: str) -> Iterator[T]:
+        with self.bar:
+            self.task = self.bar.add_task(description, total=total, info="")
+            for item in iterable:
+                yield item
+                self.bar.advance(self.task)
+            self.bar.remove_task(self.task)
+            self.task = None
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update(fields)
+        if self.task is not None:
+            info = "  ".join(f"{k.replace('_per_s', '/s')} {v:.4g}" for k, v in self.fields.items())
+            self.bar.update(self.task, info=info)
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)  # one line, however long
+    raise typer.Exit(2)
+
+
+# OS errors that are the user's to fix (a path, permissions, space) rather than a bug: one line, exit 2.
+USER_OS_ERRORS = {errno.ENOENT: "no such file or folder", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
+                  errno.EISDIR: "a folder where a file was expected", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                  errno.EEXIST: "already exists"}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OS error a user can fix: what went wrong, on which path, and what to do."""
+    what = USER_OS_ERRORS[e.errno]
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what} while writing{where}; free space or choose another output folder (nothing finished is lost)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"cannot write or read here: {what}{where}; check the path or choose another output folder"
+    return f"{what}{where}"
+
+
+def run_guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - a thin wrapper
+    """Call a library function; a user's mistake becomes one red line and exit code 2 (traceback with --debug)."""
+    from vsectl.errors import VsectlError
+
+    try:
+        return fn(*args, **kwargs)
+    except VsectlError as e:
+        if STATE["debug"]:
+            raise
+        fail(str(e))
+    except OSError as e:
+        if STATE["debug"] or e.errno not in USER_OS_ERRORS:
+            raise
+        fail(os_error_line(e))
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"vsectl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results on stdout.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True)] = False,
+) -> None:
+    from vsectl.runtime import setup_logging
+
+    STATE["debug"] = debug
+    STATE["quiet"] = quiet
+    setup_logging(verbose=verbose, quiet=quiet)

@@ -1,0 +1,87 @@
+"""train, eval and env: the core commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vsectl.cli.common import STATE, DeviceOpt, RecipeArg, RichProgress, SetOpt, app, err, fail, run_guarded
+
+
+@app.command("train")
+def train_cli(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    out: Annotated[Path, typer.Option(help="Output root; the run goes to OUT/<name>")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a model from RECIPE; prints the run directory."""
+    from vsectl.config import load_recipe
+    from vsectl.training import train
+
+    cfg = run_guarded(load_recipe, recipe, overrides or [])
+    run_dir = run_guarded(train, cfg, out_root=out, device=device, resume=resume,
+                          progress=RichProgress(enabled=not STATE.get("quiet")))
+    typer.echo(str(run_dir))
+
+
+def metrics_table(title: str, metrics: dict[str, float], modality: str = "image") -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
+        table.add_column(col, justify="right")
+    for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
+        table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
+    table.caption = f"rsum {metrics['rsum']:.1f}"
+    return table
+
+
+@app.command("eval")
+def eval_cli(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run directories or checkpoint folders")] = None,
+    run: Annotated[list[Path] | None, typer.Option("--run", help="More runs: an ensemble (repeatable)")] = None,
+    protocol: Annotated[str, typer.Option(help="f30k | coco1k | coco5k | dev1k | all")] = "f30k",
+    split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's)")] = None,
+    data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+) -> None:
+    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>.json."""
+    from vsectl.evaluation import evaluate_runs
+    from vsectl.runtime import resolve_device
+
+    members = list(runs or []) + list(run or [])
+    if not members:
+        fail("give a run directory, e.g. vsectl eval runs/tiny")
+    dev = run_guarded(resolve_device, device)
+    results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
+                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")))
+    for name, result in results.items():
+        modality = result.get("modality", "image")
+        title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
+        err.print(metrics_table(title, result["metrics"], modality))
+        if "path" in result:
+            err.print(f"wrote {result['path']}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+
+
+@app.command("env")
+def env_cli(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Versions, devices and threads."""
+    from vsectl.runtime import env_info, resolve_device
+
+    info = env_info(resolve_device("auto"))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    table = Table(show_header=False)
+    for k, v in info.items():
+        table.add_row(k, str(v))
+    Console().print(table)

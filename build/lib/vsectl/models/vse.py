@@ -1,0 +1,63 @@
+"""The joint visual-semantic embedding model: an image encoder and a text encoder into one L2-normalised space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vsectl.config import LRMultConfig, ModelConfig
+from vsectl.models.image_encoders import create_image_encoder
+from vsectl.models.text_encoders import TransformerTextEncoder, create_text_encoder
+
+
+class VSEModel(nn.Module):
+    """Image and text encoders whose outputs are compared by cosine similarity."""
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def encode_image(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, K, D) sets, (B,) lengths → (B, E) fp32 unit vectors and the pooling weights."""
+        return self.image(feats, lengths)
+
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids, (B,) lengths → (B, E) fp32 unit vectors and the pooling weights."""
+        return self.text(tokens, lengths)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        img, _ = self.encode_image(batch["images"], batch["image_lengths"])
+        cap, _ = self.encode_text(batch["tokens"], batch["token_lengths"])
+        return img, cap
+
+
+def create_model(cfg: ModelConfig, vocab_size: int | None = None, text_body: nn.Module | None = None) -> VSEModel:
+    """Build the model from its config. `vocab_size` is for the BiGRU; `text_body` a ready transformers model."""
+    image = create_image_encoder(cfg.image, cfg.embed_dim)
+    text = create_text_encoder(cfg.text, cfg.embed_dim, vocab_size=vocab_size, body=text_body)
+    return VSEModel(image, text)
+
+
+def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
+    """Split parameters into named groups with their LR multipliers (spec §8.2).
+
+    Returns:
+        dicts with 'name', 'lr_mult' and 'params'; empty groups are dropped.
+    """
+    text_body: list[nn.Parameter] = []
+    text_head: list[nn.Parameter] = []
+    for name, param in model.text.named_parameters():
+        if not param.requires_grad:
+            continue  # a frozen body belongs to no group
+        if isinstance(model.text, TransformerTextEncoder) and name.startswith("body."):
+            text_body.append(param)
+        else:
+            text_head.append(param)
+    groups = [
+        {"name": "image_head", "lr_mult": mult.image_head,
+         "params": [p for p in model.image.parameters() if p.requires_grad]},
+        {"name": "text_head", "lr_mult": mult.text_head, "params": text_head},
+        {"name": "text_body", "lr_mult": mult.text_body, "params": text_body},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,93 @@
+"""Token states of a frozen transformers text body, computed once per caption and cached in the HDF5 store format.
+
+With `model.text.freeze_body` and `model.text.cache_states`, training reads each caption's (T, H) last hidden states
+from `<run>/text_cache/<split>.h5` instead of running the body every step. Only the projection and the pooler train.
+Size augmentation cannot edit tokens of a cached caption, so it drops token states instead: each state i.i.d. with
+p = 0.2, keeping at least one (our choice, documented; the official word-level rule needs the body at every step).
+Evaluation runs the frozen body on token ids, which gives the same states.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vsectl.data.datasets import CaptionDataset, collate_tokens, drop_regions
+from vsectl.data.sources import H5Features, Split
+from vsectl.data.store import StoreWriter, read_store_attrs
+from vsectl.runtime import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+STATE_DROP = 0.2  # token-state drop rate when size augmentation is on (mirrors the 20% of the text rule)
+
+
+class CachedTextStates:
+    """Per-caption token states read lazily from a cache file; `get(i, rng)` optionally drops states.
+
+    Args:
+        path: the cache file written by `build_state_cache`.
+        augment: drop each state with p = 0.2 (training only).
+    """
+
+    pad_id = 0
+
+    def __init__(self, path: Path, augment: bool) -> None:
+        self.features = H5Features(path)
+        self.augment = augment
+
+    def get(self, i: int, rng: np.random.Generator | None) -> np.ndarray:
+        """(T, H) float32 states of caption i."""
+        states = self.features.get(i)
+        if self.augment and rng is not None:
+            states = drop_regions(states, STATE_DROP, rng)
+        return states
+
+
+@torch.no_grad()
+def build_state_cache(
+    text_encoder: torch.nn.Module,
+    split: Split,
+    processor: object,
+    path: Path,
+    device: torch.device,
+    identity: str,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+) -> Path:
+    """Encode every caption of `split` with the frozen body and store its states; reuse a matching cache.
+
+    Args:
+        text_encoder: a `TransformerTextEncoder` (its `body` and `states` are used).
+        split: captions to encode, in order.
+        processor: an un-augmented text processor giving token ids.
+        path: cache file.
+        identity: a string naming the body weights and tokenizer; a cache with another identity is rebuilt.
+    """
+    path = Path(path)
+    if path.is_file():
+        attrs = read_store_attrs(path)
+        if attrs.get("identity") == identity and int(attrs.get("n_captions", -1)) == split.n_captions:
+            return path
+        log.info("text cache %s is stale: rebuilding", path)
+    progress = progress or NullProgress()
+    loader = DataLoader(CaptionDataset(split, processor), batch_size=batch_size,
+                        collate_fn=functools.partial(collate_tokens, pad_id=text_encoder.pad_id))
+    was_training = text_encoder.training
+    text_encoder.eval()
+    attrs = {"identity": identity, "n_captions": split.n_captions, "split": split.name,
+             "content": "last hidden states of a frozen text body, one set per caption"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with StoreWriter(path, text_encoder.body.config.hidden_size, dtype="float32", attrs=attrs) as writer:
+        for batch in progress.track(loader, total=len(loader), description=f"cache text states ({split.name})"):
+            tokens, lengths = batch["tokens"].to(device), batch["token_lengths"].to(device)
+            hidden = text_encoder.states(tokens, lengths).float().cpu()       # (B, T, H)
+            for b, i in enumerate(batch["index"].tolist()):
+                writer.add_image(str(i), hidden[b, : int(lengths[b])].numpy())
+    text_encoder.train(was_training)
+    return path

@@ -1,0 +1,361 @@
+"""Train a VSE∞ model from a RunConfig into a resumable run directory (spec §8).
+
+    runs/<name>/config.yaml  env.json  vocab.json | text_model/  metrics.jsonl  checkpoints/{last,best}/  eval/
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import vsectl
+from vsectl.builders import TextSide, build_model, load_text, prepare_text
+from vsectl.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    recover,
+    remove_partial,
+    restore_rng,
+    save_checkpoint,
+)
+from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config, to_dict
+from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
+from vsectl.data.sources import Split, load_split
+from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
+from vsectl.evaluation import validate
+from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.losses import ContrastiveLoss
+from vsectl.models.vse import VSEModel, param_groups
+from vsectl.runtime import (
+    Distributed,
+    NullProgress,
+    Precision,
+    Progress,
+    env_info,
+    gather_with_grad,
+    init_distributed,
+    resolve_device,
+    seed_everything,
+)
+from vsectl.schedules import group_lr, use_hardest_negative
+from vsectl.text_cache import CachedTextStates, build_state_cache
+
+log = logging.getLogger(__name__)
+
+REGION_DROP = 0.2        # BUTD regions dropped i.i.d. with p = 0.2 in the data worker (spec §3)
+RESUMABLE_CHANGES = {"train.epochs"}  # what a resumed run may change: extending training is safe
+
+
+class TrainingError(VsectlError):
+    """Training cannot go on (for example the loss became NaN)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run directory
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
+    """Create a new run directory, or check a resumed one against `cfg`; return the config to run with.
+
+    Every rank of a distributed run checks; only the main one (`write`) writes.
+    """
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"cannot resume: {run_dir} has no config.yaml (start it without --resume)")
+        saved = config_from_yaml((run_dir / "config.yaml").read_text())
+        old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
+        changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
+        return cfg  # a longer train.epochs is written once the checkpoint has loaded (train)
+    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                          "or choose another name with --set name=...")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")  # first file of the run, before any compute
+    return cfg
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, records newer than the checkpoint are dropped."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled  # only the main rank writes
+
+    def truncate_after(self, global_step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if rec.get("global_step", 0) <= global_step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def load_data(cfg: RunConfig) -> tuple[Split, Split]:
+    """The training split and the model-selection split (first `data.val_images` dev images)."""
+    train_split = load_split(cfg.data.root, cfg.data.train_split)
+    dev_split = load_split(cfg.data.root, cfg.data.dev_split)
+    for split in (train_split, dev_split):
+        if split.features.feat_dim != cfg.model.image.feat_dim:
+            raise DataError(f"{cfg.data.root}/{split.name}: features are {split.features.feat_dim}-d but "
+                            f"model.image.feat_dim is {cfg.model.image.feat_dim}; set --set "
+                            f"model.image.feat_dim={split.features.feat_dim}")
+    if train_split.n_captions < cfg.data.batch_size and cfg.data.drop_last:
+        raise DataError(f"the training split has {train_split.n_captions} captions, fewer than one batch of "
+                        f"{cfg.data.batch_size}; lower data.batch_size")
+    return train_split, dev_split
+
+
+def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
+                state_cache: Path | None = None, dist: Distributed | None = None) -> DataLoader:
+    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch)."""
+    dist = dist or Distributed()
+    region_drop = REGION_DROP if cfg.model.image.encoder == "region" and cfg.model.image.size_augment else 0.0
+    augment = cfg.model.text.size_augment
+    source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
+    dataset = PairDataset(split, source, region_drop, cfg.seed)
+    dataset.set_epoch(epoch)
+    sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
+                                start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id))
+
+
+def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
+    full = n_captions // cfg.data.batch_size if cfg.data.drop_last else math.ceil(n_captions / cfg.data.batch_size)
+    return min(full, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else full
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loop
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group_lr(cfg, epoch, group["lr_mult"])
+
+
+def train_one_epoch(
+    model: VSEModel,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    criterion: ContrastiveLoss,
+    cfg: RunConfig,
+    epoch: int,
+    global_step: int,
+    device: torch.device,
+    precision: Precision,
+    metrics: MetricsLog,
+    progress: Progress,
+    dist: Distributed | None = None,
+) -> int:
+    """One pass over `loader`; returns the new global step.
+
+    Under DDP the loss is computed on the whole global batch on every rank: embeddings are all-gathered with their
+    gradients (LOSS-6), so the hardest negatives are mined over all ranks and the objective equals one process's.
+    """
+    dist = dist or Distributed()
+    model.train()
+    hardest = use_hardest_negative(cfg, epoch)
+    scaler = precision.grad_scaler()
+    total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
+    window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
+    data_tic = time.perf_counter()
+    step_in_epoch = 0
+    for step_in_epoch, batch in enumerate(progress.track(loader, total=total, description=f"epoch {epoch}"), 1):
+        window_data += time.perf_counter() - data_tic
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with precision.autocast():
+            img, cap = model(batch)
+        img, cap = gather_with_grad(img, dist), gather_with_grad(cap, dist)
+        loss = criterion(img, cap, hardest_negative=hardest)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step_in_epoch}; lower "
+                                "train.lr or check the features for NaN/inf")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.train.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        global_step += 1
+        window_loss += loss.item()
+        window_pairs += img.size(0)
+        window_steps += 1
+        progress.update(loss=loss.item())
+        if global_step % cfg.train.log_every == 0 or step_in_epoch == total:
+            elapsed = time.perf_counter() - tic
+            steps = window_steps
+            record = {"kind": "train", "epoch": epoch, "step": step_in_epoch, "global_step": global_step,
+                      "loss": window_loss / steps, "lr": optimizer.param_groups[0]["lr"], "hardest": hardest,
+                      "pairs_per_s": window_pairs / max(elapsed, 1e-9), "data_time": window_data / steps}
+            metrics.write(record)
+            progress.update(pairs_per_s=record["pairs_per_s"])
+            log.debug("epoch %d step %d/%d loss %.4f lr %.2e %.0f pairs/s", epoch, step_in_epoch, total,
+                      record["loss"], record["lr"], record["pairs_per_s"])
+            window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
+        if step_in_epoch >= total:
+            break
+        data_tic = time.perf_counter()
+    return global_step
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    remove_partial(run_dir / "checkpoints")
+    try:
+        return recover(run_dir / "checkpoints" / "last")
+    except CheckpointError:
+        return None
+
+
+def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device,
+             metrics: MetricsLog) -> dict[str, Any]:
+    """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
+    ckpt = load_checkpoint(last, map_location=dev)
+    load_model_state(model, ckpt["model"])
+    if ckpt["optimizer"] is None:
+        raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["rng"] is not None:
+        restore_rng(*ckpt["rng"])
+    state = ckpt["trainer_state"]
+    metrics.truncate_after(state["global_step"])
+    log.info("resumed at epoch %d (step %d, best rsum %.2f)", state["epoch"], state["global_step"], state["best_rsum"])
+    return state
+
+
+def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
+                  dev: torch.device, dist: Distributed, progress: Progress) -> dict[str, Path]:
+    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches."""
+    identity = f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}"
+    out = {}
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            for name, split in splits.items():
+                out[name] = build_state_cache(model.text, split, text.processor(augment=False),
+                                              run_dir / "text_cache" / f"{name}.h5", dev, identity,
+                                              batch_size=cfg.data.batch_size, progress=progress)
+        dist.barrier()
+    return out
+
+
+def train(
+    cfg: RunConfig,
+    out_root: str | Path = "runs",
+    device: str = "auto",
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
+
+    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+
+    Returns:
+        the run directory.
+    """
+    progress = progress or NullProgress()
+    run_dir = Path(out_root) / cfg.name
+    dist, dev = init_distributed(resolve_device(device))
+    precision = Precision(cfg.train.precision, dev)
+    cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
+    dist.barrier()
+    if dist.is_main:
+        env = {**env_info(dev), "seed": cfg.seed, "precision": precision.name, "world_size": dist.world_size}
+        atomic_write_json(run_dir / "env.json", env)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+
+    train_split, dev_split = load_data(cfg)
+    val_split = dev_split.subset_images(min(cfg.data.val_images, dev_split.n_images))
+    last = _last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
+    if last is not None:
+        text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
+    else:
+        text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
+    model = build_model(cfg, text, init_words=last is None).to(dev)
+    groups = param_groups(model, cfg.train.lr_mult)
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
+        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    criterion = ContrastiveLoss(margin=cfg.loss.margin)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+
+    state = {"epoch": 0, "global_step": 0, "best_rsum": -math.inf, "best_epoch": -1}
+    if last is not None:
+        state = _restore(last, model, optimizer, dev, metrics)
+    elif resume:
+        log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
+    if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
+        save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
+    metrics.truncate_after(state["global_step"])
+    caches = {}
+    if cfg.model.text.cache_states:
+        caches = _state_caches(cfg, model, text, {"train": train_split, "val": val_split}, run_dir, dev, dist,
+                               progress)
+    val_states = CachedTextStates(caches["val"], augment=False) if caches else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
+        if dist.enabled else model
+
+    meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
+    global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
+    try:
+        for epoch in range(state["epoch"], cfg.train.epochs):
+            set_learning_rates(optimizer, cfg, epoch)
+            loader = make_loader(cfg, train_split, text, epoch, 0, state_cache=caches.get("train"), dist=dist)
+            global_step = train_one_epoch(net, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
+                                          metrics, progress, dist)
+            val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, val_states, dist)
+            is_best = val["rsum"] > best_rsum
+            if is_best:
+                best_rsum, best_epoch = val["rsum"], epoch
+            metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+            log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
+                     val["t2i_r1"], " best" if is_best else "")
+            state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
+                     "val": val, "vsectl_version": vsectl.__version__}
+            if dist.is_main:
+                model_state = model.state_dict()
+                if is_best:  # best first: a crash between the two leaves last behind, which resume handles
+                    save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
+                save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
+                                optimizer_state=optimizer.state_dict())
+            dist.barrier()
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return run_dir
