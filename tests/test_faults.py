@@ -106,7 +106,7 @@ def test_killed_extraction_resumes_to_the_same_file(tmp_path):
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
     entries = []
-    for k in range(96):
+    for k in range(160):
         Image.fromarray(rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)).save(images / f"{k}.png")
         entries.append({"filename": f"{k}.png", "split": "train", "sentences": [{"raw": f"picture {k}"}]})
     (tmp_path / "raw" / "dataset.json").write_text(__import__("json").dumps({"images": entries}))
@@ -122,10 +122,13 @@ def test_killed_extraction_resumes_to_the_same_file(tmp_path):
 
     assert subprocess.run(cmd("straight"), env=env(), cwd=REPO, timeout=300).returncode == 0
     rng_kill = random.Random(1)
-    shards = tmp_path / "killed" / "train.shards"
-    kills = [kill_when(cmd("killed"), lambda n=n: len(list(shards.glob("shard-*.h5"))) > n, rng_kill.uniform(0, 0.3))
-             for n in (0, 6)]
-    assert any(kills) and not (tmp_path / "killed" / "train.h5").exists()
+    shards, final = tmp_path / "killed" / "train.shards", tmp_path / "killed" / "train.h5"
+    interrupted = []  # killed before the merged file existed: the kill really cut the extraction short
+    for n in (0, 12):  # of 40 shards: early, then in the middle
+        killed = kill_when(cmd("killed"), lambda n=n: len(list(shards.glob("shard-*.h5"))) > n,
+                           rng_kill.uniform(0, 0.1))
+        interrupted.append(killed and not final.exists())
+    assert any(interrupted)
     assert subprocess.run(cmd("killed"), env=env(), cwd=REPO, timeout=300).returncode == 0
     with h5py.File(tmp_path / "straight" / "train.h5") as a, h5py.File(tmp_path / "killed" / "train.h5") as b:
         for key in ("features/rows", "features/offsets", "images/ids", "captions/text", "captions/image_index"):
