@@ -41,24 +41,38 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 def sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort every feature dimension descending over the valid rows; zero the padded tail (GPO-14..16).
 
+    Each dimension's column is sorted as a contiguous row of a (B, D, K') copy: sorting B·D strided columns of the
+    (B, K', D) layout, and scattering the gradient back through them, was 1.8× slower for the whole pooling at the
+    paper's shapes on CPU (benchmarks/bench_training.py, "transposed").
+
     Args:
         feats: (B, K, D) sets, padded rows arbitrary.
         lengths: (B,) int64 set sizes, 1 ≤ n ≤ K.
 
     Returns:
-        sorted (B, K', D) with K' = max(lengths), and the (B, K') validity mask.
+        sorted (B, K', D) with K' = max(lengths) (a transposed view of a contiguous (B, D, K') tensor), and the
+        (B, K') validity mask.
     """
     max_len = int(lengths.max())
     feats = feats[:, :max_len]
     mask = length_mask(lengths, max_len)                                              # (B, K')
     filled = feats.masked_fill(~mask[..., None], MASK_VALUE)
-    ranked = filled.sort(dim=1, descending=True).values                               # (B, K', D)
-    return ranked.masked_fill(~mask[..., None], 0.0), mask
+    ranked = filled.transpose(1, 2).contiguous().sort(dim=-1, descending=True).values  # (B, D, K')
+    ranked = ranked.masked_fill(~mask[:, None, :], 0.0)
+    return ranked.transpose(1, 2), mask
 
 
 def weighted_sum(ranked: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """(B, K', D) sorted features · (B, K', 1 or D) weights → (B, D)."""
-    return (ranked * theta).sum(dim=1)
+    """(B, K', D) sorted features · (B, K', 1 or D) weights → (B, D), in the promoted dtype of the two (fp32 for θ).
+
+    A shared θ is one batched matrix-vector product; autocast is kept off so it stays in fp32 as the elementwise form
+    `(ranked * θ).sum(1)` does under type promotion.
+    """
+    if theta.size(-1) != 1:
+        return (ranked * theta).sum(dim=1)
+    dtype = torch.promote_types(ranked.dtype, theta.dtype)
+    with torch.autocast(device_type=ranked.device.type, enabled=False):
+        return torch.bmm(ranked.transpose(1, 2).to(dtype), theta.to(dtype)).squeeze(-1)
 
 
 class GPO(nn.Module):
