@@ -248,7 +248,10 @@ def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
              metrics: MetricsLog) -> dict[str, Any]:
     """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
     ckpt = load_checkpoint(last, map_location=dev)
-    load_model_state(model, ckpt["model"])
+    try:
+        load_model_state(model, ckpt["model"])
+    except CheckpointError as e:  # name the file: a checkpoint copied in from another run is the usual cause
+        raise CheckpointError(f"{last}: {e}") from None
     if ckpt["optimizer"] is None:
         raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
     optimizer.load_state_dict(ckpt["optimizer"])
