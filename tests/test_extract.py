@@ -347,6 +347,14 @@ def test_video_extraction_samples_frames_pools_each_and_skips_empty_videos(tmp_p
     assert load_split(tmp_path / "tokens", "train").features.lengths().tolist() == [2 * 16, 1 * 16, 2 * 16]
 
 
+def test_image_fingerprint_has_no_video_key(raw: Path, tiny: TinyBackbone, tmp_path: Path) -> None:
+    """Image stores keep the fingerprint they had before `--video` existed, so they are not extracted again."""
+    (out,) = run(tiny, raw, tmp_path / "out", limit=2)
+    attrs = read_store_attrs(out)
+    assert "video" not in json.loads(attrs["fingerprint"]) and "video" not in attrs
+    assert "n_unreadable_frames" not in attrs
+
+
 def test_video_options_are_checked() -> None:
     from vsectl.extract import VideoSampling
 

@@ -12,7 +12,7 @@ import torch
 from vsectl.checkpoint import load_checkpoint, load_model_state, read_metadata
 from vsectl.config import RunConfig, config_from_yaml
 from vsectl.data.captions import HFTextProcessor, VocabTextProcessor
-from vsectl.data.vocab import Vocab, build_vocab, warn_unknown_only
+from vsectl.data.vocab import Vocab, build_vocab
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.models.text_encoders import load_pretrained_text, text_body_from_folder
 from vsectl.models.vse import VSEModel, create_model
@@ -64,7 +64,6 @@ def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str], write: bool
         if write:
             vocab.save(run_dir / VOCAB_FILE)
         log.info("vocabulary: %d tokens", len(vocab))
-        warn_unknown_only(vocab, captions, "train + dev")
         return TextSide(vocab=vocab, tokenizer=None, body=None)
     body, tokenizer = load_pretrained_text(text.pretrained)
     if write:

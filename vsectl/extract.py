@@ -42,7 +42,8 @@ MAX_SKIPPED_RECORDS = 100  # skipped images listed in attrs (HDF5 attrs over 64 
 POLL_SECONDS = 2.0  # rank 0 checks this often for the other ranks' shards
 RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (spec §5.3, test time)"
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "input_size", "mean", "std", "precision", "channels_last",
-                    "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256", "video")
+                    "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256",
+                    "video")  # "video" only for `--video`: image stores keep the fingerprint they were made with
 FRAME_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm"})  # frame images in a video folder
 FRAME_POOLS = ("mean", "max", "none")
 
@@ -333,7 +334,7 @@ def merge_shards(shard_files: Sequence[Path], out_path: Path, attrs: dict[str, A
                 skipped.extend(json.loads(f.attrs.get("skipped", "[]")))
         skipped = skipped[:MAX_SKIPPED_RECORDS]
         writer.attrs.update(n_images=writer.n_images, n_skipped=n_skipped, skipped=skipped)
-        if "video" in attrs and attrs["video"] != "null":
+        if "video" in attrs:
             writer.attrs.update(n_unreadable_frames=n_bad_frames)
         if writer.n_images == 0:
             raise DataError(f"none of the images for {out_path} could be read ({n_skipped} skipped)")
@@ -374,7 +375,6 @@ def split_provenance(
         split=split,
         limit=limit,
         shard_size=shard_size,
-        video=json.dumps(asdict(video) if video else None, sort_keys=True),  # frame sampling, or null for images
         source_dataset=str(raw.root),
         image_root=str(raw.image_root),
         source_dataset_sha256=sha256_file(raw.root / "dataset.json"),
@@ -382,7 +382,9 @@ def split_provenance(
         vsectl_version=vsectl.__version__,
         torch_version=str(torch.__version__),  # a str subclass h5py cannot store
     )
-    info["fingerprint"] = json.dumps({k: info[k] for k in FINGERPRINT_KEYS}, sort_keys=True)
+    if video is not None:
+        info["video"] = json.dumps(asdict(video), sort_keys=True)  # the frame sampling
+    info["fingerprint"] = json.dumps({k: info[k] for k in FINGERPRINT_KEYS if k in info}, sort_keys=True)
     return info
 
 

@@ -68,9 +68,9 @@ class NpyFeatures(FeatureSource):
     """SCAN precomp features: a (rows, K, D) `.npy`, each image read with one `os.pread` into a fresh array.
 
     A memmap would leave every page a DataLoader worker touched mapped into that worker, so over an epoch its resident
-    memory grows toward the file size (33 GB for COCO; measured in benchmarks/bench_data.py: 19.7 GB peak for a 10 GB
-    file against 1.1 GB with pread). pread copies the bytes and maps nothing. Fortran-ordered files (rare) fall back
-    to the memmap.
+    memory grows toward the file size (33 GB for COCO; measured in benchmarks/bench_data.py: 12.7 GB after 400 batches
+    of a 10 GB file, against 1.1 GB with pread). pread copies the bytes and maps nothing. Fortran-ordered files (rare)
+    fall back to the memmap.
 
     Args:
         path: the `<split>_ims.npy` file.

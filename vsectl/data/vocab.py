@@ -114,9 +114,8 @@ def warn_unknown_only(vocab: Vocab, captions: Sequence[str], where: str) -> int:
 
     Such a caption is still a valid query (it ranks like any other), so it is kept rather than dropped.
     """
-    n = sum(1 for c in captions if all(vocab(w) == Vocab.UNK for w in word_tokenize(c)))
-    if n:
-        first = next(c for c in captions if all(vocab(w) == Vocab.UNK for w in word_tokenize(c)))
+    unknown = [c for c in captions if all(vocab(w) == Vocab.UNK for w in word_tokenize(c))]
+    if unknown:
         log.warning("%s: %d of %d captions have no word in the vocabulary (kept as <unk> tokens), e.g. %r",
-                    where, n, len(captions), first[:80])
-    return n
+                    where, len(unknown), len(captions), unknown[0][:80])
+    return len(unknown)
