@@ -115,6 +115,18 @@ def resume(w: World, t: Path, *extra: str) -> list[str]:
             "--resume", *FAST, *extra]
 
 
+def collection(t: Path, splits: tuple[str, ...] = ("test",), dim: int = 32) -> Path:
+    """Images with features and no captions (what `vsectl embed` serves), as stores under t/collection."""
+    from vsectl.data.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        with StoreWriter(t / "collection" / f"{split}.h5", feat_dim=dim) as writer:
+            for k in range(14):
+                writer.add_image(f"im{k}", rng.standard_normal((4, dim)).astype(np.float32))
+    return t / "collection"
+
+
 def run_files(w: World, t: Path) -> list[Path]:
     return sorted(p for p in (t / "run").rglob("*") if p.is_file()) if (t / "run").exists() else []
 
@@ -129,7 +141,7 @@ CASES = [
     Case("--set without =", lambda w, t: train(TINY, w.toy, t, "--set", "train.epochs"), "key.path=value"),
     Case("unknown pooler", lambda w, t: train(TINY, w.toy, t, "--set", "model.image.pool.name=median"), "gpo"),
     Case("data folder missing", lambda w, t: train(TINY, t / "nowhere", t), "does not exist"),
-    Case("split file missing", lambda w, t: train(TINY, t, t / "out"), "split 'train' not found"),
+    Case("split file missing", lambda w, t: train(TINY, t, t / "out"), "holds no feature files"),
     Case("empty feature file", lambda w, t: train(TINY, toy_with(w, t, lambda r: (r / "train_ims.npy").write_bytes(
         b"")), t / "out"), "train_ims.npy"),
     Case("wrong feature dimension", lambda w, t: train(TINY, w.toy, t, "--set", "model.image.feat_dim=48"),
@@ -157,6 +169,27 @@ CASES = [
     Case("output folder not writable", lambda w, t: train(TINY, w.toy, write(t / "a-file", "x") / "runs"),
          "a-file", lambda w, t: [t / "a-file"]),
     Case("unknown evaluation protocol", lambda w, t: ["eval", str(w.run), "--protocol", "coco10k"], "coco10k"),
+    Case("COCO protocols on a split that is not COCO testall", lambda w, t: [
+        "eval", str(w.run), "--protocol", "all", "--split", "test", "--device", "cpu"], "use --protocol f30k"),
+    Case("coco5k on a 10-image split", lambda w, t: ["eval", str(w.run), "--protocol", "coco5k", "--split", "test",
+                                                      "--device", "cpu"], "needs the 5,000-image COCO testall split"),
+    Case("eval on images without captions", lambda w, t: ["eval", str(w.run), "--data-root", str(collection(t)),
+                                                           "--device", "cpu"], "it is a search collection"),
+    Case("train on images without captions", lambda w, t: train(TINY, collection(t, ("train", "dev")), t / "out"),
+         "it is a search collection"),
+    Case("toy data not made yet", lambda w, t: train(TINY, t / "data" / "toy", t / "out"),
+         "create the toy data with: vsectl data toy --out"),
+    Case("raw dataset given as data.root", lambda w, t: train(TINY, w.raw, t / "out"), "run vsectl extract first"),
+    Case("checkpoint name that a run does not keep", lambda w, t: ["eval", str(w.run), "--checkpoint", "latest"],
+         "a run keeps best and last"),
+    Case("abbreviated backbone name", lambda w, t: ["extract", "--backbone", "effnet", "--data", str(w.raw), "--out",
+                                                    str(t / "f")], "did you mean 'efficientnet-lite0'?"),
+    Case("a file given as the run", lambda w, t: ["eval", str(write(t / "model_best.pth", "x"))],
+         "is a file, not a vsectl run"),
+    Case("text model hub id not in the cache", lambda w, t: train(TINY, w.toy, t / "out", "--set",
+                                                                  "model.text.encoder=transformers", "--set",
+                                                                  "model.text.pretrained=no-org/no-model"),
+         "not in the Hugging Face cache"),
     Case("unknown backbone", lambda w, t: ["extract", "--backbone", "alexnet", "--data", str(w.raw), "--out",
                                            str(t / "f")], "alexnet"),
     Case("raw dataset missing", lambda w, t: ["extract", "--backbone", "efficientnet-lite0", "--data",

@@ -153,9 +153,10 @@ def test_missing_split_lists_looked_for_files_and_existing_splits(tmp_path: Path
     write_precomp(tmp_path / "precomp", "train", n_images=2, per_caption=False)
     write_precomp(tmp_path / "precomp", "dev", n_images=2, per_caption=False)
     with pytest.raises(DataError) as err:
-        load_split(tmp_path, "val")
+        load_split(tmp_path, "test")
     message = str(err.value)
-    assert "val.h5" in message and "val_ims.npy" in message and "['dev', 'train']" in message
+    assert "test.h5" in message and "test_ims.npy" in message and "splits there: dev, train" in message
+    assert load_split(tmp_path, "val").name == "dev"  # `val` is the alias of `dev`
 
 
 def test_wrong_feature_dim_raises(tmp_path: Path) -> None:

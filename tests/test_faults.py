@@ -151,7 +151,7 @@ def test_killed_gridsearch_resumes_to_the_same_table(toy_root, tmp_path):
     runs = tmp_path / "killed" / "runs"
     rng = random.Random(2)
     # first kill: somewhere in the second cell (after the first one's evaluation); second: anywhere after start-up
-    killed = [kill_when(cmd("killed"), lambda: any(runs.glob("*/eval/f30k.json")), rng.uniform(0, 0.3) * duration),
+    killed = [kill_when(cmd("killed"), lambda: any(runs.glob("*/eval/f30k-test.json")), rng.uniform(0, 0.3) * duration),
               kill_when(cmd("killed"), lambda: True, rng.uniform(0.2, 0.5) * duration)]
     assert any(killed)
     assert subprocess.run(cmd("killed"), env=env(), cwd=REPO, timeout=600).returncode == 0

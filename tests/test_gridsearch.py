@@ -177,7 +177,7 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
 
     results = json.loads((out / "results.json").read_text())
     by_cell = {r["cell"]: r for r in results["records"]}
-    own = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k.json").read_text())
+    own = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test.json").read_text())
     assert by_cell["img-max"]["metrics"] == own["metrics"]
     assert by_cell["img-max"]["split"] == "test" and by_cell["img-max"]["n_images"] == 30
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
@@ -191,7 +191,7 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     import shutil
 
     shutil.rmtree(out / "runs" / "img-max-s0")
-    (out / "runs" / "img-gpo-s0" / "eval" / "f30k.json").unlink()
+    (out / "runs" / "img-gpo-s0" / "eval" / "f30k-test.json").unlink()
     count_train.clear()
     result = runner.invoke(app, sweep_args(toy_root, out))
     assert result.exit_code == 0, result.output

@@ -132,7 +132,7 @@ def test_transformer_text_encoder_from_a_local_tiny_bert_txt5_txt6(tiny_bert_dir
 def test_missing_pretrained_text_model_is_one_clear_error(tmp_path):
     from vsectl.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="could not load text model"):
+    with pytest.raises(ConfigError, match="not in the Hugging Face cache"):
         load_pretrained_text("no-such-org/no-such-model")
 
 

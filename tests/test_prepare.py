@@ -344,7 +344,7 @@ def test_import_precomp_skips_finished_split_unless_forced(tmp_path: Path) -> No
 def test_import_precomp_wrong_caption_count_raises(tmp_path: Path) -> None:
     write_precomp(tmp_path, "test", n=2, per_caption=False)
     (tmp_path / "test_caps.txt").write_text("only one\n")
-    with pytest.raises(DataError, match="DATA-6"):
+    with pytest.raises(DataError, match="5 consecutive captions per image"):
         import_precomp(tmp_path, tmp_path / "store")
     assert not (tmp_path / "store" / "test.h5").exists()
 

@@ -57,7 +57,7 @@ def test_train_then_eval_through_the_cli_writes_the_run_files(toy_root, tmp_path
                                  "--json"])
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["f30k"]["metrics"]
-    saved = json.loads((run / "eval" / "f30k.json").read_text())
+    saved = json.loads((run / "eval" / "f30k-test.json").read_text())
     assert saved["metrics"] == metrics
     assert saved["n_images"] == 30 and saved["n_captions"] == 150
 
@@ -157,7 +157,7 @@ def test_frozen_transformer_text_with_cached_states_trains_and_evaluates(toy_roo
                                f"model.text.pretrained={tiny_bert_dir}", "model.text.freeze_body=true",
                                "model.text.cache_states=true")
     run = train(load_recipe(TINY, overrides), tmp_path, device="cpu")
-    assert (run / "text_cache" / "train.h5").is_file() and (run / "text_cache" / "val.h5").is_file()
+    assert (run / "text_cache" / "train.h5").is_file() and (run / "text_cache" / "dev.h5").is_file()
     assert (run / "text_model" / "config.json").is_file()  # eval rebuilds the body without the hub
     from vsectl.evaluation import evaluate_runs
 

@@ -16,6 +16,7 @@ from vsectl.data.vocab import Vocab, build_vocab
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.models.text_encoders import load_pretrained_text, text_body_from_folder
 from vsectl.models.vse import VSEModel, create_model
+from vsectl.registry import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,23 @@ def build_model(cfg: RunConfig, text: TextSide, init_words: bool = False) -> VSE
     return model
 
 
+CHECKPOINTS = ("best", "last")  # the checkpoints a run keeps
+
+
 def resolve_checkpoint(path: Path, which: str = "best") -> tuple[Path, Path]:
     """Accept a run directory or a checkpoint folder; return (run_dir, checkpoint_dir)."""
     path = Path(path)
+    if which not in CHECKPOINTS:
+        raise CheckpointError(f"unknown checkpoint '{which}'{did_you_mean(which, list(CHECKPOINTS))}; a run keeps "
+                              f"{' and '.join(CHECKPOINTS)}")
     if not path.exists():
         raise CheckpointError(f"no such run directory or checkpoint: {path}")
     if (path / "model.safetensors").is_file() or path.name.startswith("model") and path.suffix == ".safetensors":
         ckpt = path if path.is_dir() else path.parent
         return ckpt.parent.parent, ckpt
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a vsectl run: give the run directory (e.g. runs/NAME, made by "
+                              "vsectl train) or one of its checkpoints/best or checkpoints/last folders")
     ckpt = path / "checkpoints" / which
     if not ckpt.exists() and not any(path.glob(f"checkpoints/.old-{which}-*")):
         if which == "best" and (path / "checkpoints" / "last").exists():

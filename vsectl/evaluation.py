@@ -1,22 +1,26 @@
-"""Encode a split once per unique image and caption, then score it under the published protocols (spec §10)."""
+"""Encode a split once per unique image and caption, then score it under the published protocols."""
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
-from vsectl.data.sources import Split, load_split
+from vsectl.data.sources import Split, load_split, search_collection_message, split_fingerprint
+from vsectl.data.splits import canonical_split
 from vsectl.data.vocab import warn_unknown_only
-from vsectl.errors import ConfigError
+from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
-from vsectl.metrics import PROTOCOLS, evaluate_protocol, rank_retrieval, recall_metrics
+from vsectl.metrics import COCO_5K_IMAGES, PROTOCOLS, evaluate_protocol, rank_retrieval, recall_metrics
 from vsectl.models.vse import VSEModel
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
 
@@ -24,6 +28,7 @@ log = logging.getLogger(__name__)
 
 COCO_PROTOCOLS = ("coco1k", "coco5k")
 DEFAULT_SPLIT = {"f30k": "test", "coco1k": "testall", "coco5k": "testall", "dev1k": "dev"}
+FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
 
 
 @torch.no_grad()
@@ -112,6 +117,61 @@ def protocols_for(name: str) -> list[str]:
     return [name]
 
 
+def check_evaluable(data: Split, where: str, protocol: str, names: list[str]) -> None:
+    """Refuse, before anything is encoded, a split the protocol cannot score: no captions, or the wrong size.
+
+    Args:
+        data: the loaded split (counts only; no feature is read).
+        where: `root/split`, for the message.
+        protocol: what the user asked for (`all` names both COCO protocols).
+        names: the protocols it expands to.
+    """
+    if data.n_captions == 0:
+        raise DataError(search_collection_message(where, data.n_images))
+    counts = np.bincount(data.cap2img, minlength=data.n_images)
+    if (counts == 0).any():
+        first = data.image_ids[int(np.flatnonzero(counts == 0)[0])]
+        raise DataError(f"{where}: {int((counts == 0).sum())} of {data.n_images} images have no caption (first: "
+                        f"{first}); every evaluated image needs at least one")
+    coco = [n for n in names if n in COCO_PROTOCOLS]
+    if coco and data.n_images != COCO_5K_IMAGES:
+        asked = f"'{protocol}' ({' and '.join(coco)})" if protocol == "all" else f"'{protocol}'"
+        raise ConfigError(f"protocol {asked} needs the {COCO_5K_IMAGES:,}-image COCO testall split, but {where} has "
+                          f"{data.n_images:,} images; use --protocol f30k, which ranks the whole split in one block")
+
+
+def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
+                fingerprint: str | None = None) -> Path:
+    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>` to the name."""
+    name = f"{'ensemble_' if ensemble else ''}{protocol}-{split}"
+    if fingerprint:
+        name += f"-{fingerprint[:FINGERPRINT_CHARS]}"
+    return run_dir / "eval" / f"{name}.json"
+
+
+def same_root(a: str | Path, b: str | Path) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensemble: bool) -> Path:
+    """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
+    protocol, split, fingerprint = result["protocol"], result["split"], result["data_fingerprint"]
+    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint)
+    if own_data and out.is_file():
+        try:
+            old = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        old_print = old.get("data_fingerprint")
+        if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
+            kept = result_path(run_dir, protocol, split, ensemble, old_print)
+            os.replace(out, kept)
+            log.warning("the data under %s changed since %s was written; the old result is kept as %s",
+                        result["data_root"], out, kept)
+    atomic_write_json(out, result)
+    return out
+
+
 def evaluate_runs(
     runs: list[Path],
     protocol: str = "f30k",
@@ -129,46 +189,49 @@ def evaluate_runs(
     Args:
         runs: run directories or checkpoint folders; more than one means an ensemble.
         protocol: f30k | coco1k | coco5k | dev1k | all (= coco1k and coco5k).
-        split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO).
+        split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO); `val` means `dev`.
         data_root: overrides the runs' `data.root`.
         precision: autocast for encoding (similarities and ranking stay fp32).
-        write: write `eval/<protocol>.json` (ensembles: `eval/ensemble_<protocol>.json`) in the first run.
+        write: write `eval/<protocol>-<split>.json` (ensembles: `eval/ensemble_<protocol>-<split>.json`) in the first
+            run; a data root other than the run's own adds the data fingerprint to the name.
 
     Returns:
-        protocol name → result dict (metrics, per-fold values for coco1k, counts, runs, split).
+        protocol name → result dict (metrics, per-fold values for coco1k, counts, runs, split, data root and
+        fingerprint).
     """
     device = torch.device(device)
     names = protocols_for(protocol)
-    split_name = split or DEFAULT_SPLIT[names[0]]
-    if split_name == "test" and any(n in COCO_PROTOCOLS for n in names):
-        log.warning("COCO protocols are defined on 'testall' (5,000 images); 'test' gives non-comparable numbers")
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    data: Split | None = None
-    run_dirs, modality = [], "image"
-    for run in runs:
+    split_name = canonical_split(split or DEFAULT_SPLIT[names[0]])
+    members = []
+    for run in runs:  # everything is loaded and checked before the first image is encoded
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
         data = load_split(root, split_name)
-        if text.vocab is not None:
-            warn_unknown_only(text.vocab, data.captions, f"{root}/{split_name}")
+        check_evaluable(data, f"{root}/{split_name}", protocol, names)
         if data.features.feat_dim != cfg.model.image.feat_dim:
             raise ConfigError(f"{root}/{split_name}: features are {data.features.feat_dim}-d but the model expects "
                               f"{cfg.model.image.feat_dim}-d (model.image.feat_dim)")
+        members.append((run, cfg, model, text, root, data))
+    if split_name == "test" and any(n in COCO_PROTOCOLS for n in names):
+        log.warning("COCO protocols are defined on 'testall' (5,000 images); 'test' gives non-comparable numbers")
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for _, _, model, text, root, data in members:
+        if text.vocab is not None:
+            warn_unknown_only(text.vocab, data.captions, f"{root}/{split_name}")
         pairs.append(encode_split(model, data, text, device, Precision(precision, device), batch_size,
                                   progress=progress))
-        run_dirs.append(str(run))
-        modality = cfg.data.modality
-    assert data is not None
+    first_cfg, root, data = members[0][1], members[0][4], members[0][5]
+    fingerprint = split_fingerprint(data)
     cap2img = torch.as_tensor(data.cap2img, device=device)
     results = {}
     for name in names:
         result = evaluate_protocol([p[0] for p in pairs], [p[1] for p in pairs], cap2img, name)
-        result.update({"split": split_name, "runs": run_dirs, "checkpoint": which, "modality": modality})
+        result.update({"split": split_name, "runs": [str(m[0]) for m in members], "checkpoint": which,
+                       "modality": first_cfg.data.modality, "data_root": str(Path(root).expanduser().resolve()),
+                       "data_fingerprint": fingerprint})
         results[name] = result
         if write:
-            prefix = "ensemble_" if len(runs) > 1 else ""
-            out = _run_dir(Path(runs[0])) / "eval" / f"{prefix}{name}.json"
-            atomic_write_json(out, result)
+            out = _write_result(_run_dir(Path(runs[0])), result, same_root(root, first_cfg.data.root), len(runs) > 1)
             result["path"] = str(out)
     return results
 

@@ -25,10 +25,19 @@ import torch
 
 from vsectl.data.images import ImageFiles, normalize
 from vsectl.data.raw import RawDataset, load_raw_dataset, sha256_file, write_json_atomic
+from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES, StoreWriter, open_store
 from vsectl.errors import ConfigError, DataError
 from vsectl.models.backbones import Backbone, create_backbone
-from vsectl.runtime import Distributed, NullProgress, Precision, Progress, distributed_from_env, resolve_device
+from vsectl.runtime import (
+    Distributed,
+    NullProgress,
+    Precision,
+    Progress,
+    distributed_from_env,
+    loader_workers,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ DEFAULT_CHANNELS_LAST = True  # 1.1-1.8× faster for EfficientNet-Lite0 on both 
 MERGE_BLOCK_IMAGES = 64  # images read per block while merging shards (bounds the merge's memory)
 MAX_SKIPPED_RECORDS = 100  # skipped images listed in attrs (HDF5 attrs over 64 KiB fail); all are counted
 POLL_SECONDS = 2.0  # rank 0 checks this often for the other ranks' shards
-RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (spec §5.3, test time)"
+RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (the official test-time transform)"
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "input_size", "mean", "std", "precision", "channels_last",
                     "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256",
                     "video")  # "video" only for `--video`: image stores keep the fingerprint they were made with
@@ -108,7 +117,7 @@ def extract_images(
     if batches is None:
         batches = make_batches(0, len(paths), batch_size)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, backbone.size), batch_sampler=batches, num_workers=workers,
+        ImageFiles(paths, backbone.size), batch_sampler=batches, num_workers=loader_workers(workers),
         pin_memory=device.type == "cuda",
     )
     # Set the layout both ways: the same backbone may have been run channels-last before.
@@ -532,9 +541,10 @@ def extract(
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
     """
+    split = canonical_split(split)  # `val` is accepted for `dev`
     splits = SPLITS if split == "all" else (split,)
     if split != "all" and split not in SPLITS:
-        raise ConfigError(f"unknown split '{split}'; use train, dev, test or all")
+        raise ConfigError(f"unknown split '{split}'; use train, dev (or val), test or all")
     for name, value, low in (("batch size", batch_size, 1), ("workers", workers, 0), ("shard size", shard_size, 1),
                              ("limit", limit if limit is not None else 1, 1)):
         if value < low:

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from vsectl.config import RunConfig, apply_overrides, from_dict, to_dict
+from vsectl.data.splits import canonical_split
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.registry import did_you_mean
@@ -221,19 +222,24 @@ def cell_config(base: RunConfig, cell: Cell) -> RunConfig:
 # running
 
 
-def eval_path(run_dir: Path, protocol: str) -> Path:
-    return run_dir / "eval" / f"{protocol}.json"
+def eval_path(run_dir: Path, protocol: str, split: str) -> Path:
+    from vsectl.evaluation import result_path
+
+    return result_path(run_dir, protocol, split)
 
 
-def is_finished(run_dir: Path, protocol: str, split: str) -> bool:
-    """A cell is finished when its eval JSON for this protocol and split exists."""
-    path = eval_path(run_dir, protocol)
+def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path | None = None) -> bool:
+    """A cell is finished when its eval JSON for this protocol and split exists, made on the cell's own data."""
+    from vsectl.evaluation import same_root
+
+    path = eval_path(run_dir, protocol, split)
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text()).get("split") == split
+        result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
+    return result.get("split") == split and (data_root is None or same_root(result.get("data_root", ""), data_root))
 
 
 def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, device: str = "auto") -> str:
@@ -319,7 +325,8 @@ def run_sweep(
     check_buildable(configs.values())
     for name, cfg in configs.items():
         check_existing(runs_root / name, cfg)
-    todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split)]
+    split = canonical_split(split)
+    todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split, configs[c.name].data.root)]
     log.info("gridsearch: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     if jobs > 1 and len(todo) > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -332,7 +339,7 @@ def run_sweep(
         for cell in progress.track(todo, total=len(todo), description="gridsearch"):
             log.info("cell %s", cell.name)
             run_cell(configs[cell.name], runs_root, protocol, split, device)
-    return [read_record(cell, runs_root / cell.name, protocol) for cell in cells]
+    return [read_record(cell, runs_root / cell.name, protocol, split) for cell in cells]
 
 
 def _best_dev_rsum(run_dir: Path) -> float | None:
@@ -350,9 +357,9 @@ def _best_dev_rsum(run_dir: Path) -> float | None:
     return max(vals) if vals else None
 
 
-def read_record(cell: Cell, run_dir: Path, protocol: str) -> dict:
-    """One cell's result, read from the run's own files: eval/<protocol>.json and metrics.jsonl."""
-    result = json.loads(eval_path(run_dir, protocol).read_text())
+def read_record(cell: Cell, run_dir: Path, protocol: str, split: str) -> dict:
+    """One cell's result, read from the run's own files: eval/<protocol>-<split>.json and metrics.jsonl."""
+    result = json.loads(eval_path(run_dir, protocol, split).read_text())
     return {
         "cell": cell.key, "seed": cell.seed, "run": str(run_dir), "gpo": cell.gpo, "fixed": cell.fixed,
         "image": cell.image.label if cell.image else "recipe", "text": cell.text.label if cell.text else "recipe",

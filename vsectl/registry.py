@@ -11,8 +11,24 @@ from vsectl.errors import ConfigError
 T = TypeVar("T")
 
 
+def _is_abbreviation(short: str, name: str) -> bool:
+    """True when `short` is `name` with letters left out, same first letter ('effnet' of 'efficientnet-lite0')."""
+    short, name = short.lower(), name.lower()
+    if len(short) < 2 or short[0] != name[0]:
+        return False
+    rest = iter(name)
+    return all(ch in rest for ch in short)  # each letter found in order, consuming the iterator
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
-    """Return " (did you mean 'x'?)" for the closest choice, or an empty string."""
+    """Return " (did you mean 'x'?)" for the closest choice, or an empty string.
+
+    An abbreviation of exactly one choice wins over spelling similarity: 'effnet' means efficientnet-lite0, although
+    'resnet' is spelled more like it.
+    """
+    abbreviated = [c for c in choices if _is_abbreviation(name, c)]
+    if len(abbreviated) == 1:
+        return f" (did you mean '{abbreviated[0]}'?)"
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

@@ -103,6 +103,27 @@ class NullProgress:
         pass
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a batch scheduler), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes for `requested`, sized to the CPUs available.
+
+    At most one per available CPU (more only oversubscribe, and torch warns); none with a single CPU, where a worker
+    process would compete with the main one for it.
+    """
+    cpus = available_cpus()
+    workers = 0 if cpus == 1 else min(requested, cpus)
+    if workers != requested:
+        log.debug("using %d DataLoader workers instead of %d: %d CPU(s) available", workers, requested, cpus)
+    return max(0, workers)
+
+
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
@@ -124,6 +145,7 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "cpus_available": available_cpus(),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
     }
@@ -148,13 +170,18 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Install one rich handler on stderr. Called once, by the CLI."""
+def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = None) -> None:
+    """Install one rich handler on stderr. Called once, by the CLI.
+
+    Args:
+        console: the rich console that also draws the progress bars; logging through it prints each line above a
+            live bar instead of into it. A new stderr console when None.
+    """
     from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False, markup=False)
+    handler = RichHandler(console=console or Console(stderr=True), show_path=False, show_time=False, markup=False)
     root = logging.getLogger("vsectl")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
 from vsectl.checkpoint import (
+    STATE_FILE,
     load_checkpoint,
     load_model_state,
     recover,
@@ -28,7 +29,7 @@ from vsectl.checkpoint import (
 )
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config, to_dict
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
-from vsectl.data.sources import Split, load_split
+from vsectl.data.sources import Split, load_split, search_collection_message
 from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json, atomic_write_text
@@ -42,6 +43,7 @@ from vsectl.runtime import (
     env_info,
     gather_with_grad,
     init_distributed,
+    loader_workers,
     resolve_device,
     seed_everything,
 )
@@ -131,6 +133,8 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
     train_split = load_split(cfg.data.root, cfg.data.train_split)
     dev_split = load_split(cfg.data.root, cfg.data.dev_split)
     for split in (train_split, dev_split):
+        if split.n_captions == 0:
+            raise DataError(search_collection_message(f"{cfg.data.root}/{split.name}", split.n_images))
         if split.features.feat_dim != cfg.model.image.feat_dim:
             raise DataError(f"{cfg.data.root}/{split.name}: features are {split.features.feat_dim}-d but "
                             f"model.image.feat_dim is {cfg.model.image.feat_dim}; set --set "
@@ -152,7 +156,7 @@ def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=loader_workers(cfg.data.num_workers),
                       collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id))
 
 
@@ -259,8 +263,18 @@ def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
         restore_rng(*ckpt["rng"])
     state = ckpt["trainer_state"]
     metrics.truncate_after(state["global_step"])
-    log.info("resumed at epoch %d (step %d, best rsum %.2f)", state["epoch"], state["global_step"], state["best_rsum"])
     return state
+
+
+def completed_epochs(run_dir: Path) -> int | None:
+    """Epochs saved in the run's last complete checkpoint (what a resume continues from); None when there is none."""
+    folder = Path(run_dir) / "checkpoints" / "last"
+    for candidate in (folder, *sorted(folder.parent.glob(".old-last-*"))):  # an interrupted swap keeps the old one
+        try:
+            return int(json.loads((candidate / STATE_FILE).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
 
 
 def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
@@ -321,6 +335,14 @@ def train(
     state = {"epoch": 0, "global_step": 0, "best_rsum": -math.inf, "best_epoch": -1}
     if last is not None:
         state = _restore(last, model, optimizer, dev, metrics)
+        if state["epoch"] >= cfg.train.epochs:
+            log.info("%s is already complete: %d of %d epochs, best dev rsum %.2f (epoch %d); nothing to resume "
+                     "(raise train.epochs to train longer)", run_dir, state["epoch"], cfg.train.epochs,
+                     state["best_rsum"], state["best_epoch"])
+            _leave_process_group(dist)
+            return run_dir
+        log.info("resumed at epoch %d (step %d, best rsum %.2f)", state["epoch"], state["global_step"],
+                 state["best_rsum"])
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
@@ -328,9 +350,9 @@ def train(
     metrics.truncate_after(state["global_step"])
     caches = {}
     if cfg.model.text.cache_states:
-        caches = _state_caches(cfg, model, text, {"train": train_split, "val": val_split}, run_dir, dev, dist,
+        caches = _state_caches(cfg, model, text, {"train": train_split, "dev": val_split}, run_dir, dev, dist,
                                progress)
-    val_states = CachedTextStates(caches["val"], augment=False) if caches else None
+    val_states = CachedTextStates(caches["dev"], augment=False) if caches else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
         if dist.enabled else model
 
@@ -359,6 +381,10 @@ def train(
                                 optimizer_state=optimizer.state_dict())
             dist.barrier()
     finally:
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _leave_process_group(dist)
     return run_dir
+
+
+def _leave_process_group(dist: Distributed) -> None:
+    if dist.enabled and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -3,17 +3,73 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from vsectl import __version__
 
 T = TypeVar("T")
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False,
+GLOBAL_FLAGS = ("--debug", "--verbose", "-v", "--quiet", "-q")  # accepted before or after the subcommand
+METAVARS = {"set": "KEY=VALUE"}  # option name → metavar, where the upper-cased name would not say it
+
+
+def hoist_global_flags(args: Sequence[str]) -> list[str]:
+    """Move the global flags given after a subcommand to the front, so `vsectl eval RUN --debug` works too."""
+    args = list(args)
+    end = args.index("--") if "--" in args else len(args)  # after `--` everything is a positional value
+    flags = [a for a in args[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in args[:end] if a not in GLOBAL_FLAGS] + args[end:]
+
+
+def _flag_name(param: Any) -> str:
+    longest = max(param.opts, key=len).lstrip("-")
+    return METAVARS.get(longest, longest.replace("-", "_").upper())
+
+
+def _plain_argument(param: Any) -> None:
+    name = param.metavar = param.metavar or param.name.upper()
+    param.display_type_rich = lambda ctx: None  # the name says it; typer would add `<path>`
+    usage = (name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else "")
+    param._usage_display_name = lambda: usage  # typer writes a required argument as `{recipe}`
+
+
+def plain_metavars(command: Any) -> None:
+    """Plain help: `--protocol PROTOCOL`, `RECIPE`, bare flags, instead of typer's `<str>`, `{recipe}`, `<bool>`."""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            _plain_argument(param)
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            param.metavar = _flag_name(param)
+    original = command.get_help_option
+
+    def help_option(ctx: Any) -> Any:
+        option = original(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+
+
+class VsectlGroup(TyperGroup):
+    """The root command group: global flags anywhere on the line, plain metavars in every help page."""
+
+    def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        plain_metavars(self)
+        return super().main(hoist_global_flags(sys.argv[1:] if args is None else args), *rest, **kwargs)
+
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, cls=VsectlGroup,
                   help="Image-text retrieval with visual semantic embeddings and learned pooling (VSE∞).")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and check datasets.")
 app.add_typer(data_app, name="data")
@@ -51,6 +107,12 @@ class RichProgress:
         if self.task is not None:
             info = "  ".join(f"{k.replace('_per_s', '/s')} {v:.4g}" for k, v in self.fields.items())
             self.bar.update(self.task, info=info)
+
+
+def interrupted(message: str) -> None:
+    """Ctrl-C: say what was kept and how to go on, then exit with the shell's code for SIGINT (130)."""
+    err.print(f"[yellow]interrupted:[/yellow] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def fail(message: str) -> None:
@@ -110,4 +172,4 @@ def main(
 
     STATE["debug"] = debug
     STATE["quiet"] = quiet
-    setup_logging(verbose=verbose, quiet=quiet)
+    setup_logging(verbose=verbose, quiet=quiet, console=err)  # one console: logs print above the bars

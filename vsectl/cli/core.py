@@ -10,7 +10,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vsectl.cli.common import STATE, DeviceOpt, RecipeArg, RichProgress, SetOpt, app, err, fail, run_guarded
+from vsectl.cli.common import (
+    STATE,
+    DeviceOpt,
+    RecipeArg,
+    RichProgress,
+    SetOpt,
+    app,
+    err,
+    fail,
+    interrupted,
+    run_guarded,
+)
 
 
 @app.command("train")
@@ -26,9 +37,27 @@ def train_cli(
     from vsectl.training import train
 
     cfg = run_guarded(load_recipe, recipe, overrides or [])
-    run_dir = run_guarded(train, cfg, out_root=out, device=device, resume=resume,
-                          progress=RichProgress(enabled=not STATE.get("quiet")))
+    try:
+        run_dir = run_guarded(train, cfg, out_root=out, device=device, resume=resume,
+                              progress=RichProgress(enabled=not STATE.get("quiet")))
+    except KeyboardInterrupt:
+        interrupted(interrupted_train_line(out / cfg.name, recipe, overrides or [], out, device))
     typer.echo(str(run_dir))
+
+
+def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], out: Path, device: str) -> str:
+    """What a Ctrl-C kept of a training run, and the command that resumes it."""
+    from shlex import quote
+
+    from vsectl.training import completed_epochs
+
+    command = " ".join(["vsectl train", quote(str(recipe)), *(f"--set {quote(o)}" for o in overrides),
+                        *([f"--out {quote(str(out))}"] if out != Path("runs") else []),
+                        *([f"--device {device}"] if device != "auto" else []), "--resume"])
+    epochs = completed_epochs(run_dir)
+    kept = f"{run_dir} keeps its checkpoint after epoch {epochs}" if epochs else \
+        f"no epoch of {run_dir} had finished, so there is no checkpoint yet"
+    return f"{kept}; resume with: {command}"
 
 
 def metrics_table(title: str, metrics: dict[str, float], modality: str = "image") -> Table:
@@ -46,13 +75,13 @@ def eval_cli(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run directories or checkpoint folders")] = None,
     run: Annotated[list[Path] | None, typer.Option("--run", help="More runs: an ensemble (repeatable)")] = None,
     protocol: Annotated[str, typer.Option(help="f30k | coco1k | coco5k | dev1k | all")] = "f30k",
-    split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's)")] = None,
+    split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's); val = dev")] = None,
     data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
 ) -> None:
-    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>.json."""
+    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json."""
     from vsectl.evaluation import evaluate_runs
     from vsectl.runtime import resolve_device
 

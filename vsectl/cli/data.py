@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -85,24 +85,38 @@ def import_precomp_cli(
         typer.echo(str(path))
 
 
-def _verify_table(report: dict) -> None:  # rich table on stderr
+VERIFY_ROWS = (  # (label, report key, how to show it); one row each, so the table stays narrow however many fields
+    ("images", "images", str), ("captions", "captions", str), ("captions per image (min/mean/max)",
+    "captions_per_image", "mmm"), ("set size (min/mean/max)", "set_size", "mmm"), ("feature dim", "feat_dim", str),
+    ("dtype", "dtype", str), ("NaN/inf values", "nonfinite_values", str), ("empty captions", "empty_captions", str),
+    ("missing images", "missing_images", str), ("unreadable images", "unreadable_images", str),
+)
+
+
+def verify_table(report: dict) -> Any:
+    """The verify report as a rich table: one column per split, one row per check (fits 80 columns)."""
     from rich.table import Table
 
+    def show(value: Any, how: Any) -> str:
+        if value is None:
+            return "-"
+        if how == "mmm":
+            return f"{value['min']:g} / {value['mean']:g} / {value['max']:g}"
+        return how(value)
+
+    table = Table(title=f"{report['path']} ({report['kind']})", title_justify="left")
+    table.add_column("")
+    for name in report["splits"]:
+        table.add_column(name, justify="right", no_wrap=True)
+    for label, key, how in VERIFY_ROWS:
+        table.add_row(label, *(show(r.get(key), how) for r in report["splits"].values()))
+    return table
+
+
+def _verify_table(report: dict) -> None:  # rich table on stderr
     from vsectl.cli.common import err
 
-    def mmm(stats: dict | None) -> str:
-        return "-" if not stats else f"{stats['min']:g} / {stats['mean']:g} / {stats['max']:g}"
-
-    table = Table(title=f"{report['path']} ({report['kind']})")
-    for col in ("split", "images", "captions", "caps/img", "set size", "dim", "dtype", "NaN/inf", "empty caps",
-                "missing", "unreadable"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for name, r in report["splits"].items():
-        table.add_row(name, str(r["images"]), str(r["captions"]), mmm(r.get("captions_per_image")),
-                      mmm(r.get("set_size")), str(r.get("feat_dim", "-")), str(r.get("dtype", "-")),
-                      str(r.get("nonfinite_values", "-")), str(r["empty_captions"]),
-                      str(r.get("missing_images", "-")), str(r.get("unreadable_images", "-")))
-    err.print(table)
+    err.print(verify_table(report))
     for warning in report["warnings"]:
         err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     for problem in report["problems"]:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, run_guarded
+from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, interrupted, run_guarded
 
 
 # Defaults repeat vsectl.extract's constants as literals: importing it here would load torch for `vsectl --help`.
@@ -16,7 +16,7 @@ def extract_cli(
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0 | resnet | clip | vit | siglip")],
     data: Annotated[Path, typer.Option(help="Raw dataset folder (dataset.json + manifest.json)")],
     out: Annotated[Path, typer.Option(help="Output folder (gets <split>.h5) or one .h5 file for one split")],
-    split: Annotated[str, typer.Option(help="train | dev | test | all")] = "train",
+    split: Annotated[str, typer.Option(help="train | dev (alias val) | test | all")] = "train",
     weights: Annotated[str | None, typer.Option(help="Weights file, model folder or cached hub id")] = None,
     size: Annotated[int | None, typer.Option(help="Square input side in pixels [default: the backbone's]")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass")] = 32,
@@ -37,10 +37,24 @@ def extract_cli(
     from vsectl.extract import VideoSampling, extract
 
     sampling = run_guarded(VideoSampling, frame_stride, max_frames, frame_pool) if video else None
-    paths = run_guarded(
-        extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
-        precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
-        limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
-    )
+    try:
+        paths = run_guarded(
+            extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
+            precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
+            limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
+        )
+    except KeyboardInterrupt:
+        interrupted(interrupted_extract_line(out))
     for path in paths:
         typer.echo(str(path))
+
+
+def interrupted_extract_line(out: Path) -> str:
+    """What a Ctrl-C kept of an extraction (finished stores and shards) and how to resume it."""
+    folder = out.parent if out.suffix == ".h5" else out
+    stores = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
+    shards = sorted(folder.glob("*.shards/shard-*.h5")) if folder.is_dir() else []
+    kept = [f"{len(shards)} finished shard(s) in {folder}/<split>.shards"] if shards else []
+    kept += [f"finished stores {', '.join(stores)}"] if stores else []
+    return (f"kept {' and '.join(kept) if kept else 'nothing finished yet'}; run the same command again to resume "
+            "(finished shards are not redone)")

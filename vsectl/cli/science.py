@@ -110,7 +110,7 @@ def patterns_cli(
     overrides: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json on stdout instead of the folder")] = False,
 ) -> None:
-    """The synthetic pattern-generation experiment (supplement §2.3): can a generator learn known poolings?"""
+    """The synthetic pattern-generation experiment of the paper's supplement: can a generator learn known poolings?"""
     from vsectl.patterns import RECIPES, load_patterns_config, run_patterns
 
     extra = [f"{key}={value}" for key, value in (("designs", designs), ("patterns", patterns), ("seed", seed))

