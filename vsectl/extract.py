@@ -49,7 +49,7 @@ DEFAULT_CHANNELS_LAST = True  # 1.1-1.8× faster for EfficientNet-Lite0 on both 
 MERGE_BLOCK_IMAGES = 64  # images read per block while merging shards (bounds the merge's memory)
 MAX_SKIPPED_RECORDS = 100  # skipped images listed in attrs (HDF5 attrs over 64 KiB fail); all are counted
 POLL_SECONDS = 2.0  # rank 0 checks this often for the other ranks' shards
-RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (the official test-time transform)"
+RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (official test transform)"
 FINGERPRINT_KEYS = ("backbone", "weights", "weights_sha256", "input_size", "mean", "std", "precision", "channels_last",
                     "dtype", "split", "limit", "shard_size", "source_dataset_sha256", "source_manifest_sha256",
                     "video")  # "video" only for `--video`: image stores keep the fingerprint they were made with

@@ -11,6 +11,9 @@ from vsectl.errors import ConfigError
 T = TypeVar("T")
 
 
+NEAR_MISS = 0.8  # difflib ratio above which a suggestion is a typo of that name, not a guess
+
+
 def _is_abbreviation(short: str, name: str) -> bool:
     """True when `short` is `name` with letters left out, same first letter ('effnet' of 'efficientnet-lite0')."""
     short, name = short.lower(), name.lower()
@@ -23,13 +26,15 @@ def _is_abbreviation(short: str, name: str) -> bool:
 def did_you_mean(name: str, choices: list[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or an empty string.
 
-    An abbreviation of exactly one choice wins over spelling similarity: 'effnet' means efficientnet-lite0, although
-    'resnet' is spelled more like it.
+    A near-miss spelling wins ('train.lrr' → 'train.lr'); otherwise an abbreviation of exactly one choice wins over a
+    loose likeness: 'effnet' means efficientnet-lite0, although 'resnet' is spelled more like it.
     """
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if close and difflib.SequenceMatcher(None, name, close[0]).ratio() >= NEAR_MISS:
+        return f" (did you mean '{close[0]}'?)"
     abbreviated = [c for c in choices if _is_abbreviation(name, c)]
     if len(abbreviated) == 1:
         return f" (did you mean '{abbreviated[0]}'?)"
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -411,7 +411,8 @@ def _load_precomp_split(ims: Path, split: str, captions_json: str | Path | None)
     rows = _npy_shape(ims)[0]
     row_ids = _read_lines(ids_path, "id") if ids_path.is_file() else None
     if row_ids is not None and len(row_ids) != rows:
-        raise DataError(f"{ids_path} has {len(row_ids)} ids but {ims.name} has {rows} rows; they must match (one id per feature row)")
+        raise DataError(f"{ids_path} has {len(row_ids)} ids but {ims.name} has {rows} rows; they must match "
+                        "(one id per feature row)")
     if captions_json is not None:
         if row_ids is None:
             raise DataError(f"matching captions from {captions_json} needs the ids file {ids_path}")

@@ -126,7 +126,8 @@ def verify_precomp(ims: Path, split: str, progress: Progress) -> tuple[dict[str,
     elif len(captions) != 5 * n:
         report["problems"].append(f"{len(captions)} captions for {n} images; precomp needs 5 per image")
     if len(row_ids) != n_rows:
-        report["problems"].append(f"{ids_path.name} has {len(row_ids)} ids for {n_rows} feature rows; there must be one id per row")
+        report["problems"].append(f"{ids_path.name} has {len(row_ids)} ids for {n_rows} feature rows; there must be "
+                                  "one id per row")
     cap2img = np.minimum(np.arange(len(captions)) // 5, max(n - 1, 0))
     _caption_facts(report, captions, cap2img, n)
     per_block = max(1, SCAN_ROWS // max(1, k))
