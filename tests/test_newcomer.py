@@ -345,3 +345,77 @@ def test_readme_docs_and_benchmarks_stand_on_their_own() -> None:
         hits = [line for line in path.read_text().splitlines() if CODE.search(line)]
         assert not hits, (path.name, hits[:3])
     assert (REPO / "docs" / "method.md").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# tie rules (exact ties with the ground truth: optimistic, pessimistic, expected)
+
+
+def loop_reference(sims: np.ndarray, cap2img: np.ndarray) -> dict[str, list[tuple[int, int, int]]]:
+    """Per query (greater, tied competitors, tied own items), by loops over every candidate."""
+    n, c = sims.shape
+    i2t, t2i = [], []
+    for i in range(n):
+        own = [j for j in range(c) if cap2img[j] == i]
+        best = max(sims[i, j] for j in own)
+        i2t.append((sum(sims[i, j] > best for j in range(c)), sum(sims[i, j] == best for j in range(c) if j not in own),
+                    sum(sims[i, j] == best for j in own)))
+    for j in range(c):
+        gt = sims[cap2img[j], j]
+        others = [k for k in range(n) if k != cap2img[j]]
+        t2i.append((sum(sims[k, j] > gt for k in others), sum(sims[k, j] == gt for k in others), 1))
+    return {"i2t": i2t, "t2i": t2i}
+
+
+def orderings_reference(rows: list[tuple[int, int, int]], rule: str) -> dict[str, float]:
+    """R@K, medr, meanr by enumerating every placement of each query's tied items (the first own item ranks)."""
+    from itertools import combinations
+
+    ranks_per_query = []
+    for g, t, m in rows:  # every placement of the m own items among the t + m tied slots is equally likely
+        ranks = [g + min(slots) for slots in combinations(range(t + m), m)]  # competitors before the first own
+        ranks_per_query.append({"optimistic": [g], "pessimistic": [g + t], "expected": ranks}[rule])
+    out = {f"r{k}": 100.0 * np.mean([np.mean([r < k for r in rs]) for rs in ranks_per_query]) for k in (1, 5, 10)}
+    expected_rank = [np.mean(rs) for rs in ranks_per_query]
+    out.update(medr=float(np.floor(np.median(expected_rank)) + 1), meanr=float(np.mean(expected_rank) + 1))
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])  # banded counting across chunks, and one chunk
+def test_tie_counts_and_rules_match_loop_and_ordering_references(chunk_size: int) -> None:
+    import torch
+
+    from vsectl.metrics import rank_counts, tie_counts, tie_ranked_metrics
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(-1, 2, (7, 3), generator=g).float()  # tiny integer vectors: exact scores, many exact ties
+    cap2img = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 6, 6, 6])
+    cap = torch.randint(-1, 2, (14, 3), generator=g).float()
+    cap[1] = cap[0]  # two identical captions of one image
+    img[4] = img[3]  # a duplicate image
+    counts = rank_counts([(img, cap)], cap2img, chunk_size=chunk_size)
+    ref = loop_reference((img @ cap.T).double().numpy(), cap2img.numpy())
+    got_i2t = list(zip(counts.i2t.tolist(), counts.i2t_ties.tolist(), counts.i2t_own_ties.tolist(), strict=True))
+    got_t2i = list(zip(counts.t2i.tolist(), counts.t2i_ties.tolist(), [1] * 14, strict=True))
+    assert got_i2t == [tuple(map(int, r)) for r in ref["i2t"]] and got_t2i == [tuple(map(int, r)) for r in ref["t2i"]]
+    assert sum(t > 0 for _, t, _ in ref["t2i"]) > 0 and sum(t > 0 for _, t, _ in ref["i2t"]) > 0  # ties do occur
+    assert tie_counts(counts) == {"i2t_queries_with_ties": sum(t > 0 for _, t, _ in ref["i2t"]),
+                                  "t2i_queries_with_ties": sum(t > 0 for _, t, _ in ref["t2i"])}
+    for rule in ("optimistic", "pessimistic", "expected"):
+        metrics = tie_ranked_metrics(counts, rule)
+        for d in ("i2t", "t2i"):
+            want = orderings_reference(ref[d], rule)
+            for key, value in want.items():
+                assert metrics[f"{d}_{key}"] == pytest.approx(value, abs=1e-9), (rule, d, key)
+
+
+def test_eval_records_the_tie_rule_and_tie_counts(done: Path, tmp_path: Path) -> None:
+    run = copy_run(done, tmp_path / "run")
+    default = evaluate(run)["f30k"]
+    assert default["tie_rule"] == "optimistic" and set(default["ties"]) == {"i2t_queries_with_ties",
+                                                                             "t2i_queries_with_ties"}
+    expected = evaluate(run, "--ties", "expected")["f30k"]
+    assert expected["tie_rule"] == "expected" and Path(expected["path"]).name == "f30k-test-expected.json"
+    assert (run / "eval" / "f30k-test.json").is_file()  # the default rule's result is kept beside it
+    result = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--ties", "random"])
+    assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr

@@ -20,7 +20,7 @@ from vsectl.data.splits import canonical_split
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
-from vsectl.metrics import COCO_5K_IMAGES, PROTOCOLS, evaluate_protocol, rank_retrieval, recall_metrics
+from vsectl.metrics import COCO_5K_IMAGES, PROTOCOLS, TIE_RULES, evaluate_protocol, rank_retrieval, recall_metrics
 from vsectl.models.vse import VSEModel
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 COCO_PROTOCOLS = ("coco1k", "coco5k")
 DEFAULT_SPLIT = {"f30k": "test", "coco1k": "testall", "coco5k": "testall", "dev1k": "dev"}
+DEFAULT_TIE_RULE = "optimistic"  # strictly greater scores only: a tied competitor never counts
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
 
 
@@ -141,9 +142,11 @@ def check_evaluable(data: Split, where: str, protocol: str, names: list[str]) ->
 
 
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
-                fingerprint: str | None = None) -> Path:
-    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>` to the name."""
+                fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE) -> Path:
+    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>`, a tie rule `-<rule>`."""
     name = f"{'ensemble_' if ensemble else ''}{protocol}-{split}"
+    if tie_rule != DEFAULT_TIE_RULE:
+        name += f"-{tie_rule}"
     if fingerprint:
         name += f"-{fingerprint[:FINGERPRINT_CHARS]}"
     return run_dir / "eval" / f"{name}.json"
@@ -155,8 +158,9 @@ def same_root(a: str | Path, b: str | Path) -> bool:
 
 def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensemble: bool) -> Path:
     """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
-    protocol, split, fingerprint = result["protocol"], result["split"], result["data_fingerprint"]
-    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint)
+    protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
+        result["tie_rule"]
+    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule)
     if own_data and out.is_file():
         try:
             old = json.loads(out.read_text())
@@ -164,7 +168,7 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
             old = {}
         old_print = old.get("data_fingerprint")
         if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
-            kept = result_path(run_dir, protocol, split, ensemble, old_print)
+            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule)
             os.replace(out, kept)
             log.warning("the data under %s changed since %s was written; the old result is kept as %s",
                         result["data_root"], out, kept)
@@ -183,6 +187,7 @@ def evaluate_runs(
     precision: str = "fp32",
     progress: Progress | None = None,
     write: bool = True,
+    tie_rule: str = DEFAULT_TIE_RULE,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one run, or an ensemble of runs (similarity matrices averaged), under one or all protocols.
 
@@ -192,6 +197,8 @@ def evaluate_runs(
         split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO); `val` means `dev`.
         data_root: overrides the runs' `data.root`.
         precision: autocast for encoding (similarities and ranking stay fp32).
+        tie_rule: optimistic (a competitor scoring exactly the ground truth's score never counts), pessimistic (it
+            always counts) or expected (the expectation over a random order of the tied items).
         write: write `eval/<protocol>-<split>.json` (ensembles: `eval/ensemble_<protocol>-<split>.json`) in the first
             run; a data root other than the run's own adds the data fingerprint to the name.
 
@@ -201,6 +208,8 @@ def evaluate_runs(
     """
     device = torch.device(device)
     names = protocols_for(protocol)
+    if tie_rule not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     split_name = canonical_split(split or DEFAULT_SPLIT[names[0]])
     members = []
     for run in runs:  # everything is loaded and checked before the first image is encoded
@@ -225,7 +234,7 @@ def evaluate_runs(
     cap2img = torch.as_tensor(data.cap2img, device=device)
     results = {}
     for name in names:
-        result = evaluate_protocol([p[0] for p in pairs], [p[1] for p in pairs], cap2img, name)
+        result = evaluate_protocol([p[0] for p in pairs], [p[1] for p in pairs], cap2img, name, tie_rule=tie_rule)
         result.update({"split": split_name, "runs": [str(m[0]) for m in members], "checkpoint": which,
                        "modality": first_cfg.data.modality, "data_root": str(Path(root).expanduser().resolve()),
                        "data_fingerprint": fingerprint})

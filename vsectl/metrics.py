@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -111,14 +112,15 @@ def _rowwise_gt_scores(
 
 def _t2i_ranks_direct(
     imgs: list[torch.Tensor], caps: list[torch.Tensor], cap2img: torch.Tensor, cap_idx: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    """EVAL-3 t2i ranks of the captions ``cap_idx`` (K,) from whole similarity columns; the slow, exact fallback.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t2i ranks and exact-tie counts of the captions ``cap_idx`` (K,) from whole similarity columns (exact fallback).
 
     Each column and its GT score come from the same product, so they are consistent by construction.
     """
     n_img, n_cap = imgs[0].shape[0], caps[0].shape[0]
     block = max(1, chunk_size * n_cap // n_img)  # keeps the (N, block) product within the chunk memory budget
     ranks = torch.empty(cap_idx.shape[0], dtype=torch.int64, device=cap_idx.device)
+    ties = torch.empty_like(ranks)
     for s in range(0, cap_idx.shape[0], block):
         cols = cap_idx[s : s + block]
         sims = imgs[0] @ caps[0][cols].T  # (N, block)
@@ -128,7 +130,8 @@ def _t2i_ranks_direct(
         gt = sims[cap2img[cols], arange]
         sims[cap2img[cols], arange] = -math.inf  # the GT image never counts against itself
         ranks[s : s + block] = (sims > gt).sum(0)
-    return ranks
+        ties[s : s + block] = (sims == gt).sum(0)
+    return ranks, ties
 
 
 class _T2ICounter:
@@ -157,6 +160,8 @@ class _T2ICounter:
         self.n_pending = n_cap
         self.overflow = torch.zeros(n_cap, dtype=torch.bool, device=device)
         self.ranks = torch.zeros(n_cap, dtype=torch.int64, device=device)
+        self.ties = torch.zeros(n_cap, dtype=torch.int64, device=device)  # other images scoring exactly the GT score
+        self.known = torch.zeros(n_cap, device=device)  # 1.0 once the caption's GT row (its exact GT score) is reached
         self.band_cols: list[torch.Tensor] = []
         self.band_vals: list[torch.Tensor] = []
         self.band_stored, self.band_budget = 0, chunk_size * n_cap  # stored entries never outgrow one chunk
@@ -169,7 +174,11 @@ class _T2ICounter:
         ones = self.ones[: sims.shape[0]]
         self.thr_hi[cols] = gt_vals
         self.thr_lo[cols] = gt_vals
+        self.known[cols] = 1.0
         self.n_pending -= cols.numel()
+        torch.eq(sims, self.thr_hi, out=mask)
+        mask[rows, cols] = 0.0
+        self.ties += (torch.mv(mask.T, ones) * self.known).long()  # pending columns' ties sit in the band (finish)
         torch.gt(sims, self.thr_hi, out=mask)
         mask[rows, cols] = 0.0  # the GT image never counts against itself
         above = torch.mv(mask.T, ones)  # (C,)
@@ -193,25 +202,59 @@ class _T2ICounter:
 
     def finish(
         self, imgs: list[torch.Tensor], caps: list[torch.Tensor], cap2img: torch.Tensor, chunk_size: int
-    ) -> torch.Tensor:
-        """Resolve the stored band entries and recount the columns the band could not settle; returns (C,) ranks."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resolve the stored band entries and recount the columns the band could not settle.
+
+        Returns:
+            (C,) ranks and (C,) counts of other images scoring exactly the GT score.
+        """
         gt_score = self.thr_hi  # every GT row has been reached, so this holds the GEMM's GT values
         if self.band_cols:
             cols, vals = torch.cat(self.band_cols), torch.cat(self.band_vals)
             self.ranks += torch.bincount(cols[vals > gt_score[cols]], minlength=self.ranks.shape[0])
+            self.ties += torch.bincount(cols[vals == gt_score[cols]], minlength=self.ranks.shape[0])
         redo = self.overflow
-        if self.banded:  # every GEMM GT value must lie inside its band for the counts above the band to hold
-            redo = redo | (gt_score < self.lo) | (gt_score > self.hi)
+        if self.banded:  # every GEMM GT value must lie strictly inside its band (an entry equal to it is then stored)
+            redo = redo | (gt_score <= self.lo) | (gt_score > self.hi)
         redo = redo.nonzero().squeeze(1)
         if redo.numel():
             logger.debug("recounting %d of %d t2i columns from whole columns", redo.numel(), self.ranks.shape[0])
-            self.ranks[redo] = _t2i_ranks_direct(imgs, caps, cap2img, redo, chunk_size)
-        return self.ranks
+            self.ranks[redo], self.ties[redo] = _t2i_ranks_direct(imgs, caps, cap2img, redo, chunk_size)
+        return self.ranks, self.ties
+
+
+@dataclass(frozen=True)
+class RankCounts:
+    """Per query: candidates scoring strictly above the ground truth, and candidates tied with it exactly.
+
+    Attributes:
+        i2t, t2i: (N,) and (C,) int64 counts of strictly greater candidates (the optimistic 0-based rank).
+        i2t_ties, t2i_ties: (N,) and (C,) counts of other queries' candidates scoring exactly the (best) GT score.
+        i2t_own_ties: (N,) how many of the image's own captions score exactly its best GT score (at least 1).
+    """
+
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+    i2t_ties: torch.Tensor
+    t2i_ties: torch.Tensor
+    i2t_own_ties: torch.Tensor
 
 
 def rank_retrieval(
     pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], cap2img: torch.Tensor, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks under the strict-greater tie rule; see `rank_counts`.
+
+    Returns:
+        i2t_ranks (N,) int64 and t2i_ranks (C,) int64, on the input device.
+    """
+    counts = rank_counts(pairs, cap2img, chunk_size)
+    return counts.i2t, counts.t2i
+
+
+def rank_counts(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], cap2img: torch.Tensor, chunk_size: int = 1024
+) -> RankCounts:
     """Rank every image query among all captions and every caption query among all images (EVAL-1, EVAL-3).
 
     The similarity is S = sum_m I_m C_mᵀ (an equal-weight ensemble; ranks equal those of the mean), computed once in
@@ -225,8 +268,11 @@ def rank_retrieval(
         cap2img: (C,) integer image index of each caption; every image needs at least one caption.
         chunk_size: Image rows per similarity chunk; peak extra memory is about 2 * chunk_size * C * 4 bytes.
 
+    Exact ties with the ground truth are counted beside the ranks (from the same GEMM values), so any tie rule can be
+    applied afterwards (`tie_ranked_metrics`).
+
     Returns:
-        i2t_ranks (N,) int64 and t2i_ranks (C,) int64, on the input device.
+        The counts, on the input device.
 
     Raises:
         ValueError: on inconsistent shapes, non-finite embeddings, a bad ``cap2img`` or an image without captions.
@@ -241,6 +287,7 @@ def rank_retrieval(
     bounds = [0, *torch.bincount(cap2img, minlength=n_img).cumsum(0).tolist()]
     t2i = _T2ICounter(imgs, caps, cap2img, chunk_size)
     i2t = torch.empty(n_img, dtype=torch.int64, device=device)
+    i2t_ties, i2t_own = torch.empty_like(i2t), torch.empty_like(i2t)
     sims_buf = torch.empty(chunk_size, n_cap, device=device)  # reused: a fresh 100 MB block per chunk costs page faults
     mask_buf = torch.empty(chunk_size, n_cap, device=device)  # 0/1 as fp32 so counting is a matrix-vector product
     ones_cap = torch.ones(n_cap, device=device)
@@ -257,8 +304,13 @@ def rank_retrieval(
         best = torch.full((r1 - r0,), -math.inf, device=device).scatter_reduce_(0, rows, gt_vals, "amax")
         torch.gt(sims, best[:, None], out=mask)
         i2t[r0:r1] = torch.mv(mask, ones_cap).long()
+        torch.eq(sims, best[:, None], out=mask)
+        own = torch.zeros(r1 - r0, device=device).index_add_(0, rows, (gt_vals == best[rows]).float())  # (b,)
+        i2t_own[r0:r1] = own.long()
+        i2t_ties[r0:r1] = (torch.mv(mask, ones_cap) - own).long()
         t2i.add_chunk(sims, mask, rows, cols, gt_vals)
-    return i2t, t2i.finish(imgs, caps, cap2img, chunk_size)
+    t2i_ranks, t2i_ties = t2i.finish(imgs, caps, cap2img, chunk_size)
+    return RankCounts(i2t, t2i_ranks, i2t_ties, t2i_ties, i2t_own)
 
 
 def recall_metrics(i2t_ranks: torch.Tensor | np.ndarray, t2i_ranks: torch.Tensor | np.ndarray) -> dict[str, float]:
@@ -285,6 +337,61 @@ def recall_metrics(i2t_ranks: torch.Tensor | np.ndarray, t2i_ranks: torch.Tensor
         out[f"{name}_meanr"] = float(np.mean(r) + 1)
     out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
     return {key: out[key] for key in METRIC_KEYS}
+
+
+TIE_RULES = ("optimistic", "pessimistic", "expected")
+
+
+def _first_own_before(t: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """P(fewer than r of the t tied competitors come before the first of the m own items), all orders equally likely.
+
+    P(at least r competitors first) = prod_{i<r} (t - i) / (t + m - i) for 0 <= r <= t, and 0 for r > t.
+    """
+    out = np.zeros(t.shape, dtype=np.float64)
+    at_least = np.ones(t.shape, dtype=np.float64)  # P(X >= 0)
+    top = int(r.max(initial=0))
+    for i in range(top + 1):
+        out = np.where(r == i, 1.0 - at_least, out)  # P(X < i) = 1 - P(X >= i)
+        at_least = at_least * np.clip(t - i, 0, None) / np.maximum(t + m - i, 1)
+    return np.where(r > top, 1.0, np.where(r <= 0, 0.0, out))
+
+
+def tie_ranked_metrics(counts: RankCounts, rule: str = "optimistic") -> dict[str, float]:
+    """R@1/5/10, medr, meanr per direction and rsum from rank counts under a tie rule.
+
+    - optimistic: a tied competitor never counts (rank = strictly greater candidates; vsectl's default);
+    - pessimistic: every tied competitor counts (rank = greater + tied);
+    - expected: the expectation over a uniformly random order of the tied items: R@K is the probability that the
+      (first) ground truth lands within the top K, meanr the expected rank + 1, medr from the expected ranks.
+
+    Args:
+        counts: from `rank_counts`.
+        rule: one of ``TIE_RULES``.
+    """
+    if rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {rule!r}; use one of {', '.join(TIE_RULES)}")
+    if rule == "optimistic":
+        return recall_metrics(counts.i2t, counts.t2i)
+    if rule == "pessimistic":
+        return recall_metrics(counts.i2t + counts.i2t_ties, counts.t2i + counts.t2i_ties)
+    out: dict[str, float] = {}
+    ones = torch.ones_like(counts.t2i)
+    for name, greater, ties, own in (("i2t", counts.i2t, counts.i2t_ties, counts.i2t_own_ties),
+                                     ("t2i", counts.t2i, counts.t2i_ties, ones)):
+        g, t, m = (x.detach().cpu().numpy().astype(np.int64) for x in (greater, ties, own))
+        for k in RECALL_KS:
+            out[f"{name}_r{k}"] = float(100.0 * np.mean(_first_own_before(t, m, k - g)))
+        rank = g + t / (m + 1.0)  # expected competitors before the first of m own items among t + m tied ones
+        out[f"{name}_medr"] = float(np.floor(np.median(rank)) + 1)
+        out[f"{name}_meanr"] = float(np.mean(rank) + 1)
+    out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS))
+    return {key: out[key] for key in METRIC_KEYS}
+
+
+def tie_counts(counts: RankCounts) -> dict[str, int]:
+    """How many queries of each direction had at least one candidate scoring exactly their ground truth."""
+    return {"i2t_queries_with_ties": int((counts.i2t_ties > 0).sum()),
+            "t2i_queries_with_ties": int((counts.t2i_ties > 0).sum())}
 
 
 def subset(cap2img: torch.Tensor, image_indices: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,8 +424,9 @@ def _evaluate_images(
     cap2img: torch.Tensor,
     image_indices: torch.Tensor | None,
     chunk_size: int,
-) -> tuple[dict[str, float], int, int]:
-    """Metrics over the given images (all if None) and their captions; also returns the image and caption counts."""
+    tie_rule: str = "optimistic",
+) -> tuple[dict[str, float], int, int, dict[str, int]]:
+    """Metrics over the given images (all if None) and their captions, the image and caption counts, the tie counts."""
     if image_indices is None:
         pairs = list(zip(img_embs, cap_embs, strict=True))
     else:
@@ -327,8 +435,8 @@ def _evaluate_images(
             (img[image_indices.to(img.device)], cap[cap_idx.to(cap.device)])
             for img, cap in zip(img_embs, cap_embs, strict=True)
         ]
-    i2t, t2i = rank_retrieval(pairs, cap2img, chunk_size=chunk_size)
-    return recall_metrics(i2t, t2i), i2t.numel(), t2i.numel()
+    counts = rank_counts(pairs, cap2img, chunk_size=chunk_size)
+    return tie_ranked_metrics(counts, tie_rule), counts.i2t.numel(), counts.t2i.numel(), tie_counts(counts)
 
 
 def evaluate_protocol(
@@ -337,6 +445,7 @@ def evaluate_protocol(
     cap2img: torch.Tensor,
     protocol: str,
     chunk_size: int = 1024,
+    tie_rule: str = "optimistic",
 ) -> dict:
     """Run one evaluation protocol of spec §10.1 on the embeddings of one split.
 
@@ -351,16 +460,20 @@ def evaluate_protocol(
         cap2img: (C,) image index of each caption.
         protocol: One of ``PROTOCOLS``.
         chunk_size: Image rows per similarity chunk.
+        tie_rule: how candidates tied exactly with the ground truth count (``TIE_RULES``).
 
     Returns:
-        {"protocol", "n_images", "n_captions" (the counts ranked), "metrics": {METRIC_KEYS}} and, for coco1k,
-        "folds": one metrics dict per fold.
+        {"protocol", "n_images", "n_captions" (the counts ranked), "metrics": {METRIC_KEYS}, "tie_rule", "ties":
+        queries with exact ties per direction (summed over folds)} and, for coco1k, "folds": one metrics dict per
+        fold and "fold_ties".
 
     Raises:
         ValueError: for an unknown protocol, a COCO split without exactly ``COCO_5K_IMAGES`` images, or bad inputs.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
     if len(img_embs) == 0 or len(img_embs) != len(cap_embs):
         raise ValueError(f"need one caption tensor per image tensor, got {len(img_embs)} and {len(cap_embs)}")
     n_img = img_embs[0].shape[0]
@@ -370,16 +483,21 @@ def evaluate_protocol(
             f"protocol {protocol!r} needs the {COCO_5K_IMAGES}-image COCO testall split, got {n_img} images "
             "(SCAN's 1K 'test' split is not comparable)"
         )
-    result: dict = {"protocol": protocol}
+    result: dict = {"protocol": protocol, "tie_rule": tie_rule}
     if protocol == "coco1k":
-        folds = []
+        folds, fold_ties = [], []
         for f in range(COCO_5K_IMAGES // COCO_FOLD_SIZE):
             fold_images = torch.arange(f * COCO_FOLD_SIZE, (f + 1) * COCO_FOLD_SIZE, device=device)
-            folds.append(_evaluate_images(img_embs, cap_embs, cap2img, fold_images, chunk_size)[0])
+            metrics, _, _, ties = _evaluate_images(img_embs, cap_embs, cap2img, fold_images, chunk_size, tie_rule)
+            folds.append(metrics)
+            fold_ties.append(ties)
         metrics = {key: float(np.mean([fold[key] for fold in folds])) for key in METRIC_KEYS}
-        result.update(n_images=n_img, n_captions=cap2img.numel(), metrics=metrics, folds=folds)
+        total = {key: sum(t[key] for t in fold_ties) for key in fold_ties[0]}
+        result.update(n_images=n_img, n_captions=cap2img.numel(), metrics=metrics, ties=total, folds=folds,
+                      fold_ties=fold_ties)
     else:
         images = torch.arange(min(DEV_IMAGES, n_img), device=device) if protocol == "dev1k" else None
-        metrics, n_ranked_img, n_ranked_cap = _evaluate_images(img_embs, cap_embs, cap2img, images, chunk_size)
-        result.update(n_images=n_ranked_img, n_captions=n_ranked_cap, metrics=metrics)
+        metrics, n_ranked_img, n_ranked_cap, ties = _evaluate_images(img_embs, cap_embs, cap2img, images, chunk_size,
+                                                                     tie_rule)
+        result.update(n_images=n_ranked_img, n_captions=n_ranked_cap, metrics=metrics, ties=ties)
     return result

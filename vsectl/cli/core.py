@@ -60,14 +60,23 @@ def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], ou
     return f"{kept}; resume with: {command}"
 
 
-def metrics_table(title: str, metrics: dict[str, float], modality: str = "image") -> Table:
+def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "") -> Table:
     table = Table(title=title, title_justify="left")
     for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
         table.add_column(col, justify="right")
     for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
         table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
-    table.caption = f"rsum {metrics['rsum']:.1f}"
+    table.caption = f"rsum {metrics['rsum']:.1f}" + (f" · {ties}" if ties else "")
     return table
+
+
+def ties_caption(result: dict) -> str:
+    """The tie rule and how many queries had a competitor scoring exactly their ground truth."""
+    if "tie_rule" not in result:
+        return ""
+    ties = result.get("ties", {})
+    return (f"ties {result['tie_rule']}: {ties.get('i2t_queries_with_ties', 0)} image and "
+            f"{ties.get('t2i_queries_with_ties', 0)} text queries tied")
 
 
 @app.command("eval")
@@ -78,6 +87,8 @@ def eval_cli(
     split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's); val = dev")] = None,
     data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    ties: Annotated[str, typer.Option(help="Exact ties with the ground truth: optimistic (never count) | pessimistic "
+                                           "(always count) | expected (random order)")] = "optimistic",
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
 ) -> None:
@@ -90,11 +101,11 @@ def eval_cli(
         fail("give a run directory, e.g. vsectl eval runs/tiny")
     dev = run_guarded(resolve_device, device)
     results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
-                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")))
+                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties)
     for name, result in results.items():
         modality = result.get("modality", "image")
         title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
-        err.print(metrics_table(title, result["metrics"], modality))
+        err.print(metrics_table(title, result["metrics"], modality, ties_caption(result)))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:
