@@ -75,8 +75,8 @@ def ties_caption(result: dict) -> str:
     if "tie_rule" not in result:
         return ""
     ties = result.get("ties", {})
-    return (f"ties {result['tie_rule']}: {ties.get('i2t_queries_with_ties', 0)} image and "
-            f"{ties.get('t2i_queries_with_ties', 0)} text queries tied")
+    return (f"ties: {result['tie_rule']} ({ties.get('i2t_queries_with_ties', 0)} i2t / "
+            f"{ties.get('t2i_queries_with_ties', 0)} t2i)")
 
 
 @app.command("eval")
