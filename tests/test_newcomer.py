@@ -135,6 +135,17 @@ def test_gridsearch_reads_only_the_result_of_its_cells_split_and_data(tmp_path: 
     assert not gs.is_finished(run, "f30k", "dev", tmp_path / "a")
 
 
+def test_verify_names_a_captionless_split_a_search_collection(tmp_path: Path) -> None:
+    from vsectl.data.store import StoreWriter
+    from vsectl.data.verify import verify_path
+
+    with StoreWriter(tmp_path / "test.h5", feat_dim=8) as writer:
+        for k in range(3):
+            writer.add_image(f"im{k}", np.ones((2, 8), dtype=np.float32))
+    report = verify_path(tmp_path)
+    assert report["ok"] and any("search collection" in w for w in report["warnings"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. one name, dev, in every command; val accepted everywhere
 

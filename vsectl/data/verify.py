@@ -252,6 +252,8 @@ def verify_path(path: str | Path, progress: Progress | None = None) -> dict[str,
                      f"{', '.join(map(str, o['examples']))})" for o in overlaps}
     problems += [shared[id(o)] for o in overlaps if o["by"] not in WARN_ONLY]
     warnings = [shared[id(o)] for o in overlaps if o["by"] in WARN_ONLY]
+    warnings += [f"{name}: {r['images']} images and no captions: a search collection (for `vsectl embed`); train and "
+                 "eval need captions" for name, r in splits.items() if r.get("images") and not r.get("captions")]
     log.info("verified %s (%s): %d problem(s)", path, kind, len(problems))
     return {"path": str(path), "kind": kind, "splits": splits, "overlaps": overlaps, "problems": problems,
             "warnings": warnings, "ok": not problems}
