@@ -153,8 +153,9 @@ def test_missing_weights_is_one_clear_line(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as info:
         create_backbone("resnet", weights="microsoft/resnet-152")
     assert str(info.value) == (
-        "resnet weights 'microsoft/resnet-152' not found locally (not a folder, not in the Hugging Face cache); "
-        "pass --weights /path/to/folder or download it once with network access")
+        f"resnet weights 'microsoft/resnet-152' not found locally (not a folder, not in the Hugging Face cache "
+        f"{tmp_path / 'empty-cache'}); pass --weights /path/to/folder, or fill that cache on a machine with network "
+        "(`hf download microsoft/resnet-152`)")
     with pytest.raises(ConfigError, match="not found"):
         create_backbone("efficientnet-lite0", weights=tmp_path / "nope.pth")
 

@@ -20,11 +20,13 @@ def downloads_allowed() -> bool:
 
 
 def hub_cache() -> Path:
-    """The Hugging Face cache folder in effect now: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    """The Hugging Face cache folder in effect now: $HF_HUB_CACHE if set now, else huggingface_hub's own setting
+    (from $HF_HUB_CACHE or $HF_HOME when it was imported; ~/.cache/huggingface/hub by default)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "huggingface"
-    return Path(home).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE).expanduser()
 
 
 def not_cached_message(what: str, name: str) -> str:

@@ -180,9 +180,12 @@ class EfficientNetLite0(Backbone):
 
 
 def not_found_message(backbone: str, weights: str) -> str:
+    from vsectl.hub import hub_cache
+
     return (
-        f"{backbone} weights '{weights}' not found locally (not a folder, not in the Hugging Face cache); "
-        "pass --weights /path/to/folder or download it once with network access"
+        f"{backbone} weights '{weights}' not found locally (not a folder, not in the Hugging Face cache "
+        f"{hub_cache()}); pass --weights /path/to/folder, or fill that cache on a machine with network "
+        f"(`hf download {weights}`)"
     )
 
 
@@ -201,8 +204,10 @@ def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
         raise ConfigError(f"{backbone} weights {path} is a file; pass the model folder (config.json + weights)")
     from huggingface_hub import snapshot_download
 
+    from vsectl.hub import hub_cache
+
     try:
-        folder = snapshot_download(str(weights), local_files_only=True)
+        folder = snapshot_download(str(weights), local_files_only=True, cache_dir=str(hub_cache()))
     except Exception:  # invalid repo ids, missing cache entries and offline errors all mean "not available here"
         raise ConfigError(not_found_message(backbone, str(weights))) from None
     return Path(folder)
