@@ -29,6 +29,7 @@ from vsectl import __version__
 from vsectl.data.captions import word_tokenize
 from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION, sha256_file, write_json_atomic
 from vsectl.errors import DataError
+from vsectl.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -408,9 +409,8 @@ def render_png(src: str, dst: str, size: int) -> None:
     canvas.paste(flat, ((size - flat.width) // 2, (size - flat.height) // 2))
     if all(lo == hi for lo, hi in canvas.getextrema()):
         raise ValueError("blank render (nothing drawn)")
-    tmp = f"{dst}.{os.getpid()}.tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, dst)
+    with atomic_path(Path(dst)) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 RenderFn = Callable[[str, str, int], None]
@@ -741,12 +741,6 @@ def _provenance(source: dict[str, Any], counts: dict[str, Any], params: dict[str
     return "\n".join(lines)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _finished(out: Path, source: dict[str, Any], params: dict[str, Any]) -> bool:
     import json
 
@@ -854,8 +848,8 @@ def prepare_openclipart(
         if stale.name not in keep:
             stale.unlink()
     dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": "openclipart", "images": entries})
-    _write_text_atomic(out / "LICENSE.txt", LICENSE_TEXT)
-    _write_text_atomic(out / "PROVENANCE.md", _provenance(source, counts, params))
+    atomic_write_text(out / "LICENSE.txt", LICENSE_TEXT)
+    atomic_write_text(out / "PROVENANCE.md", _provenance(source, counts, params))
     manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": "openclipart", "image_root": "images",
                 "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.monotonic() - start, 1), "source": source, "params": params,
