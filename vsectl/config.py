@@ -18,7 +18,6 @@ from vsectl.errors import ConfigError
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class, pool_options
 from vsectl.registry import did_you_mean
 
-
 PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds that pooler's options, strictly
 
 
