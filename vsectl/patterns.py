@@ -29,9 +29,12 @@ from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.models.gpo import sort_features
 from vsectl.models.pooling import create_pooler
 from vsectl.pool_options import options_class, pool_options
+from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
 
 log = logging.getLogger(__name__)
+
+RECIPES = recipe_dir() / "patterns"
 
 DESIGNS = {  # registry key → the paper's name; designs whose θ depends on the set size only
     "gpo": "Cos/Sin + BiGRU",
@@ -40,7 +43,6 @@ DESIGNS = {  # registry key → the paper's name; designs whose θ depends on th
     "gpo_interp": "Interp.",
     "gpo_transformer": "Cos/Sin + Transformer",
 }
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "patterns"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from vsectl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config, to_dict
+from vsectl.config import RunConfig, changed_keys, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.sources import Split, load_split
 from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
@@ -62,16 +62,6 @@ class TrainingError(VsectlError):
 # run directory
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
     """Create a new run directory, or check a resumed one against `cfg`; return the config to run with.
 
@@ -81,8 +71,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"cannot resume: {run_dir} has no config.yaml (start it without --resume)")
         saved = config_from_yaml((run_dir / "config.yaml").read_text())
-        old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-        changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
+        changed = [k for k in changed_keys(saved, cfg) if k not in RESUMABLE_CHANGES]
         if changed:
             raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
         return cfg  # a longer train.epochs is written once the checkpoint has loaded (train)
