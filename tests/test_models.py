@@ -167,7 +167,7 @@ def test_frozen_body_gets_no_gradients_and_no_optimizer_group(tiny_bert_dir):
     emb, _ = model.encode_text(tokens, lengths)
     emb.sum().backward()
     assert all(p.grad is None for p in model.text.body.parameters())
-    assert model.text.proj.weight.grad is not None
+    assert model.text.proj.weight.grad.abs().sum() > 0  # the projection still learns
 
 
 def test_cached_states_give_the_same_embedding_as_running_the_body(tiny_bert_dir):

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -267,21 +268,31 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     return out
 
 
-def train(
-    cfg: RunConfig,
-    out_root: str | Path = "runs",
-    device: str = "auto",
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> Path:
-    """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
+@dataclass
+class TrainingRun:
+    """What one training run holds between its setup, its restore and its fit (built by `setup_run`)."""
 
-    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+    cfg: RunConfig
+    run_dir: Path
+    dist: Distributed
+    device: torch.device
+    precision: Precision
+    train_split: Split
+    val_split: Split
+    text: TextSide
+    model: VSEModel
+    optimizer: torch.optim.Optimizer
+    criterion: ContrastiveLoss
+    metrics: MetricsLog
+    progress: Progress
+    last: Path | None  # the checkpoint a resume starts from
+    state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "global_step": 0, "best_rsum": -math.inf,
+                                                          "best_epoch": -1})
+    caches: dict[str, Path] = field(default_factory=dict)
 
-    Returns:
-        the run directory.
-    """
-    progress = progress or NullProgress()
+
+def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress) -> TrainingRun:
+    """Open (or check) the run directory, seed, load the data and build the text side, model and optimizer."""
     run_dir = Path(out_root) / cfg.name
     dist, dev = init_distributed(resolve_device(device))
     precision = Precision(cfg.train.precision, dev)
@@ -304,50 +315,80 @@ def train(
     optimizer = torch.optim.AdamW(
         [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
         lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    criterion = ContrastiveLoss(margin=cfg.loss.margin)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
+                       val_split=val_split, text=text, model=model, optimizer=optimizer,
+                       criterion=ContrastiveLoss(margin=cfg.loss.margin),
+                       metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
+                       last=last)
 
-    state = {"epoch": 0, "global_step": 0, "best_rsum": -math.inf, "best_epoch": -1}
-    if last is not None:
-        state = _restore(last, model, optimizer, dev, metrics)
+
+def restore_run(run: TrainingRun, resume: bool) -> None:
+    """Continue from the last checkpoint (model, optimizer, RNG, metrics) and build the token-state caches."""
+    cfg, run_dir, dist = run.cfg, run.run_dir, run.dist
+    if run.last is not None:
+        run.state = _restore(run.last, run.model, run.optimizer, run.device, run.metrics)
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
         save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
-    metrics.truncate_after(state["global_step"])
-    caches = {}
+    run.metrics.truncate_after(run.state["global_step"])
     if cfg.model.text.cache_states:
-        caches = _state_caches(cfg, model, text, {"train": train_split, "val": val_split}, run_dir, dev, dist,
-                               progress)
-    val_states = CachedTextStates(caches["val"], augment=False) if caches else None
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
-        if dist.enabled else model
+        run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "val": run.val_split},
+                                   run_dir, run.device, dist, run.progress)
 
+
+def fit(run: TrainingRun) -> Path:
+    """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
+    cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
+    val_states = CachedTextStates(run.caches["val"], augment=False) if run.caches else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda"
+                                                    else None) if dist.enabled else model
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
+    state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
-    try:
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            set_learning_rates(optimizer, cfg, epoch)
-            loader = make_loader(cfg, train_split, text, epoch, 0, state_cache=caches.get("train"), dist=dist)
-            global_step = train_one_epoch(net, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
-                                          metrics, progress, dist)
-            val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, val_states, dist)
-            is_best = val["rsum"] > best_rsum
-            if is_best:
-                best_rsum, best_epoch = val["rsum"], epoch
-            metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
-            log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
-                     val["t2i_r1"], " best" if is_best else "")
-            state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
-                     "val": val, "vsectl_version": vsectl.__version__}
-            if dist.is_main:
-                model_state = model.state_dict()
-                if is_best:  # best first: a crash between the two leaves last behind, which resume handles
-                    save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
-                save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
-                                optimizer_state=optimizer.state_dict())
-            dist.barrier()
-    finally:
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        set_learning_rates(run.optimizer, cfg, epoch)
+        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=run.caches.get("train"), dist=dist)
+        global_step = train_one_epoch(net, loader, run.optimizer, run.criterion, cfg, epoch, global_step, run.device,
+                                      run.precision, run.metrics, run.progress, dist)
+        val = validate(model, run.val_split, run.text, run.device, run.precision, cfg.data.batch_size, val_states,
+                       dist)
+        is_best = val["rsum"] > best_rsum
+        if is_best:
+            best_rsum, best_epoch = val["rsum"], epoch
+        run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+        log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
+                 val["t2i_r1"], " best" if is_best else "")
+        state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
+                 "val": val, "vsectl_version": vsectl.__version__}
+        if dist.is_main:
+            model_state = model.state_dict()
+            if is_best:  # best first: a crash between the two leaves last behind, which resume handles
+                save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
+            save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
+                            optimizer_state=run.optimizer.state_dict())
+        dist.barrier()
     return run_dir
+
+
+def train(
+    cfg: RunConfig,
+    out_root: str | Path = "runs",
+    device: str = "auto",
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
+
+    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+
+    Returns:
+        the run directory.
+    """
+    run = setup_run(cfg, out_root, device, resume, progress or NullProgress())
+    try:
+        restore_run(run, resume)
+        return fit(run)
+    finally:
+        if run.dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
