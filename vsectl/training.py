@@ -30,10 +30,12 @@ from vsectl.checkpoint import (
 from vsectl.config import RunConfig, changed_keys, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.sources import Split, load_split
+from vsectl.data.text_input import TextInput, text_input_for
 from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.losses import ContrastiveLoss
+from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
 from vsectl.models.vse import VSEModel, param_groups
 from vsectl.runtime import (
     Distributed,
@@ -51,7 +53,6 @@ from vsectl.text_cache import CachedTextStates, build_state_cache
 
 log = logging.getLogger(__name__)
 
-REGION_DROP = 0.2        # BUTD regions dropped i.i.d. with p = 0.2 in the data worker (spec §3)
 RESUMABLE_CHANGES = {"train.epochs"}  # what a resumed run may change: extending training is safe
 
 
@@ -133,17 +134,21 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
 
 def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
                 state_cache: Path | None = None, dist: Distributed | None = None) -> DataLoader:
-    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch)."""
+    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch).
+
+    With `state_cache` the captions are the cached token states in it (TextInput.STATES), else token ids.
+    """
     dist = dist or Distributed()
-    region_drop = REGION_DROP if cfg.model.image.encoder == "region" and cfg.model.image.size_augment else 0.0
+    text_input = TextInput.STATES if state_cache is not None else TextInput.IDS
+    region_drop = worker_region_drop(cfg.model.image)  # the image branch decides its own augmentation
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
-    dataset = PairDataset(split, source, region_drop, cfg.seed)
+    dataset = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id))
+                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id, text_input=text_input))
 
 
 def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
@@ -173,8 +178,9 @@ def train_one_epoch(
     metrics: MetricsLog,
     progress: Progress,
     dist: Distributed | None = None,
+    text_input: TextInput = TextInput.IDS,
 ) -> int:
-    """One pass over `loader`; returns the new global step.
+    """One pass over `loader`; returns the new global step. `text_input` says what the batches' tokens are.
 
     Under DDP the loss is computed on the whole global batch on every rank: embeddings are all-gathered with their
     gradients (LOSS-6), so the hardest negatives are mined over all ranks and the objective equals one process's.
@@ -191,7 +197,7 @@ def train_one_epoch(
         window_data += time.perf_counter() - data_tic
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
-            img, cap = model(batch)
+            img, cap = model(batch, text_input=text_input)
         img, cap = gather_with_grad(img, dist), gather_with_grad(cap, dist)
         loss = criterion(img, cap, hardest_negative=hardest)
         if not torch.isfinite(loss):
@@ -286,6 +292,7 @@ class TrainingRun:
     metrics: MetricsLog
     progress: Progress
     last: Path | None  # the checkpoint a resume starts from
+    text_input: TextInput = TextInput.IDS  # what the training batches' tokens are, decided once here
     state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "global_step": 0, "best_rsum": -math.inf,
                                                           "best_epoch": -1})
     caches: dict[str, Path] = field(default_factory=dict)
@@ -319,7 +326,7 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
                        criterion=ContrastiveLoss(margin=cfg.loss.margin),
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
-                       last=last)
+                       last=last, text_input=text_input_for(cfg.model.text.cache_states))
 
 
 def restore_run(run: TrainingRun, resume: bool) -> None:
@@ -332,7 +339,7 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
         save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
     run.metrics.truncate_after(run.state["global_step"])
-    if cfg.model.text.cache_states:
+    if run.text_input is TextInput.STATES:
         run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "val": run.val_split},
                                    run_dir, run.device, dist, run.progress)
 
@@ -340,7 +347,7 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
 def fit(run: TrainingRun) -> Path:
     """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
     cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
-    val_states = CachedTextStates(run.caches["val"], augment=False) if run.caches else None
+    val_states = CachedTextStates(run.caches["val"], augment=False) if run.text_input is TextInput.STATES else None
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda"
                                                     else None) if dist.enabled else model
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
@@ -348,9 +355,10 @@ def fit(run: TrainingRun) -> Path:
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
     for epoch in range(state["epoch"], cfg.train.epochs):
         set_learning_rates(run.optimizer, cfg, epoch)
-        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=run.caches.get("train"), dist=dist)
+        cache = run.caches["train"] if run.text_input is TextInput.STATES else None
+        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=cache, dist=dist)
         global_step = train_one_epoch(net, loader, run.optimizer, run.criterion, cfg, epoch, global_step, run.device,
-                                      run.precision, run.metrics, run.progress, dist)
+                                      run.precision, run.metrics, run.progress, dist, text_input=run.text_input)
         val = validate(model, run.val_split, run.text, run.device, run.precision, cfg.data.batch_size, val_states,
                        dist)
         is_best = val["rsum"] > best_rsum
