@@ -9,11 +9,19 @@ import pytest
 import torch
 import yaml
 
-from vsectl.config import ImageConfig, ModelConfig, TextConfig, config_from_yaml, config_to_yaml, load_recipe
+from vsectl.config import (
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    config_from_yaml,
+    config_to_yaml,
+    load_recipe,
+    pool_options,
+)
 from vsectl.errors import ConfigError
 from vsectl.models.pooling import POOLERS, LearnedRankPool, MaxKPool, RankWeightedPool, create_pooler
 from vsectl.models.vse import create_model
-from vsectl.pool_options import POOL_OPTIONS, GPOOptions, MaxKOptions, options_class, pool_options
+from vsectl.pool_options import POOL_OPTIONS, GPOOptions, MaxKOptions, options_class
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = dict(d_pe=8, d_hidden=8, in_dim=4, transformer_heads=2, transformer_ffn=16)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
@@ -27,16 +26,17 @@ from vsectl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from vsectl.config import RunConfig, changed_keys, config_from_yaml, config_to_yaml, save_config
+from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.sources import Split, load_split
 from vsectl.data.text_input import TextInput, text_input_for
-from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
+from vsectl.errors import CheckpointError, DataError, VsectlError
 from vsectl.evaluation import validate
-from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
 from vsectl.models.vse import VSEModel, param_groups
+from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
 from vsectl.runtime import (
     Distributed,
     NullProgress,
@@ -53,64 +53,8 @@ from vsectl.text_cache import CachedTextStates, build_state_cache
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_CHANGES = {"train.epochs"}  # what a resumed run may change: extending training is safe
-
-
 class TrainingError(VsectlError):
     """Training cannot go on (for example the loss became NaN)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# run directory
-
-
-def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
-    """Create a new run directory, or check a resumed one against `cfg`; return the config to run with.
-
-    Every rank of a distributed run checks; only the main one (`write`) writes.
-    """
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"cannot resume: {run_dir} has no config.yaml (start it without --resume)")
-        saved = config_from_yaml((run_dir / "config.yaml").read_text())
-        changed = [k for k in changed_keys(saved, cfg) if k not in RESUMABLE_CHANGES]
-        if changed:
-            raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
-        return cfg  # a longer train.epochs is written once the checkpoint has loaded (train)
-    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-                          "or choose another name with --set name=...")
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")  # first file of the run, before any compute
-    return cfg
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records newer than the checkpoint are dropped."""
-
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path = path
-        self.enabled = enabled  # only the main rank writes
-
-    def truncate_after(self, global_step: int) -> None:
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("global_step", 0) <= global_step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
