@@ -86,8 +86,11 @@ class TransformerTextEncoder(nn.Module):
         return self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids, or (B, T, H) cached float states of a frozen body, and (B,) lengths → (B, E), weights."""
-        hidden = tokens if tokens.is_floating_point() else self.states(tokens, lengths)   # (B, T, H)
+        """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
+        return self.forward_states(self.states(tokens, lengths), lengths)
+
+    def forward_states(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, H) token states of the body (cached for a frozen one) and (B,) lengths → (B, E), weights."""
         pooled, weights = self.pool(self.proj(hidden), lengths)
         return l2_normalize(pooled), weights
 
@@ -122,7 +125,7 @@ def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     from vsectl.hub import cached_model_folder, downloads_allowed, hub_cache
-    from vsectl.models.backbones import quiet_transformers
+    from vsectl.models.hf import quiet_transformers
 
     path = resolve_pretrained(name)
     if Path(path).expanduser().is_dir():
