@@ -328,3 +328,9 @@ def test_every_official_option_is_either_mapped_or_ignored_with_a_reason() -> No
         for name in vars(load_torch_pickle(path)["opt"]):
             assert name in MAPPED or IGNORED.get(name), name
     assert not set(MAPPED) & set(IGNORED)
+
+
+def test_the_options_page_lists_every_option_the_importer_knows() -> None:
+    page = (REPO / "docs" / "official_checkpoints.md").read_text()
+    for name in (*MAPPED, *IGNORED):
+        assert f"| `{name}` |" in page, name
