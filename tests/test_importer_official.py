@@ -334,3 +334,14 @@ def test_the_options_page_lists_every_option_the_importer_knows() -> None:
     page = (REPO / "docs" / "official_checkpoints.md").read_text()
     for name in (*MAPPED, *IGNORED):
         assert f"| `{name}` |" in page, name
+
+
+@pytest.mark.parametrize("content,reason", [(b"not a checkpoint", "Unsupported operand"),
+                                            (b"PK\x03\x04garbage", "not a ZIP archive"),
+                                            (b"", "empty or cut short")])
+def test_a_file_that_is_not_a_checkpoint_gets_one_line_without_unsafe_advice(content: bytes, reason: str,
+                                                                              tmp_path: Path) -> None:
+    (tmp_path / "m.pth").write_bytes(content)
+    line = _error_line(["import", "official", str(tmp_path / "m.pth"), "--out", str(tmp_path / "r")])
+    assert "is not a readable torch checkpoint" in line and reason in line, line
+    assert "weights_only" not in line  # torch's own message suggests weights_only=False: never pass that on

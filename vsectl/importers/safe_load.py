@@ -39,15 +39,21 @@ def load_torch_pickle(path: Path) -> Any:
     except pickle.UnpicklingError as err:
         found = _GLOBAL.search(str(err))
         if found is None:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(err)})") from None
+            raise CheckpointError(f"{path} is not a readable torch checkpoint ({_reason(err)})") from None
         raise CheckpointError(
             f"refusing {path}: it asks to build '{found.group(1)}', which is not a tensor, OrderedDict, "
             "argparse.Namespace or plain value; nothing in it was run (an official VSE∞ checkpoint holds only those)"
         ) from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_reason(err)})") from None
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+def _reason(err: BaseException) -> str:
+    """The informative part of torch's error (never its advice to retry with weights_only=False)."""
+    text = str(err).strip()
+    if isinstance(err, EOFError) or not text:
+        return "the file is empty or cut short"
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    first = text.splitlines()[0].strip()
+    return first.split(". ")[0][:160]
