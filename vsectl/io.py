@@ -12,7 +12,15 @@ from typing import Any
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    """The process umask, read without changing it where Linux reports it (setting it races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
