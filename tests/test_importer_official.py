@@ -114,6 +114,17 @@ def test_dataparallel_module_prefixes_are_stripped(tmp_path: Path) -> None:
     assert (img - torch.from_numpy(io["img_emb"])).abs().max() <= 1e-5
 
 
+def test_a_checkpoint_in_the_legacy_torch_format_imports_the_same(tmp_path: Path) -> None:
+    """Files saved by torch < 1.6 (as the paper's released models may be) are not zip archives."""
+    ckpt = load_torch_pickle(BIGRU)
+    torch.save(ckpt, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    _, model, _ = load_run(import_official(tmp_path / "legacy.pth", tmp_path / "run", vocab=VOCAB)["run"])
+    io = _official("bigru")
+    with torch.no_grad():
+        cap, _ = model.encode_text(torch.from_numpy(io["captions"]), torch.from_numpy(io["caption_lengths"]))
+    assert (cap - torch.from_numpy(io["cap_emb"])).abs().max() <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # an imported run is an ordinary run
 
