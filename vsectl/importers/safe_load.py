@@ -33,6 +33,9 @@ def load_torch_pickle(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such checkpoint file: {path}")
+    if not hasattr(torch.serialization, "safe_globals"):  # added in torch 2.5
+        raise CheckpointError(f"reading official checkpoints safely needs torch >= 2.5 (this is {torch.__version__}); "
+                              "upgrade torch")
     try:
         with torch.serialization.safe_globals(list(ALLOWED_CLASSES)):
             return torch.load(path, map_location="cpu", weights_only=True)  # explicit: no environment can override
