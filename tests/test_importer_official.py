@@ -356,3 +356,28 @@ def test_a_file_that_is_not_a_checkpoint_gets_one_line_without_unsafe_advice(con
     line = _error_line(["import", "official", str(tmp_path / "m.pth"), "--out", str(tmp_path / "r")])
     assert "is not a readable torch checkpoint" in line and reason in line, line
     assert "weights_only" not in line  # torch's own message suggests weights_only=False: never pass that on
+
+
+def test_training_continues_from_the_imported_weights_with_resume(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from vsectl.data.toy import make_toy_dataset
+
+    data = make_toy_dataset(tmp_path / "toy", n_train=30, n_dev=5, n_test=5, feat_dim=24, n_regions=12, seed=4)
+    run = tmp_path / "runs" / "ft"
+    import_official(BIGRU, run, vocab=VOCAB, data_root=data)
+    imported = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+    config = run / "config.yaml"  # a 2-core test machine: no loader workers (a property of the machine, not the model)
+    config.write_text(config.read_text().replace("num_workers: 4", "num_workers: 0"))
+    epoch = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())["epoch"]
+    result = CliRunner().invoke(app, ["-q", "train", str(run / "config.yaml"), "--out", str(run.parent), "--resume",
+                                      "--device", "cpu", "--set", f"train.epochs={epoch + 1}"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["epoch"] == epoch + 1 and state["global_step"] > 17  # the official Eiters (17), then more steps
+    trained = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    weights = [k for k in imported if imported[k].is_floating_point() and ".running_" not in k]
+    moved = max(float((trained[k] - imported[k]).abs().max()) for k in weights)
+    assert 0 < moved < 0.02  # one AdamW step at LR 5e-4 from the imported weights, not a fresh start
+    assert json.loads((run / "vocab.json").read_text()) == json.loads(
+        (_import("bigru", tmp_path / "again") / "vocab.json").read_text())  # the official vocabulary is kept

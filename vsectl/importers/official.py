@@ -10,9 +10,11 @@ and the run directory is written under a temporary name and renamed into place, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import logging
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from vsectl.errors import CheckpointError
 from vsectl.importers.official_opt import build_config, check_fields, opt_record, protocol_for
 from vsectl.importers.safe_load import load_torch_pickle
 from vsectl.io import atomic_write_json
+from vsectl.models.vse import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +221,8 @@ def _load_bert_files(text_model: str) -> tuple[Any, Any]:
 
 
 def import_official(
-    path: str | Path, out: str | Path, vocab: str | Path | None = None, text_model: str | None = None
+    path: str | Path, out: str | Path, vocab: str | Path | None = None, text_model: str | None = None,
+    data_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Turn an official `model_best.pth` into the vsectl run directory `out`.
 
@@ -228,6 +232,7 @@ def import_official(
         vocab: BiGRU checkpoints: the official vocabulary JSON the model was trained with.
         text_model: BERT checkpoints: a local folder (or a hub id in the Hugging Face cache) with the BERT config and
             tokenizer; the weights come from the checkpoint.
+        data_root: the dataset folder to record as data.root (default: data/coco or data/f30k from its options).
 
     Returns:
         the provenance record, plus 'run' (the directory) and 'protocol' (the eval protocol of its dataset).
@@ -243,6 +248,8 @@ def import_official(
         raise CheckpointError(f"{path}: the image encoder has no region MLP (mlp.layers.0.weight); only region "
                               "checkpoints (precomp_enc_type=basic) import")
     cfg = build_config(ckpt.opt, ckpt.branch, out.name, sizes, int(hidden.shape[0]), str(path), text_model or "")
+    if data_root is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
     image_state, dropped = map_keys(ckpt.image, IMAGE_KEYS, "image", path)
     text_state, dropped_text = map_keys(ckpt.text, BIGRU_KEYS if ckpt.branch == "bigru" else BERT_KEYS, "text", path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,11 +277,20 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
         load_model_state(model, state)
     except CheckpointError as err:
         raise CheckpointError(f"{source} does not fit the model its options describe: {err}") from None
-    trainer_state = {"epoch": ckpt.epoch, "global_step": ckpt.eiters, "best_rsum": ckpt.best_rsum,
-                     "best_epoch": None if ckpt.epoch is None else ckpt.epoch - 1, "imported_from": "official"}
+    trainer_state = {"epoch": ckpt.epoch or 0, "global_step": ckpt.eiters or 0,
+                     "best_rsum": ckpt.best_rsum if ckpt.best_rsum is not None else -math.inf,
+                     "best_epoch": ckpt.epoch - 1 if ckpt.epoch else -1, "imported_from": "official"}
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1",
             "imported_from": str(source)}
     save_checkpoint(tmp / "checkpoints" / "best", model.state_dict(), trainer_state, meta, rng=False)
+    # `last` lets `train --resume` continue from these weights; the official file has no optimizer moments, so the
+    # optimizer starts fresh, built as training builds it (its groups must match for the resume to load)
+    groups = param_groups(model, cfg.train.lr_mult)
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
+        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    save_checkpoint(tmp / "checkpoints" / "last", model.state_dict(), trainer_state, meta,
+                    optimizer_state=optimizer.state_dict())
     record = {
         "source": {"path": str(source.resolve()), "sha256": sha256_file(source), "bytes": source.stat().st_size,
                    "format": "official VSE∞ checkpoint (woodfrog/vse_infty model_best.pth)"},
@@ -283,7 +299,9 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
         **text_info,
         "opt": opt_record(ckpt.opt, ckpt.branch),
         "dropped_keys": dropped,
-        "not_in_the_checkpoint": "optimizer state and RNG state (the official code does not save them)",
+        "not_in_the_checkpoint": "optimizer and RNG state (the official code does not save them): checkpoints/last "
+                                 "holds a fresh AdamW state, so `train --resume` continues from these weights with "
+                                 "new optimizer moments",
         "vsectl_version": vsectl.__version__,
         "imported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
