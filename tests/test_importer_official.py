@@ -381,3 +381,9 @@ def test_training_continues_from_the_imported_weights_with_resume(tmp_path: Path
     assert 0 < moved < 0.02  # one AdamW step at LR 5e-4 from the imported weights, not a fresh start
     assert json.loads((run / "vocab.json").read_text()) == json.loads(
         (_import("bigru", tmp_path / "again") / "vocab.json").read_text())  # the official vocabulary is kept
+
+
+@pytest.mark.parametrize("command", [["import"], ["import", "official"]])
+def test_help_works_for_the_import_commands(command: list[str]) -> None:
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
