@@ -96,7 +96,8 @@ def bench(mode: dict[str, Any], threads: int) -> list[dict[str, Any]]:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{size:4d} px  {variant:28s} {r['images_per_s']['median']:6.1f} images/s "
-                  f"[{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}]  peak RSS {r['peak_rss_mib']:.0f} MiB",
+                  f"[{r['images_per_s']['min']:.1f}-{r['images_per_s']['max']:.1f}]  "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
     return rows
 
@@ -105,7 +106,8 @@ def render(rows: list[dict[str, Any]], m: dict[str, Any]) -> str:
     lines = [f"Backbone training step, EfficientNet-Lite0 + fc + GPO, {describe(m)}", "",
              "| input | batch | variant | images/s (median [min-max]) | vs trained fp32 | peak RSS MiB |",
              "|---|---|---|---|---|---|"]
-    base = {r["size"]: r["images_per_s"]["median"] for r in rows if r.get("variant") == "trained fp32" and "error" not in r}
+    base = {r["size"]: r["images_per_s"]["median"] for r in rows
+            if r.get("variant") == "trained fp32" and "error" not in r}
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} | | {r['variant']} | failed: {r['error'][-120:]!r} | | |")

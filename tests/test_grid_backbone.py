@@ -1,5 +1,5 @@
-"""The grid path trained end to end: frozen BN statistics, the freeze schedule, LR groups, the loss-scale ramp (IMG-6..11,
-OPT-1, spec §8.2), and the raw-image processing (spec §5.3)."""
+"""The grid path trained end to end: frozen BN statistics, the freeze schedule, LR groups, the loss-scale ramp
+(IMG-6..11, OPT-1, spec §8.2), and the raw-image processing (spec §5.3)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def images(n: int = 4, side: int = 32, seed: int = 0) -> torch.Tensor:
 
 def step(enc: BackboneGridEncoder, opt: torch.optim.Optimizer, seed: int = 0) -> None:
     emb, _ = enc(images(seed=seed))
-    target = torch.nn.functional.normalize(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    target = torch.nn.functional.normalize(torch.randn(emb.shape, generator=g), dim=-1)
     opt.zero_grad(set_to_none=True)
     (emb - target).pow(2).sum().backward()
     opt.step()

@@ -54,8 +54,9 @@ class BackboneGridEncoder(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.channels_last = channels_last
         self.bgr = backbone.bgr
-        self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (backbone.mean, backbone.std))
+        self.register_buffer("mean", mean, persistent=False)  # not saved: the backbone defines them
+        self.register_buffer("std", std, persistent=False)
         stages = backbone.stages()
         self._stages: list[nn.Module] = list(stages) if stages is not None else [backbone]  # views, not registered
         self.staged = stages is not None

@@ -1,10 +1,10 @@
 """The paper's two grid backbones in their released layouts: the BUTD detector ResNet-101 and WSL ResNeXt-101 32×8d.
 
-Chen et al., VSE∞ (CVPR 2021), grid rows: `detector` is the Faster R-CNN ResNet-101 of bottom-up attention (Caffe weights,
-converted; the stride sits on each downsampling bottleneck's first 1×1 conv, max-pool 3/2 without padding in ceil mode,
-BGR input minus pixel means); `wsl` is ResNeXt-101 32×8d weakly supervised on Instagram, in torchvision's layout (stride on
-the grouped 3×3 conv). Both end at layer4 (C5): there is no average pool or classifier. Weights come from a file the user
-provides (or, for `wsl`, the torch hub cache) and load strictly through a key map that accepts the official layouts.
+Chen et al., VSE∞ (CVPR 2021), grid rows: `detector` is the Faster R-CNN ResNet-101 of bottom-up attention (Caffe
+weights, converted; the stride sits on each downsampling bottleneck's first 1×1 conv, max-pool 3/2 without padding in
+ceil mode, BGR input minus pixel means); `wsl` is ResNeXt-101 32×8d weakly supervised on Instagram, in torchvision's
+layout (stride on the grouped 3×3 conv). Both end at layer4 (C5): no average pool, no classifier. Weights come from a
+file the user provides (or, for `wsl`, the torch hub cache) and load strictly through a key map of the official layouts.
 """
 
 from __future__ import annotations

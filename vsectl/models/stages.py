@@ -52,7 +52,7 @@ class EfficientNetStage(nn.Module):
 
 
 def efficientnet_stages(net: Any) -> list[nn.Module]:
-    """Group an EfficientNet's blocks by the stride of their output map: /2 (with the stem), /4, /8, /16, /32 (+ head)."""
+    """Group an EfficientNet's blocks by their output stride: /2 (with the stem), /4, /8, /16, /32 (with the head)."""
     groups: list[list[int]] = [[] for _ in range(N_STAGES)]
     stride = net._conv_stem.stride[0]
     for i, block in enumerate(net._blocks):
