@@ -295,3 +295,24 @@ def test_raw_split_pairs_captions_with_their_images_and_eval_sees_whole_images()
 
     expected = np.asarray(Image.open(raw[0]["path"]).convert("RGB").resize((24, 24), Image.BILINEAR))
     torch.testing.assert_close(batch["images"][0].permute(1, 2, 0), torch.from_numpy(expected))
+
+
+def test_channels_last_and_bf16_autocast_agree_with_fp32():
+    enc = encoder().eval()
+    fast = encoder(channels_last=True)
+    fast.load_state_dict(enc.state_dict())
+    fast.eval()
+    x = images(n=3, side=64)
+    with torch.no_grad():
+        ref, _ = enc(x)
+        nhwc, _ = fast(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half, _ = fast(x)
+    torch.testing.assert_close(nhwc, ref, rtol=1e-4, atol=1e-4)
+    assert half.dtype == torch.float32  # L2 normalisation stays an fp32 island
+    assert torch.nn.functional.cosine_similarity(half, ref).min() > 0.98
+    fast.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb, _ = fast(x)
+    emb.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.backbone.parameters())
