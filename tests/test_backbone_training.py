@@ -94,7 +94,7 @@ def test_the_papers_grid_recipes_train_on_tiny_inputs(backbone, tmp_path, tiny_b
     recipe = REPO / "recipes" / f"f30k_{backbone}_grid_bert.yaml"
     tiny = [f"data.root={CLIPART}", f"model.image.backbone.weights={weights}", "model.image.backbone.size=64",
             f"model.text.pretrained={tiny_bert_dir}", "data.batch_size=2", "data.num_workers=0", "data.val_images=4",
-            "train.epochs=2", "train.max_steps_per_epoch=1", "model.embed_dim=16"]
+            "train.epochs=2", "train.max_steps_per_epoch=2", "model.embed_dim=16"]  # step 0 of epoch 1 has scale 0
     cfg = load_recipe(recipe, tiny)
     assert cfg.train.lr_mult.backbone == 0.01 and cfg.model.image.backbone.size == 64
     assert changed_keys(load_recipe(recipe), load_recipe(REPO / "recipes" / f"coco_{backbone}_grid_bert.yaml")) == \
@@ -133,3 +133,23 @@ def test_torchrun_trains_the_backbone_path_across_the_freeze_change(tmp_path):
     weights = [k for k in start if k.endswith("weight")]
     assert all(torch.equal(trained[f"image.backbone.{k}"], start[k]) for k in stats)
     assert any(not torch.equal(trained[f"image.backbone.{k}"], start[k]) for k in weights)
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["data.root={toy}"], "is not a raw dataset folder"),
+    (["model.image.backbone.name=detector"], "detector needs its weights file"),
+    (["model.image.feat_dim=2048"], "model.image.feat_dim is 2048 but backbone 'efficientnet-lite0' gives 1280"),
+    (["model.image.backbone.name=efficientnet-lite9"], "did you mean"),
+])
+def test_backbone_mistakes_are_one_line(overrides, expected, tmp_path, toy_root):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    recipe = tmp_path / "bb.yaml"
+    recipe.write_text(RECIPE)
+    sets = [a for o in overrides for a in ("--set", o.format(toy=toy_root))]
+    result = CliRunner().invoke(app, ["-q", "train", str(recipe), "--out", str(tmp_path), "--device", "cpu", *sets])
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
