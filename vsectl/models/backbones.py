@@ -133,14 +133,20 @@ def _efficientnet_modules(variant: str = "efficientnet-lite0") -> tuple[Any, Pat
     return EfficientNet, Path(weights_file.get_model_file_path())
 
 
-def load_state_dict_strict(module: nn.Module, path: Path, what: str) -> None:
-    """Load a plain torch state dict file into `module`, requiring every key to match (one-line error otherwise)."""
+def read_state_dict(path: Path, what: str) -> dict[str, Any]:
+    """A torch state dict file (tensors only: `weights_only`), or a one-line ConfigError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not state dicts
         raise ConfigError(f"{what} weights {path} are not a readable torch state dict ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{what} weights {path} hold a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_state_dict_strict(module: nn.Module, path: Path, what: str) -> None:
+    """Load a plain torch state dict file into `module`, requiring every key to match (one-line error otherwise)."""
+    state = read_state_dict(path, what)
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, cnn_grid
+from vsectl.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, cnn_grid, read_state_dict
 
 RESNET101_DEPTHS = (3, 4, 23, 3)        # bottlenecks per stage, ResNet-101 and ResNeXt-101
 EXPANSION = 4                           # bottleneck output = 4 × its planes
@@ -178,12 +178,7 @@ def official_resnet_state(state: dict[str, Any], what: str) -> dict[str, torch.T
 
 def load_resnet_weights(net: ResNetC5, path: Path, what: str) -> None:
     """Load a weights file into `net` through `official_resnet_state`; every key must match (one-line errors)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not state dicts
-        raise ConfigError(f"{what} weights {path} are not a readable torch state dict ({type(e).__name__})") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{what} weights {path} hold a {type(state).__name__}, not a state dict")
+    state = read_state_dict(path, what)
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers around the weights
         if set(state) == {wrapper} or (wrapper in state and isinstance(state[wrapper], dict) and len(state) <= 3):
             state = state[wrapper]
