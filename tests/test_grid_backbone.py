@@ -143,7 +143,7 @@ def test_efficientnet_stages_freeze_like_the_resnet_ones():
         torch.testing.assert_close(enc.eval().cells(x), lite0.eval()(enc.normalize(x)))  # stages == the whole net
     enc.set_fixed_blocks(2)
     frozen = {id(p) for s in enc._stages[:3] for m in s.owned_modules() for p in m.parameters()}
-    for p in lite0.parameters():
+    for p in enc.backbone_parameters():
         assert p.requires_grad == (id(p) not in frozen)
     assert frozen and len(frozen) < len(list(lite0.parameters()))
 
@@ -235,8 +235,12 @@ def test_each_parameter_group_has_the_spec_learning_rate(mult, expected):
 
 def test_imagenet_backbones_default_to_a_tenth_of_the_base_lr():
     lite0 = BACKBONES.get("efficientnet-lite0")(size=32)
-    groups = {g["name"]: g["lr_mult"] for g in param_groups(model_with(lite0), LRMultConfig())}
-    assert groups["backbone"] == 0.1 and groups["image_head"] == 1.0
+    groups = param_groups(model_with(lite0), LRMultConfig())
+    mults = {g["name"]: g["lr_mult"] for g in groups}
+    assert mults["backbone"] == 0.1 and mults["image_head"] == 1.0
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    classifier = list(lite0.net._fc.parameters())  # never run by the grid path: in no group, never trained
+    assert classifier and all(id(p) not in in_groups and not p.requires_grad for p in classifier)
 
 
 def test_loss_scale_ramps_over_the_first_unfrozen_epoch_opt1():
@@ -293,7 +297,7 @@ def test_raw_split_pairs_captions_with_their_images_and_eval_sees_whole_images()
     assert batch["images"].shape == (3, 3, 24, 24) and batch["images"].dtype == torch.uint8
     from PIL import Image
 
-    expected = np.asarray(Image.open(raw[0]["path"]).convert("RGB").resize((24, 24), Image.BILINEAR))
+    expected = np.array(Image.open(raw[0]["path"]).convert("RGB").resize((24, 24), Image.BILINEAR))
     torch.testing.assert_close(batch["images"][0].permute(1, 2, 0), torch.from_numpy(expected))
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -283,6 +284,14 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     return out
 
 
+def _wrap_ddp(model: torch.nn.Module, old: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """A new DDP wrapper over the current trainable set; the old one is destroyed first (its gradient hooks with it)."""
+    if old is not model:
+        del old
+        gc.collect()  # DDP's reducer removes its autograd hooks only when it is freed
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+
+
 def train(
     cfg: RunConfig,
     out_root: str | Path = "runs",
@@ -351,7 +360,7 @@ def train(
                 model.image.set_fixed_blocks(fixed)  # IMG-11; DDP is rebuilt below for the new trainable set
                 log.info("epoch %d: backbone blocks fixed: %s", epoch, "all" if fixed == 4 else fixed)
             if dist.enabled and (net is model or image_size is not None and net.fixed != fixed):
-                net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+                net = _wrap_ddp(model, net, dev)
                 net.fixed = fixed
             loader = make_loader(cfg, train_split, text, epoch, 0, state_cache=caches.get("train"), dist=dist,
                                  image_size=image_size)

@@ -62,8 +62,18 @@ class BackboneGridEncoder(nn.Module):
         self.staged = stages is not None
         if channels_last:
             backbone.to(memory_format=torch.channels_last)
+        used = {id(p) for stage in self._stages for m in stage_modules(stage) for p in m.parameters()}
+        # Parts the grid path never runs (EfficientNet's classifier) stay fixed and join no optimizer group.
+        self.unused = [p for p in backbone.parameters() if id(p) not in used]
+        for param in self.unused:
+            param.requires_grad_(False)
         self.fixed_blocks = 0
         self.set_fixed_blocks(0)
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters the grid path uses (trainable or held fixed by the schedule)."""
+        unused = {id(p) for p in self.unused}
+        return [p for p in self.backbone.parameters() if id(p) not in unused]
 
     # ------------------------------------------------------------------------------------------------ freezing
 

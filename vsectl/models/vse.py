@@ -61,8 +61,8 @@ def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
     backbone = getattr(model.image, "backbone", None)
     # The whole backbone joins its group even while the schedule holds it fixed: the optimizer then already knows
     # every parameter when blocks unfreeze, and a resumed run rebuilds the same groups at any epoch.
-    backbone_params = list(backbone.parameters()) if backbone is not None else []
-    backbone_ids = {id(p) for p in backbone_params}
+    backbone_params = model.image.backbone_parameters() if backbone is not None else []
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
     backbone_mult = mult.backbone if mult.backbone >= 0 else (backbone.lr_mult if backbone is not None else 0.0)
     groups = [
         {"name": "image_head", "lr_mult": mult.image_head,
