@@ -18,9 +18,11 @@ import torch
 from torch.utils.data import Dataset
 
 from vsectl.data.captions import TextProcessor
+from vsectl.data.datasets import collate_tokens
 from vsectl.data.images import UnreadableImage, _pil, load_rgb, resize_square, to_uint8_tensor
 from vsectl.data.raw import is_raw_dataset, load_raw_dataset
 from vsectl.data.sources import Split
+from vsectl.data.text_input import TextInput
 from vsectl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -113,18 +115,22 @@ class RawPairDataset(Dataset):
 
     Args:
         split: a split from `load_raw_split`.
-        text: encodes captions, or gives cached token states (`get(i, rng)`), as in `PairDataset`.
+        text: encodes captions, or with `text_input` STATES gives cached token states (`get(i, rng)`), as in
+            `PairDataset`.
         size: the backbone's input side.
         seed: base seed.
+        text_input: what `text` gives: token ids or cached states.
     """
 
-    def __init__(self, split: Split, text: TextProcessor, size: int, seed: int) -> None:
+    def __init__(self, split: Split, text: TextProcessor, size: int, seed: int,
+                 text_input: TextInput = TextInput.IDS) -> None:
         if not isinstance(split.features, RawImages):
             raise TypeError("RawPairDataset needs a split of raw images (load_raw_split)")
         self.split = split
         self.text = text
         self.size = size
         self.seed = seed
+        self.text_input = TextInput(text_input)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -137,7 +143,7 @@ class RawPairDataset(Dataset):
         """Return (image (3, size, size) uint8, token ids (T,) int64 or cached states (T, H) float32, i)."""
         rng = np.random.default_rng([self.seed, self.epoch, i])
         image = self.split.features.read(int(self.split.cap2img[i]), self.size, rng)
-        if hasattr(self.text, "get"):
+        if self.text_input is TextInput.STATES:
             return image, torch.from_numpy(self.text.get(i, rng)), i
         return image, torch.tensor(self.text.encode(self.split.captions[i], rng), dtype=torch.int64), i
 
@@ -156,13 +162,11 @@ class RawImageDataset(Dataset):
         return self.split.features.read(i, self.size, None), i
 
 
-def collate_raw_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0
-                      ) -> dict[str, torch.Tensor]:
+def collate_raw_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0,
+                      text_input: TextInput = TextInput.IDS) -> dict[str, torch.Tensor]:
     """Stack raw-image pairs: images (B, 3, S, S) uint8; tokens padded as `collate_pairs` pads them (DATA-2)."""
-    from vsectl.data.datasets import collate_tokens
-
     images, ids, index = zip(*batch, strict=True)
-    tokens = collate_tokens(list(zip(ids, index, strict=True)), pad_id=pad_id)
+    tokens = collate_tokens(list(zip(ids, index, strict=True)), pad_id=pad_id, text_input=text_input)
     return {"images": torch.stack(images), **tokens}
 
 
