@@ -86,7 +86,8 @@ def check_fields(opt: dict[str, Any], source: str) -> None:
         raise CheckpointError(
             f"{source} is a grid checkpoint (precomp_enc_type=backbone, backbone_source="
             f"{opt.get('backbone_source', '?')}): its image side runs a CNN on raw images, and vsectl cannot import "
-            "that yet (the end-to-end backbone path is not built); region checkpoints (precomp_enc_type=basic) import"
+            "that checkpoint layout yet (its backbone keys are not mapped); region checkpoints "
+            "(precomp_enc_type=basic) import"
         )
     for name, value in opt.items():
         if name not in MAPPED and name not in IGNORED:
