@@ -114,8 +114,10 @@ def resolve_checkpoint(path: Path, which: str = "best") -> tuple[Path, Path]:
         ckpt = path if path.is_dir() else path.parent
         return ckpt.parent.parent, ckpt
     if not path.is_dir():
+        official = f"; a model_best.pth of the official code becomes a run with: vsectl import official {path} " \
+            "--out runs/NAME" if path.suffix in (".pth", ".pt", ".tar") else ""
         raise CheckpointError(f"{path} is a file, not a vsectl run: give the run directory (e.g. runs/NAME, made by "
-                              "vsectl train) or one of its checkpoints/best or checkpoints/last folders")
+                              f"vsectl train) or one of its checkpoints/best or checkpoints/last folders{official}")
     ckpt = path / "checkpoints" / which
     if not ckpt.exists() and not any(path.glob(f"checkpoints/.old-{which}-*")):
         if which == "best" and (path / "checkpoints" / "last").exists():

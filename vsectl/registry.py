@@ -26,15 +26,16 @@ def _is_abbreviation(short: str, name: str) -> bool:
 def did_you_mean(name: str, choices: list[str]) -> str:
     """Return " (did you mean 'x'?)" for the closest choice, or an empty string.
 
-    A near-miss spelling wins ('train.lrr' → 'train.lr'); otherwise an abbreviation of exactly one choice wins over a
+    A near-miss spelling wins ('train.lrr' → 'train.lr'); otherwise an abbreviation of a choice wins over a
     loose likeness: 'effnet' means efficientnet-lite0, although 'resnet' is spelled more like it.
     """
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     if close and difflib.SequenceMatcher(None, name, close[0]).ratio() >= NEAR_MISS:
         return f" (did you mean '{close[0]}'?)"
-    abbreviated = [c for c in choices if _is_abbreviation(name, c)]
-    if len(abbreviated) == 1:
-        return f" (did you mean '{abbreviated[0]}'?)"
+    abbreviated = sorted(c for c in choices if _is_abbreviation(name, c))
+    if abbreviated:  # of several (efficientnet-lite0/1/2), the closest in spelling, then the first
+        best = max(abbreviated, key=lambda c: difflib.SequenceMatcher(None, name, c).ratio())
+        return f" (did you mean '{best}'?)"
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vsectl.checkpoint import STATE_FILE
 from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
@@ -60,3 +61,14 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def completed_epochs(run_dir: Path) -> int | None:
+    """Epochs saved in the run's last complete checkpoint (what a resume continues from); None when there is none."""
+    folder = Path(run_dir) / "checkpoints" / "last"
+    for candidate in (folder, *sorted(folder.parent.glob(".old-last-*"))):  # an interrupted swap keeps the old one
+        try:
+            return int(json.loads((candidate / STATE_FILE).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return None

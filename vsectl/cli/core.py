@@ -49,7 +49,7 @@ def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], ou
     """What a Ctrl-C kept of a training run, and the command that resumes it."""
     from shlex import quote
 
-    from vsectl.training import completed_epochs
+    from vsectl.run_dir import completed_epochs
 
     command = " ".join(["vsectl train", quote(str(recipe)), *(f"--set {quote(o)}" for o in overrides),
                         *([f"--out {quote(str(out))}"] if out != Path("runs") else []),
