@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vsectl import __version__
 
@@ -54,7 +55,8 @@ class RichProgress:
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)  # one line, however long
+    # escaped: a message such as "pip install 'vsectl[faiss]'" must not be read as rich markup
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 
