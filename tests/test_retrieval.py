@@ -374,3 +374,29 @@ def test_a_store_from_another_backbone_is_refused(clipart_run, tmp_path):
     line = _bad("embed", str(clipart_run["run"]), "--features", str(store), "--out", str(tmp_path / "e"),
                 "--device", "cpu")
     assert "another feature recipe" in line and "weights_sha256" in line
+
+
+def test_a_run_that_trains_its_own_backbone_embeds_image_files(clipart_run, tmp_path):
+    from vsectl.config import load_recipe
+    from vsectl.evaluation import evaluate_runs
+    from vsectl.metrics import recall_metrics
+    from vsectl.training import train
+
+    overrides = [f"data.root={clipart_run['raw']}", "name=bb", "data.batch_size=16", "data.val_images=16",
+                 "model.embed_dim=32", "model.image.encoder=backbone", "model.image.feat_dim=1280",
+                 "model.image.backbone.name=efficientnet-lite0", "model.image.backbone.size=32", "train.epochs=1",
+                 "train.max_steps_per_epoch=2"]
+    run = train(load_recipe(REPO / "recipes" / "tiny.yaml", overrides), out_root=tmp_path / "runs", device="cpu")
+    model = vsectl.load(run, device="cpu")
+    assert model.end_to_end
+    emb = vsectl.open_embeddings(vsectl.embed(model, tmp_path / "emb", data=clipart_run["raw"], split="test",
+                                              workers=0))
+    assert (emb.n_images, emb.meta["backbone"]["end_to_end"]) == (120, True)
+    np.testing.assert_allclose(model.encode_images([emb.image(5)["path"]])[0], emb.images[5], atol=1e-5)
+    i2t, t2i = _ranks_from_search(emb, emb)
+    evaluated = evaluate_runs([run], protocol="f30k", split="test", write=False)["f30k"]["metrics"]
+    ours = recall_metrics(i2t, t2i)
+    assert ours == evaluated, (ours, evaluated)
+    line = _bad("embed", str(run), "--features", str(clipart_run["feats"] / "test.h5"), "--out", str(tmp_path / "f"),
+                "--device", "cpu")
+    assert "trains its own image backbone" in line

@@ -123,7 +123,7 @@ def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, 
                     ok.append(pos)
                     pending.append(feats)
                 if len(pending) == batch_size or (pos == b - 1 and pending):
-                    out.append(model.encode_feature_sets(pending, batch_size=batch_size))
+                    out.append(model.encode_items(pending, batch_size=batch_size))
                     pending = []
             rows = np.concatenate(out) if out else np.zeros((0, model.embed_dim), dtype=np.float32)
             _write_shard(folder, _shard_name("images", s), rows, {"ok": ok, "skipped": skipped})
@@ -206,6 +206,9 @@ def _merge(partial: Path, source: Source, n_img_shards: int, n_cap_shards: int, 
 
 def _check_store(model: Any, source: Source) -> None:
     feat_dim, recipe = source.extra["feat_dim"], source.extra["recipe"]
+    if model.end_to_end:
+        raise ConfigError(f"run {model.run_dir} trains its own image backbone, so stored features do not fit it; "
+                          "embed the images with --images DIR or --data RAW")
     if feat_dim != model.feat_dim:
         raise ConfigError(f"{source.path} holds {feat_dim}-d features but run {model.run_dir} takes "
                           f"{model.feat_dim}-d; embed features made with the run's backbone")
@@ -277,8 +280,8 @@ def embed(
     if source.kind == "features":
         _check_store(model, source)
     else:
-        model.backbone  # noqa: B018 - fails now, in one line, when the recipe cannot be replayed
-    backbone = source.backbone if source.kind == "features" else model.recipe.provenance()
+        model.check_images()  # fails now, in one line, when the recipe cannot be replayed
+    backbone = source.backbone if source.kind == "features" else model.provenance()
     settings = {"fingerprint": model.fingerprint, "source": {"kind": source.kind, "path": str(source.path),
                 **source.identity}, "shard_size": shard_size, "batch_size": batch_size, "backbone": backbone}
     if (out / META).is_file():

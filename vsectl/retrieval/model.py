@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,52 @@ class RetrievalModel:
         return np.concatenate(out)
 
     @property
+    def end_to_end(self) -> bool:
+        """The run trained its own backbone (`model.image.encoder: backbone`): its tower takes pixels, not sets."""
+        return self.config.model.image.encoder == "backbone"
+
+    def provenance(self) -> dict[str, Any] | None:
+        """How this model turns image files into embeddings, as recorded in an embeddings folder's meta.json."""
+        if self.end_to_end:
+            bb = self.net.image.backbone
+            return {"backbone": bb.name, "end_to_end": True, "input_size": bb.size, "mean": list(bb.mean),
+                    "std": list(bb.std)}
+        return self.recipe.provenance() if self.recipe is not None else None
+
+    def check_images(self) -> None:
+        """Fail now, in one line, when image files cannot be embedded by this model."""
+        if not self.end_to_end:
+            self.backbone  # noqa: B018
+
+    @torch.no_grad()
+    def encode_items(self, items: Sequence[np.ndarray], batch_size: int = IMAGE_BATCH) -> np.ndarray:
+        """Embed what `image_features` yields: feature sets, or (3, S, S) uint8 images for an end-to-end run."""
+        if not self.end_to_end:
+            return self.encode_feature_sets(items, batch_size)
+        out = [np.zeros((0, self.embed_dim), dtype=np.float32)]
+        for a in range(0, len(items), batch_size):
+            pixels = torch.from_numpy(np.stack(items[a : a + batch_size]))  # (B, 3, S, S) uint8
+            emb, _ = self.net.encode_image(pixels.to(self.device), None)
+            out.append(emb.float().cpu().numpy())
+        return np.concatenate(out)
+
+    def _pixels(self, paths: Sequence[str | Path], workers: int, batches: Sequence[Sequence[int]] | None,
+                progress: Any) -> Iterator[tuple[int, np.ndarray | None, str]]:
+        from vsectl.data.images import ImageFiles
+
+        size = self.net.image.backbone.size
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_sampler=batches or [
+            list(range(a, min(a + BACKBONE_BATCH, len(paths)))) for a in range(0, len(paths), BACKBONE_BATCH)],
+            num_workers=workers)
+        started, done = time.perf_counter(), 0
+        for index, images, ok, reasons in loader:
+            for i, image, good, reason in zip(index.tolist(), images, ok.tolist(), reasons, strict=True):
+                yield i, (image.numpy() if good else None), reason
+            done += len(index)
+            if progress is not None:
+                progress.update(images_per_s=done / max(time.perf_counter() - started, 1e-9))
+
+    @property
     def backbone(self) -> Any:
         """The run's backbone, rebuilt from its feature recipe on first use (on this model's device).
 
@@ -169,8 +216,12 @@ class RetrievalModel:
                        = None, progress: Any = None) -> Iterator[tuple[int, np.ndarray | None, str]]:
         """Run the replayed backbone over image files: yields (index, (N, C) float32 set or None, reason if None).
 
-        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored.
+        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored. For an
+        end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
         """
+        if self.end_to_end:
+            yield from self._pixels(paths, workers, batches, progress)
+            return
         from vsectl.extract import extract_images
 
         recipe = self.recipe
@@ -204,7 +255,9 @@ class RetrievalModel:
                 if feats is None:
                     raise DataError(f"cannot read image {reason}")
                 sets.append(feats)
-            return self.encode_feature_sets(sets, batch_size)
+            return self.encode_items(sets, batch_size)
+        if self.end_to_end:
+            raise ConfigError(f"run {self.run_dir} trains its own backbone: give image files, not feature sets")
         return self.encode_feature_sets(images, batch_size)
 
 
