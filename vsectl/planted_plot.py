@@ -31,26 +31,27 @@ def plot_bench(result: dict, stem: Path) -> list[Path]:
             mean = [statistics.fmean(v) for v in zip(*per_seed, strict=True)]
             lo = [min(v) for v in zip(*per_seed, strict=True)]
             hi = [max(v) for v in zip(*per_seed, strict=True)]
-            ax.axvspan(cfg["train_min_size"], cfg["train_max_size"], color="0.92", lw=0, label="training sizes")
+            ax.axvspan(cfg["train_min_size"], cfg["train_max_size"], color="0.9", lw=0, label="training sizes")
             ax.fill_between(sizes, lo, hi, color="C3", alpha=0.25, lw=0)
-            ax.plot(sizes, mean, color="C3", label=f"GPO (mean, range of {len(gpo)} seeds)")
+            ax.plot(sizes, mean, color="C3", label=f"GPO (mean and range over {len(gpo)} seeds)")
             ax.plot(sizes, [best["theta_rmse"][str(n)] for n in sizes], color="k", ls="--",
                     label="best fixed K (dev)")
-            ax.set_title(f"planted {summary['planting']}; best fixed: {best['label']}")
+            ax.set_title(f"planted {summary['planting']}\nbest fixed (dev): {best['label']}")
             ax.set_xlabel("set size N")
             if col == 0:
-                ax.set_ylabel("θ RMSE vs planted")
+                ax.set_ylabel("RMSE(θ, planted θ)")
             ax = axes[1][col]
             for color, n in zip(SIZES_COLORS, sorted(int(n) for n in gpo[0]["theta"]), strict=False):
                 x = [k / max(n - 1, 1) for k in range(n)]
                 learned = [statistics.fmean(v) for v in zip(*(r["theta"][str(n)] for r in gpo), strict=True)]
-                ax.plot(x, learned, color=color, marker="." if n <= 8 else None, label=f"GPO, N={n}")
-                ax.plot(x, pattern_weights(summary["planting"], n).tolist(), color=color, ls=":", lw=1.2)
+                ax.plot(x, learned, color=color, marker="." if n <= 8 else None, ms=4, label=f"GPO, N = {n}")
+                ax.plot(x, pattern_weights(summary["planting"], n).tolist(), color=color, ls=":", lw=1.2,
+                        drawstyle="steps-post" if n > 8 else "default")
             ax.set_xlabel("relative rank k/(N−1)")
             if col == 0:
                 ax.set_ylabel("θ_k (dotted: planted)")
-        axes[0][0].legend(loc="upper center", fontsize=6)
-        axes[1][0].legend(loc="upper right", fontsize=6)
+        handles = axes[0][0].get_legend_handles_labels()[0] + axes[1][0].get_legend_handles_labels()[0]
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
         paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
         for path in paths:
             save_figure(fig, path)
