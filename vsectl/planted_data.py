@@ -1,4 +1,4 @@
-"""Planted-pooling retrieval data: feature sets whose captions describe a chosen pooling of the set (ours, not the paper's).
+"""Planted-pooling retrieval data: feature sets whose captions describe a chosen pooling of the set (ours).
 
 Every set element is x ~ N(0, I) in `feat_dim` dimensions. A fixed random projection P with orthonormal rows gives
 z = P x in `caption_dims` dimensions; the set's target is y_j = Σ_k θ*_k(N) · sort_k(z_j), with θ* a pattern of
@@ -36,7 +36,7 @@ class PlantedSplit:
 
 
 def projection(feat_dim: int, caption_dims: int, rng: np.random.Generator) -> np.ndarray:
-    """(caption_dims, feat_dim) with orthonormal rows, so every z_j = P_j · x is N(0, 1) and independent of the others."""
+    """(caption_dims, feat_dim) with orthonormal rows: every z_j = P_j · x is N(0, 1), independent of the others."""
     if caption_dims > feat_dim:
         raise ConfigError(f"planted: caption_dims ({caption_dims}) cannot exceed feat_dim ({feat_dim})")
     q, _ = np.linalg.qr(rng.normal(size=(feat_dim, caption_dims)))

@@ -244,7 +244,7 @@ def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: 
 
 
 def plot_weight_curves(curves: WeightCurves, path: str | Path, x_axis: str = "relative", y_scale: str = "log") -> Path:
-    """Draw the curves (`draw_weight_curves`) and write them to `path`, whose suffix (.pdf, .svg, .png) is the format."""
+    """Draw the curves (`draw_weight_curves`) and write them to `path`; its suffix (.pdf, .svg, .png) is the format."""
     figure_format(path)
     with paper_style():
         return save_figure(draw_weight_curves(curves, x_axis, y_scale), path)
