@@ -365,6 +365,18 @@ def results_markdown(result: dict) -> str:
                           for b in BUCKETS]
             lines.append(f"| {s['planting']} | {who} | " + " | ".join(_pm(c[b][key]) for b in BUCKETS) + " | "
                          + " | ".join(rmse_cells) + " |")
+    shown = sorted({cfg["smaller_min_size"], cfg["smaller_max_size"], cfg["train_min_size"],
+                    (cfg["train_min_size"] + cfg["train_max_size"]) // 2, cfg["train_max_size"], cfg["larger_min_size"],
+                    cfg["larger_max_size"]})
+    lines += ["", "GPO's θ RMSE against the planted θ at single sizes N (mean over seeds; the best fixed cell's in "
+              "brackets):", "", "| planted | " + " | ".join(f"N = {n}" for n in shown) + " |",
+              "|---|" + "---:|" * len(shown)]
+    for s in result["plantings"]:
+        gpo = next(r for r in s["rows"] if r["gpo"])
+        best = next(r for r in s["rows"] if r["cell"] == s["best_fixed_dev"])
+        lines.append(f"| {s['planting']} | " + " | ".join(
+            f"{gpo['theta_rmse_per_size'][str(n)]:.4f} ({best['theta_rmse_per_size'][str(n)]:.4f})" for n in shown)
+            + " |")
     lines += ["", "## The grids (every cell)", ""]
     for s in result["plantings"]:
         lines += [f"### planted {s['planting']}", "", "| cell | dev rsum | rsum seen | rsum smaller | rsum larger |",
