@@ -12,7 +12,14 @@ from typing import Any
 
 
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set straight back
+    try:  # Linux reports it without changing it (os.umask would, for a moment, for every thread)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
