@@ -379,11 +379,14 @@ def results_markdown(result: dict) -> str:
             + " |")
     lines += ["", "## The grids (every cell)", ""]
     for s in result["plantings"]:
-        lines += [f"### planted {s['planting']}", "", "| cell | dev rsum | rsum seen | rsum smaller | rsum larger |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [f"### planted {s['planting']}", "", "| cell | dev rsum | rsum seen | rsum smaller | rsum larger | "
+                  "rsum seen per seed |", "|---|---:|---:|---:|---:|---|"]
         for r in s["rows"]:
             name = f"**{r['label']}**" if r["cell"] in (s["peak_test"], s["planted_cell"]) else r["label"]
-            lines.append(f"| {name} | {_pm(r['dev_rsum'])} | " + " | ".join(_pm(r["rsum"][b]) for b in BUCKETS) + " |")
+            per_seed = ", ".join(f"{x['rsum']['seen']:.0f}" for x in result["records"]
+                                 if x["planting"] == s["planting"] and x["cell"] == r["cell"])
+            lines.append(f"| {name} | {_pm(r['dev_rsum'])} | " + " | ".join(_pm(r["rsum"][b]) for b in BUCKETS)
+                         + f" | {per_seed} |")
         gpo = next(r for r in s["rows"] if r["gpo"])
         lines += ["", f"GPO orientation per seed: {', '.join(map(str, gpo['orientations']))}.", ""]
     lines += ["## Verdict", ""] + [f"- {v}" for v in result["verdict"]]
