@@ -118,6 +118,7 @@ def test_summary_finds_the_peak_and_judges_gpo_within_one_std():
     s = summarise_planting(cfg, "M-2", recs)
     assert s["planted_cell"] == "img-kmax2" and s["peak_is_planted"] and s["best_fixed_dev"] == "img-kmax2"
     assert s["compare"]["seen"]["within_one_std"]  # 200 >= 210 − 10
+    assert s["compare"]["seen"]["gpo_seeds_within_one_std"] == 2  # 200 and 205
     assert not s["compare"]["seen"]["gpo_better"]
     assert s["compare"]["seen"]["diff"]["mean"] == pytest.approx(-10.0)
     cfg, recs = _records({"img-max": [300, 300, 300], "img-kmax2": [200, 210, 220], "img-gpo": [150, 160, 170]},

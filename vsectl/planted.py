@@ -275,7 +275,9 @@ def summarise_planting(cfg: BenchConfig, pattern: str, records: list[dict]) -> d
     for b in BUCKETS:
         diffs = [by_seed[gpo["cell"], s]["rsum"][b] - by_seed[best["cell"], s]["rsum"][b] for s in seeds]
         ref = best["rsum"][b]
+        floor = ref["mean"] - (ref["std"] or 0.0)
         compare[b] = {"gpo": gpo["rsum"][b], "best_fixed": ref, "diff": _stats(diffs),
+                      "gpo_seeds_within_one_std": sum(by_seed[gpo["cell"], s]["rsum"][b] >= floor for s in seeds),
                       "within_one_std": ref["std"] is not None
                       and gpo["rsum"][b]["mean"] >= ref["mean"] - ref["std"],
                       "gpo_better": gpo["rsum"][b]["mean"] > ref["mean"],
@@ -297,7 +299,8 @@ def verdict_lines(summary: dict) -> list[str]:
     seen = c["seen"]
     out.append(f"{p}: GPO {_pm(seen['gpo'])} vs best fixed ({summary['best_fixed_dev']}, chosen on dev) "
                f"{_pm(seen['best_fixed'])} on seen sizes: "
-               + ("within one std." if seen["within_one_std"] else "NOT within one std."))
+               + ("within one std" if seen["within_one_std"] else "NOT within one std")
+               + f" ({seen['gpo_seeds_within_one_std']} of {len(summary['rows'][0]['seeds'])} GPO seeds are).")
     for b in UNSEEN:
         u = c[b]
         word = "better" if u["gpo_better"] else "NOT better"
