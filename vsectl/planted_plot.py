@@ -44,9 +44,10 @@ def plot_bench(result: dict, stem: Path) -> list[Path]:
             for color, n in zip(SIZES_COLORS, sorted(int(n) for n in gpo[0]["theta"]), strict=False):
                 x = [k / max(n - 1, 1) for k in range(n)]
                 learned = [statistics.fmean(v) for v in zip(*(r["theta"][str(n)] for r in gpo), strict=True)]
-                ax.plot(x, learned, color=color, marker="." if n <= 8 else None, ms=4, label=f"GPO, N = {n}")
+                ax.plot(x, learned, color=color, marker="." if n <= 8 else None, ms=4,
+                        label=f"GPO, N = {n} (mean of seeds)")
                 ax.plot(x, pattern_weights(summary["planting"], n).tolist(), color=color, ls=":", lw=1.2,
-                        drawstyle="steps-post" if n > 8 else "default")
+                        drawstyle="steps-post")  # rank k holds [k, k + 1) / (N − 1)
             ax.set_xlabel("relative rank k/(N−1)")
             if col == 0:
                 ax.set_ylabel("θ_k (dotted: planted)")
