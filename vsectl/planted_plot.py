@@ -52,7 +52,7 @@ def plot_bench(result: dict, stem: Path) -> list[Path]:
             if col == 0:
                 ax.set_ylabel("θ_k (dotted: planted)")
         handles = axes[0][0].get_legend_handles_labels()[0] + axes[1][0].get_legend_handles_labels()[0]
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+        fig.legend(handles=handles, loc="outside lower center", ncol=3)
         paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
         for path in paths:
             save_figure(fig, path)
