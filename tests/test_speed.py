@@ -202,3 +202,20 @@ def test_runs_sharing_a_cache_folder_compute_the_text_states_once(toy_root, tiny
         assert not (run / "text_cache").exists()
         stamps.append({p.name: p.stat().st_mtime_ns for p in shared.glob("*.h5")})
     assert len(stamps[0]) == 2 and stamps[0] == stamps[1]  # train + val, written by the first run only
+
+
+def test_precision_auto_on_avx512_bf16_without_amx_picks_bf16() -> None:
+    cpu = torch.device("cpu")
+    p = resolve_precision("auto", cpu, flags={"avx512f", "avx512_bf16"})
+    assert p.name == "bf16" and "avx512_bf16" in p.reason
+
+
+def test_usable_cpus_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vsectl.runtime import env_info, usable_cpus
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cpus() == 1
+    assert env_info()["usable_cpus"] == 1

@@ -41,10 +41,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-# CPU flags of bf16 units, and those with which bf16 training pays (auto picks bf16). AVX512-BF16 alone (dot products,
-# no AMX tiles) was measured not to pay for the training step: see BF16_PAYS_ON_CPU in BENCHMARKS.md.
+# CPU flags of bf16 units (AMX tiles; AVX512-BF16 dot products). With either, bf16 autocast pays for training: on an
+# AMD EPYC with AVX512-BF16 and no AMX the BiGRU and MiniLM steps took 0.36x and 0.38x the fp32 step; without them
+# bf16 is emulated and 15-37x slower (BENCHMARKS.md).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-BF16_PAYS_ON_CPU = ("amx_bf16",)
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,8 @@ def bf16_pays(device: torch.device, flags: set[str] | None = None) -> tuple[bool
     if device.type != "cpu":
         return False, f"{device.type} device"
     units = cpu_bf16_units(flags)
-    if any(u in BF16_PAYS_ON_CPU for u in units):
-        return True, f"CPU with bf16 matrix units ({', '.join(units)})"
     if units:
-        return False, f"CPU with {', '.join(units)} but no AMX: bf16 measured slower than fp32 for training"
+        return True, f"CPU with bf16 units ({', '.join(units)})"
     return False, "CPU without bf16 units (bf16 would be emulated)"
 
 

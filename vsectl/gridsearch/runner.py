@@ -124,7 +124,10 @@ def run_sweep(
     todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split)]
     log.info("gridsearch: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     if jobs > 1 and len(todo) > 1:
-        threads = max(1, usable_cpus() // jobs)  # the CPUs this process may run on, not the machine's
+        cpus = usable_cpus()  # the CPUs this process may run on (affinity, cgroups' cpusets), not the machine's
+        if jobs > cpus:
+            log.warning("--jobs %d is more than the %d CPUs this process may use; cells will share cores", jobs, cpus)
+        threads = max(1, cpus // jobs)
         args = [(to_dict(configs[c.name]), str(runs_root), protocol, split, device) for c in todo]
         with mp.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (threads,)) as pool:
             for run_dir in progress.track(pool.imap_unordered(_run_cell_job, args), total=len(todo),
