@@ -61,7 +61,7 @@ def test_text_encoder_dense_equals_packed_with_the_same_state_dict() -> None:
     results = []
     for dense in (True, False):
         enc.zero_grad()
-        enc.dense = dense
+        enc.dense_rnn = dense
         emb, weights = enc(tokens, lengths)
         (emb * torch.arange(6.0)).sum().backward()
         results.append((emb.detach(), weights.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
@@ -219,3 +219,14 @@ def test_usable_cpus_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert usable_cpus() == 1
     assert env_info()["usable_cpus"] == 1
+
+
+def test_dense_rnn_is_decided_by_the_precision_and_set_on_the_model() -> None:
+    from vsectl.models.rnn import set_dense
+    from vsectl.runtime import Precision
+
+    cpu = torch.device("cpu")
+    assert Precision("bf16", cpu).dense_rnn and not Precision("fp32", cpu).dense_rnn
+    model = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
+    set_dense(model, True)
+    assert model["text"].dense_rnn is True

@@ -78,6 +78,12 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
+    @property
+    def dense_rnn(self) -> bool:
+        """Run BiGRUs as two dense passes (vsectl.models.rnn): on a CPU under bf16, where it measured faster or equal;
+        packed at fp32 on a CPU (measured faster there) and on CUDA (cuDNN)."""
+        return self.device.type == "cpu" and self.name == "bf16"
+
     def describe(self) -> dict[str, str]:
         """What env.json records: the precision used, what was asked, and why."""
         return {"precision": self.name, "precision_requested": self.requested or self.name,

@@ -37,6 +37,7 @@ from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.vse import VSEModel, param_groups
+from vsectl.models.rnn import set_dense
 from vsectl.optim import create_adamw, load_optimizer_state
 from vsectl.runtime import (
     Distributed,
@@ -316,6 +317,7 @@ def train(
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
+    set_dense(model, precision.dense_rnn)
     groups = param_groups(model, cfg.train.lr_mult)
     optimizer = create_adamw(  # fused where torch has the kernel for the device
         [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
