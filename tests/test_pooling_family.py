@@ -9,18 +9,27 @@ import pytest
 import torch
 import yaml
 
-from vsectl.config import ImageConfig, ModelConfig, TextConfig, config_from_yaml, config_to_yaml, load_recipe
+from vsectl.config import (
+    ImageConfig,
+    ModelConfig,
+    TextConfig,
+    config_from_yaml,
+    config_to_yaml,
+    load_recipe,
+    pool_options,
+)
 from vsectl.errors import ConfigError
 from vsectl.models.pooling import POOLERS, LearnedRankPool, MaxKPool, RankWeightedPool, create_pooler
 from vsectl.models.vse import create_model
-from vsectl.pool_options import POOL_OPTIONS, GPOOptions, MaxKOptions, options_class, pool_options
+from vsectl.pool_options import POOL_OPTIONS, GPOOptions, MaxKOptions, options_class
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = dict(d_pe=8, d_hidden=8, in_dim=4, transformer_heads=2, transformer_ffn=16)
 
 # The keys checkpoints and the importer of released checkpoints rely on, as they were before the pooler family.
-EXPECTED_KEYS = {'gpo': ['gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.bias_ih_l0', 'gru.bias_hh_l0', 'gru.weight_ih_l0_reverse',
-         'gru.weight_hh_l0_reverse', 'gru.bias_ih_l0_reverse', 'gru.bias_hh_l0_reverse', 'scorer.weight'],
+EXPECTED_KEYS = {'gpo': ['gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.bias_ih_l0', 'gru.bias_hh_l0',
+         'gru.weight_ih_l0_reverse', 'gru.weight_hh_l0_reverse', 'gru.bias_ih_l0_reverse',
+         'gru.bias_hh_l0_reverse', 'scorer.weight'],
  'mean': [],
  'max': [],
  'kmax': [],
@@ -31,12 +40,13 @@ EXPECTED_KEYS = {'gpo': ['gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.bias_ih_l0
  'gpo_interp': ['knots'],
  'gpo_mlp': ['mlp.0.weight', 'mlp.0.bias', 'mlp.2.weight'],
  'gpo_transformer': ['proj.weight', 'proj.bias', 'encoder.layers.0.self_attn.in_proj_weight',
-                     'encoder.layers.0.self_attn.in_proj_bias', 'encoder.layers.0.self_attn.out_proj.weight',
+                     'encoder.layers.0.self_attn.in_proj_bias',
+                     'encoder.layers.0.self_attn.out_proj.weight',
                      'encoder.layers.0.self_attn.out_proj.bias', 'encoder.layers.0.linear1.weight',
                      'encoder.layers.0.linear1.bias', 'encoder.layers.0.linear2.weight',
                      'encoder.layers.0.linear2.bias', 'encoder.layers.0.norm1.weight',
-                     'encoder.layers.0.norm1.bias', 'encoder.layers.0.norm2.weight', 'encoder.layers.0.norm2.bias',
-                     'scorer.weight'],
+                     'encoder.layers.0.norm1.bias', 'encoder.layers.0.norm2.weight',
+                     'encoder.layers.0.norm2.bias', 'scorer.weight'],
  'gpo_perdim': ['gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.bias_ih_l0', 'gru.bias_hh_l0',
                 'gru.weight_ih_l0_reverse', 'gru.weight_hh_l0_reverse', 'gru.bias_ih_l0_reverse',
                 'gru.bias_hh_l0_reverse', 'scorer.weight'],
@@ -45,25 +55,30 @@ EXPECTED_KEYS = {'gpo': ['gru.weight_ih_l0', 'gru.weight_hh_l0', 'gru.bias_ih_l0
                 'gru.bias_hh_l0_reverse', 'scorer.weight', 'feat_proj.weight', 'feat_proj.bias'],
  'model_region': ['image.fc.weight', 'image.fc.bias', 'image.mlp.fc1.weight', 'image.mlp.fc1.bias',
                   'image.mlp.bn.weight', 'image.mlp.bn.bias', 'image.mlp.bn.running_mean',
-                  'image.mlp.bn.running_var', 'image.mlp.bn.num_batches_tracked', 'image.mlp.fc2.weight',
-                  'image.mlp.fc2.bias', 'image.pool.gru.weight_ih_l0', 'image.pool.gru.weight_hh_l0',
-                  'image.pool.gru.bias_ih_l0', 'image.pool.gru.bias_hh_l0', 'image.pool.gru.weight_ih_l0_reverse',
+                  'image.mlp.bn.running_var', 'image.mlp.bn.num_batches_tracked',
+                  'image.mlp.fc2.weight', 'image.mlp.fc2.bias', 'image.pool.gru.weight_ih_l0',
+                  'image.pool.gru.weight_hh_l0', 'image.pool.gru.bias_ih_l0',
+                  'image.pool.gru.bias_hh_l0', 'image.pool.gru.weight_ih_l0_reverse',
                   'image.pool.gru.weight_hh_l0_reverse', 'image.pool.gru.bias_ih_l0_reverse',
                   'image.pool.gru.bias_hh_l0_reverse', 'image.pool.scorer.weight', 'text.embed.weight',
-                  'text.rnn.weight_ih_l0', 'text.rnn.weight_hh_l0', 'text.rnn.bias_ih_l0', 'text.rnn.bias_hh_l0',
-                  'text.rnn.weight_ih_l0_reverse', 'text.rnn.weight_hh_l0_reverse', 'text.rnn.bias_ih_l0_reverse',
-                  'text.rnn.bias_hh_l0_reverse', 'text.pool.gru.weight_ih_l0', 'text.pool.gru.weight_hh_l0',
-                  'text.pool.gru.bias_ih_l0', 'text.pool.gru.bias_hh_l0', 'text.pool.gru.weight_ih_l0_reverse',
-                  'text.pool.gru.weight_hh_l0_reverse', 'text.pool.gru.bias_ih_l0_reverse',
-                  'text.pool.gru.bias_hh_l0_reverse', 'text.pool.scorer.weight'],
- 'model_grid': ['image.fc.weight', 'image.fc.bias', 'image.pool.gru.weight_ih_l0', 'image.pool.gru.weight_hh_l0',
-                'image.pool.gru.bias_ih_l0', 'image.pool.gru.bias_hh_l0', 'image.pool.gru.weight_ih_l0_reverse',
-                'image.pool.gru.weight_hh_l0_reverse', 'image.pool.gru.bias_ih_l0_reverse',
-                'image.pool.gru.bias_hh_l0_reverse', 'image.pool.scorer.weight', 'text.embed.weight',
-                'text.rnn.weight_ih_l0', 'text.rnn.weight_hh_l0', 'text.rnn.bias_ih_l0', 'text.rnn.bias_hh_l0',
-                'text.rnn.weight_ih_l0_reverse', 'text.rnn.weight_hh_l0_reverse', 'text.rnn.bias_ih_l0_reverse',
-                'text.rnn.bias_hh_l0_reverse', 'text.pool.gru.weight_ih_l0', 'text.pool.gru.weight_hh_l0',
-                'text.pool.gru.bias_ih_l0', 'text.pool.gru.bias_hh_l0', 'text.pool.gru.weight_ih_l0_reverse',
+                  'text.rnn.weight_ih_l0', 'text.rnn.weight_hh_l0', 'text.rnn.bias_ih_l0',
+                  'text.rnn.bias_hh_l0', 'text.rnn.weight_ih_l0_reverse',
+                  'text.rnn.weight_hh_l0_reverse', 'text.rnn.bias_ih_l0_reverse',
+                  'text.rnn.bias_hh_l0_reverse', 'text.pool.gru.weight_ih_l0',
+                  'text.pool.gru.weight_hh_l0', 'text.pool.gru.bias_ih_l0', 'text.pool.gru.bias_hh_l0',
+                  'text.pool.gru.weight_ih_l0_reverse', 'text.pool.gru.weight_hh_l0_reverse',
+                  'text.pool.gru.bias_ih_l0_reverse', 'text.pool.gru.bias_hh_l0_reverse',
+                  'text.pool.scorer.weight'],
+ 'model_grid': ['image.fc.weight', 'image.fc.bias', 'image.pool.gru.weight_ih_l0',
+                'image.pool.gru.weight_hh_l0', 'image.pool.gru.bias_ih_l0', 'image.pool.gru.bias_hh_l0',
+                'image.pool.gru.weight_ih_l0_reverse', 'image.pool.gru.weight_hh_l0_reverse',
+                'image.pool.gru.bias_ih_l0_reverse', 'image.pool.gru.bias_hh_l0_reverse',
+                'image.pool.scorer.weight', 'text.embed.weight', 'text.rnn.weight_ih_l0',
+                'text.rnn.weight_hh_l0', 'text.rnn.bias_ih_l0', 'text.rnn.bias_hh_l0',
+                'text.rnn.weight_ih_l0_reverse', 'text.rnn.weight_hh_l0_reverse',
+                'text.rnn.bias_ih_l0_reverse', 'text.rnn.bias_hh_l0_reverse',
+                'text.pool.gru.weight_ih_l0', 'text.pool.gru.weight_hh_l0', 'text.pool.gru.bias_ih_l0',
+                'text.pool.gru.bias_hh_l0', 'text.pool.gru.weight_ih_l0_reverse',
                 'text.pool.gru.weight_hh_l0_reverse', 'text.pool.gru.bias_ih_l0_reverse',
                 'text.pool.gru.bias_hh_l0_reverse', 'text.pool.scorer.weight']}
 

@@ -15,8 +15,14 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
-from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class, pool_options
+from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
 from vsectl.registry import did_you_mean
+
+
+def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
+    """Build the options of pooler `name` from keyword arguments; a key it does not take fails with a did-you-mean."""
+    return from_dict(PoolOptions, {"name": name, **values}, prefix="pool.")
+
 
 PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds that pooler's options, strictly
 

@@ -23,12 +23,12 @@ import torch
 import yaml
 from torch import nn
 
-from vsectl.config import apply_overrides, from_dict, to_dict
+from vsectl.config import apply_overrides, from_dict, pool_options, to_dict
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.models.gpo import sort_features
 from vsectl.models.pooling import create_pooler
-from vsectl.pool_options import options_class, pool_options
+from vsectl.pool_options import options_class
 from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from vsectl.errors import ConfigError
 from vsectl.registry import Registry
@@ -24,6 +24,17 @@ class PoolOptions:
     """What every pooler's options have: the registry name. Subclasses add the pooler's own fields."""
 
     name: str = DEFAULT_POOLER      # a key of the POOLERS registry: gpo, mean, max, maxk (kmax), gem, gpo_*
+
+    AT_LEAST: ClassVar[dict[str, int]] = {}   # field → its smallest allowed value
+    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be > 0
+
+    def __post_init__(self) -> None:
+        for key, low in self.AT_LEAST.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"pool.{key} must be >= {low}, got {getattr(self, key)}")
+        for key in self.POSITIVE:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"pool.{key} must be positive, got {getattr(self, key)}")
 
     def kwargs(self) -> dict[str, Any]:
         """The pooler's constructor keyword arguments (every field but `name`)."""
@@ -43,17 +54,6 @@ def _register(*names: str):  # noqa: ANN202 - a class decorator
     return decorator
 
 
-def _check_even(d_pe: int) -> None:
-    if d_pe < 2 or d_pe % 2:
-        raise ConfigError(f"pool.d_pe must be even and positive (sin/cos pairs), got {d_pe}")
-
-
-def _check_positive(**values: float) -> None:
-    for key, value in values.items():
-        if value <= 0:
-            raise ConfigError(f"pool.{key} must be positive, got {value}")
-
-
 @_register("mean", "max")
 @dataclass(frozen=True)
 class NoOptions(PoolOptions):
@@ -66,9 +66,7 @@ class MaxKOptions(PoolOptions):
     name: str = "maxk"
     k: int = 10                     # mean of the top-k values per dimension, clipped to the set size
 
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"pool.k must be >= 1, got {self.k}")
+    AT_LEAST: ClassVar[dict[str, int]] = {"k": 1}
 
 
 @_register("gem")
@@ -87,9 +85,12 @@ class GPOOptions(PoolOptions):
     d_hidden: int = 32              # sequence-model hidden size
     temperature: float = 0.1        # softmax temperature over ranks (official code; the paper does not state it)
 
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_pe", "d_hidden", "temperature")
+
     def __post_init__(self) -> None:
-        _check_even(self.d_pe)
-        _check_positive(d_hidden=self.d_hidden, temperature=self.temperature)
+        super().__post_init__()
+        if self.d_pe % 2:
+            raise ConfigError(f"pool.d_pe must be even (sin/cos pairs), got {self.d_pe}")
 
 
 @_register("gpo_index_bigru")
@@ -106,10 +107,8 @@ class InterpOptions(PoolOptions):
     n_knots: int = 21               # learned knots over rank ratio [0, 1], initialised to 1/(n_knots - 1)
     temperature: float = 0.1        # softmax temperature over ranks
 
-    def __post_init__(self) -> None:
-        _check_positive(temperature=self.temperature)
-        if self.n_knots < 2:
-            raise ConfigError(f"pool.n_knots must be at least 2, got {self.n_knots}")
+    AT_LEAST: ClassVar[dict[str, int]] = {"n_knots": 2}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("temperature",)
 
 
 @_register("gpo_transformer")
@@ -151,13 +150,6 @@ class FeatureSizedOptions(GPOOptions):
 def options_class(name: str) -> type[PoolOptions]:
     """The options class of pooler `name`; unknown names fail with the list of known ones."""
     return POOL_OPTIONS.get(name)
-
-
-def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
-    """Build the options of pooler `name` from keyword arguments; a key it does not take fails with a did-you-mean."""
-    from vsectl.config import from_dict  # config imports this module
-
-    return from_dict(PoolOptions, {"name": name, **values}, prefix="pool.")
 
 
 def known_keys() -> dict[str, list[str]]:

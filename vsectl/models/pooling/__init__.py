@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from vsectl.config import pool_options
 from vsectl.models.pooling.base import (
     MASK_VALUE,
     TEMPERATURE,
@@ -36,7 +37,7 @@ from vsectl.models.pooling.gpo_transformer import TransformerGPO
 from vsectl.models.pooling.max import MaxPool
 from vsectl.models.pooling.maxk import KMaxPool, MaxKPool
 from vsectl.models.pooling.mean import MeanPool
-from vsectl.pool_options import FeatureSizedOptions, PoolOptions, pool_options
+from vsectl.pool_options import FeatureSizedOptions, PoolOptions
 from vsectl.registry import Registry
 
 POOLERS: Registry[type[nn.Module]] = Registry("pooler")  # name → pooler class; its options: pool_options.POOL_OPTIONS
