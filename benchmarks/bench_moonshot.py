@@ -82,7 +82,8 @@ def main() -> None:
             res[p] = r
     cpu = meter.read()
     report = {"machine": m, "threads": args.threads, "load_average_before": load0,
-              "load_average_after": os.getloadavg(), "cpu_during_run": cpu, "images": args.images, "steps": args.steps, "results": res}
+              "load_average_after": os.getloadavg(), "cpu_during_run": cpu, "images": args.images,
+              "steps": args.steps, "results": res}
     for p in args.precisions.split(","):
         r = res[p]
         print(f"{p}: step {r['step_median_s']:.2f} s median (min {r['step_min_s']:.2f}), data wait "
