@@ -42,7 +42,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 # CPU flags of bf16 units (AMX tiles; AVX512-BF16 dot products). With either, bf16 autocast pays for training: on an
-# AMD EPYC with AVX512-BF16 and no AMX the BiGRU and MiniLM steps took 0.36x and 0.38x the fp32 step; without them
+# AMD EPYC with AVX512-BF16 and no AMX the BiGRU and MiniLM steps took 0.41x and 0.42x the fp32 step; without them
 # bf16 is emulated and 15-37x slower (BENCHMARKS.md).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
