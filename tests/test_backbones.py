@@ -168,6 +168,7 @@ def test_weights_of_another_network_are_refused(towers: dict[str, Path], tmp_pat
 
 
 def test_unknown_backbone_suggests_a_name() -> None:
-    assert BACKBONES.names() == ["clip", "efficientnet-lite0", "resnet", "siglip", "vit"]
+    assert BACKBONES.names() == ["clip", "detector", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
+                                "resnet", "siglip", "vit", "wsl"]
     with pytest.raises(ConfigError, match="did you mean 'resnet'"):
         create_backbone("resnett")

@@ -28,12 +28,22 @@ PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds t
 
 
 @dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "efficientnet-lite0"  # a backbone of the registry (vsectl extract --help lists them)
+    weights: str = ""               # weights file or folder; "" = the backbone's default (packaged / hub cache)
+    size: int = 0                   # square input side in pixels; 0 = the backbone's default (512 for ResNets)
+    grad_checkpointing: bool = False  # recompute each stage's activations in the backward pass (less memory)
+    channels_last: bool = False     # NHWC memory format for the convolutions
+
+
+@dataclass(frozen=True)
 class ImageConfig:
-    encoder: str = "region"         # region (fc + MLP residual) | grid (fc only)
-    feat_dim: int = 2048            # input feature size
+    encoder: str = "region"         # region (fc + MLP residual) | grid (fc only) | backbone (raw images, end to end)
+    feat_dim: int = 2048            # input feature size (backbone: the backbone's channels, e.g. 2048 or 1280)
     mlp_hidden: int = 512           # hidden size of the region encoder's residual MLP
     size_augment: bool = True       # region: drop each set element with p=0.2 (worker); grid: p=0.2*u on the device
     pool: PoolOptions = field(default_factory=lambda: options_class(DEFAULT_POOLER)())  # pool.name picks the class
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)  # encoder: backbone only
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,7 @@ class LRMultConfig:
     image_head: float = 1.0         # fc, MLP, image pooler
     text_head: float = 1.0          # bigru (embedding + GRU) or the transformer projection, text pooler
     text_body: float = 0.1          # the transformer body (BERT)
+    backbone: float = -1.0          # image backbone; < 0 = the paper's factor (0.01 detector/wsl, 0.1 ImageNet nets)
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,9 @@ class TrainConfig:
     log_every: int = 50             # steps between log lines / metrics.jsonl records
     max_steps_per_epoch: int = 0    # 0 = full epochs; >0 shortens each epoch (smoke runs, quick sweeps)
     deterministic: bool = False     # torch deterministic algorithms (exact resume checks)
+    embedding_warmup_epochs: int = 1  # backbone runs: the whole backbone is frozen before this epoch
+    backbone_warmup_epochs: int = 0   # then layer1-3, layer1-2, layer1 stay frozen for this many epochs each
+    loss_scale_warmup: bool = True    # backbone runs: loss × i/n over the first unfrozen epoch
     lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
 
 
@@ -113,7 +127,7 @@ class RunConfig:
 
 CHOICES = {
     "data.modality": ("image", "video"),
-    "model.image.encoder": ("region", "grid"),
+    "model.image.encoder": ("region", "grid", "backbone"),
     "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
@@ -137,6 +151,9 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("model.text.cache_states needs model.text.freeze_body: true (a trained body changes states)")
     if cfg.model.text.glove and cfg.model.text.encoder != "bigru":
         raise ConfigError("model.text.glove applies to the bigru text encoder only")
+    for key in ("train.embedding_warmup_epochs", "train.backbone_warmup_epochs", "model.image.backbone.size"):
+        if _lookup(flat, key) < 0:
+            raise ConfigError(f"{key} must be ≥ 0, got {_lookup(flat, key)}")
     if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
         raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
+from vsectl.data.raw_images import RawImageDataset, RawImages, collate_raw_images, load_raw_split
 from vsectl.data.sources import Split, load_split
 from vsectl.data.text_input import TextInput
 from vsectl.data.vocab import warn_unknown_only
@@ -53,18 +54,21 @@ def encode_split(
     was_training = model.training
     model.eval()
     dist = dist or Distributed()
-    image_set: Dataset = ImageSetDataset(split)
+    raw = isinstance(split.features, RawImages)  # raw images: the model's backbone encodes them (eval processing)
+    image_set: Dataset = RawImageDataset(split, model.image.backbone.size) if raw else ImageSetDataset(split)
     caption_set: Dataset = CaptionDataset(split, text.processor(augment=False)) if text_states is None \
         else _States(text_states)
     text_input = TextInput.IDS if text_states is None else TextInput.STATES
     image_set, caption_set = _share(image_set, dist), _share(caption_set, dist)
-    images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
+    images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_raw_images if raw else collate_images)
     captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
                           collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id, text_input=text_input))
     img_out, cap_out = [], []
     with precision.autocast():
         for batch in progress.track(images, total=len(images), description="encode images"):
-            emb, _ = model.encode_image(batch["images"].to(device), batch["image_lengths"].to(device))
+            lengths = batch["image_lengths"].to(device) if "image_lengths" in batch else None
+            emb, _ = model.encode_image(batch["images"].to(device), lengths)
             img_out.append(emb.float())
         for batch in progress.track(captions, total=len(captions), description="encode captions"):
             emb, _ = model.encode_text(batch["tokens"].to(device), batch["token_lengths"].to(device), text_input)
@@ -150,10 +154,11 @@ def evaluate_runs(
     for run in runs:
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
-        data = load_split(root, split_name)
+        backbone = cfg.model.image.encoder == "backbone"
+        data = load_raw_split(root, split_name) if backbone else load_split(root, split_name)
         if text.vocab is not None:
             warn_unknown_only(text.vocab, data.captions, f"{root}/{split_name}")
-        if data.features.feat_dim != cfg.model.image.feat_dim:
+        if not backbone and data.features.feat_dim != cfg.model.image.feat_dim:
             raise ConfigError(f"{root}/{split_name}: features are {data.features.feat_dim}-d but the model expects "
                               f"{cfg.model.image.feat_dim}-d (model.image.feat_dim)")
         pairs.append(encode_split(model, data, text, device, Precision(precision, device), batch_size,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 import time
@@ -31,6 +32,7 @@ from vsectl.checkpoint import (
 )
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
+from vsectl.data.raw_images import RawPairDataset, collate_raw_pairs, load_raw_split, subset_raw
 from vsectl.data.sources import Split, load_split
 from vsectl.data.text_input import TextInput, text_input_for
 from vsectl.errors import CheckpointError, DataError, VsectlError
@@ -54,13 +56,14 @@ from vsectl.runtime import (
     resolve_precision,
     seed_everything,
 )
-from vsectl.schedules import group_lr, use_hardest_negative
+from vsectl.schedules import backbone_fixed_blocks, group_lr, loss_scale, use_hardest_negative
 from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
 
 log = logging.getLogger(__name__)
 
 FROZEN_PREFIXES = ("text.body.",)  # state-dict keys of a frozen text body
 FROZEN_FILE = "text_model/frozen_body.safetensors"  # stored once per run; checkpoints name it with its sha256
+
 
 class TrainingError(VsectlError):
     """Training cannot go on (for example the loss became NaN)."""
@@ -71,10 +74,14 @@ class TrainingError(VsectlError):
 
 
 def load_data(cfg: RunConfig) -> tuple[Split, Split]:
-    """The training split and the model-selection split (first `data.val_images` dev images)."""
-    train_split = load_split(cfg.data.root, cfg.data.train_split)
-    dev_split = load_split(cfg.data.root, cfg.data.dev_split)
-    for split in (train_split, dev_split):
+    """The training split and the dev split (model selection uses its first `data.val_images` images)."""
+    if cfg.model.image.encoder == "backbone":  # raw images: a raw dataset folder, decoded per item in the workers
+        train_split, dev_split = load_raw_split(cfg.data.root, cfg.data.train_split), \
+            load_raw_split(cfg.data.root, cfg.data.dev_split)
+    else:
+        train_split, dev_split = load_split(cfg.data.root, cfg.data.train_split), \
+            load_split(cfg.data.root, cfg.data.dev_split)
+    for split in (train_split, dev_split) if cfg.model.image.encoder != "backbone" else ():
         if split.features.feat_dim != cfg.model.image.feat_dim:
             raise DataError(f"{cfg.data.root}/{split.name}: features are {split.features.feat_dim}-d but "
                             f"model.image.feat_dim is {cfg.model.image.feat_dim}; set --set "
@@ -86,22 +93,30 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
 
 
 def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
-                state_cache: Path | None = None, dist: Distributed | None = None) -> DataLoader:
+                state_cache: Path | None = None, dist: Distributed | None = None,
+                image_size: int | None = None) -> DataLoader:
     """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch).
 
     With `state_cache` the captions are the cached token states in it (TextInput.STATES), else token ids.
+    Raw-image runs (`image_size`: the backbone's input side) decode and augment each image in the workers.
     """
     dist = dist or Distributed()
     text_input = TextInput.STATES if state_cache is not None else TextInput.IDS
     region_drop = worker_region_drop(cfg.model.image)  # the image branch decides its own augmentation
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
-    dataset = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input)
+    if image_size is not None:
+        dataset, collate = RawPairDataset(split, source, image_size, cfg.seed, text_input=text_input), \
+            collate_raw_pairs
+    else:
+        dataset, collate = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input), collate_pairs
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id, text_input=text_input))
+    workers = cfg.data.num_workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if workers and image_size else None,
+                      collate_fn=functools.partial(collate, pad_id=text.pad_id, text_input=text_input))
 
 
 def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
@@ -143,6 +158,7 @@ def train_one_epoch(
     hardest = use_hardest_negative(cfg, epoch)
     scaler = precision.grad_scaler()
     total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
+    rate_name = "images_per_s" if cfg.model.image.encoder == "backbone" else "pairs_per_s"
     window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
     data_tic = time.perf_counter()
     step_in_epoch = 0
@@ -152,7 +168,8 @@ def train_one_epoch(
         with precision.autocast():
             img, cap = model(batch, text_input=text_input)
         img, cap = gather_with_grad(img, dist), gather_with_grad(cap, dist)
-        loss = criterion(img, cap, hardest_negative=hardest)
+        raw_loss = criterion(img, cap, hardest_negative=hardest)
+        loss = raw_loss * loss_scale(cfg, epoch, step_in_epoch - 1, total)  # OPT-1 ramp; 1 outside it
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss became {loss.item()} at epoch {epoch}, step {step_in_epoch}; lower "
                                 "train.lr or check the features for NaN/inf")
@@ -164,10 +181,10 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         global_step += 1
-        window_loss += loss.item()
+        window_loss += raw_loss.item()  # the logged loss is the unscaled objective
         window_pairs += img.size(0)
         window_steps += 1
-        progress.update(loss=loss.item())
+        progress.update(loss=raw_loss.item())
         if global_step % cfg.train.log_every == 0 or step_in_epoch == total:
             elapsed = time.perf_counter() - tic
             steps = window_steps
@@ -175,7 +192,7 @@ def train_one_epoch(
                       "loss": window_loss / steps, "lr": optimizer.param_groups[0]["lr"], "hardest": hardest,
                       "pairs_per_s": window_pairs / max(elapsed, 1e-9), "data_time": window_data / steps}
             metrics.write(record)
-            progress.update(pairs_per_s=record["pairs_per_s"])
+            progress.update(**{rate_name: record["pairs_per_s"]})
             log.debug("epoch %d step %d/%d loss %.4f lr %.2e %.0f pairs/s", epoch, step_in_epoch, total,
                       record["loss"], record["lr"], record["pairs_per_s"])
             window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
@@ -234,6 +251,14 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     return out
 
 
+def _wrap_ddp(model: torch.nn.Module, old: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """A new DDP wrapper over the current trainable set; the old one is destroyed first (its gradient hooks with it)."""
+    if old is not model:
+        del old
+        gc.collect()  # DDP's reducer removes its autograd hooks only when it is freed
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+
+
 @dataclass
 class TrainingRun:
     """What one training run holds between its setup, its restore and its fit (built by `setup_run`)."""
@@ -273,7 +298,9 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     seed_everything(cfg.seed, cfg.train.deterministic)
 
     train_split, dev_split = load_data(cfg)
-    val_split = dev_split.subset_images(min(cfg.data.val_images, dev_split.n_images))
+    n_val = min(cfg.data.val_images, dev_split.n_images)
+    val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
+        else dev_split.subset_images(n_val)
     last = _last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
@@ -312,8 +339,8 @@ def fit(run: TrainingRun) -> Path:
     """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
     cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
     val_states = CachedTextStates(run.caches["val"], augment=False) if run.text_input is TextInput.STATES else None
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda"
-                                                    else None) if dist.enabled else model
+    image_size = model.image.backbone.size if cfg.model.image.encoder == "backbone" else None
+    net, fixed = model, None
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
     frozen = FROZEN_PREFIXES if cfg.model.text.freeze_body else ()
     if frozen and dist.is_main:  # stored once per run; every checkpoint names it with its sha256
@@ -323,8 +350,16 @@ def fit(run: TrainingRun) -> Path:
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
     for epoch in range(state["epoch"], cfg.train.epochs):
         set_learning_rates(run.optimizer, cfg, epoch)
+        if image_size is not None and backbone_fixed_blocks(cfg, epoch) != fixed:
+            fixed = backbone_fixed_blocks(cfg, epoch)
+            model.image.set_fixed_blocks(fixed)  # IMG-11; DDP is rebuilt below for the new trainable set
+            log.info("epoch %d: backbone blocks fixed: %s", epoch, "all" if fixed == 4 else fixed)
+        if dist.enabled and (net is model or image_size is not None and net.fixed != fixed):
+            net = _wrap_ddp(model, net, run.device)
+            net.fixed = fixed
         cache = run.caches["train"] if run.text_input is TextInput.STATES else None
-        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=cache, dist=dist)
+        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=cache, dist=dist,
+                             image_size=image_size)
         global_step = train_one_epoch(net, loader, run.optimizer, run.criterion, cfg, epoch, global_step, run.device,
                                       run.precision, run.metrics, run.progress, dist, text_input=run.text_input)
         val = validate(model, run.val_split, run.text, run.device, run.precision, cfg.data.batch_size, val_states,

@@ -13,7 +13,7 @@ from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, run_guarded
 # Defaults repeat vsectl.extract's constants as literals: importing it here would load torch for `vsectl --help`.
 @app.command("extract")
 def extract_cli(
-    backbone: Annotated[str, typer.Option(help="efficientnet-lite0 | resnet | clip | vit | siglip")],
+    backbone: Annotated[str, typer.Option(help="efficientnet-lite0|1|2, resnet, clip, vit, siglip, detector, wsl")],
     data: Annotated[Path, typer.Option(help="Raw dataset folder (dataset.json + manifest.json)")],
     out: Annotated[Path, typer.Option(help="Output folder (gets <split>.h5) or one .h5 file for one split")],
     split: Annotated[str, typer.Option(help="train | dev | test | all")] = "train",

