@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from vsectl.models.vse import param_groups
+
 log = logging.getLogger(__name__)
 
 BETAS = (0.9, 0.999)
@@ -46,6 +48,18 @@ def create_adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float, f
                                   fused=True if use_fused else None)
     log.debug("AdamW: %s", "fused" if use_fused else "for-loop")
     return optimizer
+
+
+def create_run_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.AdamW:
+    """The optimizer a training run uses: AdamW over the model's parameter groups at `train_cfg.lr`.
+
+    Training and the checkpoint importer both build it here, so an imported run's `last` checkpoint resumes with the
+    same groups.
+    """
+    groups = param_groups(model, train_cfg.lr_mult)
+    return create_adamw(
+        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": train_cfg.lr} for g in groups],
+        lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
