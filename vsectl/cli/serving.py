@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from vsectl.cli.common import app, err, run_guarded
+from vsectl.cli.common import DeviceOpt, app, err, run_guarded
 
 
 @app.command("export")
@@ -33,3 +34,29 @@ def export_cli(
         table.add_row(tower, info["file"], inputs, f"{manifest['parity']['max_abs_diff'][tower]:.1e}")
     err.print(table)
     typer.echo(json.dumps(manifest, indent=2) if as_json else manifest["out"])
+
+
+@app.command("serve")
+def serve_cli(
+    target: Annotated[Path, typer.Argument(help="Embeddings folder (vsectl embed) or index folder (vsectl index)")],
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")] = "127.0.0.1",
+    run: Annotated[Path | None, typer.Option(help="Run that encodes the queries [default: the embeddings' run]")]
+    = None,
+    checkpoint: Annotated[str | None, typer.Option(help="best | last [default: the embeddings' checkpoint]")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL."""
+    from vsectl.serving import open_server
+
+    server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device)
+    typer.echo(server.url)
+    sys.stdout.flush()
+    err.print(f"serving {server.engine.emb.n_images} images at {server.url} (Ctrl-C stops)", highlight=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.engine.close()
