@@ -1,0 +1,63 @@
+"""Exact top-k by inner product over a (memory-mapped) matrix, in row blocks: the `flat` index.
+
+The matrix is never copied: each block of rows is a view of the map, multiplied with all queries at once, and only the
+running (Q, k) best survive a block. On unit vectors the inner product is the cosine similarity the model was trained
+with. numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BLOCK_BYTES = 64 << 20  # rows per block: 64 MiB of the matrix (32768 rows of 512 fp32)
+SCORE_BYTES = 256 << 20  # the (Q, block) score buffer stays under this; larger query batches use smaller blocks
+
+
+def _block_rows(n: int, dim: int, n_queries: int) -> int:
+    rows = max(1, BLOCK_BYTES // (4 * dim))
+    rows = min(rows, max(1, SCORE_BYTES // (4 * n_queries)))
+    return min(rows, n)
+
+
+def _best_k(scores: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest of each row of `scores` (Q, m) with their `index` (Q, m) values, unordered."""
+    if scores.shape[1] <= k:
+        return scores, index
+    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]  # (Q, k)
+    return np.take_along_axis(scores, part, axis=1), np.take_along_axis(index, part, axis=1)
+
+
+def sort_hits(scores: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row by score, highest first; equal scores by row index, lowest first (deterministic)."""
+    order = np.lexsort((index, -scores), axis=1)  # last key is primary
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(index, order, axis=1)
+
+
+def topk(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k rows of `matrix` with the largest inner product with each query, exactly.
+
+    Args:
+        matrix: (N, E) float32, typically a read-only memmap of unit vectors.
+        queries: (Q, E) or (E,) float32.
+        k: 1 ≤ k ≤ N.
+
+    Returns:
+        scores (Q, k) float32 and indices (Q, k) int64, best first (ties: lower index first).
+    """
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    n, dim = matrix.shape
+    if queries.shape[1] != dim:
+        raise ValueError(f"queries are {queries.shape[1]}-d but the matrix is {dim}-d")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    q = queries.shape[0]
+    rows = _block_rows(n, dim, q)
+    best_s = np.empty((q, 0), dtype=np.float32)
+    best_i = np.empty((q, 0), dtype=np.int64)
+    for a in range(0, n, rows):
+        block = matrix[a : a + rows]  # (b, E) view of the map: pages are read, nothing is copied
+        scores = queries @ block.T  # (Q, b)
+        index = np.broadcast_to(np.arange(a, a + block.shape[0], dtype=np.int64), scores.shape)
+        s, i = _best_k(scores, index, k)
+        best_s, best_i = _best_k(np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1), k)
+    return sort_hits(best_s, best_i)

@@ -1,0 +1,169 @@
+"""`search`: top-k hits of text or vector queries over an embeddings folder or an index, with ids, paths, captions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vsectl.errors import ConfigError
+from vsectl.retrieval.embeddings import SIDES, Embeddings
+from vsectl.retrieval.index import Index, open_target
+
+
+@dataclass
+class Hit:
+    """One result.
+
+    Attributes:
+        rank: 1-based position.
+        score: cosine similarity (inner product of unit vectors; approximate indexes return the same quantity).
+        index: row in the searched side (an image index, or a caption index with side="captions").
+        id: the image's id (for a caption hit: the id of the caption's image).
+        path: the image file (absolute) or None when the embeddings do not know it.
+        caption: the caption (side="captions"), or the image's first caption (side="images"; None without captions).
+        image: the image index (equal to `index` for image hits).
+    """
+
+    rank: int
+    score: float
+    index: int
+    id: str
+    path: str | None
+    caption: str | None
+    image: int
+
+
+@dataclass
+class SearchResult:
+    """The hits of one query, best first.
+
+    Attributes:
+        query: the query text, or a label such as "image:cat.jpg" / "vector 3".
+        side: "images" or "captions".
+        hits: k hits.
+    """
+
+    query: str
+    side: str
+    hits: list[Hit] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "side": self.side, "hits": [asdict(h) for h in self.hits]}
+
+
+def check_k(k: int, n: int, side: str) -> None:
+    """k must be in [1, n]; one readable error otherwise."""
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise ConfigError(f"k must be an integer, got {k!r}")
+    if k < 1:
+        raise ConfigError(f"k must be at least 1, got {k}")
+    if k > n:
+        raise ConfigError(f"k = {k} is larger than the collection ({n} {side}); use -k {n} or less")
+
+
+def _hits(emb: Embeddings, side: str, scores: np.ndarray, index: np.ndarray) -> list[Hit]:
+    hits = []
+    for r, (s, i) in enumerate(zip(scores.tolist(), index.tolist(), strict=True), start=1):
+        if side == "images":
+            rec = emb.image(i)
+            hits.append(Hit(rank=r, score=float(s), index=i, id=rec["id"], path=rec.get("path"),
+                            caption=rec.get("caption"), image=i))
+        else:
+            cap = emb.caption(i)
+            rec = emb.image(cap["image"])
+            hits.append(Hit(rank=r, score=float(s), index=i, id=rec["id"], path=rec.get("path"), caption=cap["text"],
+                            image=int(cap["image"])))
+    return hits
+
+
+def _query_vectors(target_emb: Embeddings, queries: Any, model: Any) -> tuple[np.ndarray, list[str]]:
+    if isinstance(queries, str):
+        queries = [queries]
+    if isinstance(queries, np.ndarray) or (hasattr(queries, "numpy") and hasattr(queries, "ndim")):
+        vectors = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        labels = [f"vector {k}" for k in range(vectors.shape[0])]
+    else:
+        queries = list(queries)
+        if not queries:
+            raise ConfigError("no queries given; give at least one text")
+        if model is None:
+            raise ConfigError("text queries need a model: search(target, texts, model=vsectl.load(run))")
+        check_model(model, target_emb)
+        vectors = model.encode_text(queries)
+        labels = list(queries)
+    if vectors.shape[0] == 0:
+        raise ConfigError("no queries given")
+    if vectors.ndim != 2 or vectors.shape[1] != target_emb.dim:
+        raise ConfigError(f"query vectors are {tuple(vectors.shape)}; these embeddings are {target_emb.dim}-d")
+    if not np.isfinite(vectors).all():
+        raise ConfigError("query vectors contain NaN or inf")
+    return vectors, labels
+
+
+def check_model(model: Any, emb: Embeddings) -> None:
+    """Refuse a model whose weights are not those the embeddings were made with (fingerprint mismatch)."""
+    if model.fingerprint != emb.fingerprint:
+        raise ConfigError(
+            f"{emb.path} was embedded with another model (fingerprint {emb.fingerprint}, run "
+            f"{emb.meta.get('run')}, {emb.meta.get('checkpoint')}) than {model.run_dir} {model.checkpoint} "
+            f"(fingerprint {model.fingerprint}); query it with that run or embed again with this one")
+
+
+def search(
+    target: Embeddings | Index | str | Path,
+    queries: str | Sequence[str] | np.ndarray,
+    k: int = 10,
+    side: str = "images",
+    model: Any = None,
+    labels: Sequence[str] | None = None,
+) -> list[SearchResult]:
+    """Search a collection: the k nearest images (or captions) of each query, best first.
+
+    Cheap per call once the model and the target are open: suitable for a server's request handler.
+
+    Args:
+        target: an `Embeddings` (exact search), an `Index` (its kind decides, and its side must be `side`), or a path
+            to either (an embeddings folder, or an index folder made by `vsectl index`).
+        queries: one text, a list of texts (encoded with `model`), or (Q, E) / (E,) float32 query vectors (e.g. from
+            `model.encode_images`, for image→image or image→text search).
+        k: hits per query, 1 ≤ k ≤ the size of the searched side.
+        side: "images" (text→image, image→image) or "captions" (text→text, image→text).
+        model: a `RetrievalModel`, required for text queries; its fingerprint must equal the embeddings'.
+        labels: names for vector queries in the results (default "vector i").
+
+    Returns:
+        One `SearchResult` per query, in query order.
+
+    Raises:
+        ConfigError: an empty query, a bad k or side, a model of another run, a side the index does not cover.
+        DataError: the target is missing or inconsistent (e.g. an index whose embeddings changed).
+    """
+    if side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}; use images or captions")
+    index = target if isinstance(target, Index) else None
+    if isinstance(target, (str, Path)):
+        target = open_target(target)
+        index = target if isinstance(target, Index) else None
+    emb = index.embeddings if index is not None else target
+    if index is not None and index.side != side:
+        raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side!r} or "
+                          f"build one with `vsectl index {emb.path} --side {side}`")
+    n = emb.size(side)
+    if n == 0:
+        raise ConfigError(f"{emb.path} holds no {side}; search the other side")
+    check_k(k, n, side)
+    vectors, names = _query_vectors(emb, queries, model)
+    if labels is not None:
+        names = list(labels)
+    if index is not None:
+        scores, rows = index.search_vectors(vectors, k)
+    else:
+        from vsectl.retrieval.exact import topk
+
+        scores, rows = topk(emb.side(side), vectors, k)
+    return [SearchResult(query=name, side=side, hits=_hits(emb, side, s, r))
+            for name, s, r in zip(names, scores, rows, strict=True)]
