@@ -35,7 +35,7 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         ConfigError: the port is in use, the run cannot be found, or the model does not match the embeddings.
         DataError: the embeddings or index are missing or inconsistent.
     """
-    from vsectl.retrieval import load, open_target
+    from vsectl.retrieval import open_target
     from vsectl.serving.engine import SearchEngine
     from vsectl.serving.http import make_server
 
@@ -44,12 +44,15 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
     run = run if run is not None else emb.meta.get("run")
     if not run or not Path(run).exists():
         raise ConfigError(f"the run that made {emb.path} ({run}) is not there; give the run with --run")
-    model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
-    engine = SearchEngine(opened, model, batching=batching)
+    server = make_server(None, host=host, port=port)  # bound first: a port in use fails before the model loads
     try:
-        server = make_server(engine, host=host, port=port)
+        from vsectl.retrieval import load  # torch: imported after the port is ours
+
+        model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
+        server.engine = SearchEngine(opened, model, batching=batching)
+        server.engine.warm_up()
     except BaseException:
-        engine.close()
+        server.server_close()
         raise
     log.info("serving %d images and %d captions of %s", emb.n_images, emb.n_captions, emb.path)
     return server

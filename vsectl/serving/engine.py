@@ -117,6 +117,13 @@ class SearchEngine:
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
 
+    def warm_up(self) -> None:
+        """One text encode and one scan, so the first user's query does not pay for imports and cold pages."""
+        vector = self.model.encode_text(["warm up"])[0]
+        for side in SIDES:
+            if self.emb.size(side) and getattr(self.target, "side", side) == side:  # an index covers one side
+                self.batcher.submit(vector, 1, side)
+
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
         from vsectl.retrieval import search
 

@@ -152,7 +152,7 @@ class VsectlServer(ThreadingHTTPServer):
 
     daemon_threads = True  # an open keep-alive connection does not hold up shutdown
 
-    def __init__(self, address: tuple[str, int], engine: SearchEngine) -> None:
+    def __init__(self, address: tuple[str, int], engine: SearchEngine | None) -> None:
         self.engine = engine
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
@@ -168,8 +168,8 @@ class VsectlServer(ThreadingHTTPServer):
         return f"http://{host}:{port}/"
 
 
-def make_server(engine: SearchEngine, host: str = "127.0.0.1", port: int = 8000) -> VsectlServer:
-    """Bind the server (port 0: any free port; see `.url`).
+def make_server(engine: SearchEngine | None, host: str = "127.0.0.1", port: int = 8000) -> VsectlServer:
+    """Bind the server (port 0: any free port; see `.url`); set `.engine` before serving if None is given.
 
     Raises:
         ConfigError: the port is in use or cannot be bound.

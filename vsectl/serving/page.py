@@ -31,7 +31,7 @@ PAGE = """<!doctype html>
          display: flex; flex-direction: column; }
   .thumb { aspect-ratio: 1 / 1; background: #eef1f4; display: flex; align-items: center; justify-content: center;
            cursor: pointer; }
-  .thumb img { max-width: 100%; max-height: 100%; object-fit: contain; }
+  .thumb img { width: 100%; height: 100%; object-fit: contain; }
   .thumb .none { color: var(--muted); font-size: 13px; }
   .meta { padding: 8px 10px 10px; }
   .score { font-variant-numeric: tabular-nums; color: var(--accent); font-weight: 600; }
