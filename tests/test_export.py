@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,21 @@ def test_export_user_mistakes_are_one_line_and_exit_2(tiny_run, tmp_path, args, 
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert (busy / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
+
+
+def test_missing_onnx_extra_is_named_in_one_line(tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "pip install 'vsectl[onnx]'" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_run_with_an_unexportable_pooler_is_refused_before_anything_is_written(toy_root, tmp_path):
+    from vsectl.training import train
+
+    overrides = [f"data.root={toy_root}", "train.epochs=1", "name=tf", "model.image.pool.name=gpo_transformer",
+                 "model.image.pool.d_hidden=8", "model.image.pool.transformer_heads=2", "data.batch_size=64"]
+    run = train(load_recipe(TINY, overrides), tmp_path / "runs", device="cpu")
+    result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "TransformerGPO cannot be exported to ONNX" in result.output
+    assert not (tmp_path / "x").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -54,7 +54,10 @@ class RichProgress:
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)  # one line, however long
+    from rich.markup import escape
+
+    # one line, however long; escaped, so text in brackets (pip install 'vsectl[onnx]') is printed, not parsed
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 

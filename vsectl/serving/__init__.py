@@ -41,9 +41,10 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
 
     opened = open_target(target)
     emb = getattr(opened, "embeddings", opened)
-    run = run if run is not None else emb.meta.get("run")
-    if not run or not Path(run).exists():
-        raise ConfigError(f"the run that made {emb.path} ({run}) is not there; give the run with --run")
+    if run is None:
+        run = emb.meta.get("run")
+        if not run or not Path(run).exists():
+            raise ConfigError(f"the run that made {emb.path} ({run}) is not there; give the run with --run")
     server = make_server(None, host=host, port=port)  # bound first: a port in use fails before the model loads
     try:
         from vsectl.retrieval import load  # torch: imported after the port is ours
