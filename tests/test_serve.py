@@ -269,3 +269,25 @@ def test_the_page_shows_result_images_with_captions_and_clicks_through_to_simila
                                  " && document.querySelector('#results .hit').dataset.image")
         assert first == clicked  # an image is its own nearest neighbour
         assert browser.evaluate("location.search") == f"?similar={clicked}&k=10&side=images"
+
+
+def test_a_run_other_than_the_embeddings_one_is_refused(collection, toy_root, tmp_path):
+    from vsectl.config import load_recipe
+    from vsectl.errors import ConfigError
+    from vsectl.serving import open_server
+    from vsectl.training import train
+
+    other = train(load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={toy_root}", "train.epochs=1",
+                                                               "name=other"]), tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match="was embedded with another model"):
+        open_server(collection["emb"], run=other, port=0, device="cpu")
+
+
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_help_works(command):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
