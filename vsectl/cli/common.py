@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vsectl import __version__
 
@@ -54,10 +55,8 @@ class RichProgress:
 
 
 def fail(message: str) -> None:
-    from rich.markup import escape
-
-    # one line, however long; escaped, so text in brackets (pip install 'vsectl[onnx]') is printed, not parsed
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # escaped: a message such as "pip install 'vsectl[faiss]'" must not be read as rich markup
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 

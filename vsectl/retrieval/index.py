@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
+from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ ADD_BLOCK = 65536  # vectors handed to faiss per add() call: bounds the copy out
 IVF_LISTS_PER_SQRT = 4  # nlist = 4·sqrt(N), the usual rule of thumb for IVF-Flat
 IVF_TRAIN_PER_LIST = 64  # k-means training sample: 64 vectors per list (faiss warns below 39)
 IVF_NPROBE_SHARE = 1 / 16  # lists probed per query by default (recall@10 ≥ 0.95 measured in bench_search.py)
+IVF_MIN_NPROBE = 8  # small collections have few lists: probe at least this many
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
@@ -60,9 +61,25 @@ def index_dir(emb_path: str | Path, kind: str, side: str = "images") -> Path:
 
 
 def _identity(emb: Embeddings, side: str) -> dict[str, Any]:
-    file = emb.path / f"{side}.npy"
-    return {"sha256": emb.meta[f"{side}_sha256"], "rows": emb.size(side), "dim": emb.dim, "bytes": file.stat().st_size,
-            "fingerprint": emb.fingerprint}
+    stat = (emb.path / f"{side}.npy").stat()
+    return {"sha256": emb.meta[f"{side}_sha256"], "rows": emb.size(side), "dim": emb.dim, "bytes": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns, "fingerprint": emb.fingerprint}
+
+
+def _unchanged(emb: Embeddings, side: str, built: dict[str, Any]) -> bool:
+    """Whether the embeddings are still those an index was built from.
+
+    A re-embed changes meta.json; a file replaced by hand changes its size or mtime, and is then hashed again (a copy
+    that keeps the content, e.g. `cp -r`, passes).
+    """
+    now = _identity(emb, side)
+    same_meta = all(now[k] == built.get(k) for k in ("sha256", "rows", "dim", "fingerprint"))
+    if not same_meta or now["bytes"] != built.get("bytes"):
+        return False
+    if now["mtime_ns"] == built.get("mtime_ns"):
+        return True
+    log.debug("%s changed on disk since the index was built: hashing it again", emb.path / f"{side}.npy")
+    return sha256_file(emb.path / f"{side}.npy") == built["sha256"]
 
 
 @dataclass
@@ -99,7 +116,7 @@ class Index:
 
 def _ivf_params(n: int, nlist: int | None, nprobe: int | None) -> dict[str, int]:
     nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, round(IVF_LISTS_PER_SQRT * math.sqrt(n))))
-    nprobe = nprobe or max(1, round(nlist * IVF_NPROBE_SHARE))
+    nprobe = nprobe or min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_SHARE)))
     if not 1 <= nlist <= n:
         raise ConfigError(f"nlist must be in [1, {n}] for {n} vectors, got {nlist}")
     if not 1 <= nprobe <= nlist:
@@ -147,7 +164,7 @@ def build_index(
         embeddings: the embeddings folder (or an opened one).
         kind: "flat" (exact top-k over the memmap), "ivf" (faiss IVF-Flat, inner product) or "hnsw" (faiss HNSW-Flat).
         side: "images" or "captions".
-        nlist, nprobe: ivf lists (default 4·sqrt(N)) and lists probed per query (default nlist / 16).
+        nlist, nprobe: ivf lists (default 4·sqrt(N)) and lists probed per query (default nlist / 16, at least 8).
         m, ef_construction, ef_search: hnsw graph degree and beam widths.
         seed: picks the ivf training sample.
         progress: progress reporting.
@@ -223,7 +240,7 @@ def open_index(path: str | Path, embeddings: Embeddings | None = None) -> Index:
         raise DataError(f"{path} is not a vsectl index ({INDEX_META} format/kind unknown)")
     emb = embeddings or open_embeddings(path.parent)
     side = meta["side"]
-    if _identity(emb, side) != meta["embeddings"]:
+    if not _unchanged(emb, side, meta["embeddings"]):
         raise DataError(f"index {path} was built from other embeddings than those now in {emb.path} (they changed "
                         f"since); rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}")
     faiss_index = None

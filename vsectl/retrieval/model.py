@@ -228,6 +228,7 @@ def load(run: str | Path, checkpoint: str = "best", device: str | torch.device =
     """
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     run_dir, ckpt = resolve_checkpoint(Path(run), checkpoint)
+    run_dir = run_dir.resolve()
     cfg, net, text = load_run(Path(run), which=checkpoint, device=dev)
     fingerprint = run_fingerprint(ckpt)
     recipe = feature_recipe(_data_root(cfg.data.root, run_dir))

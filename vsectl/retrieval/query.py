@@ -150,8 +150,8 @@ def search(
         index = target if isinstance(target, Index) else None
     emb = index.embeddings if index is not None else target
     if index is not None and index.side != side:
-        raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side!r} or "
-                          f"build one with `vsectl index {emb.path} --side {side}`")
+        raise ConfigError(f"index {index.path} covers the {index.side} only; search the embeddings folder {emb.path} "
+                          f"(exact) or build an index with `vsectl index {emb.path} --side {side}`")
     n = emb.size(side)
     if n == 0:
         raise ConfigError(f"{emb.path} holds no {side}; search the other side")
@@ -167,3 +167,89 @@ def search(
         scores, rows = topk(emb.side(side), vectors, k)
     return [SearchResult(query=name, side=side, hits=_hits(emb, side, s, r))
             for name, s, r in zip(names, scores, rows, strict=True)]
+
+
+def read_queries(path: str | Path) -> list[str]:
+    """Queries from a UTF-8 text file, one per line; a blank line is refused (it would be an empty query)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"queries file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"queries file {path} is not UTF-8 text ({e})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ConfigError(f"line {n} of {path} is empty; write one query per line")
+    if not lines:
+        raise ConfigError(f"queries file {path} is empty")
+    return [line.strip() for line in lines]
+
+
+def search_collection(
+    target: str | Path | Embeddings | Index,
+    texts: Sequence[str] = (),
+    *,
+    images: Sequence[str | Path] = (),
+    queries_file: str | Path | None = None,
+    k: int = 10,
+    side: str = "images",
+    run: str | Path | Any = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    sheet: str | Path | None = None,
+) -> list[SearchResult]:
+    """Everything `vsectl search` does: open the target, load the run, encode text and image queries, search, draw.
+
+    Args:
+        target: an embeddings or index folder (or an opened one).
+        texts: text queries.
+        images: image files used as queries (the run's backbone is replayed on them).
+        queries_file: more text queries, one per line.
+        k: hits per query.
+        side: "images" or "captions".
+        run: the run (or a loaded `RetrievalModel`) that encodes the queries; default: the run recorded in the
+            embeddings' meta.json. Its fingerprint must equal the embeddings'.
+        checkpoint: "best" / "last"; default the one the embeddings were made with.
+        device: where the model runs.
+        sheet: also write a contact sheet PNG here.
+
+    Returns:
+        One result per query: the texts first, then the images.
+    """
+    from vsectl.retrieval.model import RetrievalModel, load
+
+    texts = list(texts) + (read_queries(queries_file) if queries_file is not None else [])
+    if not texts and not images:
+        raise ConfigError("give a query: a text, --queries FILE or --image FILE")
+    if side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}; use images or captions")
+    target = open_target(target) if isinstance(target, (str, Path)) else target
+    emb = target.embeddings if isinstance(target, Index) else target
+    if emb.size(side) == 0:
+        raise ConfigError(f"{emb.path} holds no {side}; search the other side")
+    check_k(k, emb.size(side), side)
+    for k_, t in enumerate(texts):
+        if not t.strip():
+            raise ConfigError(f"query {k_ + 1} is empty; give some words to search for")
+    for p in images:
+        if not Path(p).is_file():
+            raise ConfigError(f"image query {p} does not exist")
+    if isinstance(run, RetrievalModel):
+        model = run
+    else:
+        recorded = emb.meta.get("run")
+        if run is None and not (recorded and Path(recorded).exists()):
+            raise ConfigError(f"the run that embedded {emb.path} ({recorded}) is not there; pass --run RUN")
+        model = load(run or recorded, checkpoint=checkpoint or emb.meta.get("checkpoint", "best"), device=device)
+    check_model(model, emb)
+    vectors = [model.encode_text(texts)] if texts else []
+    if images:
+        vectors.append(model.encode_images([Path(p) for p in images]))
+    labels = texts + [f"image:{Path(p).name}" for p in images]
+    results = search(target, np.concatenate(vectors), k=k, side=side, labels=labels)
+    if sheet is not None:
+        from vsectl.retrieval.sheet import contact_sheet
+
+        contact_sheet(results, sheet)
+    return results
