@@ -154,6 +154,19 @@ def test_export_cli_writes_both_towers_and_a_manifest_with_parity(tiny_run, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
+def test_export_of_a_transformers_run_carries_its_tokenizer(toy_root, tiny_bert_dir, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from vsectl.export import export_onnx
+    from vsectl.training import train
+
+    overrides = [f"data.root={toy_root}", "train.epochs=1", "name=bert", "model.text.encoder=transformers",
+                 f"model.text.pretrained={tiny_bert_dir}"]
+    run = train(load_recipe(TINY, overrides), tmp_path / "runs", device="cpu")
+    manifest = export_onnx(run, tmp_path / "onnx")
+    assert manifest["text"]["kind"] == "tokenizer" and (tmp_path / "onnx" / "text_model" / "tokenizer.json").is_file()
+    assert manifest["parity"]["max_abs_diff"]["text"] <= 1e-4 and manifest["text"]["pad_id"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--format", "tflite"], "unknown export format 'tflite'"),
     (["--out", "{busy}"], "is not an ONNX export folder"),

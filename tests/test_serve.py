@@ -70,6 +70,28 @@ def test_batched_searches_equal_one_search_per_query_and_share_scans():
     assert batcher.scans == 3 and batcher.vectors == 6
 
 
+@pytest.mark.parametrize("n, k, dim", [(50, 7, 16), (33, 33, 16), (70_001, 10, 16), (32_768 + 5, 10, 16),
+                                       (2 * 32_768, 3, 16), (40_000, 10, 512)])
+def test_shared_scan_equals_each_query_alone_bit_for_bit(n, k, dim):
+    from vsectl.retrieval import topk
+    from vsectl.serving.scan import shared_topk
+
+    rng = np.random.default_rng(n)
+    matrix = rng.standard_normal((n, dim), dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix[n // 2] = matrix[3]  # a duplicate row: an exact tie
+    queries = rng.standard_normal((5, dim)).astype(np.float32)
+    queries[4] = matrix[3]
+    scores, rows = shared_topk(matrix, queries, k)
+    for i in range(5):
+        s_alone, r_alone = topk(matrix, queries[i], k)
+        assert np.array_equal(scores[i], s_alone[0]) and np.array_equal(rows[i], r_alone[0])
+    reference = loop_topk(matrix[:50], queries[0], min(k, 50)) if n == 50 else None
+    if reference:
+        assert rows[0].tolist() == [i for i, _ in reference]
+    assert rows[4][:2].tolist() == [3, n // 2]  # the tie: lower row first
+
+
 def test_an_error_in_a_batched_search_reaches_every_waiting_request_and_the_worker_survives():
     def search(vectors: np.ndarray, k: int, side: str) -> list:
         if k == 99:

@@ -1,10 +1,10 @@
 """The search engine behind `vsectl serve`: one opened collection, one model, queries coalesced into batches.
 
 Concurrent requests each encode their text on their own, then queue a vector. One worker thread takes every vector
-waiting at that moment and scans the collection once for all of them (one matrix product instead of one per
-request), so under load the scan is shared while an idle server answers at the latency of a single query. A hit list
-of the largest k asked in the batch is cut to each request's k: exact top-k is ordered by score then row, so the first
-k of a longer list are the top k.
+waiting at that moment and reads the collection once for all of them (`vsectl.serving.scan`, bit for bit the hits of
+each query alone), so under load the pass over the embeddings is shared while an idle server answers at the latency
+of a single query. A hit list of the largest k asked in the batch is cut to each request's k: exact top-k is ordered
+by score then row, so the first k of a longer list are the top k.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -125,9 +126,18 @@ class SearchEngine:
                 self.batcher.submit(vector, 1, side)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
-        from vsectl.retrieval import search
+        """One pass for all `vectors`: exact for embeddings and flat indexes, faiss's batch search otherwise."""
+        from vsectl.serving.scan import make_hits, shared_topk
 
-        return search(self.target, vectors, k=k, side=side)
+        index = self.target if self.target is not self.emb else None
+        if index is not None and index.side != side:
+            raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side} "
+                              f"or serve the embeddings folder {self.emb.path}")
+        if index is None or index.kind == "flat":
+            scores, rows = shared_topk(self.emb.side(side), vectors, k)
+        else:
+            scores, rows = index.search_vectors(vectors, k)
+        return [SimpleNamespace(hits=make_hits(self.emb, side, s, r)) for s, r in zip(scores, rows, strict=True)]
 
     def check_k(self, k: int, side: str) -> int:
         n = self.emb.size(side)
