@@ -2,7 +2,7 @@
 
 Order matters: bench_training runs before bench_data, which reads the training pairs/s from training.json.
 
-    python benchmarks/run_all.py            # quick mode, all five, about 12 minutes on 2 idle cores
+    python benchmarks/run_all.py            # quick mode, all six, about 15 minutes on 2 idle cores
     python benchmarks/run_all.py --full     # the figures of BENCHMARKS.md (tens of minutes; wait for an idle machine)
     python benchmarks/run_all.py --only training data
 """
@@ -25,6 +25,7 @@ SCRIPTS = {  # name → script; run in this order
     "training": "bench_training.py",
     "data": "bench_data.py",
     "extract": "bench_extract.py",
+    "retrieval": "bench_retrieval.py",
     "serve": "bench_serve.py",
 }
 

@@ -347,7 +347,7 @@ def test_embed_refuses_empty_folders_unknown_recipes_and_wrong_stores(clipart_ru
     (tmp_path / "bad" / "x.png").write_text("not an image")
     with pytest.raises(DataError, match="none of the 1 images"):
         vsectl.embed(model, tmp_path / "e", images=tmp_path / "bad", workers=0)
-    assert not (tmp_path / "e").exists()
+    assert not (tmp_path / "e").exists() and not (tmp_path / "e.partial").exists()
     unknown = dataclasses.replace(model.recipe, weights_sha256={"model.safetensors": "0" * 64})
     with pytest.raises(ConfigError, match="cannot reproduce the run's feature recipe"):
         unknown.build_backbone()
@@ -358,3 +358,19 @@ def test_embed_refuses_empty_folders_unknown_recipes_and_wrong_stores(clipart_ru
     line = _bad("embed", str(clipart_run["run"]), "--features", str(clipart_run["feats"]), "--out",
                 str(tmp_path / "e"), "--device", "cpu")
     assert "takes one store file" in line
+
+
+def test_a_store_from_another_backbone_is_refused(clipart_run, tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    from vsectl.extract import extract
+
+    weights = tmp_path / "other-resnet"
+    torch.manual_seed(1)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 12], depths=[1, 1, 1, 1],
+                             layer_type="basic")).save_pretrained(weights)  # same shape, other weights
+    [store] = extract("resnet", clipart_run["raw"], tmp_path / "feats", "test", weights=weights, size=64, workers=0,
+                      device="cpu", limit=4)
+    line = _bad("embed", str(clipart_run["run"]), "--features", str(store), "--out", str(tmp_path / "e"),
+                "--device", "cpu")
+    assert "another feature recipe" in line and "weights_sha256" in line

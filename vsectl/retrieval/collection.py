@@ -442,7 +442,11 @@ def embed(
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,
             "settings": settings}
-    meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
+    try:
+        meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
+    except DataError:
+        shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
+        raise
     shutil.rmtree(shards)
     (partial / MANIFEST).unlink()
     (partial / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies

@@ -22,14 +22,6 @@ def _block_rows(n: int, dim: int, n_queries: int) -> int:
     return min(rows, n)
 
 
-def _best_k(scores: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest of each row of `scores` (Q, m) with their `index` (Q, m) values, unordered."""
-    if scores.shape[1] <= k:
-        return scores, index
-    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]  # (Q, k)
-    return np.take_along_axis(scores, part, axis=1), np.take_along_axis(index, part, axis=1)
-
-
 def sort_hits(scores: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Order each row by score, highest first; equal scores by row index, lowest first (deterministic)."""
     order = np.lexsort((index, -scores), axis=1)  # last key is primary
@@ -58,14 +50,17 @@ def topk(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
     q = queries.shape[0]
     rows = _block_rows(n, dim, q)
     tq = torch.from_numpy(queries)
-    best_s = np.empty((q, 0), dtype=np.float32)
-    best_i = np.empty((q, 0), dtype=np.int64)
+    best_s = torch.empty((q, 0), dtype=torch.float32)
+    best_i = torch.empty((q, 0), dtype=torch.int64)
     for a in range(0, n, rows):
         with warnings.catch_warnings():  # a read-only map: torch warns that writes would fail; nothing writes
             warnings.simplefilter("ignore", UserWarning)
             block = torch.from_numpy(matrix[a : a + rows])  # (b, E) view of the map: pages are read, not copied
-        scores = torch.mm(tq, block.T).numpy()  # (Q, b)
-        index = np.broadcast_to(np.arange(a, a + block.shape[0], dtype=np.int64), scores.shape)
-        s, i = _best_k(scores, index, k)
-        best_s, best_i = _best_k(np.concatenate([best_s, s], axis=1), np.concatenate([best_i, i], axis=1), k)
+        scores = torch.mm(tq, block.T)  # (Q, b), the only buffer the size of a block
+        s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)  # (Q, ≤k)
+        best_s, best_i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i + a], dim=1)
+        if best_s.shape[1] > k:
+            best_s, keep = torch.topk(best_s, k, dim=1)
+            best_i = torch.gather(best_i, 1, keep)
+    best_s, best_i = best_s.numpy(), best_i.numpy()
     return sort_hits(best_s, best_i)

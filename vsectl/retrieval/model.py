@@ -79,9 +79,19 @@ class RetrievalModel:
 
     # ------------------------------------------------------------------------------------------------ text
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, as evaluation makes them (no augmentation)."""
-        return [self._processor.encode(t, None) for t in texts]
+    def tokenize(self, texts: Sequence[str], first: int = 0) -> list[list[int]]:
+        """Token ids of each text, as evaluation makes them (no augmentation).
+
+        Raises:
+            ConfigError: a text has more tokens than the run's transformers text model has positions.
+        """
+        ids = [self._processor.encode(t, None) for t in texts]
+        limit = getattr(getattr(self.text.body, "config", None), "max_position_embeddings", None)
+        for k, t in enumerate(ids):
+            if limit is not None and len(t) > limit:
+                raise ConfigError(f"query {first + k + 1} is {len(t)} tokens long; this run's text model reads at most "
+                                  f"{limit}: shorten it")
+        return ids
 
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str], batch_size: int = TEXT_BATCH) -> np.ndarray:
@@ -105,7 +115,7 @@ class RetrievalModel:
         out = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         pad = self.text.pad_id
         for a in range(0, len(texts), batch_size):
-            ids = [torch.tensor(t, dtype=torch.int64) for t in self.tokenize(texts[a : a + batch_size])]
+            ids = [torch.tensor(t, dtype=torch.int64) for t in self.tokenize(texts[a : a + batch_size], a)]
             batch = collate_tokens([(t, k) for k, t in enumerate(ids)], pad_id=pad)
             emb, _ = self.net.encode_text(batch["tokens"].to(self.device), batch["token_lengths"].to(self.device))
             out.append(emb.float().cpu().numpy())

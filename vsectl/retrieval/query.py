@@ -128,8 +128,9 @@ def search(
     Args:
         target: an `Embeddings` (exact search), an `Index` (its kind decides, and its side must be `side`), or a path
             to either (an embeddings folder, or an index folder made by `vsectl index`).
-        queries: one text, a list of texts (encoded with `model`), or (Q, E) / (E,) float32 query vectors (e.g. from
-            `model.encode_images`, for image→image or image→text search).
+        queries: one text, a list of texts (encoded with `model`), or (Q, E) / (E,) float32 query vectors: from
+            `model.encode_images(paths)` for a new image, or a stored row such as `emb.images[i]` for "more like
+            this collection item" (image→image, or image→text with side="captions"; no model needed).
         k: hits per query, 1 ≤ k ≤ the size of the searched side.
         side: "images" (text→image, image→image) or "captions" (text→text, image→text).
         model: a `RetrievalModel`, required for text queries; its fingerprint must equal the embeddings'.
