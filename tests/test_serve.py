@@ -246,16 +246,18 @@ def test_no_url_reaches_a_file_outside_the_collection(server, collection, tmp_pa
 
 
 def test_a_port_in_use_is_one_line_and_exit_2(collection):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        result = subprocess.run([sys.executable, "-m", "vsectl", "serve", str(collection["emb"]), "--port", str(port)],
-                                capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 2
-    assert f"port {port} on 127.0.0.1 is in use" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+        result = CliRunner().invoke(app, ["serve", str(collection["emb"]), "--port", str(port)])
+    assert result.exit_code == 2 and not result.stdout.strip()  # no URL printed
+    assert f"port {port} on 127.0.0.1 is in use" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------------- the page in Chromium

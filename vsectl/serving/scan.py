@@ -42,7 +42,7 @@ def shared_topk(matrix: np.ndarray, queries: np.ndarray, k: int, slice_rows: int
     """
     import torch
 
-    from vsectl.retrieval.exact import _best_k, _block_rows, sort_hits
+    from vsectl.retrieval.exact import _block_rows, sort_hits
 
     queries = np.array(np.atleast_2d(queries), dtype=np.float32)
     n, dim = matrix.shape
@@ -51,9 +51,8 @@ def shared_topk(matrix: np.ndarray, queries: np.ndarray, k: int, slice_rows: int
     q = queries.shape[0]
     rows = _block_rows(n, dim, 1)  # the single-query block size, so the selection sees the same blocks
     tq = [torch.from_numpy(queries[i : i + 1]) for i in range(q)]
-    best_s = [np.empty((1, 0), dtype=np.float32) for _ in range(q)]
-    best_i = [np.empty((1, 0), dtype=np.int64) for _ in range(q)]
-    scores = np.empty((q, rows), dtype=np.float32)
+    best = [(torch.empty((1, 0)), torch.empty((1, 0), dtype=torch.int64)) for _ in range(q)]
+    scores = torch.empty((q, rows))
     for a in range(0, n, rows):
         with warnings.catch_warnings():  # a read-only map: torch warns that writes would fail; nothing writes
             warnings.simplefilter("ignore", UserWarning)
@@ -62,13 +61,15 @@ def shared_topk(matrix: np.ndarray, queries: np.ndarray, k: int, slice_rows: int
         for s, e in _slices(b, slice_rows):
             part = block[s:e].T                                                    # (E, slice) in cache
             for i in range(q):
-                scores[i, s:e] = torch.mm(tq[i], part).numpy()[0]
-        index = np.broadcast_to(np.arange(a, a + b, dtype=np.int64), (1, b))
-        for i in range(q):
-            s_i, r_i = _best_k(scores[i : i + 1, :b], index, k)
-            best_s[i], best_i[i] = _best_k(np.concatenate([best_s[i], s_i], axis=1),
-                                           np.concatenate([best_i[i], r_i], axis=1), k)
-    out = [sort_hits(s, r) for s, r in zip(best_s, best_i, strict=True)]
+                torch.mm(tq[i], part, out=scores[i : i + 1, s:e])
+        for i in range(q):  # the selection of `topk`, step for step, so ties resolve the same way
+            top_s, top_i = torch.topk(scores[i : i + 1, :b], min(k, b), dim=1)
+            best_s, best_i = torch.cat([best[i][0], top_s], dim=1), torch.cat([best[i][1], top_i + a], dim=1)
+            if best_s.shape[1] > k:
+                best_s, keep = torch.topk(best_s, k, dim=1)
+                best_i = torch.gather(best_i, 1, keep)
+            best[i] = (best_s, best_i)
+    out = [sort_hits(s.numpy(), r.numpy()) for s, r in best]
     return np.concatenate([s for s, _ in out]), np.concatenate([r for _, r in out])
 
 
