@@ -128,6 +128,8 @@ CASES = [
     Case("recipe wrong type", lambda w, t: train(TINY, w.toy, t, "--set", "train.epochs=ten"), "train.epochs"),
     Case("--set without =", lambda w, t: train(TINY, w.toy, t, "--set", "train.epochs"), "key.path=value"),
     Case("unknown pooler", lambda w, t: train(TINY, w.toy, t, "--set", "model.image.pool.name=median"), "gpo"),
+    Case("an option the pooler does not take", lambda w, t: train(TINY, w.toy, t, "--set", "model.image.pool.k=5"),
+         "pooler 'gpo' takes name, d_pe, d_hidden, temperature"),
     Case("data folder missing", lambda w, t: train(TINY, t / "nowhere", t), "does not exist"),
     Case("split file missing", lambda w, t: train(TINY, t, t / "out"), "split 'train' not found"),
     Case("empty feature file", lambda w, t: train(TINY, toy_with(w, t, lambda r: (r / "train_ims.npy").write_bytes(

@@ -172,11 +172,46 @@ def test_parameter_count_at_default_sizes_gpo19():
     assert sum(p.numel() for p in GPO().parameters()) == 12_704
 
 
-def test_scorer_has_no_bias_and_mask_constant_gpo9_gpo10():
-    gpo = GPO()
+def test_scorer_has_no_bias_and_theta_is_the_softmax_of_scores_over_a_tenth_gpo9_gpo10():
+    torch.manual_seed(0)
+    gpo = GPO(d_pe=8, d_hidden=6)
     assert gpo.scorer.bias is None
-    assert MASK_VALUE == -10000.0
-    assert gpo.temperature == 0.1
+    lengths = torch.tensor([4, 6])
+    scores = gpo.scores(lengths, 6)[..., 0]                                   # (2, 6)
+    theta = gpo.weights_for_lengths(lengths, 6)[..., 0]
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(theta[b, :n], torch.softmax(scores[b, :n] / 0.1, dim=0))
+        assert torch.equal(theta[b, n:], torch.zeros(6 - n))                  # masked scores weigh exactly 0
+
+
+def test_padding_is_masked_below_any_realistic_feature_before_sorting():
+    gpo = GPO(d_pe=8, d_hidden=6)
+    feats = torch.full((1, 4, 2), -5000.0)                                    # valid values far below zero
+    feats[0, 3] = 1e9                                                          # a huge padded row
+    pooled, _ = gpo(feats, torch.tensor([3]))
+    torch.testing.assert_close(pooled, torch.full((1, 2), -5000.0))
+    assert MASK_VALUE < -5000.0
+
+
+def test_weights_stay_fp32_and_finite_under_fp16_autocast():
+    """fp16 cannot hold MASK_VALUE / temperature (−1e5): GPO's scores and softmax must stay in fp32."""
+    torch.manual_seed(0)
+    gpo = GPO(d_pe=8, d_hidden=6)
+    feats, lengths = batch()
+    _, expected = gpo(feats, lengths)
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, theta = gpo(feats.half(), lengths)
+    assert theta.dtype == torch.float32 and torch.isfinite(theta).all()
+    torch.testing.assert_close(theta, expected)
+    assert torch.isinf(torch.tensor(MASK_VALUE / 0.1, dtype=torch.float16))  # why the island exists
+
+
+def test_gpo_at_the_paper_sizes_matches_the_reference():
+    torch.manual_seed(0)
+    gpo = GPO(d_pe=32, d_hidden=32)
+    feats, lengths = batch(seed=3, d=6)
+    pooled, _ = gpo(feats, lengths)
+    torch.testing.assert_close(pooled, reference_pool(gpo, feats, lengths), rtol=1e-5, atol=1e-6)
 
 
 def test_weights_stay_fp32_under_bf16_autocast_gpo10(gpo):
@@ -193,4 +228,6 @@ def test_gradients_flow_to_generator_and_features(gpo):
     pooled, _ = gpo(feats, lengths)
     pooled.sum().backward()
     assert gpo.scorer.weight.grad is not None and gpo.scorer.weight.grad.abs().sum() > 0
-    assert feats.grad is not None
+    for b, n in enumerate(lengths.tolist()):  # each valid value gets its rank's θ, and θ sums to 1 per dimension
+        torch.testing.assert_close(feats.grad[b, :n].sum(0), torch.ones(feats.size(2)))
+        assert torch.equal(feats.grad[b, n:], torch.zeros_like(feats.grad[b, n:]))

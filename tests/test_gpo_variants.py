@@ -12,6 +12,7 @@ from vsectl.config import PoolConfig, load_recipe
 from vsectl.errors import ConfigError
 from vsectl.models.gpo_variants import MLPGPO, FeatInGPO, IndexBiGRUGPO, InterpGPO, PerDimGPO, TransformerGPO
 from vsectl.models.pooling import POOLERS, create_pooler
+from vsectl.pool_options import options_class
 
 REPO = Path(__file__).resolve().parent.parent
 D = 4
@@ -22,8 +23,9 @@ LENGTH_ONLY = [v for v in VARIANTS if v != "gpo_featin"]  # θ = g(N) alone (GPO
 
 def make(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    pool = create_pooler(PoolConfig(name=name, d_pe=8, d_hidden=8, in_dim=D, transformer_heads=2,
-                                    transformer_ffn=16))
+    sizes = dict(d_pe=8, d_hidden=8, in_dim=D, transformer_heads=2, transformer_ffn=16)
+    takes = options_class(name)().keys()  # each pooler's options take only its own keys
+    pool = create_pooler(PoolConfig(name=name, **{k: v for k, v in sizes.items() if k in takes}))
     if name == "gpo_interp":  # the uniform initial knots would make several properties trivially true
         with torch.no_grad():
             pool.knots.copy_(torch.randn(pool.knots.shape))

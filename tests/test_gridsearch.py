@@ -217,3 +217,26 @@ def test_default_recipe_and_toy_data(tmp_path, monkeypatch):
     assert made == [(Path("data/toy"), {"feat_dim": 32})]
     gs.ensure_toy_data(load_recipe(TINY, ["data.root=data/f30k"]))  # only a *toy* folder is generated
     assert len(made) == 1
+
+
+def test_quick_is_a_small_grid_on_the_shipped_toy_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here: the copy shipped with vsectl is used
+    assert gs.default_recipe().name == "tiny.yaml"  # docs/gridsearch.md: the default is the toy data
+    spec = gs.resolve_grid(None, quick=True)
+    cells = gs.expand_grid(spec.pool, spec.k, spec.branch, spec.seeds, spec.gpo)
+    assert keys(cells) == ["img-max", "img-kmax2", "img-mean", "img-gpo"]
+    assert gs.resolve_grid(None, quick=True, seeds="0,1").seeds == (0, 1)  # options still win
+    assert len(gs.expand_grid(*vars(gs.resolve_grid(None)).values())) == 111  # the full default grid, for contrast
+
+
+def test_a_sweep_whose_start_fails_leaves_no_cell_folder(tmp_path, count_train):
+    cells = gs.expand_grid(["max"], branch="image", gpo=False)
+    base = load_recipe(TINY, [f"data.root={tmp_path / 'no_features'}", "train.epochs=1"])
+    with pytest.raises(Exception, match="does not exist"):
+        gs.run_sweep(base, cells, tmp_path / "sweep", device="cpu")
+    assert count_train == [("img-max-s0", False)]
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+
+def test_maxk_is_swept_as_kmax():
+    assert keys(gs.expand_grid(["maxk"], [1, 3], branch="image", gpo=False)) == ["img-max", "img-kmax3"]

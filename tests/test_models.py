@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vsectl.config import ImageConfig, LRMultConfig, ModelConfig, PoolConfig, TextConfig
+from vsectl.data.text_input import TextInput
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder, grid_size_augment, l2_normalize
 from vsectl.models.pooling import MaxPool, MeanPool
 from vsectl.models.text_encoders import BiGRUTextEncoder, load_pretrained_text
@@ -167,7 +168,7 @@ def test_frozen_body_gets_no_gradients_and_no_optimizer_group(tiny_bert_dir):
     emb, _ = model.encode_text(tokens, lengths)
     emb.sum().backward()
     assert all(p.grad is None for p in model.text.body.parameters())
-    assert model.text.proj.weight.grad is not None
+    assert model.text.proj.weight.grad.abs().sum() > 0  # the projection still learns
 
 
 def test_cached_states_give_the_same_embedding_as_running_the_body(tiny_bert_dir):
@@ -177,7 +178,7 @@ def test_cached_states_give_the_same_embedding_as_running_the_body(tiny_bert_dir
     tokens, lengths = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 8, 9, 3]]), torch.tensor([4, 5])
     direct, _ = model.encode_text(tokens, lengths)
     states = model.text.states(tokens, lengths).detach()
-    cached, _ = model.encode_text(states, lengths)
+    cached, _ = model.encode_text(states, lengths, TextInput.STATES)
     torch.testing.assert_close(direct, cached)
 
 

@@ -195,6 +195,22 @@ def test_hung_render_is_killed_skipped_and_counted(tmp_path: Path) -> None:
     assert not (tmp_path / "hang.png").exists()
 
 
+def slow_cat_render(src: str, dst: str, size: int) -> None:
+    """cat.svg renders in 0.6 s, past a 0.25 s limit but within the retry's 1 s (a loaded machine)."""
+    if Path(src).name == "cat.svg":
+        time.sleep(0.6)
+    oc.render_png(src, dst, size)
+
+
+def test_a_render_that_times_out_is_retried_once_with_a_longer_limit(tmp_path: Path) -> None:
+    src, out = make_svg_dir(tmp_path / "svg"), tmp_path / "out"
+    oc.prepare_openclipart(out, from_dir=src, size=16, workers=2, min_test=3, dev_fraction=0.2, timeout=0.25,
+                           render_fn=slow_cat_render)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["rendered"] == 12 and counts["render_timed_out"] == 0
+    assert 0.25 * oc.RENDER_RETRY_FACTOR < 60  # a hang is still cut off: see test_hung_render_is_killed...
+
+
 def counting_render(src: str, dst: str, size: int) -> None:
     """Logs each render to renders.log in the dataset folder (the parent of images/), then renders."""
     with open(Path(dst).parent.parent / "renders.log", "a") as f:

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vsectl.errors import CheckpointError
+from vsectl.io import umask_mode
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -123,6 +124,7 @@ def _write_checkpoint_files(
         state["rng"] = meta
     (tmp / STATE_FILE).write_text(json.dumps(state))
     for f in tmp.iterdir():
+        os.chmod(f, umask_mode())  # safetensors writes 0600; lab-mates should read the weights as any other output
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(tmp)

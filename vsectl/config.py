@@ -15,23 +15,16 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
+from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
 from vsectl.registry import did_you_mean
 
 
-@dataclass(frozen=True)
-class PoolConfig:
-    name: str = "gpo"               # a key of the POOLERS registry: gpo, mean, max, kmax, gem, ...
-    d_pe: int = 32                  # GPO positional-encoding size
-    d_hidden: int = 32              # GPO sequence-model hidden size
-    temperature: float = 0.1        # GPO softmax temperature (official code)
-    k: int = 10                     # kmax: mean of the top-k values per dimension, clipped to the set size
-    p: float = 3.0                  # gem: initial exponent (learned)
-    in_dim: int = 0                 # gpo_perdim, gpo_featin (required): size D of the pooled features = model.embed_dim
-    max_index: int = 1000           # gpo_index_bigru: rows of the learned index table, i.e. the longest set allowed
-    n_knots: int = 21               # gpo_interp: learned knots over rank ratio [0, 1], initialised to 1/(n_knots - 1)
-    transformer_layers: int = 1     # gpo_transformer: encoder layers (not published; ours)
-    transformer_heads: int = 4      # gpo_transformer: attention heads; must divide d_hidden
-    transformer_ffn: int = 64       # gpo_transformer: feed-forward width (dropout is 0)
+def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
+    """Build the options of pooler `name` from keyword arguments; a key it does not take fails with a did-you-mean."""
+    return from_dict(PoolOptions, {"name": name, **values}, prefix="pool.")
+
+
+PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds that pooler's options, strictly
 
 
 @dataclass(frozen=True)
@@ -40,7 +33,7 @@ class ImageConfig:
     feat_dim: int = 2048            # input feature size
     mlp_hidden: int = 512           # hidden size of the region encoder's residual MLP
     size_augment: bool = True       # region: drop each set element with p=0.2 (worker); grid: p=0.2*u on the device
-    pool: PoolConfig = field(default_factory=PoolConfig)
+    pool: PoolOptions = field(default_factory=lambda: options_class(DEFAULT_POOLER)())  # pool.name picks the class
 
 
 @dataclass(frozen=True)
@@ -54,7 +47,7 @@ class TextConfig:
     size_augment: bool = True       # token-level mask/randomise/delete with p=0.2 per word
     freeze_body: bool = False       # transformers: keep the pretrained body fixed (eval mode, no gradients)
     cache_states: bool = False      # transformers + freeze_body: cache token states once (run/text_cache/)
-    pool: PoolConfig = field(default_factory=PoolConfig)
+    pool: PoolOptions = field(default_factory=lambda: options_class(DEFAULT_POOLER)())  # pool.name picks the class
 
 
 @dataclass(frozen=True)
@@ -146,12 +139,6 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("model.text.glove applies to the bigru text encoder only")
     if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
         raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
-    for branch in ("image", "text"):
-        pool = getattr(cfg.model, branch).pool
-        if pool.d_pe % 2:
-            raise ConfigError(f"model.{branch}.pool.d_pe must be even, got {pool.d_pe}")
-        if pool.k < 1:
-            raise ConfigError(f"model.{branch}.pool.k must be >= 1, got {pool.k}")
 
 
 def _lookup(d: dict, dotted: str) -> Any:
@@ -167,6 +154,23 @@ def _lookup(d: dict, dotted: str) -> Any:
 def to_dict(cfg: Any) -> dict:
     """Convert a config dataclass (recursively) to plain dicts."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → one dict of dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def changed_keys(a: Any, b: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
+    old, new = flatten(to_dict(a)), flatten(to_dict(b))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -217,6 +221,8 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    if cls is PoolOptions:
+        return _pool_from_dict(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -233,6 +239,48 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
         else:
             kwargs[name] = _coerce(value, tp, prefix + name)
     return cls(**kwargs)
+
+
+def _pool_from_dict(data: dict, prefix: str) -> PoolOptions:
+    """A `pool:` section → the options class of its `name`; keys of other poolers are refused by name."""
+    name = _coerce(data.get("name", DEFAULT_POOLER), str, prefix + "name")
+    try:
+        cls = options_class(name)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}name: {err}") from None
+    takes = cls().keys()
+    for key in data:
+        if key not in takes:
+            others = known_keys().get(str(key))
+            close = "" if others else did_you_mean(prefix + str(key), [prefix + k for k in takes])
+            whose = f" ({', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{close}: pooler '{name}' takes {', '.join(takes)}{whose}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
+    try:
+        return cls(**kwargs | {"name": name})
+    except ConfigError as err:  # the options' own checks name keys as "pool.<key>"
+        raise ConfigError(str(err).replace("pool.", prefix)) from None
+
+
+LEGACY_POOL_KEYS = frozenset({"name", "d_pe", "d_hidden", "temperature", "k", "p", "in_dim", "max_index", "n_knots",
+                              "transformer_layers", "transformer_heads", "transformer_ffn"})  # one flat section, < 0.6
+
+
+def _drop_legacy_pool_keys(data: dict) -> dict:
+    """Saved configs of older runs list every pooler's keys in each pool section: keep those its pooler takes.
+
+    The other keys were never read by that pooler, so dropping them cannot change what was trained.
+    """
+    model = data.get("model") if isinstance(data, dict) else None
+    for branch in ("image", "text"):
+        section = model.get(branch) if isinstance(model, dict) else None
+        pool = section.get("pool") if isinstance(section, dict) else None
+        if not isinstance(pool, dict) or str(pool.get("name", DEFAULT_POOLER)) not in POOL_OPTIONS:
+            continue
+        takes = set(options_class(str(pool.get("name", DEFAULT_POOLER)))().keys())
+        section["pool"] = {k: v for k, v in pool.items() if k in takes or k not in LEGACY_POOL_KEYS}
+    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -257,12 +305,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of the nested dict with dotted overrides applied (validated later by from_dict)."""
+    """Return a copy of the nested dict with dotted overrides applied (validated later by from_dict).
+
+    An override that switches a pool section to another pooler (`model.image.pool.name=max` on a GPO recipe) starts
+    that section afresh: the recipe's options were the old pooler's, and the new one may not take them. Options
+    given as overrides are kept, in any order.
+    """
     import copy
 
     out = copy.deepcopy(data)
-    for item in overrides:
-        path, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    for _, path, value in parsed:
+        if len(path) >= 2 and path[-2:] == ["pool", "name"]:
+            node = out
+            for part in path[:-2]:
+                node = node.get(part) if isinstance(node, dict) else None
+            pool = node.get("pool") if isinstance(node, dict) else None
+            if isinstance(pool, dict) and str(pool.get("name", DEFAULT_POOLER)) != str(value):
+                node["pool"] = {}
+    for item, path, value in parsed:
         node = out
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -301,7 +362,7 @@ def config_from_yaml(text: str) -> RunConfig:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config is not valid YAML: {str(err).splitlines()[0]}") from None
-    return from_dict(RunConfig, data)
+    return from_dict(RunConfig, _drop_legacy_pool_keys(data))
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
 from vsectl.data.sources import Split, load_split
+from vsectl.data.text_input import TextInput
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json
@@ -55,17 +56,18 @@ def encode_split(
     image_set: Dataset = ImageSetDataset(split)
     caption_set: Dataset = CaptionDataset(split, text.processor(augment=False)) if text_states is None \
         else _States(text_states)
+    text_input = TextInput.IDS if text_states is None else TextInput.STATES
     image_set, caption_set = _share(image_set, dist), _share(caption_set, dist)
     images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
-                          collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id))
+                          collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id, text_input=text_input))
     img_out, cap_out = [], []
     with precision.autocast():
         for batch in progress.track(images, total=len(images), description="encode images"):
             emb, _ = model.encode_image(batch["images"].to(device), batch["image_lengths"].to(device))
             img_out.append(emb.float())
         for batch in progress.track(captions, total=len(captions), description="encode captions"):
-            emb, _ = model.encode_text(batch["tokens"].to(device), batch["token_lengths"].to(device))
+            emb, _ = model.encode_text(batch["tokens"].to(device), batch["token_lengths"].to(device), text_input)
             cap_out.append(emb.float())
     model.train(was_training)
     empty = torch.zeros(0, 0, device=device)

@@ -1,8 +1,14 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the target."""
+"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the target.
+
+Every file vsectl writes whole goes through here, so a kill never leaves half a file under the final name and the
+result gets the mode a plain `open()` would give it (0o666 less the umask: 0644 under umask 022), not the 0600 of a
+temporary file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -11,10 +17,23 @@ from pathlib import Path
 from typing import Any
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it; restored at once
-    os.umask(mask)
-    return mask
+def umask_mode() -> int:
+    """0o666 less the process umask: the mode a new file gets from a plain `open()`."""
+    try:  # Linux reports it without changing it, which is safe while other threads create files
+        with open("/proc/self/status") as fh:
+            mask = next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)  # elsewhere reading the umask means setting it; it is put back at once
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give the finished temporary file `tmp` the umask's mode, flush it to disk and rename it over `path`."""
+    os.chmod(tmp, umask_mode())
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -24,22 +43,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; a plain open() would honour the umask
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
+        publish(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> str:
+    """Write `data` atomically; return its sha256."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True) -> str:
+    """Write `obj` as JSON (a newline after indented JSON) atomically; return the sha256 of the bytes written."""
+    text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=ensure_ascii)
+    return atomic_write_bytes(path, (text + "\n" if indent is not None else text).encode("utf-8"))

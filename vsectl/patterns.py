@@ -23,14 +23,18 @@ import torch
 import yaml
 from torch import nn
 
-from vsectl.config import PoolConfig, apply_overrides, from_dict, to_dict
+from vsectl.config import apply_overrides, from_dict, pool_options, to_dict
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.models.gpo import sort_features
-from vsectl.models.pooling import POOLERS
+from vsectl.models.pooling import create_pooler
+from vsectl.pool_options import options_class
+from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
 
 log = logging.getLogger(__name__)
+
+RECIPES = recipe_dir() / "patterns"
 
 DESIGNS = {  # registry key → the paper's name; designs whose θ depends on the set size only
     "gpo": "Cos/Sin + BiGRU",
@@ -39,7 +43,6 @@ DESIGNS = {  # registry key → the paper's name; designs whose θ depends on th
     "gpo_interp": "Interp.",
     "gpo_transformer": "Cos/Sin + Transformer",
 }
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "patterns"
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,10 @@ def run_seed(cfg: PatternsConfig, pattern: str, design: str) -> int:
 
 
 def build_design(cfg: PatternsConfig, design: str) -> nn.Module:
-    pool = PoolConfig(name=design, d_pe=cfg.d_pe, d_hidden=cfg.d_hidden, temperature=cfg.temperature,
-                      max_index=max(cfg.test_max_size, 1000))
-    return POOLERS.get(design)(pool)
+    values = {"d_pe": cfg.d_pe, "d_hidden": cfg.d_hidden, "temperature": cfg.temperature,
+              "max_index": max(cfg.test_max_size, 1000)}
+    takes = options_class(design)().keys()
+    return create_pooler(pool_options(design, **{k: v for k, v in values.items() if k in takes}))
 
 
 def fit_design(

@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,17 @@ from vsectl.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config, to_dict
+from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.sources import Split, load_split
-from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
+from vsectl.data.text_input import TextInput, text_input_for
+from vsectl.errors import CheckpointError, DataError, VsectlError
 from vsectl.evaluation import validate
-from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
+from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
 from vsectl.models.vse import VSEModel, param_groups
+from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
 from vsectl.runtime import (
     Distributed,
     NullProgress,
@@ -50,76 +53,8 @@ from vsectl.text_cache import CachedTextStates, build_state_cache
 
 log = logging.getLogger(__name__)
 
-REGION_DROP = 0.2        # BUTD regions dropped i.i.d. with p = 0.2 in the data worker (spec §3)
-RESUMABLE_CHANGES = {"train.epochs"}  # what a resumed run may change: extending training is safe
-
-
 class TrainingError(VsectlError):
     """Training cannot go on (for example the loss became NaN)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# run directory
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
-    """Create a new run directory, or check a resumed one against `cfg`; return the config to run with.
-
-    Every rank of a distributed run checks; only the main one (`write`) writes.
-    """
-    if resume:
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"cannot resume: {run_dir} has no config.yaml (start it without --resume)")
-        saved = config_from_yaml((run_dir / "config.yaml").read_text())
-        old, new = _flatten(to_dict(saved)), _flatten(to_dict(cfg))
-        changed = sorted(k for k in old if old[k] != new[k] and k not in RESUMABLE_CHANGES)
-        if changed:
-            raise ConfigError(f"cannot resume {run_dir} with a different config: {', '.join(changed)} changed")
-        return cfg  # a longer train.epochs is written once the checkpoint has loaded (train)
-    if (run_dir / "checkpoints").exists() or (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
-                          "or choose another name with --set name=...")
-    if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")  # first file of the run, before any compute
-    return cfg
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl; on resume, records newer than the checkpoint are dropped."""
-
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path = path
-        self.enabled = enabled  # only the main rank writes
-
-    def truncate_after(self, global_step: int) -> None:
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if rec.get("global_step", 0) <= global_step:
-                kept.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -143,17 +78,21 @@ def load_data(cfg: RunConfig) -> tuple[Split, Split]:
 
 def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_batch: int,
                 state_cache: Path | None = None, dist: Distributed | None = None) -> DataLoader:
-    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch)."""
+    """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch).
+
+    With `state_cache` the captions are the cached token states in it (TextInput.STATES), else token ids.
+    """
     dist = dist or Distributed()
-    region_drop = REGION_DROP if cfg.model.image.encoder == "region" and cfg.model.image.size_augment else 0.0
+    text_input = TextInput.STATES if state_cache is not None else TextInput.IDS
+    region_drop = worker_region_drop(cfg.model.image)  # the image branch decides its own augmentation
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
-    dataset = PairDataset(split, source, region_drop, cfg.seed)
+    dataset = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id))
+                      collate_fn=functools.partial(collate_pairs, pad_id=text.pad_id, text_input=text_input))
 
 
 def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
@@ -183,8 +122,9 @@ def train_one_epoch(
     metrics: MetricsLog,
     progress: Progress,
     dist: Distributed | None = None,
+    text_input: TextInput = TextInput.IDS,
 ) -> int:
-    """One pass over `loader`; returns the new global step.
+    """One pass over `loader`; returns the new global step. `text_input` says what the batches' tokens are.
 
     Under DDP the loss is computed on the whole global batch on every rank: embeddings are all-gathered with their
     gradients (LOSS-6), so the hardest negatives are mined over all ranks and the objective equals one process's.
@@ -201,7 +141,7 @@ def train_one_epoch(
         window_data += time.perf_counter() - data_tic
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with precision.autocast():
-            img, cap = model(batch)
+            img, cap = model(batch, text_input=text_input)
         img, cap = gather_with_grad(img, dist), gather_with_grad(cap, dist)
         loss = criterion(img, cap, hardest_negative=hardest)
         if not torch.isfinite(loss):
@@ -278,21 +218,32 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     return out
 
 
-def train(
-    cfg: RunConfig,
-    out_root: str | Path = "runs",
-    device: str = "auto",
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> Path:
-    """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
+@dataclass
+class TrainingRun:
+    """What one training run holds between its setup, its restore and its fit (built by `setup_run`)."""
 
-    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+    cfg: RunConfig
+    run_dir: Path
+    dist: Distributed
+    device: torch.device
+    precision: Precision
+    train_split: Split
+    val_split: Split
+    text: TextSide
+    model: VSEModel
+    optimizer: torch.optim.Optimizer
+    criterion: ContrastiveLoss
+    metrics: MetricsLog
+    progress: Progress
+    last: Path | None  # the checkpoint a resume starts from
+    text_input: TextInput = TextInput.IDS  # what the training batches' tokens are, decided once here
+    state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "global_step": 0, "best_rsum": -math.inf,
+                                                          "best_epoch": -1})
+    caches: dict[str, Path] = field(default_factory=dict)
 
-    Returns:
-        the run directory.
-    """
-    progress = progress or NullProgress()
+
+def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress) -> TrainingRun:
+    """Open (or check) the run directory, seed, load the data and build the text side, model and optimizer."""
     run_dir = Path(out_root) / cfg.name
     dist, dev = init_distributed(resolve_device(device))
     precision = Precision(cfg.train.precision, dev)
@@ -315,50 +266,81 @@ def train(
     optimizer = torch.optim.AdamW(
         [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
         lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    criterion = ContrastiveLoss(margin=cfg.loss.margin)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main)
+    return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
+                       val_split=val_split, text=text, model=model, optimizer=optimizer,
+                       criterion=ContrastiveLoss(margin=cfg.loss.margin),
+                       metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
+                       last=last, text_input=text_input_for(cfg.model.text.cache_states))
 
-    state = {"epoch": 0, "global_step": 0, "best_rsum": -math.inf, "best_epoch": -1}
-    if last is not None:
-        state = _restore(last, model, optimizer, dev, metrics)
+
+def restore_run(run: TrainingRun, resume: bool) -> None:
+    """Continue from the last checkpoint (model, optimizer, RNG, metrics) and build the token-state caches."""
+    cfg, run_dir, dist = run.cfg, run.run_dir, run.dist
+    if run.last is not None:
+        run.state = _restore(run.last, run.model, run.optimizer, run.device, run.metrics)
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
         save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
-    metrics.truncate_after(state["global_step"])
-    caches = {}
-    if cfg.model.text.cache_states:
-        caches = _state_caches(cfg, model, text, {"train": train_split, "val": val_split}, run_dir, dev, dist,
-                               progress)
-    val_states = CachedTextStates(caches["val"], augment=False) if caches else None
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None) \
-        if dist.enabled else model
+    run.metrics.truncate_after(run.state["global_step"])
+    if run.text_input is TextInput.STATES:
+        run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "val": run.val_split},
+                                   run_dir, run.device, dist, run.progress)
 
+
+def fit(run: TrainingRun) -> Path:
+    """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
+    cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
+    val_states = CachedTextStates(run.caches["val"], augment=False) if run.text_input is TextInput.STATES else None
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda"
+                                                    else None) if dist.enabled else model
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
+    state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
-    try:
-        for epoch in range(state["epoch"], cfg.train.epochs):
-            set_learning_rates(optimizer, cfg, epoch)
-            loader = make_loader(cfg, train_split, text, epoch, 0, state_cache=caches.get("train"), dist=dist)
-            global_step = train_one_epoch(net, loader, optimizer, criterion, cfg, epoch, global_step, dev, precision,
-                                          metrics, progress, dist)
-            val = validate(model, val_split, text, dev, precision, cfg.data.batch_size, val_states, dist)
-            is_best = val["rsum"] > best_rsum
-            if is_best:
-                best_rsum, best_epoch = val["rsum"], epoch
-            metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
-            log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
-                     val["t2i_r1"], " best" if is_best else "")
-            state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
-                     "val": val, "vsectl_version": vsectl.__version__}
-            if dist.is_main:
-                model_state = model.state_dict()
-                if is_best:  # best first: a crash between the two leaves last behind, which resume handles
-                    save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
-                save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
-                                optimizer_state=optimizer.state_dict())
-            dist.barrier()
-    finally:
-        if dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        set_learning_rates(run.optimizer, cfg, epoch)
+        cache = run.caches["train"] if run.text_input is TextInput.STATES else None
+        loader = make_loader(cfg, run.train_split, run.text, epoch, 0, state_cache=cache, dist=dist)
+        global_step = train_one_epoch(net, loader, run.optimizer, run.criterion, cfg, epoch, global_step, run.device,
+                                      run.precision, run.metrics, run.progress, dist, text_input=run.text_input)
+        val = validate(model, run.val_split, run.text, run.device, run.precision, cfg.data.batch_size, val_states,
+                       dist)
+        is_best = val["rsum"] > best_rsum
+        if is_best:
+            best_rsum, best_epoch = val["rsum"], epoch
+        run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+        log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
+                 val["t2i_r1"], " best" if is_best else "")
+        state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
+                 "val": val, "vsectl_version": vsectl.__version__}
+        if dist.is_main:
+            model_state = model.state_dict()
+            if is_best:  # best first: a crash between the two leaves last behind, which resume handles
+                save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
+            save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
+                            optimizer_state=run.optimizer.state_dict())
+        dist.barrier()
     return run_dir
+
+
+def train(
+    cfg: RunConfig,
+    out_root: str | Path = "runs",
+    device: str = "auto",
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
+
+    Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+
+    Returns:
+        the run directory.
+    """
+    run = setup_run(cfg, out_root, device, resume, progress or NullProgress())
+    try:
+        restore_run(run, resume)
+        return fit(run)
+    finally:
+        if run.dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

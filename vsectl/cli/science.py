@@ -17,7 +17,7 @@ SPARK_WIDTH = 40
 
 @app.command("gridsearch")
 def gridsearch_cli(
-    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (default recipes/demo.yaml or tiny.yaml)")] = None,
+    recipe: Annotated[Path | None, typer.Argument(help="YAML recipe (default recipes/tiny.yaml, toy data)")] = None,
     pool: Annotated[str | None, typer.Option(help="Poolers, comma-separated (default max,mean,kmax)")] = None,
     k: Annotated[str | None, typer.Option("--k", help="K values for kmax (default 1,2,5,10,20); K=1 is max")] = None,
     branch: Annotated[str | None, typer.Option(help="image | text | both = visual × text (default both)")] = None,
@@ -26,7 +26,8 @@ def gridsearch_cli(
     grid: Annotated[Path | None, typer.Option(help="Grid YAML: pool, k, branch, seeds, gpo (options win)")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default results/gridsearch/<recipe>)")] = None,
     jobs: Annotated[int, typer.Option(help="Cells run in parallel processes")] = 1,
-    quick: Annotated[bool, typer.Option(help="Short runs: train.epochs=2, train.max_steps_per_epoch=20")] = False,
+    quick: Annotated[bool, typer.Option(help="A smoke sweep in minutes: max, mean, K=2 and GPO on the image "
+                                              "branch, seed 0, 2 epochs of 20 steps (grid options still win)")] = False,
     overrides: SetOpt = None,
     protocol: Annotated[str, typer.Option(help="Evaluation protocol for every cell")] = "f30k",
     split: Annotated[str, typer.Option(help="Split evaluated")] = "test",
@@ -35,7 +36,7 @@ def gridsearch_cli(
     """Sweep pooling choices (Fig. 6 of the paper) with GPO alongside; prints the output folder."""
     from vsectl.gridsearch import gridsearch, resolve_grid
 
-    spec = run_guarded(resolve_grid, grid, pool=pool, k=k, branch=branch, seeds=seeds, gpo=gpo)
+    spec = run_guarded(resolve_grid, grid, pool=pool, k=k, branch=branch, seeds=seeds, gpo=gpo, quick=quick)
     result = run_guarded(gridsearch, recipe, spec, out_dir=out, overrides=overrides or [], quick=quick,
                          protocol=protocol, split=split, device=device, jobs=jobs,
                          progress=RichProgress(enabled=not STATE.get("quiet")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -10,11 +9,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from vsectl.data.tokenize import word_tokenize  # noqa: F401  (kept importable from here)
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:
-    from nltk.tokenize import NLTKWordTokenizer
-
     from vsectl.data.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -52,26 +50,6 @@ def augment_actions(n: int, rng: np.random.Generator) -> np.ndarray:
     actions[u < RANDOM_P] = RANDOM
     actions[u < MASK_P] = MASK
     return actions
-
-
-@functools.lru_cache(maxsize=1)
-def _word_tokenizer() -> NLTKWordTokenizer:
-    from nltk.tokenize import NLTKWordTokenizer
-
-    return NLTKWordTokenizer()
-
-
-def word_tokenize(text: str) -> list[str]:
-    """Lower-case `text` and split it with nltk's Treebank word tokenizer (TXT-1).
-
-    `nltk.word_tokenize` needs the `punkt` data; its word-level part gives the same tokens for one-sentence captions.
-    """
-    return list(_cached_tokenize(text))
-
-
-@functools.lru_cache(maxsize=4096)  # Treebank regexes cost ~0.1 ms per caption; repeats (eval, vocab) are common
-def _cached_tokenize(text: str) -> tuple[str, ...]:
-    return tuple(_word_tokenizer().tokenize(text.lower()))
 
 
 def load_karpathy(path: str | Path, split: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from vsectl.data.captions import TextProcessor
 from vsectl.data.sources import Split
+from vsectl.data.text_input import TextInput
 
 PERM_SEED_STRIDE = 1000003  # a prime: (seed, epoch) pairs map to distinct permutation seeds for any epoch < 1e6
 
@@ -44,13 +45,15 @@ class PairDataset(Dataset):
 
     Args:
         split: the training split.
-        text: encodes captions (it augments only if built with `augment=True`), or an object with
-            `get(i, rng) -> (T, H) float32` giving cached token states (vsectl.text_cache.CachedTextStates).
+        text: encodes captions (it augments only if built with `augment=True`); with `text_input` STATES, the
+            cached token states instead, `get(i, rng) -> (T, H) float32` (vsectl.text_cache.CachedTextStates).
         region_drop: per-region drop probability (0 disables region augmentation).
         seed: base seed, ≥ 0.
+        text_input: what `text` gives: token ids or cached states.
     """
 
-    def __init__(self, split: Split, text: TextProcessor, region_drop: float, seed: int) -> None:
+    def __init__(self, split: Split, text: TextProcessor, region_drop: float, seed: int,
+                 text_input: TextInput = TextInput.IDS) -> None:
         if not 0.0 <= region_drop < 1.0:
             raise ValueError(f"region_drop must be in [0, 1), got {region_drop}")
         if seed < 0:
@@ -59,6 +62,7 @@ class PairDataset(Dataset):
         self.text = text
         self.region_drop = region_drop
         self.seed = seed
+        self.text_input = TextInput(text_input)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -74,7 +78,7 @@ class PairDataset(Dataset):
         feats = self.split.features.get(int(self.split.cap2img[i]))  # (n, D)
         if self.region_drop > 0:
             feats = drop_regions(feats, self.region_drop, rng)
-        if hasattr(self.text, "get"):  # cached token states of a frozen text body: (T, H) float32
+        if self.text_input is TextInput.STATES:  # cached token states of a frozen text body: (T, H) float32
             return torch.from_numpy(feats), torch.from_numpy(self.text.get(i, rng)), i
         ids = self.text.encode(self.split.captions[i], rng)
         return torch.from_numpy(feats), torch.tensor(ids, dtype=torch.int64), i
@@ -201,16 +205,22 @@ def _pad_tokens(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor
     return out, lengths
 
 
-def collate_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+def _pad_text(seqs: Sequence[torch.Tensor], pad_id: int, text_input: TextInput) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pad_sets(seqs) if TextInput(text_input) is TextInput.STATES else _pad_tokens(seqs, pad_id)
+
+
+def collate_pairs(batch: Sequence[tuple[torch.Tensor, torch.Tensor, int]], pad_id: int = 0,
+                  text_input: TextInput = TextInput.IDS) -> dict[str, torch.Tensor]:
     """Pad a list of `PairDataset` items, keeping their order (DATA-2, DATA-3).
 
     Returns:
         images (B, K_max, D) float32 zero-padded, image_lengths (B,) int64, tokens (B, T_max) int64 padded with
-        `pad_id` (or (B, T_max, H) float32 zero-padded cached states), token_lengths (B,) int64, index (B,) int64.
+        `pad_id` (or, for STATES, (B, T_max, H) float32 zero-padded cached states), token_lengths (B,) int64,
+        index (B,) int64.
     """
     feats, ids, index = zip(*batch, strict=True)
     images, image_lengths = _pad_sets(feats)
-    tokens, token_lengths = _pad_sets(ids) if ids[0].is_floating_point() else _pad_tokens(ids, pad_id)
+    tokens, token_lengths = _pad_text(ids, pad_id, text_input)
     return {
         "images": images,
         "image_lengths": image_lengths,
@@ -227,8 +237,10 @@ def collate_images(batch: Sequence[tuple[torch.Tensor, int]]) -> dict[str, torch
     return {"images": images, "image_lengths": image_lengths, "index": torch.tensor(index, dtype=torch.int64)}
 
 
-def collate_tokens(batch: Sequence[tuple[torch.Tensor, int]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Pad `CaptionDataset` items: tokens (B, T_max) int64 padded with `pad_id`, token_lengths (B,), index (B,)."""
+def collate_tokens(batch: Sequence[tuple[torch.Tensor, int]], pad_id: int = 0,
+                   text_input: TextInput = TextInput.IDS) -> dict[str, torch.Tensor]:
+    """Pad `CaptionDataset` items: tokens (B, T_max) int64 padded with `pad_id` (STATES: (B, T_max, H) float32),
+    token_lengths (B,), index (B,)."""
     ids, index = zip(*batch, strict=True)
-    tokens, token_lengths = _pad_sets(ids) if ids[0].is_floating_point() else _pad_tokens(ids, pad_id)
+    tokens, token_lengths = _pad_text(ids, pad_id, text_input)
     return {"tokens": tokens, "token_lengths": token_lengths, "index": torch.tensor(index, dtype=torch.int64)}

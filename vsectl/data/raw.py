@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vsectl.errors import DataError
+from vsectl.io import atomic_write_bytes
 
 RAW_FORMAT = "vsectl-raw"
 RAW_VERSION = 1
@@ -52,20 +52,12 @@ def sha256_file(path: str | Path, limit: int | None = None) -> str:
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> str:
-    """Write `obj` as JSON through a temporary file and a rename, so a kill never leaves half a file.
+    """Write `obj` as compact UTF-8 JSON (no trailing newline) atomically.
 
     Returns:
         The sha256 of the bytes written.
     """
-    path = Path(path)
-    data = json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
+    return atomic_write_bytes(Path(path), json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8"))
 
 
 def image_id(entry: dict[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """Feature sources (SCAN precomp `.npy` memmaps, the HDF5 store) and split loading (spec §9, DATA-5/6/7).
 
 Sources keep only paths when pickled and open their files lazily in each process, so DataLoader workers read per item
-and never hold whole arrays.
+and never hold whole arrays. The file runs past 400 lines because the two on-disk formats and the loader that picks
+between them share these rules; each class is one format.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from vsectl.errors import DataError
+from vsectl.io import publish
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class StoreWriter:
             f.attrs[key] = _encode_attr(value)
         f.close()
         self._file = None
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)
         if self._captions:
             log.info("wrote %s: %d images (%d feature rows), %d captions", self.path, len(self._ids), self._written,
                      len(self._captions))

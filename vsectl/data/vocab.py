@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from vsectl.data.captions import word_tokenize
+from vsectl.data.tokenize import word_tokenize
 from vsectl.errors import DataError
 from vsectl.io import atomic_write_json
 

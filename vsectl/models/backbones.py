@@ -7,11 +7,9 @@ files or the Hugging Face cache, strictly; nothing downloads.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +18,14 @@ from torch import nn
 
 from vsectl.data.raw import sha256_file
 from vsectl.errors import ConfigError
+from vsectl.models.hf import (  # noqa: F401  (kept importable from here)
+    WEIGHT_SUFFIXES,
+    load_hf_model,
+    not_found_message,
+    quiet_transformers,
+    resolve_hf_folder,
+    weight_files,
+)
 from vsectl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -33,7 +39,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF_MEAN = (0.5, 0.5, 0.5)  # ViT and SigLIP image processor defaults: x / 127.5 - 1
 HALF_STD = (0.5, 0.5, 0.5)
 CNN_STRIDE_STEPS = 5  # stride-2 stages between the image and the last map of EfficientNet and ResNet (total /32)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 PREPROCESSOR_JSON = "preprocessor_config.json"
 
 BACKBONES: Registry[type[Backbone]] = Registry("backbone")
@@ -179,35 +184,6 @@ class EfficientNetLite0(Backbone):
 # ------------------------------------------------------------------------------------------------ Hugging Face models
 
 
-def not_found_message(backbone: str, weights: str) -> str:
-    return (
-        f"{backbone} weights '{weights}' not found locally (not a folder, not in the Hugging Face cache); "
-        "pass --weights /path/to/folder or download it once with network access"
-    )
-
-
-def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
-    """Find a transformers model folder: a local folder, or a hub id already in the Hugging Face cache (offline).
-
-    Raises:
-        ConfigError: neither exists; the message says what was looked for and how to supply it.
-    """
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{backbone} weights folder {path} has no config.json; pass a save_pretrained folder")
-        return path.resolve()
-    if path.exists():
-        raise ConfigError(f"{backbone} weights {path} is a file; pass the model folder (config.json + weights)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(str(weights), local_files_only=True)
-    except Exception:  # invalid repo ids, missing cache entries and offline errors all mean "not available here"
-        raise ConfigError(not_found_message(backbone, str(weights))) from None
-    return Path(folder)
-
-
 def read_preprocessor(folder: Path) -> dict[str, Any]:
     """The folder's `preprocessor_config.json` as a dict ({} when absent)."""
     path = folder / PREPROCESSOR_JSON
@@ -242,48 +218,6 @@ def processor_norm(
     m = (float(m),) * 3 if isinstance(m, (int, float)) else tuple(float(v) for v in m)
     s = (float(s),) * 3 if isinstance(s, (int, float)) else tuple(float(v) for v in s)
     return m, s
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files transformers would read from a folder: safetensors if any, else the other formats."""
-    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    safetensors = [p for p in files if p.suffix == ".safetensors"]
-    return safetensors or files
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars; the checks below turn what matters into errors."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_hf_model(model_cls: type, folder: Path, backbone: str, **kwargs: Any) -> nn.Module:
-    """`from_pretrained` in float32, refusing checkpoints that leave parameters uninitialised (strict loading)."""
-    try:
-        with quiet_transformers():
-            model, info = model_cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"{backbone} weights in {folder} could not be loaded: {str(e).splitlines()[0]}") from None
-    missing = list(info.get("missing_keys", []))
-    mismatched = list(info.get("mismatched_keys", []))
-    if missing or mismatched:
-        raise ConfigError(
-            f"{backbone} weights in {folder} do not fit {model_cls.__name__}: {len(missing)} missing "
-            f"{sorted(missing)[:2]}, {len(mismatched)} of the wrong shape; pass a {backbone} checkpoint"
-        )
-    # Unexpected keys are fine: a classifier head, or the text tower of a full CLIP/SigLIP checkpoint.
-    return model
 
 
 class HFBackbone(Backbone):

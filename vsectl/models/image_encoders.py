@@ -17,6 +17,7 @@ IMAGE_ENCODERS: Registry[Callable[[ImageConfig, int], nn.Module]] = Registry("im
 
 L2_EPS = 1e-8           # added to the norm, not under the square root (GPO-18)
 GRID_DROP_MAX = 0.2     # grid size augmentation: drop rate p = 0.2·u when u > 0.2 (spec §3)
+REGION_DROP = 0.2       # BUTD regions dropped i.i.d. with p = 0.2 in the data worker (spec §3)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +121,17 @@ def _build_region(cfg: ImageConfig, embed_dim: int) -> nn.Module:
 @IMAGE_ENCODERS.register("grid")
 def _build_grid(cfg: ImageConfig, embed_dim: int) -> nn.Module:
     return GridEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), size_augment=cfg.size_augment)
+
+
+WORKER_DROP = {"region": REGION_DROP, "grid": 0.0}  # grid cells are dropped on the device, in GridEncoder.forward
+
+
+def worker_region_drop(cfg: ImageConfig) -> float:
+    """The per-element drop rate the data workers apply to this branch's feature sets (0: none, or on the device).
+
+    Region sets are augmented in the worker, where they are still NumPy rows; each encoder says which it needs.
+    """
+    return WORKER_DROP[cfg.encoder] if cfg.size_augment else 0.0
 
 
 def create_image_encoder(cfg: ImageConfig, embed_dim: int) -> nn.Module:

@@ -87,8 +87,11 @@ class TransformerTextEncoder(nn.Module):
         return self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids, or (B, T, H) cached float states of a frozen body, and (B,) lengths → (B, E), weights."""
-        hidden = tokens if tokens.is_floating_point() else self.states(tokens, lengths)   # (B, T, H)
+        """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
+        return self.forward_states(self.states(tokens, lengths), lengths)
+
+    def forward_states(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, H) token states of the body (cached for a frozen one) and (B,) lengths → (B, E), weights."""
         pooled, weights = self.pool(self.proj(hidden), lengths)
         return l2_normalize(pooled), weights
 
@@ -124,7 +127,7 @@ def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     path = resolve_pretrained(name)
     local = Path(path).is_dir()
     offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
-    from vsectl.models.backbones import quiet_transformers
+    from vsectl.models.hf import quiet_transformers
 
     try:
         with quiet_transformers():  # the load report lists the unused pooler weights; missing ones are checked below

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from vsectl.config import LRMultConfig, ModelConfig
+from vsectl.data.text_input import TextInput
 from vsectl.models.image_encoders import create_image_encoder
 from vsectl.models.text_encoders import TransformerTextEncoder, create_text_encoder
 
@@ -22,13 +23,20 @@ class VSEModel(nn.Module):
         """(B, K, D) sets, (B,) lengths → (B, E) fp32 unit vectors and the pooling weights."""
         return self.image(feats, lengths)
 
-    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, T) ids, (B,) lengths → (B, E) fp32 unit vectors and the pooling weights."""
+    def encode_text(self, tokens: torch.Tensor, lengths: torch.Tensor, text_input: TextInput = TextInput.IDS
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T) ids (or, for STATES, (B, T, H) cached token states), (B,) lengths → (B, E) fp32 unit vectors and
+        the pooling weights."""
+        if TextInput(text_input) is TextInput.STATES:
+            if not hasattr(self.text, "forward_states"):
+                raise ValueError(f"{type(self.text).__name__} takes token ids only, not cached token states")
+            return self.text.forward_states(tokens, lengths)
         return self.text(tokens, lengths)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], text_input: TextInput = TextInput.IDS
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         img, _ = self.encode_image(batch["images"], batch["image_lengths"])
-        cap, _ = self.encode_text(batch["tokens"], batch["token_lengths"])
+        cap, _ = self.encode_text(batch["tokens"], batch["token_lengths"], text_input)
         return img, cap
 
 

@@ -1,0 +1,23 @@
+"""Packaging: every package is listed for the wheel, and the recipes ship with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vsectl.recipe_files import recipe_dir, shipped_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "vsectl").rglob("__init__.py")}
+    assert found | {"vsectl.recipes", "vsectl.recipes.patterns"} == listed
+
+
+def test_shipped_recipes_are_found_through_the_package():
+    assert (recipe_dir() / "tiny.yaml").is_file() and (recipe_dir() / "patterns" / "default.yaml").is_file()
+    assert shipped_recipe("tiny.yaml").read_text() == (REPO / "recipes" / "tiny.yaml").read_text()

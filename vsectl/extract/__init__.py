@@ -1,0 +1,36 @@
+"""Feature extraction: raw images → frozen backbone → feature sets in the HDF5 store (sharded, resumable, torchrun).
+
+One role per file: `images.py` the backbone loop over image files, `video.py` frame sampling and pooling,
+`shards.py` the atomic shards and their merge, `provenance.py` the attrs and reuse fingerprint, `pipeline.py` the
+split and command level. Everything public is importable from `vsectl.extract`.
+"""
+
+from vsectl.extract.images import DEFAULT_CHANNELS_LAST, cpu_has_fast_bf16, extract_images, make_batches
+from vsectl.extract.pipeline import (
+    DEFAULT_DTYPE,
+    DEFAULT_SHARD_SIZE,
+    SPLITS,
+    DistInfo,
+    dist_info,
+    extract,
+    extract_split,
+    output_paths,
+)
+from vsectl.extract.provenance import FINGERPRINT_KEYS, RESIZE, split_provenance
+from vsectl.extract.shards import (
+    MAX_SKIPPED_RECORDS,
+    MERGE_BLOCK_IMAGES,
+    POLL_SECONDS,
+    merge_shards,
+    shard_dir_for,
+    shard_path,
+    write_shards,
+)
+from vsectl.extract.video import FRAME_POOLS, FRAME_SUFFIXES, VideoSampling, list_frames
+
+__all__ = [
+    "DEFAULT_CHANNELS_LAST", "DEFAULT_DTYPE", "DEFAULT_SHARD_SIZE", "FINGERPRINT_KEYS", "FRAME_POOLS", "FRAME_SUFFIXES",
+    "MAX_SKIPPED_RECORDS", "MERGE_BLOCK_IMAGES", "POLL_SECONDS", "RESIZE", "SPLITS", "DistInfo", "VideoSampling",
+    "cpu_has_fast_bf16", "dist_info", "extract", "extract_images", "extract_split", "list_frames", "make_batches",
+    "merge_shards", "output_paths", "shard_dir_for", "shard_path", "split_provenance", "write_shards",
+]

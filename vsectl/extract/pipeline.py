@@ -1,0 +1,214 @@
+"""Extract a raw dataset's splits: validate the request, then per split reuse, extract shards, merge (torchrun-aware).
+
+Under torchrun, rank r extracts the shards i with i % WORLD_SIZE == r and rank 0 merges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vsectl.data.raw import RawDataset, load_raw_dataset
+from vsectl.data.store import DTYPES
+from vsectl.errors import ConfigError, DataError
+from vsectl.extract.images import DEFAULT_CHANNELS_LAST, cpu_has_fast_bf16
+from vsectl.extract.provenance import split_provenance
+from vsectl.extract.shards import (
+    _differences,
+    _prepare_shard_dir,
+    _read_fingerprint,
+    _wait_for,
+    merge_shards,
+    shard_dir_for,
+    shard_path,
+    write_shards,
+)
+from vsectl.extract.video import VideoSampling
+from vsectl.models.backbones import Backbone, create_backbone
+from vsectl.runtime import Distributed, NullProgress, Precision, Progress, distributed_from_env, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+SPLITS = ("train", "dev", "test")
+DEFAULT_SHARD_SIZE = 512  # images per shard: at most this much work is lost to a kill
+DEFAULT_DTYPE = "float16"  # backbone activations are bounded (ReLU6, LayerNorm); halves the disk; overflow is refused
+DistInfo = Distributed  # this process's place in a torchrun job (rank 0 of 1 without torchrun)
+
+
+def dist_info() -> DistInfo:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun (or SLURM) sets them."""
+    try:
+        return distributed_from_env()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def extract_split(
+    backbone: Backbone,
+    raw: RawDataset,
+    split: str,
+    out_path: str | Path,
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = DEFAULT_CHANNELS_LAST,
+    dtype: str = DEFAULT_DTYPE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    limit: int | None = None,
+    dist: DistInfo | None = None,
+    progress: Progress | None = None,
+    wait_timeout_s: float | None = None,
+    video: VideoSampling | None = None,
+) -> Path | None:
+    """Extract one split of a raw dataset to a store file, resuming from finished shards.
+
+    Args:
+        backbone: a frozen backbone.
+        raw: the raw dataset.
+        split: "train", "dev" or "test".
+        out_path: the final `.h5` file.
+        batch_size, workers, device, precision, channels_last: see `extract_images`.
+        dtype: on-disk feature dtype, "float16" or "float32".
+        shard_size: images per shard.
+        limit: only the first `limit` images of the split.
+        dist: rank and world size (default: from the environment).
+        progress: progress reporting.
+        wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
+        video: each dataset entry is a folder of frame images, sampled and pooled as this says (None: images).
+
+    Returns:
+        `out_path` on rank 0; None on other ranks (rank 0 merges).
+    """
+    out_path, dist, progress = Path(out_path), dist or dist_info(), progress or NullProgress()
+    device = torch.device(device) if isinstance(device, str) else device
+    images = raw.split(split)[:limit]
+    if not images:
+        raise DataError(f"split {split!r} of {raw.root} has no {'videos' if video else 'images'}")
+    attrs = split_provenance(backbone, raw, split, precision=precision, channels_last=channels_last, dtype=dtype,
+                             limit=limit, shard_size=shard_size, video=video)
+    fingerprint = json.loads(attrs["fingerprint"])
+    if out_path.is_file():
+        old = _read_fingerprint(out_path)
+        if old == fingerprint:
+            log.info("%s is already extracted with these settings", out_path)
+            return out_path if dist.rank == 0 else None
+        log.warning("%s was extracted with other settings (%s); extracting again", out_path,
+                    ", ".join(_differences(old or {}, fingerprint)))
+    shard_dir = shard_dir_for(out_path)
+    _prepare_shard_dir(shard_dir, fingerprint, dist)
+    n_shards = math.ceil(len(images) / shard_size)
+    todo = [s for s in range(dist.rank, n_shards, dist.world_size) if not shard_path(shard_dir, s).is_file()]
+    if todo:
+        log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
+                 dist.rank)
+        start = time.perf_counter()
+        write_shards(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
+                     workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
+                     progress=progress, description=f"extract {split}", video=video)
+        n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+        seconds = time.perf_counter() - start
+        log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if dist.rank != 0:
+        return None
+    files = [shard_path(shard_dir, s) for s in range(n_shards)]
+    _wait_for(files, wait_timeout_s)
+    n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size})
+    shutil.rmtree(shard_dir)
+    if n_skipped:
+        log.warning("split %s: skipped %d unreadable %s (attrs n_skipped, skipped), first: %s",
+                    split, n_skipped, "videos" if video else "images", skipped[0]["reason"])
+    log.info("split %s: wrote %s (%d images)", split, out_path, n)
+    return out_path
+
+
+def output_paths(out: str | Path, splits: Sequence[str]) -> dict[str, Path]:
+    """Where each split goes: OUT itself when it ends in .h5 (one split only), else OUT/<split>.h5."""
+    out = Path(out)
+    if out.suffix == ".h5":
+        if len(splits) != 1:
+            raise ConfigError(f"--out {out} is a single .h5 file; give a folder to extract {len(splits)} splits")
+        return {splits[0]: out}
+    return {s: out / f"{s}.h5" for s in splits}
+
+
+def extract(
+    backbone: str | Backbone,
+    data: str | Path,
+    out: str | Path,
+    split: str = "train",
+    *,
+    weights: str | Path | None = None,
+    size: int | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    precision: str = "fp32",
+    channels_last: bool = DEFAULT_CHANNELS_LAST,
+    device: str = "auto",
+    dtype: str = DEFAULT_DTYPE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    limit: int | None = None,
+    progress: Progress | None = None,
+    video: VideoSampling | None = None,
+) -> list[Path]:
+    """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
+
+    Args:
+        backbone: a registered backbone name or a ready-made Backbone.
+        data: the raw dataset folder (dataset.json + manifest.json).
+        out: a folder (each split goes to OUT/<split>.h5, so OUT can be `data.root`) or a `.h5` file (one split).
+        split: "train", "dev", "test" or "all".
+        weights, size: see `create_backbone`.
+        batch_size, workers, precision, channels_last, device, dtype, shard_size, limit: see `extract_split`.
+        progress: progress reporting.
+        video: treat each entry as a video's folder of frame images (`VideoSampling`); None for images.
+
+    Returns:
+        The finished store files (empty on torchrun ranks other than 0).
+    """
+    splits = SPLITS if split == "all" else (split,)
+    if split != "all" and split not in SPLITS:
+        raise ConfigError(f"unknown split '{split}'; use train, dev, test or all")
+    for name, value, low in (("batch size", batch_size, 1), ("workers", workers, 0), ("shard size", shard_size, 1),
+                             ("limit", limit if limit is not None else 1, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown feature dtype '{dtype}'; use {' or '.join(DTYPES)}")
+    targets = output_paths(out, splits)
+    dist = dist_info()
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dist.world_size > 1 and dev.index is None:
+        dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun process
+    Precision(precision, dev)  # validate before any work
+    if precision == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
+        log.warning("this CPU has no native bf16 support: bf16 runs about 10x slower than fp32 here; use fp32")
+    raw = load_raw_dataset(data)
+    modality = raw.manifest.get("modality")
+    if modality == "video" and video is None:
+        raise ConfigError(f"{raw.root} holds videos (folders of frames); add --video to extract them")
+    if modality == "image" and video is not None:
+        raise ConfigError(f"{raw.root} holds images, not videos; drop --video")
+    model = create_backbone(backbone, weights=weights, size=size)
+    written = []
+    for name, path in targets.items():
+        if split == "all" and not raw.split(name):
+            log.warning("%s has no %s images; skipping that split", raw.root, name)
+            continue
+        result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
+                               precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
+                               limit=limit, dist=dist, progress=progress, video=video)
+        if result is not None:
+            written.append(result)
+    return written

@@ -1,0 +1,162 @@
+"""Running a sweep: train and evaluate each unfinished cell (resumably, optionally in parallel), read results back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from vsectl.config import RunConfig, changed_keys, from_dict, to_dict
+from vsectl.errors import ConfigError
+from vsectl.gridsearch.grid import Cell, cell_config
+from vsectl.runtime import NullProgress, Progress
+
+log = logging.getLogger(__name__)
+
+
+def eval_path(run_dir: Path, protocol: str) -> Path:
+    return run_dir / "eval" / f"{protocol}.json"
+
+
+def is_finished(run_dir: Path, protocol: str, split: str) -> bool:
+    """A cell is finished when its eval JSON for this protocol and split exists."""
+    path = eval_path(run_dir, protocol)
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("split") == split
+    except json.JSONDecodeError:
+        return False
+
+
+def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, device: str = "auto") -> str:
+    """Train one cell (resuming a partial run from its last checkpoint) and evaluate its best checkpoint.
+
+    Returns:
+        the cell's run directory.
+    """
+    from vsectl.evaluation import evaluate_runs
+    from vsectl.runtime import resolve_device
+    from vsectl.training import train
+
+    run_dir = Path(runs_root) / cfg.name
+    resume = (run_dir / "config.yaml").is_file()  # a killed cell: train() continues from checkpoints/last
+    if resume:
+        log.info("resuming %s", run_dir)
+    fresh = not run_dir.exists()
+    try:
+        train(cfg, out_root=runs_root, device=device, resume=resume)
+    except BaseException:
+        if fresh and not (run_dir / "checkpoints").exists():  # a start that failed (no data, no model) leaves nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if runs_root_empty(Path(runs_root)):
+                Path(runs_root).rmdir()
+        raise
+    evaluate_runs([run_dir], protocol=protocol, split=split, device=resolve_device(device), which="best", write=True)
+    return str(run_dir)
+
+
+def runs_root_empty(runs_root: Path) -> bool:
+    return runs_root.is_dir() and not any(runs_root.iterdir())
+
+
+def check_buildable(configs: Iterable[RunConfig]) -> None:
+    """Build every distinct pooler once (tiny modules), so a bad pooler setting fails before any cell has run."""
+    from vsectl.models.pooling import create_pooler
+
+    for pool in {getattr(cfg.model, b).pool for cfg in configs for b in ("image", "text")}:
+        create_pooler(pool)
+
+
+def check_existing(run_dir: Path, cfg: RunConfig) -> None:
+    """Refuse to mix in a run made with another configuration (finished or not) under the cell's name."""
+    from vsectl.config import config_from_yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    changed = changed_keys(config_from_yaml(path.read_text()), cfg)
+    if changed:
+        raise ConfigError(f"{run_dir} was made with another configuration ({', '.join(changed[:4])} differ); "
+                          "use another --out, or delete that folder")
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell_job(args: tuple[dict, str, str, str, str]) -> str:
+    cfg_dict, runs_root, protocol, split, device = args
+    return run_cell(from_dict(RunConfig, cfg_dict), runs_root, protocol, split, device)
+
+
+def run_sweep(
+    base: RunConfig,
+    cells: Sequence[Cell],
+    out_dir: str | Path,
+    protocol: str = "f30k",
+    split: str = "test",
+    device: str = "auto",
+    jobs: int = 1,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Run every unfinished cell (train + eval into `out_dir/runs/<cell.name>`) and read all cells back.
+
+    Finished cells (eval JSON present) are skipped, so a rerun resumes a killed sweep; the cell it was in continues
+    from its last checkpoint. `jobs` > 1 runs cells in that many spawned processes, cores // jobs torch threads each.
+
+    Returns:
+        one record per cell (see `read_record`), in `cells` order.
+    """
+    progress = progress or NullProgress()
+    runs_root = Path(out_dir) / "runs"
+    configs = {cell.name: cell_config(base, cell) for cell in cells}  # validates every cell before any compute
+    check_buildable(configs.values())
+    for name, cfg in configs.items():
+        check_existing(runs_root / name, cfg)
+    todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split)]
+    log.info("gridsearch: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
+    if jobs > 1 and len(todo) > 1:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        args = [(to_dict(configs[c.name]), str(runs_root), protocol, split, device) for c in todo]
+        with mp.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (threads,)) as pool:
+            for run_dir in progress.track(pool.imap_unordered(_run_cell_job, args), total=len(todo),
+                                          description="gridsearch"):
+                log.info("finished %s", run_dir)
+    else:
+        for cell in progress.track(todo, total=len(todo), description="gridsearch"):
+            log.info("cell %s", cell.name)
+            run_cell(configs[cell.name], runs_root, protocol, split, device)
+    return [read_record(cell, runs_root / cell.name, protocol) for cell in cells]
+
+
+def _best_dev_rsum(run_dir: Path) -> float | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    vals = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("kind") == "val" and "rsum" in rec:
+            vals.append(rec["rsum"])
+    return max(vals) if vals else None
+
+
+def read_record(cell: Cell, run_dir: Path, protocol: str) -> dict:
+    """One cell's result, read from the run's own files: eval/<protocol>.json and metrics.jsonl."""
+    result = json.loads(eval_path(run_dir, protocol).read_text())
+    return {
+        "cell": cell.key, "seed": cell.seed, "run": str(run_dir), "gpo": cell.gpo, "fixed": cell.fixed,
+        "image": cell.image.label if cell.image else "recipe", "text": cell.text.label if cell.text else "recipe",
+        "split": result.get("split"), "n_images": result.get("n_images"), "metrics": result["metrics"],
+        "dev_best_rsum": _best_dev_rsum(run_dir),
+    }

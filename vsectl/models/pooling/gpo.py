@@ -1,0 +1,46 @@
+"""GPO, the Generalized Pooling Operator of VSE∞: a BiGRU over rank encodings scores each rank.
+
+Chen, Hu, Wu, Jiang, Wang, "Learning the Best Pooling Strategy for Visual Semantic Embedding", CVPR 2021.
+GPO sorts every feature dimension of a set descending and takes a weighted sum over ranks; the weights θ come from a
+small generator that sees only the set size (positional encodings → BiGRU → linear score → softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from vsectl.models.pooling.base import TEMPERATURE, PositionalRankPool
+
+
+class GPO(PositionalRankPool):
+    """Generalized Pooling Operator with a Cos/Sin + BiGRU weight generator.
+
+    Args:
+        d_pe: positional-encoding size (even).
+        d_hidden: GRU hidden size per direction; the two directions are averaged.
+        temperature: softmax temperature over ranks.
+    """
+
+    def __init__(self, d_pe: int = 32, d_hidden: int = 32, temperature: float = TEMPERATURE) -> None:
+        super().__init__(d_pe=d_pe, temperature=temperature)
+        self.d_hidden = d_hidden
+        self.gru = nn.GRU(d_pe, d_hidden, num_layers=1, batch_first=True, bidirectional=True)
+        self.scorer = nn.Linear(d_hidden, 1, bias=False)
+
+    def generator_input(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """(U,) lengths → (U, max_len, d_pe) sequence-model input; rows past each length are zero (GPO-6)."""
+        return self.rank_encoding(lengths, max_len)
+
+    def sequence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run the BiGRU on packed sequences and average the directions (GPO-7, GPO-8): (U, L, d_pe) → (U, L, H)."""
+        lengths_cpu = lengths.cpu()  # packing requires lengths on the CPU
+        packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (U, L, 2H)
+        return (out[..., : self.d_hidden] + out[..., self.d_hidden :]) / 2
+
+    def scores(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Unnormalised scores for each distinct length: (U,) → (U, max_len, 1)."""
+        return self.scorer(self.sequence(self.generator_input(lengths, max_len), lengths))

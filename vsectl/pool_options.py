@@ -1,0 +1,161 @@
+"""Typed options of each pooler: one frozen dataclass per pooler name, checked when the recipe is loaded.
+
+A recipe's `pool:` section is read into the options class of its `name`, so a key that pooler does not take
+(`pool.k` under `gpo`) fails with a did-you-mean instead of being ignored. The pooler modules themselves live in
+`vsectl/models/pooling/` and take these fields as plain keyword arguments; this file imports no torch, so recipes load
+without the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vsectl.errors import ConfigError
+from vsectl.registry import Registry
+
+POOL_OPTIONS: Registry[type[PoolOptions]] = Registry("pooler")  # pooler name → its options class
+DEFAULT_POOLER = "gpo"
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """What every pooler's options have: the registry name. Subclasses add the pooler's own fields."""
+
+    name: str = DEFAULT_POOLER      # a key of the POOLERS registry: gpo, mean, max, maxk (kmax), gem, gpo_*
+
+    AT_LEAST: ClassVar[dict[str, int]] = {}   # field → its smallest allowed value
+    POSITIVE: ClassVar[tuple[str, ...]] = ()  # fields that must be > 0
+
+    def __post_init__(self) -> None:
+        for key, low in self.AT_LEAST.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"pool.{key} must be >= {low}, got {getattr(self, key)}")
+        for key in self.POSITIVE:
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"pool.{key} must be positive, got {getattr(self, key)}")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The pooler's constructor keyword arguments (every field but `name`)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
+
+    def keys(self) -> list[str]:
+        """The recipe keys this pooler takes, `name` included."""
+        return [f.name for f in dataclasses.fields(self)]
+
+
+def _register(*names: str):  # noqa: ANN202 - a class decorator
+    def decorator(cls: type[PoolOptions]) -> type[PoolOptions]:
+        for name in names:
+            POOL_OPTIONS.register(name)(cls)
+        return cls
+
+    return decorator
+
+
+@_register("mean", "max")
+@dataclass(frozen=True)
+class NoOptions(PoolOptions):
+    """mean and max: θ is fixed by the set size and there is nothing to set."""
+
+
+@_register("maxk", "kmax")
+@dataclass(frozen=True)
+class MaxKOptions(PoolOptions):
+    name: str = "maxk"
+    k: int = 10                     # mean of the top-k values per dimension, clipped to the set size
+
+    AT_LEAST: ClassVar[dict[str, int]] = {"k": 1}
+
+
+@_register("gem")
+@dataclass(frozen=True)
+class GeMOptions(PoolOptions):
+    name: str = "gem"
+    p: float = 3.0                  # initial exponent (learned)
+
+
+@_register("gpo", "gpo_mlp")
+@dataclass(frozen=True)
+class GPOOptions(PoolOptions):
+    """GPO (Cos/Sin PE → BiGRU) and gpo_mlp (the PE of each rank scored by an MLP)."""
+
+    d_pe: int = 32                  # positional-encoding size (even)
+    d_hidden: int = 32              # sequence-model hidden size
+    temperature: float = 0.1        # softmax temperature over ranks (official code; the paper does not state it)
+
+    POSITIVE: ClassVar[tuple[str, ...]] = ("d_pe", "d_hidden", "temperature")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_pe % 2:
+            raise ConfigError(f"pool.d_pe must be even (sin/cos pairs), got {self.d_pe}")
+
+
+@_register("gpo_index_bigru")
+@dataclass(frozen=True)
+class IndexBiGRUOptions(GPOOptions):
+    name: str = "gpo_index_bigru"
+    max_index: int = 1000           # rows of the learned index table, i.e. the longest set allowed
+
+
+@_register("gpo_interp")
+@dataclass(frozen=True)
+class InterpOptions(PoolOptions):
+    name: str = "gpo_interp"
+    n_knots: int = 21               # learned knots over rank ratio [0, 1], initialised to 1/(n_knots - 1)
+    temperature: float = 0.1        # softmax temperature over ranks
+
+    AT_LEAST: ClassVar[dict[str, int]] = {"n_knots": 2}
+    POSITIVE: ClassVar[tuple[str, ...]] = ("temperature",)
+
+
+@_register("gpo_transformer")
+@dataclass(frozen=True)
+class TransformerOptions(GPOOptions):
+    name: str = "gpo_transformer"
+    transformer_layers: int = 1     # encoder layers (not published; ours)
+    transformer_heads: int = 4      # attention heads; must divide d_hidden
+    transformer_ffn: int = 64       # feed-forward width (dropout is 0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_hidden % self.transformer_heads:
+            raise ConfigError(f"pool.transformer_heads ({self.transformer_heads}) must divide pool.d_hidden "
+                              f"({self.d_hidden})")
+
+    def kwargs(self) -> dict[str, Any]:
+        out = super().kwargs()
+        return out | {"layers": out.pop("transformer_layers"), "heads": out.pop("transformer_heads"),
+                      "ffn": out.pop("transformer_ffn")}
+
+
+@_register("gpo_perdim", "gpo_featin")
+@dataclass(frozen=True)
+class FeatureSizedOptions(GPOOptions):
+    """gpo_perdim (a θ per dimension) and gpo_featin (features fed to the generator) need the feature size D."""
+
+    name: str = "gpo_perdim"
+    in_dim: int = 0                 # size D of the pooled features; 0 = the encoder's model.embed_dim
+
+    def kwargs(self) -> dict[str, Any]:
+        out = super().kwargs()
+        if out["in_dim"] <= 0:
+            raise ConfigError(f"pooler '{self.name}' needs pool.in_dim, the size of the features it pools "
+                              "(the encoders pass model.embed_dim; standalone, set it), e.g. pool.in_dim=1024")
+        return out | {"dim": out.pop("in_dim")}
+
+
+def options_class(name: str) -> type[PoolOptions]:
+    """The options class of pooler `name`; unknown names fail with the list of known ones."""
+    return POOL_OPTIONS.get(name)
+
+
+def known_keys() -> dict[str, list[str]]:
+    """Every key a pooler takes → the poolers that take it (for error messages)."""
+    out: dict[str, list[str]] = {}
+    for name in POOL_OPTIONS.names():
+        for key in options_class(name)().keys():
+            out.setdefault(key, []).append(name)
+    return out
