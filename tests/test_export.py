@@ -12,14 +12,29 @@ from torch import nn
 from typer.testing import CliRunner
 
 from vsectl.cli import app
-from vsectl.config import PoolConfig, load_recipe
+from vsectl.config import load_recipe
 from vsectl.models.exportable import EXPORTABLE_POOLERS, ExportPool, ImageTower, LengthBiGRU, TextTower, sinusoid_table
-from vsectl.models.gpo import GPO, positional_encoding
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder
-from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling import (
+    GPO,
+    MLPGPO,
+    GeMPool,
+    InterpGPO,
+    MaxKPool,
+    MaxPool,
+    MeanPool,
+    PerDimGPO,
+    TransformerGPO,
+    positional_encoding,
+)
 from vsectl.models.text_encoders import BiGRUTextEncoder, TransformerTextEncoder
 
 REPO = Path(__file__).resolve().parent.parent
+POOLERS = {  # tiny instances of every exportable pooler, over 10-d features (leaf modules take plain arguments)
+    "gpo": lambda: GPO(d_pe=8, d_hidden=6), "gpo_perdim": lambda: PerDimGPO(dim=10, d_pe=8, d_hidden=6),
+    "gpo_mlp": lambda: MLPGPO(d_pe=8, d_hidden=6), "gpo_interp": lambda: InterpGPO(n_knots=5),
+    "mean": MeanPool, "max": MaxPool, "maxk": lambda: MaxKPool(k=3), "gem": GeMPool,
+}
 TINY = REPO / "recipes" / "tiny.yaml"
 runner = CliRunner()
 TOL = dict(atol=1e-5, rtol=0)  # torch vs torch: the formulations differ only in summation order
@@ -51,8 +66,9 @@ def test_sinusoid_table_equals_the_gpo_positional_encoding():
 
 @pytest.mark.parametrize("name", EXPORTABLE_POOLERS)
 def test_export_pool_equals_the_trained_pooler_at_every_set_size(name):
+    assert set(POOLERS) == set(EXPORTABLE_POOLERS)
     gen = torch.Generator().manual_seed(2)
-    pool = create_pooler(PoolConfig(name=name, d_pe=8, d_hidden=6, k=3, n_knots=5), in_dim=10).eval()
+    pool = POOLERS[name]().eval()
     for param in pool.parameters():  # away from the initial values, so a wrong θ shows
         param.data.add_(0.3 * torch.randn(param.shape, generator=gen))
     for width in (1, 2, 5, 13):
@@ -68,7 +84,7 @@ def test_unexportable_pooler_is_one_clear_error():
     from vsectl.errors import ConfigError
 
     with pytest.raises(ConfigError, match="exportable poolers: gpo"):
-        ExportPool(create_pooler(PoolConfig(name="gpo_transformer", d_pe=8, d_hidden=8, transformer_heads=2)))
+        ExportPool(TransformerGPO(d_pe=8, d_hidden=8, heads=2))
 
 
 def tiny_bert_body(vocab: int = 30) -> nn.Module:
@@ -91,9 +107,9 @@ def onnx_roundtrip(module: nn.Module, example: tuple, path: Path, names: tuple[s
 @pytest.mark.parametrize("kind", ["region_gpo", "grid_gpo_perdim", "region_kmax"])
 def test_image_tower_onnx_matches_torch_on_several_set_sizes(kind, tmp_path):
     gen = torch.Generator().manual_seed(3)
-    encoder_cls, pool_name = {"region_gpo": (RegionEncoder, "gpo"), "grid_gpo_perdim": (GridEncoder, "gpo_perdim"),
-                              "region_kmax": (RegionEncoder, "kmax")}[kind]
-    pool = create_pooler(PoolConfig(name=pool_name, d_pe=8, d_hidden=8, k=2), in_dim=16)
+    encoder_cls, pool = {"region_gpo": (RegionEncoder, GPO(d_pe=8, d_hidden=8)),
+                         "grid_gpo_perdim": (GridEncoder, PerDimGPO(dim=16, d_pe=8, d_hidden=8)),
+                         "region_kmax": (RegionEncoder, MaxKPool(k=2))}[kind]
     encoder = encoder_cls(12, 16, pool, **({"mlp_hidden": 10} if encoder_cls is RegionEncoder else {}))
     encoder.eval()
     if encoder_cls is RegionEncoder:  # BatchNorm statistics away from 0/1

@@ -21,13 +21,21 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.gpo import GPO, MASK_VALUE, length_mask
-from vsectl.models.gpo_variants import MLPGPO, InterpGPO, PerDimGPO
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder, l2_normalize
-from vsectl.models.pooling import GeMPool, KMaxPool, MaxPool, MeanPool
+from vsectl.models.pooling import (
+    GPO,
+    MASK_VALUE,
+    MLPGPO,
+    FixedWeightPool,
+    GeMPool,
+    InterpGPO,
+    PerDimGPO,
+    length_mask,
+    masked_softmax,
+)
 from vsectl.models.text_encoders import BiGRUTextEncoder, TransformerTextEncoder
 
-EXPORTABLE_POOLERS = ("gpo", "gpo_perdim", "gpo_mlp", "gpo_interp", "mean", "max", "kmax", "gem")
+EXPORTABLE_POOLERS = ("gpo", "gpo_perdim", "gpo_mlp", "gpo_interp", "mean", "max", "maxk", "gem")
 
 
 def _single_direction(gru: nn.GRU, suffix: str) -> nn.GRU:
@@ -94,28 +102,24 @@ class ExportPool(nn.Module):
     def __init__(self, pool: nn.Module) -> None:
         super().__init__()
         self.pool = pool
-        if isinstance(pool, GPO) and type(pool) in (GPO, PerDimGPO):
+        if type(pool) in (GPO, PerDimGPO):
             self.sequence = LengthBiGRU(pool.gru)
-        elif not isinstance(pool, MLPGPO | InterpGPO | MeanPool | MaxPool | KMaxPool | GeMPool):
+        elif not isinstance(pool, MLPGPO | InterpGPO | FixedWeightPool | GeMPool):
             raise ConfigError(f"pooler {type(pool).__name__} cannot be exported to ONNX; exportable poolers: "
                               + ", ".join(EXPORTABLE_POOLERS))
 
     def theta(self, lengths: torch.Tensor, width: torch.Tensor | int, device: torch.device) -> torch.Tensor:
         """(B,) lengths → (B, width, 1 or D) fp32 weights, zero past each length."""
         pool = self.pool
+        if isinstance(pool, FixedWeightPool):                                          # mean, max, maxk
+            return pool.theta(lengths, width)
         mask = length_mask(lengths, width)                                             # (B, W)
-        if isinstance(pool, MeanPool | MaxPool | KMaxPool):
-            k = lengths if isinstance(pool, MeanPool) else torch.ones_like(lengths)
-            if isinstance(pool, KMaxPool):
-                k = lengths.clamp(max=pool.k)
-            return (length_mask(k, width).float() / k[:, None].float())[..., None]
         if isinstance(pool, GPO):
             x = sinusoid_table(width, pool.d_pe, device)[None] * mask[..., None]       # (B, W, d_pe)
             scores = pool.scorer(self.sequence(x, lengths))                            # (B, W, 1 or D)
         else:                                                                          # MLP / Interp: no sequence model
             scores = pool.scores(lengths, width)
-        scores = scores.float().masked_fill(~mask[..., None], MASK_VALUE)
-        return torch.softmax(scores / pool.temperature, dim=1)
+        return masked_softmax(scores, mask[..., None], pool.temperature)
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, K, D) padded sets, (B,) lengths → (B, D) pooled (not normalised)."""
