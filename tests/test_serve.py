@@ -292,6 +292,9 @@ def test_the_page_shows_result_images_with_captions_and_clicks_through_to_simila
         first = browser.wait_for("document.getElementById('status').textContent.includes('image:')"
                                  " && document.querySelector('#results .hit').dataset.image")
         assert first == clicked  # an image is its own nearest neighbour
+        if os.environ.get("VSECTL_SCREENSHOT_DIR"):
+            browser.wait_for("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+            browser.screenshot(Path(os.environ["VSECTL_SCREENSHOT_DIR"]) / "serve_similar.png")
         assert browser.evaluate("location.search") == f"?similar={clicked}&k=10&side=images"
 
 
