@@ -64,6 +64,7 @@ class Handler(BaseHTTPRequestHandler):
     """One request; the engine is the server's."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
+    timeout = 60                   # an idle connection is closed after a minute instead of holding its thread
     server_version = "vsectl"
     sys_version = ""
     server: VsectlServer
