@@ -29,7 +29,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, LoadMeter, describe, fmt_time, machine, summary, target, time_reps, write_report
+from common import (
+    RESULTS,
+    LoadMeter,
+    describe,
+    fmt_time,
+    gemm_tflops,
+    machine,
+    summary,
+    target,
+    time_reps,
+    write_report,
+)
 
 import vsectl
 from vsectl.retrieval.embeddings import EMBEDDINGS_FORMAT, EMBEDDINGS_VERSION, JsonLinesWriter, NpyAppender
@@ -191,11 +202,15 @@ def bench_exact(folder: Path, queries: np.ndarray, reps: int) -> dict[str, Any]:
                           capture_output=True, text=True, check=True)
     mem = json.loads(proc.stdout)
     size = (folder / "images.npy").stat().st_size
+    gemm = gemm_tflops(torch.float32, reps=3)["tflops"]["median"]  # the machine's fp32 GEMM rate in this run
+    batch_tflops = 2 * emb.n_images * DIM * len(queries) / summary(t_batch)["median_s"] / 1e12
+    one_gbs = size / summary(t_one)["median_s"] / 1e9
     return {"n": emb.n_images, "file_bytes": size, "one_query": summary(t_one), "bare_mv_topk": bare_s,
             "one_over_bare": summary(t_one)["median_s"] / bare_s["median_s"], "batch": summary(t_batch),
             "batch_queries": len(queries), "per_query_batch_s": per_query_batch, "per_query_sequential_s":
             per_query_seq, "batch_speedup_per_query": per_query_seq / per_query_batch, "memory": mem,
-            "peak_added_over_file": max(mem["peak_added_one_query"], mem["peak_added_batch"]) / size}
+            "peak_added_over_file": max(mem["peak_added_one_query"], mem["peak_added_batch"]) / size,
+            "gemm_fp32_tflops": gemm, "batch_tflops": batch_tflops, "one_query_gb_per_s": one_gbs}
 
 
 # ------------------------------------------------------------------------------------------------ 3. faiss
@@ -243,6 +258,8 @@ def render(report: dict[str, Any]) -> str:
             f"{x['one_over_bare']:.2f}×",
             f"  batch of {x['batch_queries']}: {x['per_query_batch_s'] * 1e3:.2f} ms/query vs one at a time "
             f"{x['per_query_sequential_s'] * 1e3:.1f} ms/query: {x['batch_speedup_per_query']:.1f}× faster/query",
+            f"  the batch ran at {x['batch_tflops'] * 1e3:.1f} GFLOP/s (a 2048² fp32 torch.mm here: "
+            f"{x['gemm_fp32_tflops'] * 1e3:.1f}); one query streamed the map at {x['one_query_gb_per_s']:.1f} GB/s",
             f"  peak memory added: one query {x['memory']['peak_added_one_query'] / 2**20:.0f} MiB, batch "
             f"{x['memory']['peak_added_batch'] / 2**20:.0f} MiB = {x['peak_added_over_file']:.2f}× the file",
         ]
