@@ -2,7 +2,7 @@
 
 Order matters: bench_training runs before bench_data, which reads the training pairs/s from training.json.
 
-    python benchmarks/run_all.py            # quick mode, all six, under 12 minutes on 2 idle cores
+    python benchmarks/run_all.py            # quick mode, every benchmark (about 15 minutes on 2 idle cores)
     python benchmarks/run_all.py --full     # the figures of BENCHMARKS.md (tens of minutes; wait for an idle machine)
     python benchmarks/run_all.py --only training data
 """
@@ -27,6 +27,7 @@ SCRIPTS = {  # name → script; run in this order
     "extract": "bench_extract.py",
     "backbone": "bench_backbone.py",
     "retrieval": "bench_retrieval.py",
+    "serve": "bench_serve.py",
 }
 
 
