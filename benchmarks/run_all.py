@@ -2,7 +2,7 @@
 
 Order matters: bench_training runs before bench_data, which reads the training pairs/s from training.json.
 
-    python benchmarks/run_all.py            # quick mode, all five, under 10 minutes on 2 idle cores
+    python benchmarks/run_all.py            # quick mode, every benchmark (about 15 minutes on 2 idle cores)
     python benchmarks/run_all.py --full     # the figures of BENCHMARKS.md (tens of minutes; wait for an idle machine)
     python benchmarks/run_all.py --only training data
 """
@@ -26,6 +26,8 @@ SCRIPTS = {  # name → script; run in this order
     "data": "bench_data.py",
     "extract": "bench_extract.py",
     "backbone": "bench_backbone.py",
+    "retrieval": "bench_retrieval.py",
+    "serve": "bench_serve.py",
 }
 
 

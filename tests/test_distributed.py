@@ -17,8 +17,9 @@ TINY = REPO / "recipes" / "tiny.yaml"
 # The grid head has no BatchNorm (the region head's BN sees only a rank's rows under DDP, as the official code's
 # DataParallel replicas did) and its on-device size augmentation would draw from each rank's own generator, so both
 # are kept out to compare like with like. Text augmentation draws from per-item generators: identical on any rank.
+# fp32 is pinned: the tolerance below is for fp32 reduction order; `auto` would pick bf16 on a CPU with bf16 units.
 COMMON = ["model.image.encoder=grid", "model.image.size_augment=false", "train.epochs=2",
-          "loss.hardest_negative_from_epoch=1", "train.log_every=1"]
+          "loss.hardest_negative_from_epoch=1", "train.log_every=1", "train.precision=fp32"]
 
 
 def run_train(root: Path, out: Path, name: str, nproc: int) -> Path:

@@ -148,9 +148,9 @@ def count_train(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
     calls: list[tuple[str, bool]] = []
     real = vsectl.training.train
 
-    def counting(cfg, out_root="runs", device="auto", resume=False, progress=None):  # noqa: ANN001, ANN202
+    def counting(cfg, out_root="runs", device="auto", resume=False, progress=None, **kw):  # noqa: ANN001, ANN202
         calls.append((cfg.name, resume))
-        return real(cfg, out_root, device=device, resume=resume, progress=progress)
+        return real(cfg, out_root, device=device, resume=resume, progress=progress, **kw)
 
     monkeypatch.setattr(vsectl.training, "train", counting)
     return calls

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from vsectl.cli import app
 from vsectl.cli.science import sparkline
 from vsectl.config import load_recipe
-from vsectl.plots import MissingExtraError, new_figure, spread, weight_curves
+from vsectl.plots import MissingExtraError, WeightCurves, draw_weight_curves, new_figure, spread, weight_curves
 from vsectl.training import train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ def gpo_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_run(toy_root, tmp_path_factory.mktemp("runs"), "gpo")
 
 
-def test_plot_weights_writes_a_png_and_curves_that_sum_to_one(gpo_run, tmp_path):
+def test_plot_weights_writes_png_pdf_and_curves_that_sum_to_one(gpo_run, tmp_path):
     from PIL import Image
 
     out = tmp_path / "plots"
@@ -42,6 +42,7 @@ def test_plot_weights_writes_a_png_and_curves_that_sum_to_one(gpo_run, tmp_path)
     assert png == out / "weights.png"
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 200
+    assert (out / "weights.pdf").read_bytes().startswith(b"%PDF")
     curves = json.loads((out / "weights.json").read_text())
     assert sorted(curves) == ["image", "text"]
     for per_n in curves.values():
@@ -52,6 +53,55 @@ def test_plot_weights_writes_a_png_and_curves_that_sum_to_one(gpo_run, tmp_path)
     assert "Σθ" in result.stderr and "image · gpo" in result.stderr  # the rich preview
 
 
+@pytest.mark.parametrize(("name", "magic"), [("fig.pdf", b"%PDF"), ("fig.svg", b"<?xml"), ("fig.PNG", b"\x89PNG")])
+def test_out_suffix_picks_the_format_and_writes_one_file(gpo_run, tmp_path, name, magic):
+    out = tmp_path / name
+    result = runner.invoke(app, ["plot-weights", str(gpo_run), "--sizes", "3,12", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Path(result.stdout.strip()) == out
+    assert out.is_file() and out.read_bytes().startswith(magic)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "fig.json"])
+
+
+def test_unsupported_figure_suffix_and_axis_are_one_line_errors(gpo_run, tmp_path):
+    for args in (["--out", str(tmp_path / "fig.jpg")], ["--x-axis", "log"], ["--y-scale", "sqrt"]):
+        result = runner.invoke(app, ["plot-weights", str(gpo_run), *args])
+        assert result.exit_code == 2 and result.stderr.startswith("error:"), args
+    assert not any(tmp_path.iterdir())
+
+
+def _curves() -> WeightCurves:
+    return WeightCurves("run", "best", curves={"image": {2: [0.7, 0.3], 5: [0.4, 0.3, 0.15, 0.1, 0.05]}},
+                        pools={"image": "gpo", "text": "mean"})
+
+
+def test_relative_rank_axis_by_default_raw_index_on_request():
+    def xs(fig):
+        return {len(line.get_xdata()): list(line.get_xdata()) for line in fig.axes[0].lines}
+
+    assert xs(draw_weight_curves(_curves()))[5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert xs(draw_weight_curves(_curves()))[2] == [0.0, 1.0]
+    assert xs(draw_weight_curves(_curves(), x_axis="index"))[5] == [0, 1, 2, 3, 4]
+
+
+def test_each_size_gets_its_mean_pooling_line_and_no_path_in_the_title():
+    fig = draw_weight_curves(_curves(), y_scale="linear")
+    ax = fig.axes[0]
+    levels = sorted(float(seg[0][1]) for coll in ax.collections for seg in coll.get_segments())
+    assert levels == pytest.approx([1 / 5, 1 / 2])
+    titles = [ax.get_title() for ax in fig.axes] + [fig.get_suptitle() if hasattr(fig, "get_suptitle") else ""]
+    assert not any("run" in t or "/" in t for t in titles)
+    width, height = fig.get_size_inches()
+    assert width <= 3.5 and height <= 3.0  # one column of a two-column paper
+
+
+def test_log_axis_keeps_small_weights_visible_beside_a_two_element_set():
+    ax = draw_weight_curves(_curves()).axes[0]
+    assert ax.get_yscale() == "log"
+    low, high = ax.get_ylim()
+    assert low < 0.05 / 10 and high >= 0.7
+
+
 def test_bad_sizes_are_one_line_errors(gpo_run):
     for sizes in ("0,3", "a,3"):
         result = runner.invoke(app, ["plot-weights", str(gpo_run), "--sizes", sizes])
@@ -60,14 +110,16 @@ def test_bad_sizes_are_one_line_errors(gpo_run):
 
 def test_default_sizes_come_from_the_training_data(gpo_run):
     curves = weight_curves(gpo_run)
-    assert sorted(curves.curves["image"]) == [6, 12, 18]  # the toy set has 12 regions: 12/2, 12, 1.5 × 12
+    assert sorted(curves.curves["image"]) == [12]  # every toy image has 12 regions: no invented sizes
     text_sizes = sorted(curves.curves["text"])
     assert len(text_sizes) >= 3 and min(text_sizes) >= 1
 
 
-def test_spread_brackets_the_observed_sizes():
-    assert spread(np.array([36] * 5)) == [18, 36, 54]
-    assert spread(np.array([4, 8, 10, 12, 20])) == [2, 4, 8, 10, 12, 20, 30]
+def test_spread_keeps_to_the_bulk_of_the_observed_sizes():
+    assert spread(np.array([49] * 5)) == [49]
+    sizes = np.array([2] + list(range(10, 31)) + [90])  # one 2-token caption and one outlier do not set the range
+    expected = sorted({int(round(float(np.percentile(sizes, q)))) for q in (5, 25, 50, 75, 95)})
+    assert spread(sizes) == expected and min(expected) >= 10 and max(expected) <= 30
 
 
 def test_a_run_without_gpo_gets_one_clear_line(toy_root, tmp_path):

@@ -140,7 +140,8 @@ def test_wrong_feature_dimension_is_a_user_error(toy_root, tmp_path):
     assert "model.image.feat_dim" in result.output
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["env"], ["data"], ["data", "toy"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["env"], ["data"], ["data", "toy"], ["bench-pooling"],
+                                     ["plot-weights"]])
 def test_help_works_for_every_command(command):
     result = runner.invoke(app, [*command, "--help"])
     assert result.exit_code == 0

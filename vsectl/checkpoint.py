@@ -4,10 +4,14 @@ A checkpoint is a folder written under a temporary name and swapped in by rename
 half-written checkpoint in place:
 
     checkpoints/last/  model.safetensors  optimizer.safetensors  rng.safetensors  trainer_state.json
+
+A frozen part of the model (a frozen transformers text body) is stored once per run, in a file beside the checkpoints;
+each checkpoint's model file names it, with its sha256, in the `frozen` metadata entry, and loading merges it back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,13 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vsectl.errors import CheckpointError
-from vsectl.io import umask_mode
+from vsectl.io import atomic_path, umask_mode
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
 FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+FROZEN_KEY = "frozen"  # model-file metadata: JSON {"file": path relative to the checkpoint, "sha256", "prefixes"}
 
 
 def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -201,6 +206,48 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"cannot read checkpoint {model_file}: {err}") from None
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# a frozen part, stored once per run
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def split_frozen(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trainable, frozen) halves of a state dict: keys under any of `prefixes` are frozen."""
+    frozen = {k: v for k, v in state.items() if prefixes and k.startswith(prefixes)}
+    return {k: v for k, v in state.items() if k not in frozen}, frozen
+
+
+def save_frozen(path: Path, tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...], checkpoints: Path) -> str:
+    """Write the frozen tensors once (atomically; an existing file is kept) and return the metadata entry that
+    checkpoints under `checkpoints/<name>/` store to find it again."""
+    path = Path(path)
+    if not path.is_file():
+        with atomic_path(path) as tmp:
+            save_file(_plain(tensors), str(tmp))
+    relative = os.path.relpath(path, Path(checkpoints) / "last")
+    return json.dumps({"file": relative, "sha256": file_sha256(path), "prefixes": list(prefixes)})
+
+
+def _merge_frozen(ckpt: Path, model: dict[str, torch.Tensor], entry: str, device: str) -> dict[str, torch.Tensor]:
+    ref = json.loads(entry)
+    path = (ckpt / ref["file"]).resolve()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} keeps its frozen weights in {path}, which is missing; copy the "
+                              "whole run directory, not only the checkpoint folder")
+    if file_sha256(path) != ref["sha256"]:
+        raise CheckpointError(f"{path} does not hold the frozen weights checkpoint {ckpt} was saved with (sha256 "
+                              "differs); restore that file from the original run")
+    return {**load_file(str(path), device=device), **model}
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint folder.
 
@@ -211,6 +258,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     device = str(map_location)
     try:
         model = load_file(str(path / MODEL_FILE), device=device)
+        frozen = read_metadata(path).get(FROZEN_KEY)
+        if frozen:
+            model = _merge_frozen(path, model, frozen, device)
         state = json.loads((path / STATE_FILE).read_text())
         optimizer = None
         if "optimizer" in state and (path / OPTIMIZER_FILE).is_file():
@@ -218,6 +268,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         rng = None
         if "rng" in state and (path / RNG_FILE).is_file():
             rng = (load_file(str(path / RNG_FILE)), state["rng"])
+    except CheckpointError:
+        raise
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
     except Exception as err:  # safetensors' SafetensorError for truncated files

@@ -102,7 +102,7 @@ class TrainConfig:
     lr_decay_factor: float = 0.1
     weight_decay: float = 1.0e-4
     grad_clip: float = 2.0          # global L2 norm; 0 disables
-    precision: str = "fp32"         # fp32 | bf16 | fp16 (autocast)
+    precision: str = "auto"         # auto (bf16 where it pays, else fp32) | fp32 | bf16 | fp16 (autocast)
     log_every: int = 50             # steps between log lines / metrics.jsonl records
     max_steps_per_epoch: int = 0    # 0 = full epochs; >0 shortens each epoch (smoke runs, quick sweeps)
     deterministic: bool = False     # torch deterministic algorithms (exact resume checks)
@@ -129,7 +129,7 @@ CHOICES = {
     "data.modality": ("image", "video"),
     "model.image.encoder": ("region", "grid", "backbone"),
     "model.text.encoder": ("bigru", "transformers"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
 }
 

@@ -5,9 +5,10 @@ matplotlib is the optional `plot` extra: it is imported inside the functions tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,18 @@ import numpy as np
 import torch
 
 from vsectl.errors import CheckpointError, ConfigError, DataError, VsectlError
-from vsectl.io import atomic_write_text
+from vsectl.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 BRANCHES = ("image", "text")
 FALLBACK_SIZES = (10, 36, 49, 100)  # when the training data cannot be read: typical region/grid/caption sizes
 CAPTION_SAMPLE = 2000               # captions tokenised to estimate the text set sizes
+SIZE_PERCENTILES = (5, 25, 50, 75, 95)  # default N per branch: the bulk of the observed sizes, not the odd extremes
+X_AXES = ("relative", "index")
+Y_SCALES = ("log", "linear")
+LOG_FLOOR = 0.01                    # log axis: two decades below the smallest mean-pooling weight 1/N shown
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".gif", ".webp", ".bmp")
 
 
 class MissingExtraError(VsectlError):
@@ -40,6 +46,48 @@ def new_figure(**kwargs: Any) -> Any:
     except ImportError:
         raise MissingExtraError("plots need matplotlib: pip install 'vsectl[plot]'") from None
     return Figure(**kwargs)
+
+
+PAPER_RC = {  # a 3.3 in column or a 7 in page width: 8 pt text, thin lines, no clipped labels
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+    "ytick.labelsize": 7, "lines.linewidth": 1.2, "axes.linewidth": 0.6, "grid.linewidth": 0.4,
+    "legend.frameon": False, "pdf.fonttype": 42, "svg.fonttype": "none", "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.02}
+FIGURE_FORMATS = ("pdf", "svg", "png")
+PNG_DPI = 300
+
+
+@contextlib.contextmanager
+def paper_style() -> Iterator[None]:
+    """matplotlib settings for figures that go into a paper (fonts embedded as text, 8 pt).
+
+    Raises:
+        MissingExtraError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError("plots need matplotlib: pip install 'vsectl[plot]'") from None
+    with matplotlib.rc_context(PAPER_RC):
+        yield
+
+
+def figure_format(path: str | Path) -> str:
+    """The format named by a file's suffix (pdf, svg or png); anything else is a user error."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix not in FIGURE_FORMATS:
+        raise ConfigError(f"cannot tell the figure format of '{path}': end the file name with "
+                          f"{', '.join('.' + f for f in FIGURE_FORMATS)}")
+    return suffix
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a figure atomically in the format of its suffix (PNG at PNG_DPI)."""
+    path = Path(path)
+    fmt = figure_format(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=PNG_DPI if fmt == "png" else None)
+    return path
 
 
 @dataclass
@@ -64,11 +112,12 @@ class WeightCurves:
 
 
 def spread(lengths: np.ndarray) -> list[int]:
-    """Set sizes to plot around the observed ones: half the smallest, min, quartiles, median, max, 1.5 × max."""
+    """Set sizes to plot, within the observed ones: the distinct 5th, 25th, 50th, 75th and 95th percentiles.
+
+    A branch whose sets all have one size (a 7×7 grid: 49) gets that size alone; other sizes are for `--sizes`.
+    """
     lengths = np.asarray(lengths)
-    lo, hi = int(lengths.min()), int(lengths.max())
-    quartiles = [int(round(float(q))) for q in np.percentile(lengths, [25, 50, 75])]
-    return sorted({max(1, lo // 2), lo, *quartiles, hi, math.ceil(1.5 * hi)})
+    return sorted({max(1, int(round(float(q)))) for q in np.percentile(lengths, SIZE_PERCENTILES)})
 
 
 def seen_sizes(cfg: Any, text: Any) -> dict[str, list[int]]:
@@ -144,45 +193,98 @@ def weight_curves(run: str | Path, sizes: list[int] | None = None, which: str = 
     return out
 
 
-def plot_weight_curves(curves: WeightCurves, path: str | Path) -> Path:
-    """θ_k against the sorted index k, one curve per N, one panel per branch; written as a PNG."""
+def check_plot_options(x_axis: str, y_scale: str) -> None:
+    if x_axis not in X_AXES:
+        raise ConfigError(f"--x-axis must be one of {', '.join(X_AXES)}, got '{x_axis}'")
+    if y_scale not in Y_SCALES:
+        raise ConfigError(f"--y-scale must be one of {', '.join(Y_SCALES)}, got '{y_scale}'")
+
+
+def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: str = "log") -> Any:
+    """θ_k against the rank, one curve per N and its 1/N mean-pooling line, one panel per branch.
+
+    Args:
+        curves: the run's θ(N).
+        x_axis: "relative" puts rank k at k/(N−1), so sizes share one axis; "index" uses the raw rank k.
+        y_scale: "log" keeps a large-weight curve (a 2-token caption) from flattening the others; or "linear".
+
+    Returns:
+        the matplotlib Figure (3.4 in wide per panel: one column of a two-column paper).
+    """
+    check_plot_options(x_axis, y_scale)
     branches = list(curves.curves)
-    fig = new_figure(figsize=(5.5 * len(branches), 4))
-    axes = fig.subplots(1, len(branches), squeeze=False)[0]
-    for ax, branch in zip(axes, branches, strict=True):
-        per_n = curves.curves[branch]
-        colors = [f"C{i % 10}" for i in range(len(per_n))]
-        for color, (n, theta) in zip(colors, sorted(per_n.items()), strict=True):
-            ax.plot(range(n), theta, color=color, marker="." if n <= 40 else None, label=f"N={n}")
-        ax.set_title(f"{branch}: {curves.pools[branch]}")
-        ax.set_xlabel("sorted index k (0 = largest value)")
-        ax.set_ylabel("θ_k")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"pooling weights θ(N): {curves.run} ({curves.checkpoint})", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    with paper_style():
+        fig = new_figure(figsize=(3.4 * len(branches), 2.6), layout="constrained")
+        from matplotlib.lines import Line2D  # after new_figure, which names the extra when matplotlib is missing
+        from matplotlib.ticker import MaxNLocator
+
+        axes = fig.subplots(1, len(branches), squeeze=False)[0]
+        for ax, branch in zip(axes, branches, strict=True):
+            per_n = sorted(curves.curves[branch].items())
+            for i, (n, theta) in enumerate(per_n):
+                color = f"C{i % 10}"
+                x = [k / max(n - 1, 1) for k in range(n)] if x_axis == "relative" else list(range(n))
+                ax.plot(x, theta, color=color, marker="." if n <= 12 else None, ms=4, label=f"N = {n}")
+                ax.hlines(1 / n, x[0], x[-1] if n > 1 else 1, color=color, ls=":", lw=0.8)
+            if y_scale == "log":
+                ax.set_yscale("log")
+                top = max(max(theta) for _, theta in per_n)
+                ax.set_ylim(LOG_FLOOR * min(1 / n for n, _ in per_n), min(1.0, top) * 1.5)
+            ax.set_title(f"{branch} pooling ({curves.pools[branch]})")
+            ax.set_xlabel("relative rank k/(N−1), 0 = largest" if x_axis == "relative" else "rank k, 0 = largest")
+            ax.set_ylabel("weight θ_k")
+            ax.grid(alpha=0.3)
+            handles, _ = ax.get_legend_handles_labels()
+            handles.append(Line2D([], [], color="0.4", ls=":", lw=0.8, label="1/N: mean pooling"))
+            ax.legend(handles=handles, loc="best", ncol=2 if len(per_n) > 4 else 1, frameon=True, framealpha=0.85,
+                      edgecolor="none")
+            if x_axis == "index":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def plot_weight_curves(curves: WeightCurves, path: str | Path, x_axis: str = "relative", y_scale: str = "log") -> Path:
+    """Draw the curves (`draw_weight_curves`) and write them to `path`; its suffix (.pdf, .svg, .png) is the format."""
+    figure_format(path)
+    with paper_style():
+        return save_figure(draw_weight_curves(curves, x_axis, y_scale), path)
+
+
+def figure_targets(out: Path) -> tuple[Path, list[Path]]:
+    """Where `--out` sends the curves: (JSON path, figure paths).
+
+    A name ending in .pdf, .svg or .png is that figure, with the JSON beside it under the same stem; anything else is
+    a folder that receives weights.json, weights.pdf and weights.png.
+    """
+    suffix = out.suffix.lower()
+    if suffix.lstrip(".") in FIGURE_FORMATS:
+        return out.with_suffix(".json"), [out]
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise ConfigError(f"cannot write a {suffix} figure: end --out with .pdf, .svg or .png, or give a folder")
+    return out / "weights.json", [out / "weights.png", out / "weights.pdf"]
 
 
 def write_weight_plots(run: str | Path, sizes: list[int] | None = None, out: str | Path | None = None,
-                       which: str = "best", device: str = "cpu") -> tuple[WeightCurves, dict[str, Path]]:
-    """Evaluate θ(N) and write `weights.json` and `weights.png` into `out` (default RUN/plots).
+                       which: str = "best", device: str = "cpu", x_axis: str = "relative",
+                       y_scale: str = "log") -> tuple[WeightCurves, dict[str, Any]]:
+    """Evaluate θ(N) and write the JSON and the figure(s) (see `figure_targets`; default folder RUN/plots).
 
     Returns:
-        the curves and {"json": path, "png": path}.
+        the curves and {"json": path, "figures": [paths]}.
 
     Raises:
         MissingExtraError: matplotlib is missing (the JSON is written first).
     """
+    target = Path(out) if out is not None else None
+    if target is not None:
+        figure_targets(target)  # a bad suffix fails before the run is loaded
+    check_plot_options(x_axis, y_scale)
     curves = weight_curves(run, sizes, which=which, device=device)
-    folder = Path(out) if out is not None else _run_dir(Path(run)) / "plots"
-    paths = {"json": folder / "weights.json", "png": folder / "weights.png"}
-    atomic_write_text(paths["json"], curves.to_json() + "\n")
-    plot_weight_curves(curves, paths["png"])
-    return curves, paths
+    json_path, figures = figure_targets(target if target is not None else _run_dir(Path(run)) / "plots")
+    atomic_write_text(json_path, curves.to_json() + "\n")
+    for path in figures:
+        plot_weight_curves(curves, path, x_axis=x_axis, y_scale=y_scale)
+    return curves, {"json": json_path, "figures": figures}
 
 
 def _run_dir(path: Path) -> Path:

@@ -40,6 +40,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+# CPU flags of bf16 units (AMX tiles; AVX512-BF16 dot products). With either, bf16 autocast pays for training: on an
+# AMD EPYC with AVX512-BF16 and no AMX the BiGRU and MiniLM steps took 0.41x and 0.42x the fp32 step; without them
+# bf16 is emulated and 15-37x slower (BENCHMARKS.md).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,13 @@ class Precision:
     """Autocast settings built once from `train.precision` and the device.
 
     fp32 uses a null context. bf16 autocasts on CPU and CUDA. fp16 needs CUDA and a gradient scaler.
+    `requested` is what the recipe said ('auto' or a name) and `reason` why auto decided as it did.
     """
 
     name: str
     device: torch.device
+    requested: str = ""
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in PRECISIONS:
@@ -70,10 +78,95 @@ class Precision:
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
+    @property
+    def dense_rnn(self) -> bool:
+        """Run BiGRUs as two dense passes (vsectl.models.rnn): on a CPU under bf16, where it measured faster or equal;
+        packed at fp32 on a CPU (measured faster there) and on CUDA (cuDNN)."""
+        return self.device.type == "cpu" and self.name == "bf16"
+
+    def describe(self) -> dict[str, str]:
+        """What env.json records: the precision used, what was asked, and why."""
+        return {"precision": self.name, "precision_requested": self.requested or self.name,
+                "precision_reason": self.reason}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_units(flags: set[str] | None = None) -> list[str]:
+    """The bf16 units of this CPU that oneDNN can use: flags among CPU_BF16_FLAGS (empty: bf16 is emulated).
+
+    Without /proc/cpuinfo, torch's own probes answer (AMX tiles, AVX512-BF16).
+    """
+    flags = cpu_flags() if flags is None else flags
+    if flags:
+        return [f for f in CPU_BF16_FLAGS if f in flags]
+    probes = {"amx_bf16": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}
+    found = []
+    for flag, probe in probes.items():
+        try:
+            if getattr(torch.cpu, probe)():
+                found.append(flag)
+        except (AttributeError, RuntimeError):  # private probes: absent in other builds
+            pass
+    return found
+
+
+def bf16_pays(device: torch.device, flags: set[str] | None = None) -> tuple[bool, str]:
+    """Whether bf16 autocast speeds training up on `device`, and why (one phrase for the log and env.json)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "CUDA device with bf16" if ok else "CUDA device without bf16"
+    if device.type != "cpu":
+        return False, f"{device.type} device"
+    units = cpu_bf16_units(flags)
+    if units:
+        return True, f"CPU with bf16 units ({', '.join(units)})"
+    return False, "CPU without bf16 units (bf16 would be emulated)"
+
+
+_warned: set[str] = set()
+
+
+def resolve_precision(name: str, device: torch.device, flags: set[str] | None = None) -> Precision:
+    """Turn `train.precision` into a Precision, once per run: 'auto' picks bf16 where it pays, else fp32.
+
+    The choice is logged in one line. An explicit bf16 on a CPU without bf16 units warns once per process.
+    """
+    if name not in PRECISION_CHOICES:
+        raise ConfigError(f"unknown precision '{name}'; use one of {', '.join(PRECISION_CHOICES)}")
+    pays, why = bf16_pays(device, flags)
+    if name == "auto":
+        precision = Precision("bf16" if pays else "fp32", device, requested="auto", reason=why)
+        log.info("precision %s (auto: %s)", precision.name, why)
+        return precision
+    if name == "bf16" and device.type == "cpu" and not cpu_bf16_units(flags) and "bf16" not in _warned:
+        _warned.add("bf16")
+        log.warning("this CPU has no bf16 units: bf16 is emulated and many times slower than fp32; "
+                    "set train.precision to auto or fp32")
+    return Precision(name, device, requested=name, reason=why)
+
 
 def fp32_island(device_type: str) -> contextlib.AbstractContextManager:
     """Disable autocast for numerically delicate maths (GPO scores and softmax, L2 norms, similarities)."""
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity mask, e.g. under taskset or a cgroup), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -103,21 +196,13 @@ class NullProgress:
         pass
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. under taskset or a batch scheduler), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # no affinity API (macOS, Windows)
-        return max(1, os.cpu_count() or 1)
-
-
 def loader_workers(requested: int) -> int:
     """DataLoader worker processes for `requested`, sized to the CPUs available.
 
     At most one per available CPU (more only oversubscribe, and torch warns); none with a single CPU, where a worker
     process would compete with the main one for it.
     """
-    cpus = available_cpus()
+    cpus = usable_cpus()
     workers = 0 if cpus == 1 else min(requested, cpus)
     if workers != requested:
         log.debug("using %d DataLoader workers instead of %d: %d CPU(s) available", workers, requested, cpus)
@@ -145,7 +230,8 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "cpus_available": available_cpus(),
+        "usable_cpus": usable_cpus(),
+        "cpu_bf16_units": cpu_bf16_units(),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
     }

@@ -5,12 +5,19 @@ from `<run>/text_cache/<split>.h5` instead of running the body every step. Only 
 Size augmentation cannot edit tokens of a cached caption, so it drops token states instead: each state i.i.d. with
 p = 0.2, keeping at least one (our choice, documented; the official word-level rule needs the body at every step).
 Evaluation runs the frozen body on token ids, which gives the same states.
+
+A sweep shares one cache per (text body, captions) across its cells and seeds: `shared_cache_path` names the file by
+a digest of the body's weights, its tokenizer and the split's captions, so every cell that would compute the same
+states finds them computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +56,41 @@ class CachedTextStates:
         return states
 
 
+def body_digest(body: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes, values): equal digests mean equal token states."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(body.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def shared_cache_path(folder: Path, identity: str, split: Split) -> Path:
+    """`folder/<split>-<digest>.h5`, the digest over the body identity and the split's captions in order."""
+    digest = hashlib.sha256(identity.encode())
+    for caption in split.captions:
+        digest.update(caption.encode("utf-8") + b"\0")
+    return Path(folder) / f"{split.name}-{digest.hexdigest()[:16]}.h5"
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed): parallel sweep cells build a shared cache once."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): cells may then build the same cache twice, with the same result
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @torch.no_grad()
 def build_state_cache(
     text_encoder: torch.nn.Module,
@@ -70,6 +112,12 @@ def build_state_cache(
         identity: a string naming the body weights and tokenizer; a cache with another identity is rebuilt.
     """
     path = Path(path)
+    with _exclusive(path.with_name(path.name + ".lock")):
+        return _build_state_cache(text_encoder, split, processor, path, device, identity, batch_size, progress)
+
+
+def _build_state_cache(text_encoder: torch.nn.Module, split: Split, processor: object, path: Path,
+                       device: torch.device, identity: str, batch_size: int, progress: Progress | None) -> Path:
     if path.is_file():
         attrs = read_store_attrs(path)
         if attrs.get("identity") == identity and int(attrs.get("n_captions", -1)) == split.n_captions:

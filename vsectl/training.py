@@ -20,12 +20,15 @@ from torch.utils.data import DataLoader
 import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
 from vsectl.checkpoint import (
+    FROZEN_KEY,
     load_checkpoint,
     load_model_state,
     recover,
     remove_partial,
     restore_rng,
     save_checkpoint,
+    save_frozen,
+    split_frozen,
 )
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
 from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
@@ -37,7 +40,9 @@ from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
-from vsectl.models.vse import VSEModel, param_groups
+from vsectl.models.rnn import set_dense
+from vsectl.models.vse import VSEModel
+from vsectl.optim import create_run_optimizer, load_optimizer_state
 from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
 from vsectl.runtime import (
     Distributed,
@@ -49,12 +54,17 @@ from vsectl.runtime import (
     init_distributed,
     loader_workers,
     resolve_device,
+    resolve_precision,
     seed_everything,
 )
 from vsectl.schedules import backbone_fixed_blocks, group_lr, loss_scale, use_hardest_negative
-from vsectl.text_cache import CachedTextStates, build_state_cache
+from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
 
 log = logging.getLogger(__name__)
+
+FROZEN_PREFIXES = ("text.body.",)  # state-dict keys of a frozen text body
+FROZEN_FILE = "text_model/frozen_body.safetensors"  # stored once per run; checkpoints name it with its sha256
+
 
 class TrainingError(VsectlError):
     """Training cannot go on (for example the loss became NaN)."""
@@ -214,7 +224,7 @@ def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
         raise CheckpointError(f"{last}: {e}") from None
     if ckpt["optimizer"] is None:
         raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["rng"] is not None:
         restore_rng(*ckpt["rng"])
     state = ckpt["trainer_state"]
@@ -223,16 +233,23 @@ def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
-                  dev: torch.device, dist: Distributed, progress: Progress) -> dict[str, Path]:
-    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches."""
-    identity = f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}"
+                  dev: torch.device, dist: Distributed, progress: Progress, shared: Path | None = None
+                  ) -> dict[str, Path]:
+    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches.
+
+    With `shared`, the caches live there under names that digest the body and the captions, so the runs of a sweep
+    compute them once; otherwise in `run_dir/text_cache/`.
+    """
+    identity = (f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}|"
+                f"{body_digest(model.text.body)}")
+    paths = {name: shared_cache_path(shared, identity, split) if shared is not None
+             else run_dir / "text_cache" / f"{name}.h5" for name, split in splits.items()}
     out = {}
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
             for name, split in splits.items():
-                out[name] = build_state_cache(model.text, split, text.processor(augment=False),
-                                              run_dir / "text_cache" / f"{name}.h5", dev, identity,
-                                              batch_size=cfg.data.batch_size, progress=progress)
+                out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
+                                              identity, batch_size=cfg.data.batch_size, progress=progress)
         dist.barrier()
     return out
 
@@ -267,17 +284,19 @@ class TrainingRun:
     state: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "global_step": 0, "best_rsum": -math.inf,
                                                           "best_epoch": -1})
     caches: dict[str, Path] = field(default_factory=dict)
+    text_cache_dir: Path | None = None  # a folder of state caches shared by several runs (a sweep)
 
 
-def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress) -> TrainingRun:
+def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress,
+              text_cache_dir: str | Path | None = None) -> TrainingRun:
     """Open (or check) the run directory, seed, load the data and build the text side, model and optimizer."""
     run_dir = Path(out_root) / cfg.name
     dist, dev = init_distributed(resolve_device(device))
-    precision = Precision(cfg.train.precision, dev)
+    precision = resolve_precision(cfg.train.precision, dev)  # logs its choice once
     cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
     dist.barrier()
     if dist.is_main:
-        env = {**env_info(dev), "seed": cfg.seed, "precision": precision.name, "world_size": dist.world_size}
+        env = {**env_info(dev), "seed": cfg.seed, **precision.describe(), "world_size": dist.world_size}
         atomic_write_json(run_dir / "env.json", env)
     seed_everything(cfg.seed, cfg.train.deterministic)
 
@@ -291,15 +310,14 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
-    groups = param_groups(model, cfg.train.lr_mult)
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
-        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    set_dense(model, precision.dense_rnn)
+    optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
                        criterion=ContrastiveLoss(margin=cfg.loss.margin),
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
-                       last=last, text_input=text_input_for(cfg.model.text.cache_states))
+                       last=last, text_input=text_input_for(cfg.model.text.cache_states),
+                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None)
 
 
 def restore_run(run: TrainingRun, resume: bool) -> None:
@@ -321,7 +339,7 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
     run.metrics.truncate_after(run.state["global_step"])
     if run.text_input is TextInput.STATES:
         run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
-                                   run_dir, run.device, dist, run.progress)
+                                   run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
 
 
 def is_complete(run: TrainingRun) -> bool:
@@ -336,6 +354,10 @@ def fit(run: TrainingRun) -> Path:
     image_size = model.image.backbone.size if cfg.model.image.encoder == "backbone" else None
     net, fixed = model, None
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
+    frozen = FROZEN_PREFIXES if cfg.model.text.freeze_body else ()
+    if frozen and dist.is_main:  # stored once per run; every checkpoint names it with its sha256
+        _, frozen_state = split_frozen(model.state_dict(), frozen)
+        meta[FROZEN_KEY] = save_frozen(run_dir / FROZEN_FILE, frozen_state, frozen, run_dir / "checkpoints")
     state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -363,7 +385,7 @@ def fit(run: TrainingRun) -> Path:
         state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
                  "val": val, "vsectl_version": vsectl.__version__}
         if dist.is_main:
-            model_state = model.state_dict()
+            model_state, _ = split_frozen(model.state_dict(), frozen)
             if is_best:  # best first: a crash between the two leaves last behind, which resume handles
                 save_checkpoint(run_dir / "checkpoints" / "best", model_state, state, meta, rng=False)
             save_checkpoint(run_dir / "checkpoints" / "last", model_state, state, meta,
@@ -378,15 +400,17 @@ def train(
     device: str = "auto",
     resume: bool = False,
     progress: Progress | None = None,
+    text_cache_dir: str | Path | None = None,
 ) -> Path:
     """Train `cfg` into `out_root/cfg.name`; with `resume`, continue from its last complete checkpoint.
 
     Under torchrun every rank runs this function: DDP, the global batch split across ranks, only rank 0 writes.
+    `text_cache_dir` is a folder shared by several runs (a sweep) for the frozen-body state caches.
 
     Returns:
         the run directory.
     """
-    run = setup_run(cfg, out_root, device, resume, progress or NullProgress())
+    run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
     try:
         restore_run(run, resume)
         return run.run_dir if is_complete(run) else fit(run)

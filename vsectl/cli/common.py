@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from vsectl import __version__
@@ -111,12 +112,13 @@ class RichProgress:
 
 def interrupted(message: str) -> None:
     """Ctrl-C: say what was kept and how to go on, then exit with the shell's code for SIGINT (130)."""
-    err.print(f"[yellow]interrupted:[/yellow] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]interrupted:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
 
 def fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)  # one line, however long
+    # escaped: a message such as "pip install 'vsectl[faiss]'" must not be read as rich markup
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
 

@@ -67,21 +67,25 @@ def curves_table(branch: str, pool: str, per_n: dict[int, list[float]]) -> Table
 def plot_weights_cli(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder")],
     sizes: Annotated[str | None, typer.Option(help="Set sizes N, e.g. 10,36,49,100 (default: from the data)")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/plots)")] = None,
+    out: Annotated[Path | None, typer.Option(help="A .pdf, .svg or .png file, or a folder (default RUN/plots: "
+                                                  "weights.png + weights.pdf)")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    x_axis: Annotated[str, typer.Option(help="relative = rank k/(N−1) | index = raw rank k")] = "relative",
+    y_scale: Annotated[str, typer.Option(help="log | linear")] = "log",
 ) -> None:
-    """Plot each GPO's weights θ_k against the sorted index k for several set sizes N; prints the PNG path."""
+    """Plot each GPO's weights θ_k against the rank k for several set sizes N; prints the figure path."""
     from vsectl.gridsearch import parse_list
     from vsectl.plots import write_weight_plots
 
     ns = list(run_guarded(parse_list, sizes, "sizes", int)) if sizes is not None else None
-    curves, paths = run_guarded(write_weight_plots, run, ns, out=out, which=checkpoint)
+    curves, paths = run_guarded(write_weight_plots, run, ns, out=out, which=checkpoint, x_axis=x_axis,
+                                y_scale=y_scale)
     for branch, per_n in curves.curves.items():
         err.print(curves_table(branch, curves.pools[branch], per_n))
     for branch, note in curves.notes.items():
         err.print(f"{branch}: {note}", highlight=False)
     err.print(f"wrote {paths['json']}", highlight=False)
-    typer.echo(str(paths["png"]))
+    typer.echo(str(paths["figures"][0]))
 
 
 def patterns_table(result: dict) -> Table:

@@ -300,14 +300,19 @@ def split_fingerprint(split: Split) -> str:
     """A sha256 (hex) that changes when the split's data does, without reading whole feature files.
 
     It covers the split name, every caption, the caption → image index, the image ids, the feature sets' sizes and
-    width, and each feature file's size and first and last MiB.
+    width, and each feature file's size and first and last MiB (for raw images: each image file's name and size).
     """
     h = hashlib.sha256()
-    h.update(f"{split.name}\n{split.n_images}\n{split.n_captions}\n{split.features.feat_dim}\n".encode())
+    h.update(f"{split.name}\n{split.n_images}\n{split.n_captions}\n".encode())
     for text in split.captions:
         h.update(text.encode("utf-8") + b"\n")
     h.update(np.ascontiguousarray(split.cap2img, dtype=np.int64).tobytes())
     h.update("\n".join(split.image_ids).encode("utf-8"))
+    if not isinstance(split.features, FeatureSource):  # raw images: each file's name and size
+        for path in map(Path, getattr(split.features, "paths", [])):
+            h.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        return h.hexdigest()
+    h.update(f"{split.features.feat_dim}\n".encode())
     h.update(np.ascontiguousarray(split.features.lengths(), dtype=np.int64).tobytes())
     for path in _feature_files(split.features):
         size = path.stat().st_size

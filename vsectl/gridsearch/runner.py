@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from vsectl.config import RunConfig, changed_keys, from_dict, to_dict
 from vsectl.data.splits import canonical_split
 from vsectl.errors import ConfigError
 from vsectl.gridsearch.grid import Cell, cell_config
-from vsectl.runtime import NullProgress, Progress
+from vsectl.runtime import NullProgress, Progress, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +53,9 @@ def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, d
     if resume:
         log.info("resuming %s", run_dir)
     fresh = not run_dir.exists()
-    try:
-        train(cfg, out_root=runs_root, device=device, resume=resume)
+    try:  # frozen-body state caches live beside runs/, shared by every cell and seed that computes the same states
+        train(cfg, out_root=runs_root, device=device, resume=resume, text_cache_dir=Path(runs_root).parent /
+              "text_cache")
     except BaseException:
         if fresh and not (run_dir / "checkpoints").exists():  # a start that failed (no data, no model) leaves nothing
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -115,7 +115,8 @@ def run_sweep(
     """Run every unfinished cell (train + eval into `out_dir/runs/<cell.name>`) and read all cells back.
 
     Finished cells (eval JSON present) are skipped, so a rerun resumes a killed sweep; the cell it was in continues
-    from its last checkpoint. `jobs` > 1 runs cells in that many spawned processes, cores // jobs torch threads each.
+    from its last checkpoint. `jobs` > 1 runs cells in that many spawned processes, usable CPUs // jobs torch threads
+    each. A frozen text body's token states are computed once into `out_dir/text_cache/` and shared by all cells.
 
     Returns:
         one record per cell (see `read_record`), in `cells` order.
@@ -130,7 +131,10 @@ def run_sweep(
     todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split, configs[c.name].data.root)]
     log.info("gridsearch: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     if jobs > 1 and len(todo) > 1:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        cpus = usable_cpus()  # the CPUs this process may run on (affinity, cgroups' cpusets), not the machine's
+        if jobs > cpus:
+            log.warning("--jobs %d is more than the %d CPUs this process may use; cells will share cores", jobs, cpus)
+        threads = max(1, cpus // jobs)
         args = [(to_dict(configs[c.name]), str(runs_root), protocol, split, device) for c in todo]
         with mp.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (threads,)) as pool:
             for run_dir in progress.track(pool.imap_unordered(_run_cell_job, args), total=len(todo),

@@ -32,7 +32,7 @@ from vsectl.errors import CheckpointError
 from vsectl.importers.official_opt import build_config, check_fields, opt_record, protocol_for
 from vsectl.importers.safe_load import load_torch_pickle
 from vsectl.io import atomic_write_json
-from vsectl.models.vse import param_groups
+from vsectl.optim import create_run_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +285,7 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
     save_checkpoint(tmp / "checkpoints" / "best", model.state_dict(), trainer_state, meta, rng=False)
     # `last` lets `train --resume` continue from these weights; the official file has no optimizer moments, so the
     # optimizer starts fresh, built as training builds it (its groups must match for the resume to load)
-    groups = param_groups(model, cfg.train.lr_mult)
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr} for g in groups],
-        lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = create_run_optimizer(model, cfg.train)
     save_checkpoint(tmp / "checkpoints" / "last", model.state_dict(), trainer_state, meta,
                     optimizer_state=optimizer.state_dict())
     record = {

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vsectl.config import TextConfig
 from vsectl.errors import ConfigError
 from vsectl.models.gpo import length_mask
 from vsectl.models.image_encoders import l2_normalize
 from vsectl.models.pooling import create_pooler
+from vsectl.models.rnn import bigru
 from vsectl.registry import Registry
 
 TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry("text encoder")  # builders
@@ -39,14 +39,12 @@ class BiGRUTextEncoder(nn.Module):
         self.rnn = nn.GRU(word_dim, embed_dim, num_layers=1, batch_first=True, bidirectional=True)
         self.embed_dim = embed_dim
         self.pool = pool
+        self.dense_rnn = False  # two dense passes instead of a packed sequence (vsectl.models.rnn; set per run)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
         x = self.embed(tokens)                                                     # (B, T, W)
-        lengths_cpu = lengths.cpu()  # packing requires lengths on the CPU; unsorted input is allowed (DATA-3)
-        packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.size(1))  # (B, T, 2E)
+        out = bigru(self.rnn, x, lengths, dense=self.dense_rnn)                        # (B, T, 2E), 0 past lengths
         out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
         pooled, weights = self.pool(out, lengths)
         return l2_normalize(pooled), weights

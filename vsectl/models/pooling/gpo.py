@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from vsectl.models.pooling.base import TEMPERATURE, PositionalRankPool
+from vsectl.models.pooling.base import TEMPERATURE, PositionalRankPool, length_mask
+from vsectl.models.rnn import bigru, direction, gather_time, reverse_index, use_dense
 
 
 class GPO(PositionalRankPool):
@@ -34,13 +34,25 @@ class GPO(PositionalRankPool):
         return self.rank_encoding(lengths, max_len)
 
     def sequence(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Run the BiGRU on packed sequences and average the directions (GPO-7, GPO-8): (U, L, d_pe) → (U, L, H)."""
-        lengths_cpu = lengths.cpu()  # packing requires lengths on the CPU
-        packed = pack_padded_sequence(x, lengths_cpu, batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.size(1))  # (U, L, 2H)
+        """Run the BiGRU and average the directions (GPO-7, GPO-8): (U, L, d_pe) → (U, L, H), zero past lengths."""
+        out = bigru(self.gru, x, lengths)                                             # (U, L, 2H)
         return (out[..., : self.d_hidden] + out[..., self.d_hidden :]) / 2
+
+    def prefix_sequence(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        """`sequence` of the generator input, using that its row t is the same for every length (a rank's encoding).
+
+        The forward direction at rank t sees ranks 0..t only, so one pass over the longest set serves every length;
+        the reverse direction runs densely on each length's rows reversed. (U,) lengths → (U, max_len, H).
+        """
+        full = self.generator_input(lengths.max().reshape(1), max_len)               # (1, L, d_pe)
+        index = reverse_index(lengths, max_len)                                       # (U, L)
+        fwd = direction(self.gru, full, reverse=False)                                # (1, L, H)
+        bwd = gather_time(direction(self.gru, full[0][index], reverse=True), index)   # (U, L, H)
+        valid = length_mask(lengths, max_len)[..., None]
+        return (fwd + bwd) / 2 * valid.to(bwd.dtype)
 
     def scores(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         """Unnormalised scores for each distinct length: (U,) → (U, max_len, 1)."""
+        if use_dense(lengths.device):
+            return self.scorer(self.prefix_sequence(lengths, max_len))
         return self.scorer(self.sequence(self.generator_input(lengths, max_len), lengths))

@@ -1,0 +1,258 @@
+"""Training speed against the code as it was before the CPU speed work, side by side in one run, interleaved.
+
+Extends bench_training.py (its Trainer, batches and pool swaps) at the paper's shapes: 36 × 2048 regions with the
+p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 1024, batch 128, hardest negatives.
+
+- baseline: today's code before this work: packed BiGRU text, packed GPO generator, for-loop AdamW;
+- new: the text BiGRU on the path `Precision.dense_rnn` picks (dense two passes under bf16 on a CPU, packed at
+  fp32), the GPO generator's forward direction once, fused AdamW; at fp32 and at bf16; and fp32 with the dense
+  text BiGRU forced, to show what that choice is based on;
+- new with both GPOs replaced by a zero-cost pool (the GPO share of the new fp32 step, by ablation);
+- MiniLM-shaped (and optionally BERT-base-shaped) text step: baseline fp32 vs new fp32 vs new bf16;
+- the AdamW step alone, for-loop vs fused, over the BiGRU model's parameters.
+
+Every trainer steps through the real `train_one_epoch`; steps are taken round-robin so load bursts hit all alike.
+
+    nice python benchmarks/bench_speed.py --threads 1 [--reps 3] [--bert] [--json benchmarks/results/speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_training import (
+    BERT_TOKENS,
+    BERT_VOCAB,
+    CAPTION_TOKENS,
+    FIRST_WORD_ID,
+    SEED,
+    TRANSFORMER_SHAPES,
+    VOCAB,
+    WARM_BATCH,
+    Trainer,
+    bert_body,
+    bigru_config,
+    build_bigru,
+    make_batches,
+)
+from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_targets, summary, target, write_report
+
+from vsectl.config import load_recipe
+from vsectl.models.gpo import GPO
+from vsectl.models.rnn import packed_bigru, set_dense
+from vsectl.models.vse import VSEModel, create_model, param_groups
+from vsectl.optim import create_adamw
+from vsectl.runtime import Precision
+
+TARGET_FP32 = 0.85        # new fp32 BiGRU step ÷ today's fp32 step
+TARGET_BF16 = 0.35        # new bf16 BiGRU step ÷ today's fp32 step (a CPU with bf16 units)
+TARGET_BERT_BF16 = 0.40   # new bf16 BERT-base step ÷ today's fp32 step (a CPU with bf16 units)
+TARGET_GPO_SHARE = 0.06   # GPO ≤ 6 % of the new fp32 step
+
+
+class PackedGPO(GPO):
+    """Today's GPO generator: the BiGRU over one packed sequence per distinct length (the CUDA path)."""
+
+    def scores(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+        out = packed_bigru(self.gru, self.generator_input(lengths, max_len), lengths)
+        return self.scorer((out[..., : self.d_hidden] + out[..., self.d_hidden :]) / 2)
+
+
+def as_baseline(model: VSEModel) -> VSEModel:
+    """Put `model` on today's paths: packed text BiGRU (when it has one) and packed GPO generators."""
+    set_dense(model, False)
+    for enc in (model.image, model.text):
+        if type(enc.pool) is GPO:
+            ref = PackedGPO(enc.pool.d_pe, enc.pool.d_hidden, enc.pool.temperature)
+            ref.load_state_dict(enc.pool.state_dict())
+            enc.pool = ref
+    return model
+
+
+def with_optimizer(trainer: Trainer, fused: bool) -> Trainer:
+    cfg = trainer.cfg
+    groups = [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr * g["lr_mult"]}
+              for g in param_groups(trainer.model, cfg.train.lr_mult)]
+    trainer.optimizer = create_adamw(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+    return trainer
+
+
+def run_timed(trainers: dict[str, Trainer], reps: int) -> dict[str, Any]:
+    """`run_trainers` (wall time from train_one_epoch's records) plus this process's CPU time per step.
+
+    On a shared machine the wall time of a step mostly measures the scheduler; with one torch thread the process CPU
+    time of a step is its compute alone (other tenants still cost it caches and memory bandwidth).
+    """
+    for t in trainers.values():
+        t.run(record=False)
+    cpu: dict[str, list[float]] = {k: [] for k in trainers}
+    for _ in range(reps):
+        for name, t in trainers.items():
+            c0 = time.process_time()
+            t.run()
+            cpu[name].append((time.process_time() - c0) / len(t.loader))
+    out = {}
+    for name, t in trainers.items():
+        out[name] = {"step": summary(t.step_times), "cpu_step": summary(cpu[name]), "batch": t.loader.batch_size}
+    return out
+
+
+def gpo_alone_cpu(batch: dict[str, torch.Tensor], reps: int) -> dict[str, float]:
+    """CPU seconds of the image + the text GPO forward + backward at the step's shapes (E = 1024), new vs today's."""
+    g = torch.Generator().manual_seed(SEED)
+    sets = [(torch.randn(lengths.numel(), int(lengths.max()), 1024, generator=g), lengths)
+            for lengths in (batch["image_lengths"], batch["token_lengths"])]
+    new = GPO()
+    old = PackedGPO()
+    old.load_state_dict(new.state_dict())
+    times: dict[str, list[float]] = {"new": [], "baseline": []}
+    for rep in range(reps + 1):
+        for name, pool in (("new", new), ("baseline", old)):
+            c0 = time.process_time()
+            for x, lengths in sets:
+                xi = x.clone().requires_grad_()
+                pool(xi, lengths)[0].sum().backward()
+            if rep:
+                times[name].append(time.process_time() - c0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bigru_steps(batch: int, reps: int, device: torch.device) -> dict[str, Any]:
+    cfg = bigru_config(batch)
+    batches = make_batches(1, batch, SEED, tokens=CAPTION_TOKENS, vocab=(4, VOCAB))
+    warm = make_batches(1, WARM_BATCH, SEED + 3, tokens=CAPTION_TOKENS, vocab=(4, VOCAB))
+    variants = {  # name: (precision, pool, baseline paths, fused AdamW, dense text BiGRU)
+        "baseline_fp32": ("fp32", "gpo", True, False, False),
+        "new_fp32": ("fp32", "gpo", False, True, Precision("fp32", device).dense_rnn),
+        "new_fp32_dense": ("fp32", "gpo", False, True, True),
+        "new_bf16": ("bf16", "gpo", False, True, Precision("bf16", device).dense_rnn),
+        "new_fp32_zero_pool": ("fp32", "zero", False, True, Precision("fp32", device).dense_rnn),
+        "baseline_bf16": ("bf16", "gpo", True, False, False),
+    }
+    trainers = {}
+    for name, (precision, pool, baseline, fused, dense) in variants.items():
+        model = build_bigru(cfg, pool)
+        set_dense(model, dense)
+        if baseline:
+            as_baseline(model)
+        trainers[name] = with_optimizer(Trainer(cfg, model, batches, precision, device,
+                                                warm=warm if precision == "bf16" else None), fused)
+    print(f"BiGRU steps, batch {batch}, {reps} rounds of {list(trainers)} ...", file=sys.stderr, flush=True)
+    steps = run_timed(trainers, reps)
+    med = {k: v["cpu_step"]["median_s"] for k, v in steps.items()}  # ratios from CPU time (see run_timed)
+    base = med["baseline_fp32"]
+    alone = gpo_alone_cpu(batches[0], 7)
+    return {"steps": steps, "ratios_to_baseline_fp32": {k: v / base for k, v in med.items()},
+            "gpo_share_new_fp32": (med["new_fp32"] - med["new_fp32_zero_pool"]) / med["new_fp32"],
+            "gpo_alone_cpu_s": alone, "gpo_alone_share_new_fp32": alone["new"] / med["new_fp32"],
+            "gpo_alone_share_baseline_fp32": alone["baseline"] / med["baseline_fp32"],
+            "bf16_over_fp32_new_step": med["new_bf16"] / med["new_fp32"]}
+
+
+def transformer_steps(name: str, batch: int, reps: int, device: torch.device) -> dict[str, Any]:
+    kw = {"tokens": BERT_TOKENS, "vocab": (FIRST_WORD_ID, BERT_VOCAB), "specials": (101, 102)}
+    batches = make_batches(1, batch, SEED + 2, **kw)
+    warm = make_batches(1, WARM_BATCH, SEED + 4, **kw)
+    cfg = load_recipe(None, [f"data.batch_size={batch}", "train.log_every=1", "model.text.encoder=transformers"])
+    trainers = {}
+    for key, precision, baseline in (("baseline_fp32", "fp32", True), ("new_fp32", "fp32", False),
+                                     ("new_bf16", "bf16", False)):
+        torch.manual_seed(SEED)
+        model = create_model(cfg.model, text_body=bert_body(TRANSFORMER_SHAPES[name]))
+        if baseline:
+            as_baseline(model)
+        trainers[key] = with_optimizer(Trainer(cfg, model, batches, precision, device,
+                                               warm=warm if precision == "bf16" else None), fused=not baseline)
+    print(f"{name} steps, batch {batch}, {reps} rounds ...", file=sys.stderr, flush=True)
+    steps = run_timed(trainers, reps)
+    med = {k: v["cpu_step"]["median_s"] for k, v in steps.items()}
+    return {"steps": steps, "ratios_to_baseline_fp32": {k: v / med["baseline_fp32"] for k, v in med.items()}}
+
+
+def optimizer_alone(reps: int) -> dict[str, Any]:
+    """AdamW.step over the BiGRU model's parameters with random gradients: for-loop vs fused, interleaved."""
+    cfg = bigru_config(128)
+    opts = {}
+    for fused in (False, True):
+        model = build_bigru(cfg, "gpo")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        groups = [{"params": g["params"], "lr_mult": g["lr_mult"], "lr": cfg.train.lr}
+                  for g in param_groups(model, cfg.train.lr_mult)]
+        opts["fused" if fused else "for_loop"] = create_adamw(groups, lr=cfg.train.lr, weight_decay=1e-4, fused=fused)
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(reps + 1):
+        for k, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    return {"median_s": med, "fused_over_for_loop": med["fused"] / med["for_loop"],
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--bert", action="store_true", help="also the BERT-base-shaped text step (slow)")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    meter, load_before = LoadMeter(), os.getloadavg()
+    m = machine()
+    print(describe(m), file=sys.stderr)
+    res: dict[str, Any] = {"gemm": gemm_report(3, n=1024)}
+    res["adamw_alone"] = optimizer_alone(5)
+    res["bigru"] = bigru_steps(args.batch, args.reps, device)
+    if not args.no_transformers:
+        shapes = ("minilm", "bert-base") if args.bert else ("minilm",)
+        res["transformers"] = {n: transformer_steps(n, args.batch, max(2, args.reps - 1), device) for n in shapes}
+    r = res["bigru"]["ratios_to_baseline_fp32"]
+    checks = [
+        target("BiGRU step fp32, new ÷ today's", r["new_fp32"], "<=", TARGET_FP32, "×"),
+        target("BiGRU step bf16 (new) ÷ today's fp32", r["new_bf16"], "<=", TARGET_BF16, "×"),
+        target("GPO share of the new fp32 step (ablation)", res["bigru"]["gpo_share_new_fp32"], "<=",
+               TARGET_GPO_SHARE),
+        target("GPO share of the new fp32 step (GPO alone ÷ step)", res["bigru"]["gpo_alone_share_new_fp32"], "<=",
+               TARGET_GPO_SHARE),
+    ]
+    for name, t in res.get("transformers", {}).items():
+        tr = t["ratios_to_baseline_fp32"]
+        checks.append(target(f"{name} step fp32, new ÷ today's", tr["new_fp32"], "<=", 1.0, "×"))
+        checks.append(target(f"{name} step bf16 (new) ÷ today's fp32", tr["new_bf16"], "<=", TARGET_BERT_BF16, "×"))
+    cpu = meter.read()
+    report = {"machine": m, "threads": args.threads, "load_average_before": load_before,
+              "load_average_after": os.getloadavg(), "cpu_during_run": cpu, "results": res, "targets": checks}
+    for name, t in [("bigru", res["bigru"]), *res.get("transformers", {}).items()]:
+        print(f"{name}: step wall median s " + ", ".join(f"{k} {v['step']['median_s']:.3f}"
+                                                       for k, v in t["steps"].items()))
+        print(f"{name}: step CPU median s " + ", ".join(f"{k} {v['cpu_step']['median_s']:.3f}"
+                                                      for k, v in t["steps"].items()))
+        print(f"{name}: CPU time ÷ today's fp32 "
+              + ", ".join(f"{k} {v:.3f}" for k, v in t["ratios_to_baseline_fp32"].items()))
+    a = res["adamw_alone"]
+    print(f"AdamW step alone ({a['n_params']:,} params): for-loop {a['median_s']['for_loop'] * 1e3:.1f} ms, fused "
+          f"{a['median_s']['fused'] * 1e3:.1f} ms ({a['fused_over_for_loop']:.2f}×)")
+    g = res["gemm"]
+    print(f"GEMM 1024² fp32 {g['fp32']['tflops']['median']:.4f} TFLOP/s, bf16 {g['bf16']['tflops']['median']:.4f} "
+          f"({g['bf16_over_fp32']:.2f}×)")
+    print(render_targets(checks))
+    print(f"load average before/after {load_before[0]:.2f}/{os.getloadavg()[0]:.2f}; other processes used "
+          f"{cpu['others_cores']:.2f} of {os.cpu_count()} cores during the run; CPU flags "
+          f"{'/'.join(m['simd'])}, bf16 units {m['bf16_matrix_units'] or 'none'}")
+    write_report(args.json or RESULTS / "speed.json", report)
+
+
+if __name__ == "__main__":
+    main()

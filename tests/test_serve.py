@@ -1,0 +1,320 @@
+"""vsectl serve: batched search equals one search per query, the JSON API, refused paths, and the page in Chromium."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vsectl.serving.engine import QueryBatcher
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/cdp.py
+
+
+def loop_topk(matrix: np.ndarray, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The obvious reference: score every row, sort by (-score, row)."""
+    scores = [(float(np.dot(row, vector)), i) for i, row in enumerate(matrix)]
+    return [(i, s) for s, i in sorted(scores, key=lambda t: (-t[0], t[1]))[:k]]
+
+
+def test_batched_searches_equal_one_search_per_query_and_share_scans():
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((50, 8)).astype(np.float32)
+    entered, gate = threading.Event(), threading.Event()
+    calls = []
+
+    def search(vectors: np.ndarray, k: int, side: str) -> list:
+        entered.set()
+        gate.wait(5)  # hold the first scan so the other requests queue up behind it
+        calls.append((len(vectors), k, side))
+        results = []
+        for v in vectors:
+            hits = [SimpleNamespace(index=i, score=s) for i, s in loop_topk(matrix, v, k)]
+            results.append(SimpleNamespace(hits=hits))
+        return results
+
+    batcher = QueryBatcher(search)
+    queries = [(rng.standard_normal(8).astype(np.float32), k, side) for k, side in
+               [(3, "images"), (7, "images"), (1, "captions"), (5, "images"), (2, "captions"), (4, "images")]]
+    answers: dict[int, list] = {}
+    threads = [threading.Thread(target=lambda j=j, q=q: answers.__setitem__(j, batcher.submit(*q)))
+               for j, q in enumerate(queries)]
+    threads[0].start()
+    assert entered.wait(5)  # the first request is being scanned (and held) before the others arrive
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 5
+    while batcher._queue.qsize() < len(queries) - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    batcher.close()
+    for j, (vector, k, _) in enumerate(queries):
+        assert [(h.index, h.score) for h in answers[j]] == loop_topk(matrix, vector, k)
+    # one scan for the first request, then one per side for the five that queued together
+    assert sorted(calls) == sorted([(1, 3, "images"), (3, 7, "images"), (2, 2, "captions")])
+    assert batcher.scans == 3 and batcher.vectors == 6
+
+
+@pytest.mark.parametrize("n, k, dim", [(50, 7, 16), (33, 33, 16), (70_001, 10, 16), (32_768 + 5, 10, 16),
+                                       (2 * 32_768, 3, 16), (40_000, 10, 512)])
+def test_shared_scan_equals_each_query_alone_bit_for_bit(n, k, dim):
+    from vsectl.retrieval import topk
+    from vsectl.serving.scan import shared_topk
+
+    rng = np.random.default_rng(n)
+    matrix = rng.standard_normal((n, dim), dtype=np.float32)
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix[n // 2] = matrix[3]  # a duplicate row: an exact tie
+    queries = rng.standard_normal((5, dim)).astype(np.float32)
+    queries[4] = matrix[3]
+    scores, rows = shared_topk(matrix, queries, k)
+    for i in range(5):
+        s_alone, r_alone = topk(matrix, queries[i], k)
+        assert np.array_equal(scores[i], s_alone[0]) and np.array_equal(rows[i], r_alone[0])
+    reference = loop_topk(matrix[:50], queries[0], min(k, 50)) if n == 50 else None
+    if reference:
+        assert rows[0].tolist() == [i for i, _ in reference]
+    assert rows[4][:2].tolist() == [3, n // 2]  # the tie: lower row first
+
+
+def test_an_error_in_a_batched_search_reaches_every_waiting_request_and_the_worker_survives():
+    def search(vectors: np.ndarray, k: int, side: str) -> list:
+        if k == 99:
+            raise ValueError("boom")
+        return [SimpleNamespace(hits=[k]) for _ in vectors]
+
+    batcher = QueryBatcher(search)
+    vector = np.zeros(4, dtype=np.float32)
+    try:
+        batcher.submit(vector, 99, "images")
+    except ValueError as e:
+        assert str(e) == "boom"
+    else:
+        raise AssertionError("the error was swallowed")
+    assert batcher.submit(vector, 2, "images") == [2]
+    batcher.close()
+
+
+# ---------------------------------------------------------------------------------------------- the real server
+
+
+@pytest.fixture(scope="module")
+def collection(clipart_run, tmp_path_factory) -> dict[str, Path]:
+    """The clip-art test split embedded with the fixture run: real image files with their captions."""
+    from vsectl.retrieval import embed
+
+    out = tmp_path_factory.mktemp("serve") / "emb"
+    embed(clipart_run["run"], out, data=clipart_run["raw"], split="test", device="cpu", workers=0)
+    return {**clipart_run, "emb": out}
+
+
+def start_serve(*args: str) -> tuple[subprocess.Popen, str]:
+    """`vsectl serve ARGS --port 0` in its own process; returns it and the URL it printed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "vsectl", "serve", *args, "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = proc.stdout.readline().strip()
+    if not url.startswith("http://127.0.0.1:"):
+        proc.kill()
+        raise AssertionError(f"vsectl serve did not start: {url!r} {proc.stderr.read()}")
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def server(collection) -> Iterator[str]:
+    proc, url = start_serve(str(collection["emb"]))
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def get(url: str, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """A raw GET: the path goes on the request line exactly as given (no client-side normalisation)."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("GET", path, skip_accept_encoding=True)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    return response.status, body, dict(response.getheaders())
+
+
+def get_json(url: str, path: str) -> tuple[int, dict]:
+    status, body, headers = get(url, path)
+    assert headers["Content-Type"].startswith("application/json")
+    return status, json.loads(body)
+
+
+def test_json_search_answers_as_the_python_api_does(server, collection):
+    import vsectl
+
+    status, answer = get_json(server, "/api/search?q=a+bird&k=5")
+    assert status == 200 and answer["query"] == "a bird" and answer["k"] == 5
+    expected = vsectl.search(collection["emb"], "a bird", k=5, model=vsectl.load(collection["run"], device="cpu"))
+    assert [h["index"] for h in answer["hits"]] == [h.index for h in expected[0].hits]
+    assert [h["rank"] for h in answer["hits"]] == [1, 2, 3, 4, 5]
+    for got, want in zip(answer["hits"], expected[0].hits, strict=True):
+        assert got["score"] == pytest.approx(want.score, abs=1e-5)
+        assert got["caption"] == want.caption and got["id"] == want.id
+        assert got["image_url"] == f"/image/{want.image}" and "path" not in got
+    status, body, headers = get(server, answer["hits"][0]["image_url"])
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert body == Path(expected[0].hits[0].path).read_bytes()
+
+
+def test_json_image_to_image_finds_the_image_itself_first(server, collection):
+    status, answer = get_json(server, "/api/similar?image=7&k=3")
+    assert status == 200 and answer["image"] == 7 and len(answer["hits"]) == 3
+    assert answer["hits"][0]["index"] == 7 and answer["hits"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    status, answer = get_json(server, "/api/search?q=a+bird&k=4&side=captions")
+    assert status == 200 and answer["side"] == "captions" and all(h["caption"] for h in answer["hits"])
+
+
+def test_an_index_folder_is_served_too_and_its_side_is_kept(collection):
+    from vsectl.retrieval import build_index, open_embeddings
+    from vsectl.serving import open_server
+
+    index = build_index(collection["emb"], kind="flat")
+    server = open_server(index, port=0, device="cpu")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, answer = get_json(server.url, "/api/search?q=a+red+circle&k=3")
+        assert status == 200 and server.engine.info()["index"] == "Index"
+        emb = open_embeddings(collection["emb"])
+        vector = server.engine.model.encode_text(["a red circle"])[0]
+        assert [h["index"] for h in answer["hits"]] == np.argsort(-(emb.images @ vector), kind="stable")[:3].tolist()
+        status, answer = get_json(server.url, "/api/search?q=a+red+circle&k=3&side=captions")
+        assert status == 400 and "covers the images side" in answer["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.engine.close()
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/api/search?q=&k=5", "empty query"),
+    ("/api/search?q=%20%20&k=5", "empty query"),
+    ("/api/search?q=bird&k=0", "k must be between 1 and"),
+    ("/api/search?q=bird&k=100000", "k must be between 1 and"),
+    ("/api/search?q=bird&k=ten", "k must be an integer"),
+    ("/api/search?q=bird&side=videos", "unknown side"),
+    ("/api/similar?k=3", "missing parameter image"),
+])
+def test_json_endpoint_refuses_bad_queries_with_a_message(server, path, message):
+    status, answer = get_json(server, path)
+    assert status == 400 and message in answer["error"]
+
+
+TRAVERSALS = [
+    "/image/../../../../etc/passwd", "/image/..%2f..%2f..%2f..%2fetc%2fpasswd", "/%2e%2e/%2e%2e/etc/passwd",
+    "/../../../../etc/passwd", "//etc/passwd", "/image/1/../../../../etc/passwd", "/image/%2e%2e%2fsecret.txt",
+    "/image/-1", "/image/99999999", "/image/1.png", "/image/%201", "/image/1%00", "/etc/passwd",
+    "/static/../secret.txt", "/api/../../secret.txt", "http://127.0.0.1/etc/passwd", "/image/{secret}",
+    "/image/file:{secret}",
+]
+
+
+def test_no_url_reaches_a_file_outside_the_collection(server, collection, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-CONTENT")
+    for path in TRAVERSALS:
+        path = path.replace("{secret}", str(secret))
+        status, body, _ = get(server, path)
+        assert status in (400, 404), (path, status)
+        assert b"TOP-SECRET" not in body and b"root:" not in body, path
+    status, _, _ = get(server, "/image/0")  # while a listed image is served
+    assert status == 200
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(collection):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(collection["emb"]), "--port", str(port)])
+    assert result.exit_code == 2 and not result.stdout.strip()  # no URL printed
+    assert f"port {port} on 127.0.0.1 is in use" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------- the page in Chromium
+
+
+def test_the_page_shows_result_images_with_captions_and_clicks_through_to_similar_images(server, tmp_path):
+    from cdp import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium; here that failed or was not run)")
+    with Browser(chromium) as browser:
+        browser.navigate(server)
+        browser.wait_for("document.getElementById('info').textContent.includes('120 images')")
+        browser.evaluate("document.getElementById('q').focus()")
+        browser.type_text("a bird")
+        browser.press_enter()
+        cards = browser.wait_for(
+            "(() => { const hits = [...document.querySelectorAll('#results .hit')];"
+            " const ready = hits.length === 10 && hits.every(h => { const img = h.querySelector('img');"
+            " return img && img.complete && img.naturalWidth > 0 && h.querySelector('.caption').textContent; });"
+            " return ready && hits.map(h => [h.dataset.image, h.querySelector('.caption').textContent,"
+            " h.querySelector('.score').textContent]); })()")
+        assert browser.evaluate("location.search") == "?q=a+bird&k=10&side=images"
+        shot = browser.screenshot(tmp_path / "serve.png")
+        if os.environ.get("VSECTL_SCREENSHOT_DIR"):
+            shutil.copy(shot, Path(os.environ["VSECTL_SCREENSHOT_DIR"]) / "serve.png")
+        status, answer = get_json(server, "/api/search?q=a+bird&k=10")
+        assert [[str(h["image"]), h["caption"], f"{h['score']:.3f}"] for h in answer["hits"]] == cards
+        browser.click("#results .hit:nth-child(3) .thumb")
+        clicked = cards[2][0]
+        first = browser.wait_for("document.getElementById('status').textContent.includes('image:')"
+                                 " && document.querySelector('#results .hit').dataset.image")
+        assert first == clicked  # an image is its own nearest neighbour
+        if os.environ.get("VSECTL_SCREENSHOT_DIR"):
+            browser.wait_for("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+            browser.screenshot(Path(os.environ["VSECTL_SCREENSHOT_DIR"]) / "serve_similar.png")
+        assert browser.evaluate("location.search") == f"?similar={clicked}&k=10&side=images"
+
+
+def test_a_run_other_than_the_embeddings_one_is_refused(collection, toy_root, tmp_path):
+    from vsectl.config import load_recipe
+    from vsectl.errors import ConfigError
+    from vsectl.serving import open_server
+    from vsectl.training import train
+
+    other = train(load_recipe(REPO / "recipes" / "tiny.yaml", [f"data.root={toy_root}", "train.epochs=1",
+                                                               "name=other"]), tmp_path, device="cpu")
+    with pytest.raises(ConfigError, match="was embedded with another model"):
+        open_server(collection["emb"], run=other, port=0, device="cpu")
+
+
+@pytest.mark.parametrize("command", ["serve", "export"])
+def test_help_works(command):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output

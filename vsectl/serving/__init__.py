@@ -1,0 +1,59 @@
+"""`vsectl serve`: a collection of embeddings behind a local search page and a JSON API.
+
+    server = open_server("emb/clipart", port=8000)   # binds 127.0.0.1; server.url
+    server.serve_forever()
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vsectl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint: str | None = None,
+                host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True) -> Any:
+    """Open a collection and its model and bind the server (not yet serving).
+
+    Args:
+        target: an embeddings folder (`vsectl embed`) or an index folder (`vsectl index`).
+        run: the run whose text tower encodes the queries; default: the run recorded in the embeddings.
+        checkpoint: "best" or "last"; default: the one recorded in the embeddings.
+        host: address to listen on; loopback unless you mean to share the collection.
+        port: TCP port; 0 picks a free one (see the returned server's `.url`).
+        device: where the text tower runs.
+        batching: coalesce concurrent searches into one scan of the embeddings.
+
+    Returns:
+        a bound `VsectlServer`; call `.serve_forever()`, and `.server_close()` plus `.engine.close()` when done.
+
+    Raises:
+        ConfigError: the port is in use, the run cannot be found, or the model does not match the embeddings.
+        DataError: the embeddings or index are missing or inconsistent.
+    """
+    from vsectl.retrieval import open_target
+    from vsectl.serving.engine import SearchEngine
+    from vsectl.serving.http import make_server
+
+    opened = open_target(target)
+    emb = getattr(opened, "embeddings", opened)
+    if run is None:
+        run = emb.meta.get("run")
+        if not run or not Path(run).exists():
+            raise ConfigError(f"the run that made {emb.path} ({run}) is not there; give the run with --run")
+    server = make_server(None, host=host, port=port)  # bound first: a port in use fails before the model loads
+    try:
+        from vsectl.retrieval import load  # torch: imported after the port is ours
+
+        model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
+        server.engine = SearchEngine(opened, model, batching=batching)
+        server.engine.warm_up()
+    except BaseException:
+        server.server_close()
+        raise
+    log.info("serving %d images and %d captions of %s", emb.n_images, emb.n_captions, emb.path)
+    return server

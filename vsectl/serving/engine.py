@@ -1,0 +1,209 @@
+"""The search engine behind `vsectl serve`: one opened collection, one model, queries coalesced into batches.
+
+Concurrent requests each encode their text on their own, then queue a vector. One worker thread takes every vector
+waiting at that moment and reads the collection once for all of them (`vsectl.serving.scan`, bit for bit the hits of
+each query alone), so under load the pass over the embeddings is shared while an idle server answers at the latency
+of a single query. A hit list of the largest k asked in the batch is cut to each request's k: exact top-k is ordered
+by score then row, so the first k of a longer list are the top k.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from vsectl.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_K = 100            # hits one request may ask for
+MAX_QUERY_CHARS = 500  # longer text is refused rather than truncated
+MAX_BATCH = 64         # vectors scanned together at most
+SIDES = ("images", "captions")
+
+SearchFn = Callable[[np.ndarray, int, str], list[Any]]  # (Q, E) vectors, k, side → one SearchResult per vector
+
+
+class QueryBatcher:
+    """Serialise vector searches through one worker that scans once for all the vectors queued together.
+
+    Args:
+        search: the batched search, (Q, E) vectors, k, side → results with `.hits`.
+        batching: False runs each search in the caller's thread instead (the benchmark's baseline).
+        max_batch: vectors per scan at most.
+    """
+
+    def __init__(self, search: SearchFn, batching: bool = True, max_batch: int = MAX_BATCH) -> None:
+        self._search, self.batching, self.max_batch = search, batching, max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self.scans = 0    # batched scans run, and vectors answered through them (for the log and the benchmark)
+        self.vectors = 0
+        self._thread = threading.Thread(target=self._run, name="vsectl-search", daemon=True)
+        if batching:
+            self._thread.start()
+
+    def submit(self, vector: np.ndarray, k: int, side: str) -> list[Any]:
+        """The top-k hits of one (E,) vector on `side`, best first."""
+        if not self.batching:
+            return self._search(vector[None], k, side)[0].hits
+        future: Future = Future()
+        self._queue.put((vector, k, side, future))
+        return future.result()
+
+    def _take_batch(self) -> list[tuple] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(item)
+        return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            for side in SIDES:
+                group = [item for item in batch if item[2] == side]
+                if not group:
+                    continue
+                try:
+                    k = max(item[1] for item in group)
+                    results = self._search(np.stack([item[0] for item in group]), k, side)
+                    self.scans += 1
+                    self.vectors += len(group)
+                    for (_, k_item, _, future), result in zip(group, results, strict=True):
+                        future.set_result(result.hits[:k_item])
+                except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
+                    for *_, future in group:
+                        future.set_exception(e)
+
+    def close(self) -> None:
+        if self.batching:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+
+
+class SearchEngine:
+    """A collection opened for serving: text → images/captions and image → images/captions, with file lookup.
+
+    Args:
+        target: an opened `Embeddings` or `Index` (from `vsectl.retrieval.open_target`).
+        model: a `RetrievalModel` whose fingerprint equals the embeddings' (checked here).
+        batching: coalesce concurrent searches into one scan.
+    """
+
+    def __init__(self, target: Any, model: Any, batching: bool = True) -> None:
+        from vsectl.retrieval.query import check_model
+
+        self.target = target
+        self.emb = getattr(target, "embeddings", target)
+        self.model = model
+        check_model(model, self.emb)
+        self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
+        self.batcher = QueryBatcher(self._search_vectors, batching=batching)
+
+    def warm_up(self) -> None:
+        """One text encode and one scan, so the first user's query does not pay for imports and cold pages."""
+        vector = self.model.encode_text(["warm up"])[0]
+        for side in SIDES:
+            if self.emb.size(side) and getattr(self.target, "side", side) == side:  # an index covers one side
+                self.batcher.submit(vector, 1, side)
+
+    def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
+        """One pass for all `vectors`: exact for embeddings and flat indexes, faiss's batch search otherwise."""
+        from vsectl.serving.scan import make_hits, shared_topk
+
+        index = self.target if self.target is not self.emb else None
+        if index is not None and index.side != side:
+            raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side} "
+                              f"or serve the embeddings folder {self.emb.path}")
+        if index is None or index.kind == "flat":
+            scores, rows = shared_topk(self.emb.side(side), vectors, k)
+        else:
+            scores, rows = index.search_vectors(vectors, k)
+        return [SimpleNamespace(hits=make_hits(self.emb, side, s, r)) for s, r in zip(scores, rows, strict=True)]
+
+    def check_k(self, k: int, side: str) -> int:
+        n = self.emb.size(side)
+        if n == 0:
+            raise ConfigError(f"this collection holds no {side}")
+        if not 1 <= k <= min(MAX_K, n):
+            raise ConfigError(f"k must be between 1 and {min(MAX_K, n)}, got {k}")
+        return k
+
+    def encode(self, text: str) -> np.ndarray:
+        """(E,) float32 unit vector of one query text."""
+        text = text.strip()
+        if not text:
+            raise ConfigError("empty query: type some words to search for")
+        if len(text) > MAX_QUERY_CHARS:
+            raise ConfigError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
+        with self._encode_lock:
+            return self.model.encode_text([text])[0]
+
+    def search_text(self, text: str, k: int = 10, side: str = "images") -> dict[str, Any]:
+        """The JSON answer of a text query: {"query", "side", "k", "took_ms", "hits": [...]}."""
+        side = _side(side)
+        self.check_k(k, side)
+        start = time.perf_counter()
+        hits = self.batcher.submit(self.encode(text), k, side)
+        return self._answer(text.strip(), side, k, hits, start)
+
+    def search_image(self, image: int, k: int = 10, side: str = "images") -> dict[str, Any]:
+        """The JSON answer of an image→image (or image→caption) query by the collection's own image `image`."""
+        side = _side(side)
+        self.check_k(k, side)
+        if not 0 <= image < self.emb.n_images:
+            raise LookupError(f"no image {image} in this collection of {self.emb.n_images}")
+        start = time.perf_counter()
+        vector = np.array(self.emb.images[image], dtype=np.float32)  # one row of the map, copied
+        hits = self.batcher.submit(vector, k, side)
+        return self._answer(f"image:{self.emb.image(image)['id']}", side, k, hits, start, image=image)
+
+    def _answer(self, query: str, side: str, k: int, hits: list[Any], start: float, **extra: Any) -> dict[str, Any]:
+        rows = []
+        for hit in hits:
+            row = asdict(hit)
+            row["image_url"] = f"/image/{hit.image}" if hit.path else None
+            row.pop("path")  # the server's file layout is not the client's business
+            rows.append(row)
+        took_ms = round(1000 * (time.perf_counter() - start), 3)
+        return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms, "hits": rows}
+
+    def image_file(self, image: int) -> Path | None:
+        """The file of the collection's image `image`, or None when unknown, missing or not a regular file."""
+        if not 0 <= image < self.emb.n_images:
+            return None
+        path = self.emb.image_path(image)
+        return path if path is not None and path.is_file() else None
+
+    def info(self) -> dict[str, Any]:
+        meta = self.emb.meta
+        return {"images": self.emb.n_images, "captions": self.emb.n_captions, "embed_dim": self.emb.dim,
+                "run": meta.get("run"), "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
+                "max_k": MAX_K}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _side(side: str) -> str:
+    if side not in SIDES:
+        raise ConfigError(f"unknown side {side!r}; use images or captions")
+    return side

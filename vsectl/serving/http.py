@@ -1,0 +1,190 @@
+"""The HTTP side of `vsectl serve`: a page, a JSON API and the collection's image files, on the standard library.
+
+Routes (GET and HEAD only):
+
+    /                          the search page (one self-contained HTML file: no scripts or styles from elsewhere)
+    /api/search?q=TEXT&k=10    text → images (side=captions: text → captions)
+    /api/similar?image=I&k=10  the collection's image I → images (or captions)
+    /api/info                  sizes, run and fingerprint of the collection
+    /image/I                   the file of image I
+
+Files are addressed by their row in the collection, never by a path: a URL can only name an image the collection
+lists, so nothing else on the disk is reachable, whatever the URL holds.
+
+The standard library's threading server is enough here: a request's time is the scan of the embeddings (numpy,
+which releases the GIL) and the text encoder, not the HTTP parsing; a framework would add dependencies, not speed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+import shutil
+import socket
+import socketserver
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from vsectl.errors import ConfigError
+from vsectl.serving.engine import SearchEngine
+from vsectl.serving.page import PAGE
+
+log = logging.getLogger(__name__)
+
+IMAGE_ROUTE = re.compile(r"/image/(\d{1,12})")
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp", ".svg": "image/svg+xml"}
+PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self'; " \
+              "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+FILE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"  # an SVG opened on its own runs no script
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class BadRequest(Exception):
+    """A malformed parameter: answered with 400 and the message."""
+
+
+def _int_param(params: dict[str, list[str]], name: str, default: int | None = None) -> int:
+    values = params.get(name)
+    if not values:
+        if default is None:
+            raise BadRequest(f"missing parameter {name}")
+        return default
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer, got {values[-1]!r}") from None
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request; the engine is the server's."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
+    timeout = 60                   # an idle connection is closed after a minute instead of holding its thread
+    server_version = "vsectl"
+    sys_version = ""
+    server: VsectlServer
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str, policy: str = PAGE_POLICY,
+              extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", policy)
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj, ensure_ascii=False).encode("utf-8"), "application/json; charset=utf-8",
+                   extra={"Cache-Control": "no-store"})
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def do_HEAD(self) -> None:  # noqa: N802 - the base class's naming
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        params = parse_qs(url.query, keep_blank_values=True)
+        engine = self.server.engine
+        try:
+            if url.path == "/":
+                self._send(HTTPStatus.OK, PAGE.encode("utf-8"), "text/html; charset=utf-8")
+            elif url.path == "/api/search":
+                query = (params.get("q") or [""])[-1]
+                side = (params.get("side") or ["images"])[-1]
+                self._json(HTTPStatus.OK, engine.search_text(query, k=_int_param(params, "k", 10), side=side))
+            elif url.path == "/api/similar":
+                side = (params.get("side") or ["images"])[-1]
+                self._json(HTTPStatus.OK, engine.search_image(_int_param(params, "image"),
+                                                              k=_int_param(params, "k", 10), side=side))
+            elif url.path == "/api/info":
+                self._json(HTTPStatus.OK, engine.info())
+            elif match := IMAGE_ROUTE.fullmatch(url.path):
+                self._image(int(match.group(1)))
+            elif url.path == "/favicon.ico":
+                self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+            else:
+                self._error(HTTPStatus.NOT_FOUND, "no such page")
+        except (BadRequest, ConfigError) as e:
+            self._error(HTTPStatus.BAD_REQUEST, str(e))
+        except LookupError as e:
+            self._error(HTTPStatus.NOT_FOUND, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away
+        except Exception:  # noqa: BLE001 - a bug in one request must not take the server down
+            log.exception("request %s failed", self.path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error (see the server's log)")
+
+    def _image(self, image: int) -> None:
+        path = self.server.engine.image_file(image)
+        kind = IMAGE_TYPES.get(path.suffix.lower()) if path is not None else None
+        if kind is None:
+            self._error(HTTPStatus.NOT_FOUND, f"image {image} has no file to show")
+            return
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(size))
+            self.send_header("Cache-Control", "max-age=3600")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Content-Security-Policy", FILE_POLICY)
+            self.end_headers()
+            if self.command != "HEAD":
+                shutil.copyfileobj(f, self.wfile)
+
+
+class VsectlServer(ThreadingHTTPServer):
+    """A threading HTTP server holding one `SearchEngine`."""
+
+    daemon_threads = True  # an open keep-alive connection does not hold up shutdown
+
+    def __init__(self, address: tuple[str, int], engine: SearchEngine | None) -> None:
+        self.engine = engine
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's version adds a reverse DNS lookup of the host
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/"
+
+
+def make_server(engine: SearchEngine | None, host: str = "127.0.0.1", port: int = 8000) -> VsectlServer:
+    """Bind the server (port 0: any free port; see `.url`); set `.engine` before serving if None is given.
+
+    Raises:
+        ConfigError: the port is in use or cannot be bound.
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+    if host not in LOOPBACK:
+        log.warning("serving on %s: other machines on that network can reach this collection", host)
+    try:
+        return VsectlServer((host, port), engine)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is in use; choose another with --port (or --port 0 for any "
+                              "free one)") from None
+        if e.errno in (errno.EADDRNOTAVAIL, errno.EACCES, -2, -3, -5):
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); check --host and --port") from None
+        raise
