@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsectl import metrics
+from vsectl import metrics, ranking
 from vsectl.metrics import METRIC_KEYS, evaluate_protocol, rank_retrieval, recall_metrics, subset
 
 
@@ -118,7 +118,7 @@ def test_collapsed_embeddings_rank_everything_first(caplog):
     and columns are recounted."""
     img, cap = torch.ones(6, 4), torch.ones(12, 4)
     cap2img = torch.arange(12) % 6
-    with caplog.at_level(logging.DEBUG, logger="vsectl.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="vsectl.ranking"):
         i2t, t2i = rank_retrieval([(img, cap)], cap2img, chunk_size=1)
     assert i2t.tolist() == [0] * 6 and t2i.tolist() == [0] * 12
     assert "recounting" in caplog.text
@@ -126,9 +126,9 @@ def test_collapsed_embeddings_rank_everything_first(caplog):
 
 def test_recount_fallback_matches_loop_reference(monkeypatch, caplog):
     """EVAL-3: with a zero-width band most columns take the exact whole-column recount, which must agree too."""
-    monkeypatch.setattr(metrics, "GT_BAND_SCALE", 0.0)
+    monkeypatch.setattr(ranking, "GT_BAND_SCALE", 0.0)
     img, cap, cap2img = random_split([4, 2, 5, 3, 1, 5, 2], dim=16, seed=3)
-    with caplog.at_level(logging.DEBUG, logger="vsectl.metrics"):
+    with caplog.at_level(logging.DEBUG, logger="vsectl.ranking"):
         i2t, t2i = rank_retrieval([(img, cap)], cap2img, chunk_size=2)
     ref_i2t, ref_t2i = loop_ranks(img @ cap.T, cap2img)
     torch.testing.assert_close(i2t, ref_i2t)

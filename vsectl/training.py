@@ -1,6 +1,9 @@
-"""Train a VSE∞ model from a RunConfig into a resumable run directory (spec §8).
+"""Train a VSE∞ model from a RunConfig into a resumable run directory.
 
     runs/<name>/config.yaml  env.json  vocab.json | text_model/  metrics.jsonl  checkpoints/{last,best}/  eval/
+
+The file runs a little past 400 lines on purpose: `setup_run`, `restore_run` and `fit` share one `TrainingRun` and one
+fixed order of RNG use (what makes `--resume` bit-exact), which is easiest to keep right when it is read in one place.
 """
 
 from __future__ import annotations

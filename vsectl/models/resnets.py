@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, cnn_grid, read_state_dict
+from vsectl.models.backbone_base import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, cnn_grid, read_state_dict
 
 RESNET101_DEPTHS = (3, 4, 23, 3)        # bottlenecks per stage, ResNet-101 and ResNeXt-101
 EXPANSION = 4                           # bottleneck output = 4 × its planes
