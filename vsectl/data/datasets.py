@@ -72,16 +72,19 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return self.split.n_captions
 
+    def caption(self, i: int, rng: np.random.Generator) -> torch.Tensor:
+        """Caption i as token ids (T,) int64, or as cached token states (T, H) float32 of a frozen text body."""
+        if self.text_input is TextInput.STATES:
+            return torch.from_numpy(self.text.get(i, rng))
+        return torch.tensor(self.text.encode(self.split.captions[i], rng), dtype=torch.int64)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Return (feats (n, D) float32, token ids (T,) int64, i)."""
+        """Return (feats (n, D) float32, token ids (T,) int64 or cached states (T, H) float32, i)."""
         rng = np.random.default_rng([self.seed, self.epoch, i])
         feats = self.split.features.get(int(self.split.cap2img[i]))  # (n, D)
         if self.region_drop > 0:
             feats = drop_regions(feats, self.region_drop, rng)
-        if self.text_input is TextInput.STATES:  # cached token states of a frozen text body: (T, H) float32
-            return torch.from_numpy(feats), torch.from_numpy(self.text.get(i, rng)), i
-        ids = self.text.encode(self.split.captions[i], rng)
-        return torch.from_numpy(feats), torch.tensor(ids, dtype=torch.int64), i
+        return torch.from_numpy(feats), self.caption(i, rng), i
 
 
 class ImageSetDataset(Dataset):

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vsectl.data.captions import TextProcessor
-from vsectl.data.datasets import collate_tokens
+from vsectl.data.datasets import PairDataset, collate_tokens
 from vsectl.data.images import UnreadableImage, _pil, load_rgb, resize_square, to_uint8_tensor
 from vsectl.data.raw import is_raw_dataset, load_raw_dataset
 from vsectl.data.sources import Split
@@ -107,16 +107,15 @@ def subset_raw(split: Split, n: int) -> Split:
     return sub
 
 
-class RawPairDataset(Dataset):
-    """Training pairs over raw images, indexed per caption (DATA-1): item i = (image cap2img[i], caption i).
+class RawPairDataset(PairDataset):
+    """Training pairs over raw images, indexed per caption: item i = (image cap2img[i], caption i).
 
-    Each item draws from `default_rng([seed, epoch, i])`, so crops, flips and text augmentation are the same whatever
-    the worker count or resume point.
+    The same per-item generators, epochs and caption side as `PairDataset`; the image side is a decoded image with the
+    training-time crop and flip (drawn from the same generator) instead of a feature set.
 
     Args:
         split: a split from `load_raw_split`.
-        text: encodes captions, or with `text_input` STATES gives cached token states (`get(i, rng)`), as in
-            `PairDataset`.
+        text: encodes captions, or with `text_input` STATES gives cached token states (`get(i, rng)`).
         size: the backbone's input side.
         seed: base seed.
         text_input: what `text` gives: token ids or cached states.
@@ -126,26 +125,14 @@ class RawPairDataset(Dataset):
                  text_input: TextInput = TextInput.IDS) -> None:
         if not isinstance(split.features, RawImages):
             raise TypeError("RawPairDataset needs a split of raw images (load_raw_split)")
-        self.split = split
-        self.text = text
+        super().__init__(split, text, region_drop=0.0, seed=seed, text_input=text_input)
         self.size = size
-        self.seed = seed
-        self.text_input = TextInput(text_input)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.split.n_captions
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Return (image (3, size, size) uint8, token ids (T,) int64 or cached states (T, H) float32, i)."""
         rng = np.random.default_rng([self.seed, self.epoch, i])
         image = self.split.features.read(int(self.split.cap2img[i]), self.size, rng)
-        if self.text_input is TextInput.STATES:
-            return image, torch.from_numpy(self.text.get(i, rng)), i
-        return image, torch.tensor(self.text.encode(self.split.captions[i], rng), dtype=torch.int64), i
+        return image, self.caption(i, rng), i
 
 
 class RawImageDataset(Dataset):
