@@ -55,6 +55,29 @@ def prepare_openclipart_cli(
     typer.echo(str(path))
 
 
+@prepare_app.command("emoji")
+def prepare_emoji_cli(
+    out: OutDir = Path("data/emoji"),
+    cache: Annotated[Path | None, typer.Option(help="Download/unpack folder (default: $VSECTL_CACHE/emoji, "
+                                                    "else ~/.cache/vsectl/emoji)")] = None,
+    from_debs: Annotated[Path | None, typer.Option("--from-debs", help="Folder holding the fonts-noto-color-emoji, "
+                                                   "unicode-data and unicode-cldr-core .debs")] = None,
+    size: Annotated[int, typer.Option(help="PNG side in pixels")] = 224,
+    max_images: Annotated[int | None, typer.Option("--max-images", help="Keep at most N emoji")] = None,
+    min_test: Annotated[int, typer.Option("--min-test", help="Least number of test images")] = 400,
+    skin_tones: Annotated[bool, typer.Option("--skin-tones", help="Keep the skin-tone variants")] = False,
+    flags: Annotated[bool, typer.Option("--flags", help="Keep the country and region flags")] = False,
+    seed: Annotated[int, typer.Option(help="Split order seed")] = 0,
+) -> None:
+    """Build the emoji dataset: Noto Color Emoji pictures with Unicode CLDR English names and keywords."""
+    from vsectl.data.emoji import DEFAULT_EXCLUDE, EmojiRules, prepare_emoji
+
+    rules = EmojiRules(skin_tones=skin_tones, exclude_subgroups=() if flags else DEFAULT_EXCLUDE, split_seed=seed)
+    path = run_guarded(prepare_emoji, out, cache=cache, from_debs=from_debs, size=size, max_images=max_images,
+                       min_test=min_test, rules=rules, progress=_progress())
+    typer.echo(str(path))
+
+
 @prepare_app.command("karpathy")
 def prepare_karpathy_cli(
     json_path: Annotated[Path, typer.Option("--json", help="Karpathy dataset_*.json")],
