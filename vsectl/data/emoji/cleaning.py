@@ -64,8 +64,6 @@ def group_key(seq: str) -> str:
     kept = [SAME_PERSON.get(c, c) for c in seq if c not in SKIN_TONES | HAIR | GENDER_SIGNS and c not in (VS16, ZWJ)]
     if seq == "\U0001F46A" or (len(kept) >= 2 and set(kept) <= FAMILY_MEMBERS):
         return "family"
-    if len(kept) > 1 and kept[0] == PERSON and "\U0001F91D" not in kept and "\u2764" not in kept:
-        kept = kept[1:]  # "man cook" = person + cook: the role's object is the picture (🍳), gender aside
     return " ".join(f"{ord(c):X}" for c in kept) or seq
 
 

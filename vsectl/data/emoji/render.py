@@ -22,7 +22,10 @@ MISSING_PROBE = "\U000F0000"  # a private-use code point no emoji font maps: wha
 
 def load_font(path: str | Path, size: int = FONT_SIZE) -> ImageFont.FreeTypeFont:
     """The font with OpenType layout (libraqm), which forms the ZWJ sequences, flags and keycaps."""
-    from PIL import ImageFont, features
+    try:
+        from PIL import ImageFont, features
+    except ImportError:
+        raise DataError("drawing emoji needs Pillow; install the extra: pip install 'vsectl[images]'") from None
 
     if not features.check("raqm"):
         raise DataError("this Pillow has no libraqm layout, so emoji sequences cannot be drawn; install a Pillow "
