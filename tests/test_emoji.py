@@ -150,7 +150,9 @@ def test_captions_name_keywords_and_keywords_alone() -> None:
     assert em.build_captions("flashlight", ["electric", "light", "tool", "torch"], max_keywords=2) == [
         "Flashlight.", "Flashlight, with keywords electric and light.",
         "An emoji with keywords electric, light, tool and torch."]
-    assert em.build_captions("red heart", ["heart"]) == ["Red heart.", "An emoji with keywords heart."]
+    assert em.build_captions("red heart", ["heart", "love"]) == ["Red heart.", "Red heart, with keywords love.",
+                                                                 "An emoji with keywords heart and love."]
+    assert em.build_captions("kick scooter", ["kick", "scooter"]) == ["Kick scooter."]  # only the name's words
     assert em.build_captions("cook", ["cook"]) == ["Cook."]  # the only keyword is the name
     assert em.build_captions("candle", ["candle", "light"], keyword_caption=False) == [
         "Candle.", "Candle, with keywords light."]

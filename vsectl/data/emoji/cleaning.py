@@ -82,7 +82,8 @@ def build_captions(name: str, keywords: list[str], max_keywords: int = 3, keywor
     1. the CLDR name as a sentence: "Grinning face.";
     2. "<Name>, with keywords k1, k2 and k3." with up to `max_keywords` keywords that add a word to the name;
     3. when `keyword_caption`: "An emoji with keywords k1, k2, ..." with every keyword but the name itself (the only
-       caption that does not hold the name; dropped later if another emoji has the same one).
+       caption that does not hold the name), unless those keywords are only the name's words again ("kick
+       scooter": kick, scooter); dropped later if another emoji has the same one.
     """
     captions = [_sentence(name)]
     name_words = set(text_key(name).split())
@@ -90,7 +91,7 @@ def build_captions(name: str, keywords: list[str], max_keywords: int = 3, keywor
     if extra:
         captions.append(_sentence(f"{name}, with keywords {_join(extra[:max_keywords])}"))
     rest = [k for k in keywords if text_key(k) != text_key(name)]
-    if keyword_caption and rest:
+    if keyword_caption and rest and not set(text_key(" ".join(rest)).split()) <= name_words:
         captions.append(_sentence(f"an emoji with keywords {_join(rest)}"))
     return captions
 
