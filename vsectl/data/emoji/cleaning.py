@@ -108,9 +108,9 @@ def select_emoji(entries: list[EmojiEntry], names: dict[str, Annotation], rules:
         (kept items in emoji-test order, counts {"listed", "component", "not_fully_qualified", "excluded_subgroup",
         "skin_tone_variant", "no_cldr_name", "kept", "captions_ambiguous_dropped"}).
     """
-    counts = Counter({k: 0 for k in ("not_fully_qualified", "component", "excluded_subgroup", "skin_tone_variant",
-                                     "no_cldr_name")})
-    counts["listed"] = len(entries)
+    counts = Counter({"listed": len(entries), **{k: 0 for k in ("component", "not_fully_qualified",
+                                                                "excluded_subgroup", "skin_tone_variant",
+                                                                "no_cldr_name")}})
     items: list[EmojiItem] = []
     for e in entries:
         if e.group == "Component":
