@@ -1,7 +1,9 @@
-"""The sweep's figure: vector and PNG files, GPO as its own labelled cell or row, seed spread, no overlapping text."""
+"""Paper figures: the sweep's (PDF, SVG and PNG; GPO as its own labelled cell or row; the seed spread), and no
+overlapping text or font under 7 pt in it, in plot-weights' curves or in the planted benchmark's figure."""
 
 from __future__ import annotations
 
+import math
 import sys
 import xml.etree.ElementTree as ET
 
@@ -17,7 +19,9 @@ from vsectl.gridsearch.figures import (  # noqa: E402
 )
 from vsectl.gridsearch.report import write_results  # noqa: E402
 from vsectl.gridsearch.stats import summarise  # noqa: E402
-from vsectl.plots import paper_style  # noqa: E402
+from vsectl.patterns import pattern_weights  # noqa: E402
+from vsectl.planted_plot import plot_bench  # noqa: E402
+from vsectl.plots import WeightCurves, draw_weight_curves, paper_style  # noqa: E402
 
 FIXED = ["max (K=1)", "K=2", "K=5", "K=10", "K=20", "mean (K=N)"]
 LONG = [*FIXED, "gem", "gpo_transformer", "gpo_index_bigru"]
@@ -167,3 +171,47 @@ def test_write_results_lists_the_figures_and_skips_them_in_one_line_without_matp
     assert not list((tmp_path / "without").glob("rsum.*"))
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "vsectl[plot]" in warning and "\n" not in warning
+
+
+def test_weight_curves_have_no_overlapping_text(monkeypatch):
+    sizes = (2, 5, 9, 17, 30)
+    curves = {n: [(n - k) / (n * (n + 1) / 2) for k in range(n)] for n in sizes}  # linear, sums to 1
+    with paper_style():
+        fig = draw_weight_curves(WeightCurves("run", "best", curves={"image": {49: [1 / 49] * 49}, "text": curves},
+                                              pools={"image": "gpo", "text": "gpo"}))
+        texts = drawn_texts(fig, monkeypatch)
+    assert_no_overlap(texts)
+    assert min(size for _, _, size in texts) >= 7
+    assert "1/N: mean pooling" in {t for t, _, _ in texts}
+
+
+def planted_result(plantings: tuple[str, ...]) -> dict:
+    """The fields plot_bench reads, for 5 GPO seeds and one best fixed cell per planting."""
+    sizes = range(3, 65)
+    records, summaries = [], []
+    for p in plantings:
+        records.append({"planting": p, "cell": "img-mean", "label": "mean (K=N)", "gpo": False,
+                        "theta_rmse": {str(n): 0.05 + 0.02 * math.sin(n / 9) for n in sizes}})
+        for seed in range(5):
+            records.append({"planting": p, "cell": "img-gpo", "label": "gpo", "gpo": True,
+                            "theta_rmse": {str(n): 0.03 + 0.2 / n + 0.002 * seed for n in sizes},
+                            "theta": {str(n): pattern_weights(p, n).tolist() for n in (4, 20, 64)}})
+        summaries.append({"planting": p, "best_fixed_dev": "img-mean"})
+    return {"config": {"train_min_size": 8, "train_max_size": 32}, "plantings": summaries, "records": records}
+
+
+def test_planted_figure_is_vector_and_png_without_overlapping_text(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: (figures.append(self), real_savefig(self, *a, **kw)))
+    paths = plot_bench(planted_result(("M-4", "T-25%", "M-1", "A")), tmp_path / "planted")
+    assert [p.name for p in paths] == ["planted.pdf", "planted.svg", "planted.png"]
+    assert paths[0].read_bytes().startswith(b"%PDF")
+    ET.parse(paths[1])
+    monkeypatch.setattr(Figure, "savefig", real_savefig)
+    with paper_style():
+        texts = drawn_texts(figures[0], monkeypatch)
+    assert_no_overlap(texts)
+    assert min(size for _, _, size in texts) >= 7

@@ -88,6 +88,9 @@ def draw_branch_figure(rows: Sequence[dict], branch: str, records: Sequence[dict
     """
     best = best if best is not None else best_fixed_cell(rows)
     seeds = seed_values(records)
+    several = any(len(r["seeds"]) > 1 for r in rows)
+    if not several:  # one seed: the point is the mean, and there is no spread to draw
+        seeds = {}
     shown = [r for r in rows if not r["gpo"]]
     gpo = [r for r in rows if r["gpo"]]
     ys = list(range(len(shown))) + [len(shown) + 0.4 + i for i in range(len(gpo))]  # a gap above the GPO row
@@ -130,7 +133,8 @@ def draw_branch_figure(rows: Sequence[dict], branch: str, records: Sequence[dict
     other = next((b for b in BRANCH_WORDS if b != branch), "")
     ax.set_xlabel(f"rsum ({BRANCH_WORDS.get(other, other)} as in the recipe)")
     ax.grid(axis="x", alpha=0.3, lw=0.4)
-    handles = [Line2D([], [], color=FIXED_COLOR, marker="o", mfc="white", ms=4, lw=1.2, label="mean ± std"),
+    handles = [Line2D([], [], color=FIXED_COLOR, marker="o", mfc="white", ms=4, lw=1.2 if several else 0,
+                      label="mean ± std" if several else "rsum (1 seed)"),
                Line2D([], [], color=FIXED_COLOR, marker="o", ms=2.2, mew=0, ls="none", label="one seed"),
                Line2D([], [], color=BEST_COLOR, ls=":", lw=0.8, marker="o", mfc=FIXED_COLOR, mec=FIXED_COLOR, ms=4,
                       label="best fixed")]
@@ -234,7 +238,8 @@ def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: st
     ax.set_xlabel("text pooling")
     ax.set_ylabel("visual pooling")
     bar = fig.colorbar(mesh, ax=ax, location="bottom", shrink=0.8, aspect=30, pad=0.02)
-    bar.set_label("rsum (mean over seeds); outlined: best fixed")
+    several = any(len(r["seeds"]) > 1 for r in rows)
+    bar.set_label(f"rsum{' (mean over seeds)' if several else ''}; outlined: best fixed")
     bar.outline.set_linewidth(0.4)
     if title:
         fig.suptitle(title)
