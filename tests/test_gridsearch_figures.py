@@ -86,6 +86,7 @@ def test_figure_is_written_as_pdf_svg_and_png(tmp_path, branch):
     texts = ["".join(t.itertext()) for t in svg.iter(f"{SVG}text")]
     assert "GPO" in texts and "demo" in texts  # fonts stay text, so a paper's figure is searchable and editable
     assert len(list(svg.iter(f"{SVG}path"))) > 10
+    assert write_grid_figures([], branch, tmp_path / "empty") == []  # no results, no figure
 
 
 def test_heatmap_puts_gpo_in_its_own_row_and_column_on_the_same_scale():

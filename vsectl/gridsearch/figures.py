@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vsectl.gridsearch.stats import _fmt
 from vsectl.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
 
 FIGURE_STEM = "rsum"       # <out>/rsum.pdf, rsum.svg, rsum.png
@@ -53,10 +55,6 @@ def seed_values(records: Sequence[dict] | None) -> dict[str, list[float]]:
     return out
 
 
-def _fmt(mean: float, std: float | None, sep: str = " ") -> str:
-    return f"{mean:.1f}{sep}± {std:.1f}" if std is not None else f"{mean:.1f}"
-
-
 def _label(row: dict, branch: str) -> str:
     return SHORT_LABELS.get(row[branch], row[branch])
 
@@ -67,13 +65,43 @@ def matplotlib_rc(key: str) -> Any:
     return matplotlib.rcParams[key]
 
 
-def text_width(text: str, size: float) -> float:
+def text_width(text: str, size: float, bold: bool = False) -> float:
     """Width in inches of one line of text at `size` points in the default font (for sizing before drawing)."""
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextToPath
 
-    width, _, _ = TextToPath().get_text_width_height_descent(text, FontProperties(size=size), ismath=False)
+    font = FontProperties(size=size, weight="bold" if bold else "normal")
+    width, _, _ = TextToPath().get_text_width_height_descent(text, font, ismath=False)
     return width / 72
+
+
+def draw_rows(ax: Any, ys: Sequence[float], rows: Sequence[dict], seeds: dict[str, list[float]],
+              best: str | None) -> None:
+    """Per row: the ± std bar, the seeds as small points just below, the mean (GPO: a red diamond; best: filled)."""
+    for y, r in zip(ys, rows, strict=True):
+        color = GPO_COLOR if r["gpo"] else FIXED_COLOR
+        face = color if (r["gpo"] or r["cell"] == best) else "white"
+        if r["rsum_std"] is not None:
+            ax.errorbar([r["rsum_mean"]], [y], xerr=[r["rsum_std"]], fmt="none", ecolor=color, elinewidth=1.4,
+                        capsize=0, zorder=2)
+        values = seeds.get(r["cell"], [])
+        ax.plot(values, [y + SEED_OFFSET] * len(values), marker="o", ms=2.2, mew=0, color=color, alpha=0.8,
+                ls="none", zorder=3)
+        ax.plot([r["rsum_mean"]], [y], marker="D" if r["gpo"] else "o", ms=5, mfc=face, mec=color, mew=1.1,
+                ls="none", zorder=4)
+
+
+def branch_legend(fig: Any, several: bool, with_seeds: bool) -> None:
+    """The dot plot's key, below it: mean ± std and one seed (or the single run), and the best fixed line."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=FIXED_COLOR, marker="o", mfc="white", ms=4, lw=1.2 if several else 0,
+                      label="mean ± std" if several else "rsum (1 seed)")]
+    if with_seeds:
+        handles.append(Line2D([], [], color=FIXED_COLOR, marker="o", ms=2.2, mew=0, ls="none", label="one seed"))
+    handles.append(Line2D([], [], color=BEST_COLOR, ls=":", lw=0.8, marker="o", mfc=FIXED_COLOR, mec=FIXED_COLOR,
+                          ms=4, label="best fixed"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.6, columnspacing=1.0)
 
 
 def draw_branch_figure(rows: Sequence[dict], branch: str, records: Sequence[dict] | None = None,
@@ -97,20 +125,8 @@ def draw_branch_figure(rows: Sequence[dict], branch: str, records: Sequence[dict
     ordered = shown + gpo
     height = 0.95 + ROW_HEIGHT * (ys[-1] + 1 if ys else 1)
     fig = new_figure(figsize=(COLUMN_WIDTH, height), layout="constrained")
-    from matplotlib.lines import Line2D  # after new_figure, which names the extra when matplotlib is missing
-
     ax = fig.subplots()
-    for y, r in zip(ys, ordered, strict=True):
-        color = GPO_COLOR if r["gpo"] else FIXED_COLOR
-        marker = "D" if r["gpo"] else "o"
-        face = color if (r["gpo"] or r["cell"] == best) else "white"
-        if r["rsum_std"] is not None:
-            ax.errorbar([r["rsum_mean"]], [y], xerr=[r["rsum_std"]], fmt="none", ecolor=color, elinewidth=1.4,
-                        capsize=0, zorder=2)
-        values = seeds.get(r["cell"], [])
-        ax.plot(values, [y + SEED_OFFSET] * len(values), marker="o", ms=2.2, mew=0, color=color, alpha=0.8,
-                ls="none", zorder=3)
-        ax.plot([r["rsum_mean"]], [y], marker=marker, ms=5, mfc=face, mec=color, mew=1.1, ls="none", zorder=4)
+    draw_rows(ax, ys, ordered, seeds, best)
     fixed_best = next((r for r in shown if r["cell"] == best), None)
     if fixed_best is not None:
         ax.axvline(fixed_best["rsum_mean"], color=BEST_COLOR, ls=":", lw=0.8, zorder=1)
@@ -133,15 +149,7 @@ def draw_branch_figure(rows: Sequence[dict], branch: str, records: Sequence[dict
     other = next((b for b in BRANCH_WORDS if b != branch), "")
     ax.set_xlabel(f"rsum ({BRANCH_WORDS.get(other, other)} as in the recipe)")
     ax.grid(axis="x", alpha=0.3, lw=0.4)
-    handles = [Line2D([], [], color=FIXED_COLOR, marker="o", mfc="white", ms=4, lw=1.2 if several else 0,
-                      label="mean ± std" if several else "rsum (1 seed)"),
-               Line2D([], [], color=FIXED_COLOR, marker="o", ms=2.2, mew=0, ls="none", label="one seed"),
-               Line2D([], [], color=BEST_COLOR, ls=":", lw=0.8, marker="o", mfc=FIXED_COLOR, mec=FIXED_COLOR, ms=4,
-                      label="best fixed")]
-    if not seeds:
-        handles.pop(1)
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.6,
-               columnspacing=1.0)
+    branch_legend(fig, several, with_seeds=bool(seeds))
     if title:
         fig.suptitle(title)
     return fig
@@ -153,6 +161,11 @@ def _spread_values(rows: Sequence[dict], seeds: dict[str, list[float]]) -> list[
         std = r["rsum_std"] or 0.0
         values += [r["rsum_mean"] - std, r["rsum_mean"] + std, *seeds.get(r["cell"], [])]
     return values
+
+
+def cell_text(row: dict) -> str:
+    """A heatmap cell's annotation: the mean over the ± std, on two lines."""
+    return _fmt(row["rsum_mean"], row["rsum_std"]).replace(" ± ", "\n± ")
 
 
 def grid_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], list[list[dict | None]]]:
@@ -173,6 +186,50 @@ def grid_matrix(rows: Sequence[dict]) -> tuple[list[str], list[str], list[list[d
     return images, texts, cells
 
 
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """Inches of a heatmap figure, measured from its labels and numbers before anything is drawn."""
+
+    width: float
+    height: float
+    cell: float
+    upright: bool  # column labels fit side by side; else they stand on end
+
+
+def heatmap_layout(x_labels: Sequence[str], y_labels: Sequence[str], numbers: Sequence[str]) -> HeatmapLayout:
+    """Cells as wide as the column allows (at most MAX_CELL) but never narrower than their widest number."""
+    tick_size = float(matplotlib_rc("xtick.labelsize"))
+    widest = max((text_width(part, CELL_FONT, bold=True) for text in numbers for part in text.split("\n")),
+                 default=0.3)
+    left = 0.3 + max(text_width(t, tick_size) for t in y_labels)  # axis label + tick labels
+    cell = min(MAX_CELL, max(widest + CELL_PAD, (COLUMN_WIDTH - left - 0.05) / len(x_labels)))
+    label_width = max(text_width(t, tick_size) for t in x_labels)
+    upright = label_width + 0.04 < cell
+    bottom = 0.2 + (0.12 if upright else label_width) + 0.65  # tick labels, axis label, colour bar and its label
+    return HeatmapLayout(width=left + cell * len(x_labels) + 0.05, height=0.3 + 0.85 * cell * len(y_labels) + bottom,
+                         cell=cell, upright=upright)
+
+
+def annotate_cells(ax: Any, cells: list[list[dict | None]], cmap: Any, norm: Any, best: str | None,
+                   blank_last: bool) -> None:
+    """"mean ± std" in every cell (ink by the cell's brightness), "n/a" in a grid cell not run, the best outlined."""
+    from matplotlib.patches import Rectangle
+
+    for y, line in enumerate(cells):
+        for x, c in enumerate(line):
+            if c is None:
+                if not (blank_last and (y == len(cells) - 1 or x == len(line) - 1)):
+                    ax.text(x, y, "n/a", ha="center", va="center", fontsize=CELL_FONT, color="0.5")
+                continue
+            r, g, b, _ = cmap(norm(c["rsum_mean"]))
+            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            ax.text(x, y, cell_text(c), ha="center", va="center", fontsize=CELL_FONT, color=ink, linespacing=1.0,
+                    fontweight="bold" if c["gpo"] or c["cell"] == best else "normal")
+            if c["cell"] == best:
+                ax.add_patch(Rectangle((x - 0.45, y - 0.45), 0.9, 0.9, fill=False, edgecolor=BEST_COLOR,
+                                       linewidth=1.5, clip_on=False))
+
+
 def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: str = "") -> Any:
     """Both branches: visual (rows) × text (columns) mean rsum, "mean ± std" in each cell, GPO × GPO in the corner.
 
@@ -186,19 +243,11 @@ def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: st
     fig = new_figure(layout="constrained")  # names the extra when matplotlib is missing; sized below
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
-    from matplotlib.patches import Rectangle
 
     x_labels = [SHORT_LABELS.get(t, t) for t in texts]
     y_labels = [SHORT_LABELS.get(i, i) for i in images]
-    tick_size = float(matplotlib_rc("xtick.labelsize"))
-    numbers = [_fmt(c["rsum_mean"], c["rsum_std"]).split(" ± ") for line in cells for c in line if c]
-    widest = max((text_width(p, CELL_FONT) for pair in numbers for p in pair), default=0.3)
-    left = 0.3 + max(text_width(t, tick_size) for t in y_labels)  # axis label + tick labels
-    cell = min(MAX_CELL, max(widest + CELL_PAD, (COLUMN_WIDTH - left - 0.05) / len(texts)))
-    label_width = max(text_width(t, tick_size) for t in x_labels)
-    upright = label_width + 0.04 < cell
-    bottom = 0.2 + (0.12 if upright else label_width) + 0.65  # tick labels, axis label, colour bar and its label
-    fig.set_size_inches(left + cell * len(texts) + 0.05, 0.3 + 0.85 * cell * len(images) + bottom)
+    layout = heatmap_layout(x_labels, y_labels, [cell_text(c) for line in cells for c in line if c])
+    fig.set_size_inches(layout.width, layout.height)
     ax = fig.subplots()
     matrix = np.array([[c["rsum_mean"] if c else math.nan for c in line] for line in cells], dtype=float)
     finite = matrix[np.isfinite(matrix)]
@@ -209,25 +258,13 @@ def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: st
                          rasterized=False)  # vector cells: a viewer never blurs them as it may an embedded image
     ax.set_xlim(edges_x[0], edges_x[-1])
     ax.set_ylim(edges_y[-1], edges_y[0])  # first row on top
-    for y, line in enumerate(cells):
-        for x, c in enumerate(line):
-            if c is None:
-                if not (has_gpo and (y == len(images) - 1 or x == len(texts) - 1)):
-                    ax.text(x, y, "n/a", ha="center", va="center", fontsize=CELL_FONT, color="0.5")
-                continue
-            r, g, b, _ = cmap(norm(c["rsum_mean"]))
-            ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-            ax.text(x, y, _fmt(c["rsum_mean"], c["rsum_std"], sep="\n"), ha="center", va="center",
-                    fontsize=CELL_FONT, color=ink, linespacing=1.0,
-                    fontweight="bold" if c["gpo"] or c["cell"] == best else "normal")
-            if c["cell"] == best:
-                ax.add_patch(Rectangle((x - 0.45, y - 0.45), 0.9, 0.9, fill=False, edgecolor=BEST_COLOR,
-                                       linewidth=1.5, clip_on=False))
+    annotate_cells(ax, cells, cmap, norm, best, blank_last=has_gpo)
     if has_gpo:  # white gaps set GPO's row and column apart from the fixed grid
         ax.axhline(len(images) - 1.5, color="white", lw=3)
         ax.axvline(len(texts) - 1.5, color="white", lw=3)
-    ax.set_xticks(range(len(texts)), x_labels)
-    if not upright:  # long pooler names stand on end, ending at their column
+    if layout.upright:
+        ax.set_xticks(range(len(texts)), x_labels)
+    else:  # long pooler names stand on end, ending at their column
         ax.set_xticks(range(len(texts)), x_labels, rotation=90, ha="right", va="center", rotation_mode="anchor")
     ax.set_yticks(range(len(images)), y_labels)
     ax.tick_params(length=0)
@@ -258,9 +295,14 @@ def write_grid_figures(rows: Sequence[dict], branch: str, out_dir: str | Path, r
                        best: str | None = None, title: str = "") -> list[Path]:
     """Draw the sweep's figure once and write `<out_dir>/rsum.pdf`, `rsum.svg` and `rsum.png` (atomically).
 
+    Returns:
+        the paths written; none for a sweep without results.
+
     Raises:
         MissingExtraError: matplotlib is not installed.
     """
+    if not rows:
+        return []
     out = Path(out_dir)
     with paper_style():
         fig = draw_grid_figure(rows, branch, records=records, best=best, title=title)
