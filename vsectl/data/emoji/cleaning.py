@@ -27,7 +27,7 @@ SAME_SCENE = {"\U0001F48F": PERSON + "\u2764\U0001F48B" + PERSON, "\U0001F491": 
               "\U0001F46B": PERSON + "\U0001F91D" + PERSON, "\U0001F46C": PERSON + "\U0001F91D" + PERSON,
               "\U0001F46D": PERSON + "\U0001F91D" + PERSON}
 FAMILY_MEMBERS = frozenset({PERSON, CHILD, "\U0001F476"})
-DEFAULT_EXCLUDE = ("country-flag", "subdivision-flag")  # ~270 flags named only by a country or region
+DEFAULT_EXCLUDE = ("country-flag", "subdivision-flag")  # 261 flags (Emoji 15.0) named only by a country or region
 
 
 @dataclass
