@@ -4,9 +4,9 @@ Extends bench_training.py (its Trainer, batches and pool swaps) at the paper's s
 p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 1024, batch 128, hardest negatives.
 
 - baseline: today's code before this work: packed BiGRU text, packed GPO generator, for-loop AdamW;
-- new: the text BiGRU on the path `Precision.dense_rnn` picks (dense two passes under bf16 on a CPU, packed at
-  fp32), the GPO generator's forward direction once, fused AdamW; at fp32 and at bf16; and fp32 with the dense
-  text BiGRU forced, to show what that choice is based on;
+- new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the GPO
+  generator's forward direction once, fused AdamW; at fp32 and at bf16; and the same with the text BiGRU on the
+  other paths (packed, dense), to show what that choice is based on;
 - new with both GPOs replaced by a zero-cost pool (the GPO share of the new fp32 step, by ablation);
 - MiniLM-shaped (and optionally BERT-base-shaped) text step: baseline fp32 vs new fp32 vs new bf16;
 - the AdamW step alone, for-loop vs fused, over the BiGRU model's parameters.
@@ -46,7 +46,7 @@ from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_ta
 
 from vsectl.config import load_recipe
 from vsectl.models.gpo import GPO
-from vsectl.models.rnn import packed_bigru, set_dense
+from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw
 from vsectl.runtime import Precision
@@ -67,7 +67,7 @@ class PackedGPO(GPO):
 
 def as_baseline(model: VSEModel) -> VSEModel:
     """Put `model` on today's paths: packed text BiGRU (when it has one) and packed GPO generators."""
-    set_dense(model, False)
+    set_rnn_path(model, "packed")
     for enc in (model.image, model.text):
         if type(enc.pool) is GPO:
             ref = PackedGPO(enc.pool.d_pe, enc.pool.d_hidden, enc.pool.temperature)
@@ -128,18 +128,20 @@ def bigru_steps(batch: int, reps: int, device: torch.device) -> dict[str, Any]:
     cfg = bigru_config(batch)
     batches = make_batches(1, batch, SEED, tokens=CAPTION_TOKENS, vocab=(4, VOCAB))
     warm = make_batches(1, WARM_BATCH, SEED + 3, tokens=CAPTION_TOKENS, vocab=(4, VOCAB))
-    variants = {  # name: (precision, pool, baseline paths, fused AdamW, dense text BiGRU)
-        "baseline_fp32": ("fp32", "gpo", True, False, False),
-        "new_fp32": ("fp32", "gpo", False, True, Precision("fp32", device).dense_rnn),
-        "new_fp32_dense": ("fp32", "gpo", False, True, True),
-        "new_bf16": ("bf16", "gpo", False, True, Precision("bf16", device).dense_rnn),
-        "new_fp32_zero_pool": ("fp32", "zero", False, True, Precision("fp32", device).dense_rnn),
-        "baseline_bf16": ("bf16", "gpo", True, False, False),
+    fp32_path, bf16_path = Precision("fp32", device).rnn_path, Precision("bf16", device).rnn_path
+    variants = {  # name: (precision, pool, baseline paths, fused AdamW, text BiGRU path)
+        "baseline_fp32": ("fp32", "gpo", True, False, "packed"),
+        "new_fp32": ("fp32", "gpo", False, True, fp32_path),
+        "new_fp32_packed": ("fp32", "gpo", False, True, "packed"),
+        "new_fp32_dense": ("fp32", "gpo", False, True, "dense"),
+        "new_bf16": ("bf16", "gpo", False, True, bf16_path),
+        "new_bf16_dense": ("bf16", "gpo", False, True, "dense"),
+        "new_fp32_zero_pool": ("fp32", "zero", False, True, fp32_path),
     }
     trainers = {}
-    for name, (precision, pool, baseline, fused, dense) in variants.items():
+    for name, (precision, pool, baseline, fused, path) in variants.items():
         model = build_bigru(cfg, pool)
-        set_dense(model, dense)
+        set_rnn_path(model, path)
         if baseline:
             as_baseline(model)
         trainers[name] = with_optimizer(Trainer(cfg, model, batches, precision, device,
