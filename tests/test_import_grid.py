@@ -200,7 +200,7 @@ def test_every_official_grid_key_is_placed_or_dropped_for_a_stated_reason(grid_r
     assert placed == set(ours)                                           # and the model has nothing unexplained
     assert len(raw) == len(_official_layout()) == len(placed) + len(dropped)
     assert sum(k.startswith(("backbone.base.", "backbone.top.")) for k in dropped) == 624
-    assert record["image_side"].startswith("grid (detector")
+    assert record["image_side"] == "grid (detector)"
 
 
 def test_the_imported_head_on_a_fixed_feature_map_equals_the_slow_reference(grid_run, monkeypatch) -> None:

@@ -325,8 +325,7 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
         "source": {"path": str(source.resolve()), "sha256": sha256_file(source), "bytes": source.stat().st_size,
                    "format": "official VSE∞ checkpoint (woodfrog/vse_infty model_best.pth)"},
         "text_branch": ckpt.branch,
-        "image_side": f"grid ({cfg.model.image.backbone.name} backbone, {BACKBONE_FILE})" if backbone is not None
-        else "region",
+        "image_side": f"grid ({cfg.model.image.backbone.name})" if backbone is not None else "region",
         "official": {"epoch": ckpt.epoch, "best_rsum": ckpt.best_rsum, "Eiters": ckpt.eiters},
         **text_info,
         "opt": opt_record(ckpt.opt, ckpt.branch),
