@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vsectl.errors import ConfigError
+from vsectl.logs import setup_logging  # noqa: F401  (re-exported: the CLI installs logging without importing torch)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -254,24 +255,6 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
     except OSError:
         pass
     return info
-
-
-def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = None) -> None:
-    """Install one rich handler on stderr. Called once, by the CLI.
-
-    Args:
-        console: the rich console that also draws the progress bars; logging through it prints each line above a
-            live bar instead of into it. A new stderr console when None.
-    """
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console or Console(stderr=True), show_path=False, show_time=False, markup=False)
-    root = logging.getLogger("vsectl")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 # ----------------------------------------------------------------------------------------------------------------------
