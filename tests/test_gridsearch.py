@@ -180,6 +180,11 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     own = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test.json").read_text())
     assert by_cell["img-max"]["metrics"] == own["metrics"]
     assert by_cell["img-max"]["split"] == "test" and by_cell["img-max"]["n_images"] == 30
+    run = out / "runs" / "img-max-s0"  # the dev rsum read back is the evaluated (best) checkpoint's
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    state = json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert by_cell["img-max"]["dev_best_rsum"] == state["best_rsum"] == max(v["rsum"] for v in vals
+                                                                            if v.get("kind") == "val")
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert float(rows[0]["rsum"]) == pytest.approx(own["metrics"]["rsum"])
     table = (out / "results.md").read_text()

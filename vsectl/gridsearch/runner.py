@@ -147,27 +147,42 @@ def run_sweep(
     return [read_record(cell, runs_root / cell.name, protocol, split) for cell in cells]
 
 
-def _best_dev_rsum(run_dir: Path) -> float | None:
+def best_dev(run_dir: Path) -> tuple[float | None, int | None]:
+    """The dev rsum (and epoch) of the run's best checkpoint: the one that was evaluated.
+
+    Read from checkpoints/best/trainer_state.json, which `train()` writes with the checkpoint it selected by that
+    rsum; a run without it (an older layout) falls back to the last validation record flagged best in metrics.jsonl
+    (a resumed run's metrics.jsonl has no records past its checkpoint, so that is the same epoch).
+    """
+    state = run_dir / "checkpoints" / "best" / "trainer_state.json"
+    if state.is_file():
+        try:
+            saved = json.loads(state.read_text())
+            return float(saved["best_rsum"]), int(saved["best_epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("%s is unreadable; reading the best dev rsum from metrics.jsonl", state)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return None
-    vals = []
+        return None, None
+    best: tuple[float | None, int | None] = (None, None)
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("kind") == "val" and "rsum" in rec:
-            vals.append(rec["rsum"])
-    return max(vals) if vals else None
+        if rec.get("kind") == "val" and rec.get("best") and "rsum" in rec:
+            best = float(rec["rsum"]), rec.get("epoch")
+    return best
 
 
 def read_record(cell: Cell, run_dir: Path, protocol: str, split: str) -> dict:
-    """One cell's result, read from the run's own files: eval/<protocol>-<split>.json and metrics.jsonl."""
+    """One cell's result, read from the run's own files: eval/<protocol>-<split>.json and the best checkpoint's dev
+    rsum (`best_dev`)."""
     result = json.loads(eval_path(run_dir, protocol, split).read_text())
+    dev_rsum, dev_epoch = best_dev(run_dir)
     return {
         "cell": cell.key, "seed": cell.seed, "run": str(run_dir), "gpo": cell.gpo, "fixed": cell.fixed,
         "image": cell.image.label if cell.image else "recipe", "text": cell.text.label if cell.text else "recipe",
         "split": result.get("split"), "n_images": result.get("n_images"), "metrics": result["metrics"],
-        "dev_best_rsum": _best_dev_rsum(run_dir),
+        "dev_best_rsum": dev_rsum, "dev_best_epoch": dev_epoch,
     }
