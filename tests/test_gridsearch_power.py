@@ -126,3 +126,10 @@ def test_the_shipped_demo_grid_is_five_seeds_of_max_and_mean_on_both_branches_an
     assert spec.seeds == (0, 1, 2, 3, 4) and len(cells) == 25
     assert sorted({c.key for c in cells}) == ["img-gpo__txt-gpo", "img-max__txt-max", "img-max__txt-mean",
                                               "img-mean__txt-max", "img-mean__txt-mean"]
+
+
+def test_a_gpo_only_grid_has_no_empty_matrix():
+    recs = [record("img-gpo__txt-gpo", s, 140.0 + s, 200.0, gpo=True) for s in range(3)]
+    md = results_markdown(summarise(recs), verdict(recs), "both",
+                          {"recipe": "r.yaml", "protocol": "f30k", "split": "test", "seeds": [0, 1, 2]})
+    assert "visual pooling (rows)" not in md and "no fixed-pooling cell" in md

@@ -51,7 +51,7 @@ def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict
              f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}), mean ± std over seeds "
              f"{', '.join(map(str, meta.get('seeds', [])))}; dev rsum is each run's best-checkpoint validation rsum "
              "(the checkpoint evaluated).", ""]
-    if branch == "both":
+    if branch == "both" and any(not r["gpo"] for r in rows):  # a GPO-only grid has no matrix
         images = list(dict.fromkeys(r["image"] for r in rows if not r["gpo"]))
         texts = list(dict.fromkeys(r["text"] for r in rows if not r["gpo"]))
         cell = {(r["image"], r["text"]): _fmt(r["rsum_mean"], r["rsum_std"]) for r in rows if not r["gpo"]}
