@@ -276,7 +276,7 @@ def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: st
     ax.set_ylabel("visual pooling")
     bar = fig.colorbar(mesh, ax=ax, location="bottom", shrink=0.8, aspect=30, pad=0.02)
     several = any(len(r["seeds"]) > 1 for r in rows)
-    bar.set_label(f"rsum{' (mean over seeds)' if several else ''}; outlined: best fixed (chosen on dev)")
+    bar.set_label(f"rsum{' (mean over seeds)' if several else ''}; outlined: best fixed on dev")
     bar.outline.set_linewidth(0.4)
     if title:
         fig.suptitle(title)
