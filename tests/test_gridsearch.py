@@ -212,6 +212,18 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     assert result.exit_code == 2 and "another configuration" in result.stderr  # no mixing of old and new runs
     assert count_train == []
 
+    # another tie rule: every finished cell is evaluated again under it, nothing is trained again
+    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "expected"])
+    assert result.exit_code == 0, result.output
+    assert sorted(name for name, _ in count_train) == ["img-gpo-s0", "img-max-s0"]  # resumed: already complete
+    assert finished.stat().st_mtime_ns == mtime
+    expected = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test-expected.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["tie_rule"] == "expected" and "ties expected" in (out / "results.md").read_text()
+    assert {r["cell"]: r["metrics"] for r in results["records"]}["img-max"] == expected["metrics"]
+    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "random"])
+    assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr
+
 
 def test_default_recipe_and_toy_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -48,7 +48,8 @@ def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict
     dev-selected best fixed cell, the verdict."""
     split = meta.get("split")
     lines = [f"# Pooling grid search: {meta.get('recipe', '')}", "",
-             f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}), mean ± std over seeds "
+             f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}, ties "
+             f"{meta.get('tie_rule') or 'optimistic'}), mean ± std over seeds "
              f"{', '.join(map(str, meta.get('seeds', [])))}; dev rsum is each run's best-checkpoint validation rsum "
              "(the checkpoint evaluated).", ""]
     if branch == "both" and any(not r["gpo"] for r in rows):  # a GPO-only grid has no matrix
