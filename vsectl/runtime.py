@@ -80,10 +80,15 @@ class Precision:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
     @property
+    def rnn_path(self) -> str:
+        """The BiGRU text encoder's path (vsectl.models.rnn): stepped on a CPU, where it measured faster than packed
+        and dense at fp32 and bf16 (BENCHMARKS.md, "CPU training speed"); packed elsewhere (cuDNN on CUDA)."""
+        return "stepped" if self.device.type == "cpu" else "packed"
+
+    @property
     def dense_rnn(self) -> bool:
-        """Run BiGRUs as two dense passes (vsectl.models.rnn): on a CPU under bf16, where it measured faster or equal;
-        packed at fp32 on a CPU (measured faster there) and on CUDA (cuDNN)."""
-        return self.device.type == "cpu" and self.name == "bf16"
+        """Whether the BiGRU leaves the packed path (`set_dense`'s yes/no form of `rnn_path`)."""
+        return self.rnn_path != "packed"
 
     def describe(self) -> dict[str, str]:
         """What env.json records: the precision used, what was asked, and why."""
