@@ -147,13 +147,15 @@ def announce_length(cfg: RunConfig, length: RunLength) -> None:
     Runs shortened on purpose (`train.max_steps_per_epoch` > 0: smoke runs, `--quick` sweeps) are not warned about:
     they say so themselves. `train.min_steps_warning: 0` silences the warning.
     """
+    epochs = f"{length.epochs} epoch{'s' if length.epochs != 1 else ''} of {length.steps_per_epoch} steps"
     if length.unit == "steps":
-        log.info("train.steps=%d: %d epochs of %d steps = %d optimizer steps; LR decay from epoch %d",
-                 cfg.train.steps, length.epochs, length.steps_per_epoch, length.steps, length.lr_decay_epoch)
+        decay = f"LR decay from epoch {length.lr_decay_epoch}" if length.lr_decay_epoch < length.epochs \
+            else "no LR decay"
+        log.info("train.steps=%d: %s = %d optimizer steps; %s", cfg.train.steps, epochs, length.steps, decay)
     if cfg.train.max_steps_per_epoch == 0 and length.steps < cfg.train.min_steps_warning:
-        log.warning("this run makes only %d optimizer steps (%d epochs of %d), fewer than %d: the model will be "
-                    "undertrained; raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps,
-                    length.epochs, length.steps_per_epoch, cfg.train.min_steps_warning, cfg.train.min_steps_warning)
+        log.warning("this run makes only %d optimizer steps (%s), fewer than %d: the model will be undertrained; "
+                    "raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps, epochs,
+                    cfg.train.min_steps_warning, cfg.train.min_steps_warning)
 
 
 def train_one_epoch(
