@@ -108,3 +108,19 @@ def test_a_step_budget_trains_whole_epochs_records_them_and_extends_on_resume(to
     assert [v["epoch"] for v in vals] == [0, 1, 2] and vals[-1]["global_step"] == math.ceil(40 / per_epoch) * per_epoch
     assert json.loads((run / "env.json").read_text())["run_length"]["epochs"] == 3
     assert config_from_yaml((run / "config.yaml").read_text()) == longer
+
+
+def test_a_run_that_builds_its_text_cache_trains_like_one_that_finds_it_ready(toy_root, tiny_bert_dir, tmp_path):
+    """Same seed, same numbers, whether the shared token-state cache had to be built first or was already there."""
+    overrides = [f"data.root={toy_root}", "train.deterministic=true", "train.precision=fp32", "train.epochs=1",
+                 "model.image.encoder=grid",  # its size augmentation draws from the global RNG, on the device
+                 "train.max_steps_per_epoch=3", "model.text.encoder=transformers",
+                 f"model.text.pretrained={tiny_bert_dir}", "model.text.freeze_body=true",
+                 "model.text.cache_states=true"]
+    shared = tmp_path / "cache"
+    runs = [train(load_recipe(TINY, [*overrides, f"name={name}"]), tmp_path, device="cpu", text_cache_dir=shared)
+            for name in ("builds", "reuses")]
+    records = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in runs]
+    strip = ("pairs_per_s", "data_time")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in records[0]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in records[1]]

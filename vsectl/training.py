@@ -268,9 +268,12 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     out = {}
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
-            for name, split in splits.items():
-                out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
-                                              identity, batch_size=cfg.data.batch_size, progress=progress)
+            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
+            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                for name, split in splits.items():
+                    out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
+                                                  identity, batch_size=cfg.data.batch_size, progress=progress)
         dist.barrier()
     return out
 
