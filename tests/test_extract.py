@@ -362,3 +362,15 @@ def test_video_options_are_checked() -> None:
                             ({"frame_pool": "median"}, "frame pooling")):
         with pytest.raises(ConfigError, match=message):
             VideoSampling(**kwargs)
+
+
+@pytest.mark.parametrize("units", [[], ["avx512_bf16"]])
+def test_bf16_extraction_warns_only_where_bf16_is_emulated(raw: Path, tiny: TinyBackbone, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, caplog, units) -> None:
+    import vsectl.extract.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "cpu_bf16_units", lambda: units)  # the probe training's precision choice uses
+    with caplog.at_level("WARNING", logger="vsectl"):
+        run(tiny, raw, tmp_path / "out", precision="bf16", limit=2)
+    warned = [r.message for r in caplog.records if "emulated" in r.message]
+    assert len(warned) == (0 if units else 1)

@@ -170,9 +170,9 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     assert count_train == [("img-max-s0", False), ("img-gpo-s0", False)]
-    for name in ("results.json", "results.csv", "results.md", "heatmap.png"):
+    for name in ("results.json", "results.csv", "results.md", "rsum.pdf", "rsum.svg", "rsum.png"):
         assert (out / name).is_file(), name
-    with Image.open(out / "heatmap.png") as image:
+    with Image.open(out / "rsum.png") as image:
         assert image.size[0] > 200
 
     results = json.loads((out / "results.json").read_text())

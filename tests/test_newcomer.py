@@ -430,3 +430,20 @@ def test_eval_records_the_tie_rule_and_tie_counts(done: Path, tmp_path: Path) ->
     assert (run / "eval" / "f30k-test.json").is_file()  # the default rule's result is kept beside it
     result = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--ties", "random"])
     assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr
+
+
+def test_a_bad_recipe_fails_in_one_line_before_torch_is_imported(tmp_path: Path) -> None:
+    """The CLI and the recipe check import no torch, so a typo in a recipe path or key fails in under a second."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntrain: {epochz: 2}\n")
+    probe = ("import sys\nfrom vsectl.cli import app\n"
+             "for argv in (['train', 'missing.yaml'], ['train', sys.argv[1]]):\n"
+             "    try:\n        app(argv)\n    except SystemExit as e:\n        assert e.code == 2, e.code\n"
+             "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and "missing.yaml" in lines[0] and "epochz" in lines[1], lines

@@ -152,6 +152,7 @@ def test_quick_benchmark_writes_its_results_and_resumes(tmp_path):
     assert set(gpo["rsum"]) == {"seen", "smaller", "larger"} and len(gpo["theta_rmse"]) == 64 - 3 + 1
     assert "| M-4 | GPO |" in (out / "results.md").read_text()
     assert (out / "planted.pdf").read_bytes().startswith(b"%PDF") and (out / "planted.png").is_file()
+    assert (out / "planted.svg").read_bytes().startswith(b"<?xml")
     mtime = (out / "grid" / "M-4" / "runs" / "img-gpo-s0" / "metrics.jsonl").stat().st_mtime
     again = runner.invoke(app, ["bench-pooling", "--quick", "--out", str(out)])
     assert again.exit_code == 0, again.output

@@ -32,7 +32,7 @@ def gpo_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_run(toy_root, tmp_path_factory.mktemp("runs"), "gpo")
 
 
-def test_plot_weights_writes_png_pdf_and_curves_that_sum_to_one(gpo_run, tmp_path):
+def test_plot_weights_writes_png_pdf_svg_and_curves_that_sum_to_one(gpo_run, tmp_path):
     from PIL import Image
 
     out = tmp_path / "plots"
@@ -43,6 +43,7 @@ def test_plot_weights_writes_png_pdf_and_curves_that_sum_to_one(gpo_run, tmp_pat
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 200
     assert (out / "weights.pdf").read_bytes().startswith(b"%PDF")
+    assert (out / "weights.svg").read_bytes().startswith(b"<?xml")
     curves = json.loads((out / "weights.json").read_text())
     assert sorted(curves) == ["image", "text"]
     for per_n in curves.values():
@@ -99,7 +100,14 @@ def test_log_axis_keeps_small_weights_visible_beside_a_two_element_set():
     ax = draw_weight_curves(_curves()).axes[0]
     assert ax.get_yscale() == "log"
     low, high = ax.get_ylim()
-    assert low < 0.05 / 10 and high >= 0.7
+    assert low < 0.05 and high >= 0.7  # every weight is on the axis
+    assert low > 0.05 / 10  # but no decade of empty axis below the smallest one
+
+
+def test_log_axis_clips_a_near_zero_weight_two_decades_below_the_smallest_mean_weight():
+    curves = WeightCurves("run", "best", curves={"image": {4: [0.97, 0.02, 0.01, 1e-9]}}, pools={"image": "gpo"})
+    low, _ = draw_weight_curves(curves).axes[0].get_ylim()
+    assert low == pytest.approx(0.01 * 0.25)
 
 
 def test_bad_sizes_are_one_line_errors(gpo_run):

@@ -59,9 +59,9 @@ def test_text_encoder_dense_equals_packed_with_the_same_state_dict() -> None:
     tokens = torch.randint(1, 30, (5, 9))
     lengths = torch.tensor([9, 4, 1, 6, 9])
     results = []
-    for dense in (True, False):
+    for path in ("dense", "packed"):
         enc.zero_grad()
-        enc.dense_rnn = dense
+        enc.rnn_path = path
         emb, weights = enc(tokens, lengths)
         (emb * torch.arange(6.0)).sum().backward()
         results.append((emb.detach(), weights.detach(), {n: p.grad.clone() for n, p in enc.named_parameters()}))
@@ -226,7 +226,7 @@ def test_dense_rnn_is_decided_by_the_precision_and_set_on_the_model() -> None:
     from vsectl.runtime import Precision
 
     cpu = torch.device("cpu")
-    assert Precision("bf16", cpu).dense_rnn and not Precision("fp32", cpu).dense_rnn
+    assert Precision("bf16", cpu).dense_rnn and Precision("fp32", cpu).dense_rnn
     model = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
     set_dense(model, True)
-    assert model["text"].dense_rnn is True
+    assert model["text"].rnn_path == "stepped"

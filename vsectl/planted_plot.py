@@ -1,6 +1,6 @@
 """The planted-pooling benchmark's figure: θ RMSE against N (GPO vs the best fixed K) and GPO's θ against the planted θ.
 
-Sized for a two-column paper (7 in wide, 8 pt text); written as PDF (vector) and PNG.
+Sized for the page width of a two-column paper (7 in wide, 7-8 pt text); written as PDF and SVG (vector) and PNG.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ import statistics
 from pathlib import Path
 
 from vsectl.patterns import pattern_weights
-from vsectl.plots import new_figure, paper_style, save_figure
+from vsectl.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
 
 SIZES_COLORS = ("C0", "C1", "C2")
 
 
 def plot_bench(result: dict, stem: Path) -> list[Path]:
-    """Draw one column per planting and write `<stem>.pdf` and `<stem>.png`. Returns the two paths."""
+    """Draw one column per planting and write `<stem>.pdf`, `<stem>.svg` and `<stem>.png`. Returns the paths."""
     cfg = result["config"]
     plantings = result["plantings"]
     with paper_style():
@@ -33,7 +33,8 @@ def plot_bench(result: dict, stem: Path) -> list[Path]:
             hi = [max(v) for v in zip(*per_seed, strict=True)]
             ax.axvspan(cfg["train_min_size"], cfg["train_max_size"], color="0.9", lw=0, label="training sizes")
             ax.fill_between(sizes, lo, hi, color="C3", alpha=0.25, lw=0)
-            ax.plot(sizes, mean, color="C3", label=f"GPO (mean and range over {len(gpo)} seeds)")
+            seeds = f"{len(gpo)} seeds" if len(gpo) > 1 else "1 seed"
+            ax.plot(sizes, mean, color="C3", label=f"GPO (mean and range over {seeds})")
             ax.plot(sizes, [best["theta_rmse"][str(n)] for n in sizes], color="k", ls="--",
                     label="best fixed K (dev)")
             ax.set_title(f"planted {summary['planting']}\nbest fixed (dev): {best['label']}")
@@ -53,7 +54,7 @@ def plot_bench(result: dict, stem: Path) -> list[Path]:
                 ax.set_ylabel("θ_k (dotted: planted)")
         handles = axes[0][0].get_legend_handles_labels()[0] + axes[1][0].get_legend_handles_labels()[0]
         fig.legend(handles=handles, loc="outside lower center", ncol=3)
-        paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+        paths = [stem.with_suffix(f".{fmt}") for fmt in FIGURE_FORMATS]
         for path in paths:
             save_figure(fig, path)
     return paths

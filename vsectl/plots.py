@@ -27,7 +27,9 @@ CAPTION_SAMPLE = 2000               # captions tokenised to estimate the text se
 SIZE_PERCENTILES = (5, 25, 50, 75, 95)  # default N per branch: the bulk of the observed sizes, not the odd extremes
 X_AXES = ("relative", "index")
 Y_SCALES = ("log", "linear")
-LOG_FLOOR = 0.01                    # log axis: two decades below the smallest mean-pooling weight 1/N shown
+LOG_FLOOR = 0.01                    # log axis: at most two decades below the smallest mean-pooling weight 1/N shown
+SHORT_LOG_DECADES = 2.5             # a log axis shorter than this also labels 2 and 5 × 10^k
+LOG_MARGIN = 1.5                    # log axis: room above the largest and below the smallest weight drawn
 OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".gif", ".webp", ".bmp")
 
 
@@ -200,21 +202,36 @@ def check_plot_options(x_axis: str, y_scale: str) -> None:
         raise ConfigError(f"--y-scale must be one of {', '.join(Y_SCALES)}, got '{y_scale}'")
 
 
+def plain_log_ticks(ax: Any) -> None:
+    """Log-axis ticks as plain numbers (0.02, not 2 × 10⁻²), with 2 and 5 between decades on a short axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.get_ylim()
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if high / low < 10 ** SHORT_LOG_DECADES:
+        ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.yaxis.set_minor_formatter(plain)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: str = "log") -> Any:
     """θ_k against the rank, one curve per N and its 1/N mean-pooling line, one panel per branch.
 
     Args:
         curves: the run's θ(N).
         x_axis: "relative" puts rank k at k/(N−1), so sizes share one axis; "index" uses the raw rank k.
-        y_scale: "log" keeps a large-weight curve (a 2-token caption) from flattening the others; or "linear".
+        y_scale: "log" keeps a large-weight curve (a 2-token caption) from flattening the others, spanning the weights
+            drawn (never more than two decades below the smallest 1/N); or "linear".
 
     Returns:
-        the matplotlib Figure (3.4 in wide per panel: one column of a two-column paper).
+        the matplotlib Figure (3.4 in wide per panel: one column of a two-column paper; the legend below each panel).
     """
     check_plot_options(x_axis, y_scale)
     branches = list(curves.curves)
     with paper_style():
-        fig = new_figure(figsize=(3.4 * len(branches), 2.6), layout="constrained")
+        fig = new_figure(figsize=(3.4 * len(branches), 2.9), layout="constrained")
         from matplotlib.lines import Line2D  # after new_figure, which names the extra when matplotlib is missing
         from matplotlib.ticker import MaxNLocator
 
@@ -229,15 +246,18 @@ def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: 
             if y_scale == "log":
                 ax.set_yscale("log")
                 top = max(max(theta) for _, theta in per_n)
-                ax.set_ylim(LOG_FLOOR * min(1 / n for n, _ in per_n), min(1.0, top) * 1.5)
+                shown = [v for _, theta in per_n for v in theta if v > 0] + [1 / n for n, _ in per_n]
+                floor = LOG_FLOOR * min(1 / n for n, _ in per_n)  # a near-zero weight is clipped here
+                ax.set_ylim(max(floor, min(shown) / LOG_MARGIN), min(1.0, top) * LOG_MARGIN)
+                plain_log_ticks(ax)
             ax.set_title(f"{branch} pooling ({curves.pools[branch]})")
             ax.set_xlabel("relative rank k/(N−1), 0 = largest" if x_axis == "relative" else "rank k, 0 = largest")
             ax.set_ylabel("weight θ_k")
             ax.grid(alpha=0.3)
             handles, _ = ax.get_legend_handles_labels()
             handles.append(Line2D([], [], color="0.4", ls=":", lw=0.8, label="1/N: mean pooling"))
-            ax.legend(handles=handles, loc="best", ncol=2 if len(per_n) > 4 else 1, frameon=True, framealpha=0.85,
-                      edgecolor="none")
+            ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=min(3, len(handles)),
+                      handlelength=1.5, columnspacing=1.0)  # below the axes: a flat curve leaves no free corner
             if x_axis == "index":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
@@ -254,14 +274,14 @@ def figure_targets(out: Path) -> tuple[Path, list[Path]]:
     """Where `--out` sends the curves: (JSON path, figure paths).
 
     A name ending in .pdf, .svg or .png is that figure, with the JSON beside it under the same stem; anything else is
-    a folder that receives weights.json, weights.pdf and weights.png.
+    a folder that receives weights.json, weights.png, weights.pdf and weights.svg.
     """
     suffix = out.suffix.lower()
     if suffix.lstrip(".") in FIGURE_FORMATS:
         return out.with_suffix(".json"), [out]
     if suffix in OTHER_IMAGE_SUFFIXES:
         raise ConfigError(f"cannot write a {suffix} figure: end --out with .pdf, .svg or .png, or give a folder")
-    return out / "weights.json", [out / "weights.png", out / "weights.pdf"]
+    return out / "weights.json", [out / "weights.png", out / "weights.pdf", out / "weights.svg"]
 
 
 def write_weight_plots(run: str | Path, sizes: list[int] | None = None, out: str | Path | None = None,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vsectl.errors import ConfigError
+from vsectl.logs import setup_logging  # noqa: F401  (re-exported: the CLI installs logging without importing torch)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,10 +80,15 @@ class Precision:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
     @property
+    def rnn_path(self) -> str:
+        """The BiGRU text encoder's path (vsectl.models.rnn): stepped on a CPU, where it measured faster than packed
+        and dense at fp32 and bf16 (BENCHMARKS.md, "CPU training speed"); packed elsewhere (cuDNN on CUDA)."""
+        return "stepped" if self.device.type == "cpu" else "packed"
+
+    @property
     def dense_rnn(self) -> bool:
-        """Run BiGRUs as two dense passes (vsectl.models.rnn): on a CPU under bf16, where it measured faster or equal;
-        packed at fp32 on a CPU (measured faster there) and on CUDA (cuDNN)."""
-        return self.device.type == "cpu" and self.name == "bf16"
+        """Whether the BiGRU leaves the packed path (`set_dense`'s yes/no form of `rnn_path`)."""
+        return self.rnn_path != "packed"
 
     def describe(self) -> dict[str, str]:
         """What env.json records: the precision used, what was asked, and why."""
@@ -254,24 +260,6 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
     except OSError:
         pass
     return info
-
-
-def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = None) -> None:
-    """Install one rich handler on stderr. Called once, by the CLI.
-
-    Args:
-        console: the rich console that also draws the progress bars; logging through it prints each line above a
-            live bar instead of into it. A new stderr console when None.
-    """
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console or Console(stderr=True), show_path=False, show_time=False, markup=False)
-    root = logging.getLogger("vsectl")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -34,9 +34,10 @@ def train_cli(
 ) -> None:
     """Train a model from RECIPE; prints the run directory."""
     from vsectl.config import load_recipe
+
+    cfg = run_guarded(load_recipe, recipe, overrides or [])  # a bad recipe fails before torch is imported
     from vsectl.training import train
 
-    cfg = run_guarded(load_recipe, recipe, overrides or [])
     try:
         run_dir = run_guarded(train, cfg, out_root=out, device=device, resume=resume,
                               progress=RichProgress(enabled=not STATE.get("quiet")))

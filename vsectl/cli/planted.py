@@ -13,8 +13,8 @@ from vsectl.cli.common import STATE, RichProgress, SetOpt, app, err, run_guarded
 
 @app.command("bench-pooling")
 def bench_pooling_cli(
-    out: Annotated[Path, typer.Option(help="Output folder (data, runs, results.json/.md, planted.pdf/.png)")] = Path(
-        "results/planted"),
+    out: Annotated[Path, typer.Option(help="Output folder (data, runs, results.json/.md, planted.pdf/.svg/.png)")
+                   ] = Path("results/planted"),
     quick: Annotated[bool, typer.Option(help="recipes/planted/quick.yaml: seconds, for smoke tests")] = False,
     recipe: Annotated[Path | None, typer.Option(help="Benchmark recipe (default recipes/planted/default.yaml)")] = None,
     plantings: Annotated[str | None, typer.Option(help="Planted poolings, e.g. M-1,M-4,A,T-25%")] = None,

@@ -5,7 +5,7 @@ One role per file: `images.py` the backbone loop over image files, `video.py` fr
 split and command level. Everything public is importable from `vsectl.extract`.
 """
 
-from vsectl.extract.images import DEFAULT_CHANNELS_LAST, cpu_has_fast_bf16, extract_images, make_batches
+from vsectl.extract.images import DEFAULT_CHANNELS_LAST, extract_images, make_batches
 from vsectl.extract.pipeline import (
     DEFAULT_DTYPE,
     DEFAULT_SHARD_SIZE,
@@ -31,6 +31,6 @@ from vsectl.extract.video import FRAME_POOLS, FRAME_SUFFIXES, VideoSampling, lis
 __all__ = [
     "DEFAULT_CHANNELS_LAST", "DEFAULT_DTYPE", "DEFAULT_SHARD_SIZE", "FINGERPRINT_KEYS", "FRAME_POOLS", "FRAME_SUFFIXES",
     "MAX_SKIPPED_RECORDS", "MERGE_BLOCK_IMAGES", "POLL_SECONDS", "RESIZE", "SPLITS", "DistInfo", "VideoSampling",
-    "cpu_has_fast_bf16", "dist_info", "extract", "extract_images", "extract_split", "list_frames", "make_batches",
+    "dist_info", "extract", "extract_images", "extract_split", "list_frames", "make_batches",
     "merge_shards", "output_paths", "shard_dir_for", "shard_path", "split_provenance", "write_shards",
 ]

@@ -17,14 +17,6 @@ DEFAULT_CHANNELS_LAST = True  # 1.1-1.8× faster for EfficientNet-Lite0 on both 
 # 128; no effect on the transformers towers (docs/extract.md)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (AVX512-BF16 or AMX); without them bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op: absent in other builds
-        return True
-
-
 def make_batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
     """Consecutive index batches covering [start, stop)."""
     return [list(range(a, min(a + batch_size, stop))) for a in range(start, stop, batch_size)]

@@ -19,7 +19,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset
 from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES
 from vsectl.errors import ConfigError, DataError
-from vsectl.extract.images import DEFAULT_CHANNELS_LAST, cpu_has_fast_bf16
+from vsectl.extract.images import DEFAULT_CHANNELS_LAST
 from vsectl.extract.provenance import split_provenance
 from vsectl.extract.shards import (
     _differences,
@@ -33,7 +33,15 @@ from vsectl.extract.shards import (
 )
 from vsectl.extract.video import VideoSampling
 from vsectl.models.backbones import Backbone, create_backbone
-from vsectl.runtime import Distributed, NullProgress, Precision, Progress, distributed_from_env, resolve_device
+from vsectl.runtime import (
+    Distributed,
+    NullProgress,
+    Precision,
+    Progress,
+    cpu_bf16_units,
+    distributed_from_env,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +202,8 @@ def extract(
     if dev.type == "cuda" and dist.world_size > 1 and dev.index is None:
         dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun process
     Precision(precision, dev)  # validate before any work
-    if precision == "bf16" and dev.type == "cpu" and not cpu_has_fast_bf16():
-        log.warning("this CPU has no native bf16 support: bf16 runs about 10x slower than fp32 here; use fp32")
+    if precision == "bf16" and dev.type == "cpu" and not cpu_bf16_units():  # the one CPU probe training uses too
+        log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
     raw = load_raw_dataset(data)
     modality = raw.manifest.get("modality")
     if modality == "video" and video is None:

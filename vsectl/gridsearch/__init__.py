@@ -3,10 +3,11 @@
 The question is the paper's Fig. 6: how well does the best hand-picked pooling (max, K-max over K, mean) do against
 GPO on the same recipe? Every number in the tables is read back from the runs' own eval JSON files. One role per
 file: `grid.py` (cells and their overrides), `runner.py` (train + eval per cell, resumable), `stats.py` (means and
-the paired test), `report.py` (tables and the heatmap), `command.py` (the whole command).
+the paired test), `report.py` (tables), `figures.py` (the rsum figure), `command.py` (the whole command).
 """
 
 from vsectl.gridsearch.command import DEFAULT_RECIPE, QUICK_OVERRIDES, default_recipe, ensure_toy_data, gridsearch
+from vsectl.gridsearch.figures import draw_grid_figure, write_grid_figures
 from vsectl.gridsearch.grid import (
     BRANCHES,
     FIXED_POOLS,
@@ -22,7 +23,7 @@ from vsectl.gridsearch.grid import (
     pool_choices,
     resolve_grid,
 )
-from vsectl.gridsearch.report import plot_grid, results_csv, results_markdown, write_results
+from vsectl.gridsearch.report import results_csv, results_markdown, write_results
 from vsectl.gridsearch.runner import (
     check_buildable,
     check_existing,
@@ -36,8 +37,8 @@ from vsectl.gridsearch.stats import ALPHA, METRICS, paired_test, summarise, verd
 
 __all__ = [
     "ALPHA", "BRANCHES", "DEFAULT_RECIPE", "FIXED_POOLS", "GPO", "METRICS", "QUICK_GRID", "QUICK_OVERRIDES", "Cell",
-    "GridSpec", "PoolChoice", "cell_config", "check_buildable", "check_existing", "default_recipe",
+    "GridSpec", "PoolChoice", "cell_config", "check_buildable", "check_existing", "default_recipe", "draw_grid_figure",
     "ensure_toy_data", "eval_path", "expand_grid", "gridsearch", "is_finished", "load_grid", "paired_test",
-    "parse_list", "plot_grid", "pool_choices", "read_record", "resolve_grid", "results_csv", "results_markdown",
-    "run_cell", "run_sweep", "summarise", "verdict", "write_results",
+    "parse_list", "pool_choices", "read_record", "resolve_grid", "results_csv", "results_markdown",
+    "run_cell", "run_sweep", "summarise", "verdict", "write_grid_figures", "write_results",
 ]

@@ -1,14 +1,14 @@
-"""Reports of a sweep: results.json, results.csv, results.md and heatmap.png."""
+"""Reports of a sweep: results.json, results.csv, results.md and the rsum figure (`figures.py`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from vsectl.gridsearch.figures import FIGURE_STEM, figure_title, write_grid_figures
 from vsectl.gridsearch.stats import _fmt, summarise, verdict
 from vsectl.io import atomic_write_json, atomic_write_text
 
@@ -52,63 +52,8 @@ def results_csv(records: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_grid(rows: Sequence[dict], branch: str, path: Path, title: str = "") -> None:
-    """heatmap.png: visual × text mean rsum for "both", bars (± std) for one branch; GPO marked in both."""
-    from vsectl.plots import new_figure
-
-    gpo = next((r for r in rows if r["gpo"]), None)
-    grid = [r for r in rows if not r["gpo"]]
-    if branch == "both":
-        images = list(dict.fromkeys(r["image"] for r in grid))
-        texts = list(dict.fromkeys(r["text"] for r in grid))
-        value = {(r["image"], r["text"]): r["rsum_mean"] for r in grid}
-        matrix = [[value.get((i, t), math.nan) for t in texts] for i in images]
-        fig = new_figure(figsize=(max(1.2 * len(texts) + 3, 6.0), 0.8 * len(images) + 2.8))
-        from matplotlib.patches import Rectangle  # after new_figure, which names the extra when matplotlib is missing
-
-        ax = fig.subplots()
-        values = [v for row in matrix for v in row if not math.isnan(v)] + ([gpo["rsum_mean"]] if gpo else [])
-        lo, hi = min(values), max(values)  # the colour scale spans GPO too, so its line on the bar is visible
-        im = ax.imshow(matrix, cmap="viridis", vmin=lo, vmax=hi)
-        for y, row in enumerate(matrix):
-            for x, v in enumerate(row):
-                bright = not math.isnan(v) and v > lo + 0.6 * (hi - lo)
-                ax.text(x, y, f"{v:.1f}", ha="center", va="center", color="black" if bright else "white", fontsize=8)
-        best = max(((y, x) for y in range(len(images)) for x in range(len(texts)) if not math.isnan(matrix[y][x])),
-                   key=lambda yx: matrix[yx[0]][yx[1]])
-        ax.add_patch(Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        ax.set_xticks(range(len(texts)), texts, rotation=30, ha="right")
-        ax.set_yticks(range(len(images)), images)
-        ax.set_xlabel("text pooling")
-        ax.set_ylabel("visual pooling")
-        bar = fig.colorbar(im, ax=ax, label="rsum (mean over seeds)")
-        if gpo is not None:
-            bar.ax.axhline(gpo["rsum_mean"], color="red", linewidth=2)
-            ax.set_title(f"{title}\nGPO × GPO: rsum {_fmt(gpo['rsum_mean'], gpo['rsum_std'])} (red line on the bar)\n"
-                         "best fixed cell outlined", fontsize=10)
-    else:
-        shown = grid + ([gpo] if gpo else [])
-        fig = new_figure(figsize=(0.8 * len(shown) + 3, 4))
-        ax = fig.subplots()
-        labels = [r[branch] for r in shown]
-        for x, r in enumerate(shown):  # points ± std, not bars: the axis is zoomed to the spread of the results
-            color = "tab:red" if r["gpo"] else "tab:blue"
-            ax.errorbar([x], [r["rsum_mean"]], yerr=[r["rsum_std"] or 0], fmt="o", color=color, capsize=4)
-            ax.annotate(f"{r['rsum_mean']:.1f}", (x, r["rsum_mean"]), textcoords="offset points", xytext=(8, 0),
-                        va="center", fontsize=8)
-        if gpo is not None:
-            ax.axhline(gpo["rsum_mean"], color="tab:red", linestyle="--", linewidth=1, label="GPO")
-            ax.legend(loc="lower right")
-        ax.set_xticks(range(len(shown)), labels, rotation=30, ha="right")
-        ax.set_ylabel("rsum (mean ± std over seeds)")
-        ax.set_title(f"{title}\n{branch} pooling")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-
-
 def write_results(out_dir: str | Path, records: Sequence[dict], branch: str, meta: dict) -> dict:
-    """Write results.json, results.csv, results.md and heatmap.png (skipped with a warning without matplotlib).
+    """Write results.json, results.csv, results.md and rsum.pdf/.svg/.png (skipped with a warning without matplotlib).
 
     Returns:
         {"rows", "verdict", "paths"}.
@@ -124,8 +69,8 @@ def write_results(out_dir: str | Path, records: Sequence[dict], branch: str, met
     atomic_write_text(out / "results.md", results_markdown(rows, judged["text"], branch, meta))
     paths = [out / "results.json", out / "results.csv", out / "results.md"]
     try:
-        plot_grid(rows, branch, out / "heatmap.png", title=str(meta.get("recipe", "")))
-        paths.append(out / "heatmap.png")
+        paths += write_grid_figures(rows, branch, out, records=records, best=judged.get("best_fixed"),
+                                    title=figure_title(meta))
     except VsectlError as e:  # the tables are the result; the picture is a convenience
-        log.warning("%s; skipped heatmap.png", e)
+        log.warning("%s; skipped the figure %s.pdf/.svg/.png", e, FIGURE_STEM)
     return {"rows": rows, "verdict": judged, "paths": [str(p) for p in paths]}

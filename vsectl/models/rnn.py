@@ -1,4 +1,4 @@
-"""A bidirectional GRU over padded variable-length sequences: packed (cuDNN) or two dense passes (CPU).
+"""A bidirectional GRU over padded variable-length sequences: packed (cuDNN), two dense passes, or stepped (CPU).
 
 On a CPU, packing makes the GRU walk time step by time step over shrinking batches, and its backward spends much of
 its time filling and slicing per-step buffers. Two dense unidirectional passes run oneDNN's fused kernel instead: the
@@ -6,10 +6,12 @@ forward direction on the padded batch as it is (a position never sees the paddin
 on each sequence reversed within its own length. Both read the weights of the one `nn.GRU(bidirectional=True)`, so
 the state_dict keys (`weight_ih_l0`, `weight_ih_l0_reverse`, ...) stay those of the packed model.
 
-The dense passes also compute the padded steps, so they pay only where the per-step overhead outweighs that: under
-bf16 autocast on a CPU (parity on an AVX512-BF16 EPYC, 1.75x faster on an AMX Xeon), not at fp32 on a CPU whose
-matrix products are slow (the packed BiGRU took 0.84x the dense one's CPU time on the EPYC). `Precision.dense_rnn`
-decides it once per run; `set_dense` applies it.
+The dense passes also compute the padded steps. The stepped path (vsectl.models.gru_cpu) walks the packed layout
+with a hand-written backward through time instead, one GEMM per step and direction each way and every weight
+gradient as one GEMM over all tokens: the BiGRU text encoder's path on a CPU at fp32 and bf16 (BENCHMARKS.md,
+"CPU training speed"). The dense passes stay the default for small GRUs on a CPU (GPO's generator), where oneDNN's
+fused kernel beats a Python loop over time. `Precision.rnn_path` decides the text encoder's path once per run;
+`set_rnn_path` applies it.
 """
 
 from __future__ import annotations
@@ -18,17 +20,28 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from vsectl.models.gru_cpu import stepped_bigru
+
+RNN_PATHS = ("packed", "dense", "stepped")
+
 
 def use_dense(device: torch.device) -> bool:
     """Dense passes everywhere but CUDA, where cuDNN runs packed sequences natively (the default of `bigru`)."""
     return device.type != "cuda"
 
 
-def set_dense(model: nn.Module, dense: bool) -> None:
-    """Choose the dense or the packed path for every module of `model` that has the switch (the BiGRU text encoder)."""
+def set_rnn_path(model: nn.Module, path: str) -> None:
+    """Put every module of `model` that has an `rnn_path` (the BiGRU text encoder) on `path`, one of RNN_PATHS."""
+    if path not in RNN_PATHS:
+        raise ValueError(f"unknown BiGRU path '{path}'; use one of {', '.join(RNN_PATHS)}")
     for module in model.modules():
-        if isinstance(getattr(module, "dense_rnn", None), bool):
-            module.dense_rnn = dense
+        if isinstance(getattr(module, "rnn_path", None), str):
+            module.rnn_path = path
+
+
+def set_dense(model: nn.Module, unpacked: bool) -> None:
+    """`set_rnn_path` with a yes/no: the CPU path (stepped) or packed. The training loop's older spelling."""
+    set_rnn_path(model, "stepped" if unpacked else "packed")
 
 
 def reverse_index(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -75,13 +88,16 @@ def packed_bigru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor) -> torch.T
     return out
 
 
-def bigru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
-    """A 1-layer bidirectional GRU over padded sequences; `dense` None picks by device (see `use_dense`)."""
-    if dense is None:
-        dense = use_dense(x.device)
-    return dense_bigru(gru, x, lengths) if dense else packed_bigru(gru, x, lengths)
+def bigru(gru: nn.GRU, x: torch.Tensor, lengths: torch.Tensor, path: str | None = None) -> torch.Tensor:
+    """A 1-layer bidirectional GRU over padded sequences on `path` (RNN_PATHS); None picks by device (`use_dense`)."""
+    if path is None:
+        path = "dense" if use_dense(x.device) else "packed"
+    if path == "stepped":
+        check_gru(gru)
+        return stepped_bigru(gru, x, lengths)
+    return dense_bigru(gru, x, lengths) if path == "dense" else packed_bigru(gru, x, lengths)
 
 
 def check_gru(gru: nn.GRU) -> None:
     if gru.num_layers != 1 or not gru.bidirectional or not gru.batch_first or not gru.bias:
-        raise ValueError("dense_bigru supports a 1-layer, batch-first, bidirectional GRU with biases")
+        raise ValueError("the dense and stepped BiGRUs support a 1-layer, batch-first, bidirectional GRU with biases")

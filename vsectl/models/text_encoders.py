@@ -39,12 +39,12 @@ class BiGRUTextEncoder(nn.Module):
         self.rnn = nn.GRU(word_dim, embed_dim, num_layers=1, batch_first=True, bidirectional=True)
         self.embed_dim = embed_dim
         self.pool = pool
-        self.dense_rnn = False  # two dense passes instead of a packed sequence (vsectl.models.rnn; set per run)
+        self.rnn_path = "packed"  # packed, dense or stepped (vsectl.models.rnn.RNN_PATHS; set once per run)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
         x = self.embed(tokens)                                                     # (B, T, W)
-        out = bigru(self.rnn, x, lengths, dense=self.dense_rnn)                        # (B, T, 2E), 0 past lengths
+        out = bigru(self.rnn, x, lengths, path=self.rnn_path)                          # (B, T, 2E), 0 past lengths
         out = (out[..., : self.embed_dim] + out[..., self.embed_dim :]) / 2
         pooled, weights = self.pool(out, lengths)
         return l2_normalize(pooled), weights

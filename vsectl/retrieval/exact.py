@@ -16,7 +16,8 @@ BLOCK_BYTES = 64 << 20  # rows per block: 64 MiB of the matrix (32768 rows of 51
 SCORE_BYTES = 256 << 20  # the (Q, block) score buffer stays under this; larger query batches use smaller blocks
 
 
-def _block_rows(n: int, dim: int, n_queries: int) -> int:
+def block_rows(n: int, dim: int, n_queries: int) -> int:
+    """Rows of the collection scored per block: a block and its (Q, rows) scores stay within their byte budgets."""
     rows = max(1, BLOCK_BYTES // (4 * dim))
     rows = min(rows, max(1, SCORE_BYTES // (4 * n_queries)))
     return min(rows, n)
@@ -48,7 +49,7 @@ def topk(matrix: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
     import torch
 
     q = queries.shape[0]
-    rows = _block_rows(n, dim, q)
+    rows = block_rows(n, dim, q)
     tq = torch.from_numpy(queries)
     best_s = torch.empty((q, 0), dtype=torch.float32)
     best_i = torch.empty((q, 0), dtype=torch.int64)

@@ -65,7 +65,8 @@ def check_k(k: int, n: int, side: str) -> None:
         raise ConfigError(f"k = {k} is larger than the collection ({n} {side}); use -k {n} or less")
 
 
-def _hits(emb: Embeddings, side: str, scores: np.ndarray, index: np.ndarray) -> list[Hit]:
+def make_hits(emb: Embeddings, side: str, scores: np.ndarray, index: np.ndarray) -> list[Hit]:
+    """`Hit`s of one query's (k,) scores and collection rows, with the records of the collection."""
     hits = []
     for r, (s, i) in enumerate(zip(scores.tolist(), index.tolist(), strict=True), start=1):
         if side == "images":
@@ -166,7 +167,7 @@ def search(
         from vsectl.retrieval.exact import topk
 
         scores, rows = topk(emb.side(side), vectors, k)
-    return [SearchResult(query=name, side=side, hits=_hits(emb, side, s, r))
+    return [SearchResult(query=name, side=side, hits=make_hits(emb, side, s, r))
             for name, s, r in zip(names, scores, rows, strict=True)]
 
 

@@ -127,7 +127,8 @@ class SearchEngine:
 
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
         """One pass for all `vectors`: exact for embeddings and flat indexes, faiss's batch search otherwise."""
-        from vsectl.serving.scan import make_hits, shared_topk
+        from vsectl.retrieval.query import make_hits
+        from vsectl.serving.scan import shared_topk
 
         index = self.target if self.target is not self.emb else None
         if index is not None and index.side != side:

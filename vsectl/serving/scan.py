@@ -11,7 +11,6 @@ query's, and the block-wise selection is the single-query code's own.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 
@@ -42,14 +41,14 @@ def shared_topk(matrix: np.ndarray, queries: np.ndarray, k: int, slice_rows: int
     """
     import torch
 
-    from vsectl.retrieval.exact import _block_rows, sort_hits
+    from vsectl.retrieval.exact import block_rows, sort_hits
 
     queries = np.array(np.atleast_2d(queries), dtype=np.float32)
     n, dim = matrix.shape
     if queries.shape[1] != dim or not 1 <= k <= n:
         raise ValueError(f"queries of shape {queries.shape} or k = {k} do not fit a {matrix.shape} matrix")
     q = queries.shape[0]
-    rows = _block_rows(n, dim, 1)  # the single-query block size, so the selection sees the same blocks
+    rows = block_rows(n, dim, 1)  # the single-query block size, so the selection sees the same blocks
     tq = [torch.from_numpy(queries[i : i + 1]) for i in range(q)]
     best = [(torch.empty((1, 0)), torch.empty((1, 0), dtype=torch.int64)) for _ in range(q)]
     scores = torch.empty((q, rows))
@@ -71,21 +70,3 @@ def shared_topk(matrix: np.ndarray, queries: np.ndarray, k: int, slice_rows: int
             best[i] = (best_s, best_i)
     out = [sort_hits(s.numpy(), r.numpy()) for s, r in best]
     return np.concatenate([s for s, _ in out]), np.concatenate([r for _, r in out])
-
-
-def make_hits(emb: Any, side: str, scores: np.ndarray, rows: np.ndarray) -> list[Any]:
-    """`Hit`s of one query's (k,) scores and rows, with the records of the collection (as `vsectl.search` gives)."""
-    from vsectl.retrieval import Hit
-
-    hits = []
-    for rank, (score, row) in enumerate(zip(scores.tolist(), rows.tolist(), strict=True), start=1):
-        if side == "images":
-            rec, image = emb.image(row), row
-            caption = rec.get("caption")
-        else:
-            cap = emb.caption(row)
-            image, caption = int(cap["image"]), cap["text"]
-            rec = emb.image(image)
-        hits.append(Hit(rank=rank, score=float(score), index=row, id=rec["id"], path=rec.get("path"),
-                        caption=caption, image=image))
-    return hits
