@@ -325,9 +325,6 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     train_split, dev_split = load_data(cfg)
     length = run_length(cfg, steps_in_epoch(cfg, train_split.n_captions))  # the config itself stays as written
     if dist.is_main:
-        env = {**env_info(dev), "seed": cfg.seed, **precision.describe(), "world_size": dist.world_size,
-               "run_length": length.as_dict(), "select_tie_rule": cfg.train.select_tie_rule}
-        atomic_write_json(run_dir / "env.json", env)
         announce_length(cfg, length)
     n_val = min(cfg.data.val_images, dev_split.n_images)
     val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
@@ -369,6 +366,10 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
         save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
+    if dist.is_main:
+        env = {**env_info(run.device), "seed": cfg.seed, **run.precision.describe(), "world_size": dist.world_size,
+               "run_length": run.length.as_dict(), "select_tie_rule": cfg.train.select_tie_rule}
+        atomic_write_json(run_dir / "env.json", env)
     run.metrics.truncate_after(run.state["global_step"])
     if run.text_input is TextInput.STATES:
         run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
