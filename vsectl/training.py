@@ -43,7 +43,7 @@ from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
-from vsectl.models.rnn import set_dense
+from vsectl.models.rnn import set_rnn_path
 from vsectl.models.vse import VSEModel
 from vsectl.optim import create_run_optimizer, load_optimizer_state
 from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
@@ -335,7 +335,7 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
-    set_dense(model, precision.dense_rnn)
+    set_rnn_path(model, precision.rnn_path)
     optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
