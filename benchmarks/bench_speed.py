@@ -6,8 +6,8 @@ p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 
 - baseline: today's code before this work: packed BiGRU text, packed GPO generator, for-loop AdamW, the region
   encoder's fc and MLP over every padded row;
 - new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the GPO
-  generator's forward direction once, fused AdamW, the region products over the valid rows only; at fp32 and at bf16; and the same with the text BiGRU on the
-  other paths (packed, dense), to show what that choice is based on;
+  generator's forward direction once, fused AdamW, the region products over the valid rows only; at fp32 and at
+  bf16; and the same with the text BiGRU on the other paths (packed, dense), to show what that choice is based on;
 - new with both GPOs replaced by a zero-cost pool (the GPO share of the new fp32 step, by ablation);
 - MiniLM-shaped (and optionally BERT-base-shaped) text step: baseline fp32 vs new fp32 vs new bf16;
 - the AdamW step alone, for-loop vs fused, over the BiGRU model's parameters.

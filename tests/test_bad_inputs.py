@@ -270,7 +270,8 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_one(world: World, tm
     monkeypatch.setattr(vsectl.checkpoint, "save_file", full)
     line = assert_one_error_line(CliRunner().invoke(app, ["-q", *argv]))
     assert "no space left on the device while writing" in line
-    kept = ("metrics.jsonl", "config.yaml")  # the epoch that ran is logged; config.yaml now says train.epochs=2
+    kept = ("metrics.jsonl", "config.yaml", "env.json")  # the epoch that ran is logged; config.yaml now says
+    # train.epochs=2 and env.json records that resolved length (run_length)
     after = digest(sorted(p for p in run.rglob("*") if p.is_file() and p.name not in kept))
     assert after == {k: v for k, v in before.items() if not k.endswith(kept)}
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the half-written checkpoint is removed

@@ -180,6 +180,11 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     own = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test.json").read_text())
     assert by_cell["img-max"]["metrics"] == own["metrics"]
     assert by_cell["img-max"]["split"] == "test" and by_cell["img-max"]["n_images"] == 30
+    run = out / "runs" / "img-max-s0"  # the dev rsum read back is the evaluated (best) checkpoint's
+    vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    state = json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())
+    assert by_cell["img-max"]["dev_best_rsum"] == state["best_rsum"] == max(v["rsum"] for v in vals
+                                                                            if v.get("kind") == "val")
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
     assert float(rows[0]["rsum"]) == pytest.approx(own["metrics"]["rsum"])
     table = (out / "results.md").read_text()
@@ -206,6 +211,18 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     result = runner.invoke(app, [*sweep_args(toy_root, out), "--set", "train.lr=1e-3"])
     assert result.exit_code == 2 and "another configuration" in result.stderr  # no mixing of old and new runs
     assert count_train == []
+
+    # another tie rule: every finished cell is evaluated again under it, nothing is trained again
+    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "expected"])
+    assert result.exit_code == 0, result.output
+    assert sorted(name for name, _ in count_train) == ["img-gpo-s0", "img-max-s0"]  # resumed: already complete
+    assert finished.stat().st_mtime_ns == mtime
+    expected = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test-expected.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["tie_rule"] == "expected" and "ties expected" in (out / "results.md").read_text()
+    assert {r["cell"]: r["metrics"] for r in results["records"]}["img-max"] == expected["metrics"]
+    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "random"])
+    assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr
 
 
 def test_default_recipe_and_toy_data(tmp_path, monkeypatch):

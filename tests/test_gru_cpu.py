@@ -8,7 +8,7 @@ from torch import nn
 
 from vsectl.models.gpo import GPO
 from vsectl.models.gru_cpu import PackedLayout, stepped_bigru
-from vsectl.models.rnn import bigru, packed_bigru, set_dense, set_rnn_path
+from vsectl.models.rnn import bigru, packed_bigru, set_rnn_path
 from vsectl.models.text_encoders import BiGRUTextEncoder
 from vsectl.runtime import Precision
 
@@ -125,11 +125,10 @@ def test_text_encoder_stepped_equals_packed_with_the_same_state_dict() -> None:
 def test_the_path_is_chosen_once_by_the_precision_and_refuses_unknown_names() -> None:
     cpu = torch.device("cpu")
     assert Precision("fp32", cpu).rnn_path == Precision("bf16", cpu).rnn_path == "stepped"
-    assert Precision("fp32", cpu).dense_rnn
     enc = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
-    set_dense(enc, True)
+    set_rnn_path(enc, "stepped")
     assert enc["text"].rnn_path == "stepped"
-    set_dense(enc, False)
+    set_rnn_path(enc, "packed")
     assert enc["text"].rnn_path == "packed"
     with pytest.raises(ValueError, match="unknown BiGRU path"):
         set_rnn_path(enc, "fast")

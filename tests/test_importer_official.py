@@ -256,17 +256,6 @@ def test_an_option_vsectl_cannot_honour_fails_naming_it(tmp_path: Path) -> None:
     assert "cannot place official option no_txtnorm=True" in line, line
 
 
-def test_grid_checkpoints_are_refused_in_one_line(tmp_path: Path) -> None:
-    def grid(ckpt: dict) -> None:
-        ckpt["opt"].precomp_enc_type = "backbone"
-        ckpt["model"][0] = OrderedDict([("backbone.resnet.conv1.weight", torch.zeros(1)),
-                                        ("image_encoder.fc.weight", torch.zeros(1))])
-
-    src = _resave(BERT, tmp_path / "grid.pth", grid)
-    line = _error_line(["import", "official", str(src), "--out", str(tmp_path / "run"), "--text-model", str(BERT_DIR)])
-    assert "grid checkpoint" in line and "cannot import that checkpoint layout yet" in line, line
-
-
 def test_a_vocabulary_of_another_size_fails_and_leaves_nothing(tmp_path: Path) -> None:
     vocab = json.loads(VOCAB.read_text())
     vocab["word2idx"]["xylophone"] = vocab["idx"]

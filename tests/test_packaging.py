@@ -15,7 +15,19 @@ def test_every_package_folder_is_listed_in_pyproject():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "vsectl").rglob("__init__.py")}
-    assert found | {"vsectl.recipes", "vsectl.recipes.patterns"} == listed
+    assert found | set(recipe_packages()) == listed
+
+
+def recipe_packages() -> dict[str, Path]:
+    """recipes/ and every folder under it that holds recipes, by the package name it gets in an installed vsectl."""
+    folders = {p.parent for p in (REPO / "recipes").rglob("*.yaml")}
+    return {".".join(("vsectl", *f.relative_to(REPO).parts)): f for f in folders}
+
+
+def test_every_recipe_folder_ships_its_yaml_files():
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert {name: ["*.yaml"] for name in recipe_packages()} == data
 
 
 def test_shipped_recipes_are_found_through_the_package():

@@ -221,12 +221,12 @@ def test_usable_cpus_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -
     assert env_info()["usable_cpus"] == 1
 
 
-def test_dense_rnn_is_decided_by_the_precision_and_set_on_the_model() -> None:
-    from vsectl.models.rnn import set_dense
+def test_the_rnn_path_is_decided_by_the_precision_and_set_on_the_model() -> None:
+    from vsectl.models.rnn import set_rnn_path
     from vsectl.runtime import Precision
 
     cpu = torch.device("cpu")
-    assert Precision("bf16", cpu).dense_rnn and Precision("fp32", cpu).dense_rnn
+    assert Precision("bf16", cpu).rnn_path == Precision("fp32", cpu).rnn_path == "stepped"
     model = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
-    set_dense(model, True)
+    set_rnn_path(model, Precision("fp32", cpu).rnn_path)
     assert model["text"].rnn_path == "stepped"

@@ -95,10 +95,12 @@ class LRMultConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 25
+    epochs: int = 25                # run length in passes over the training pairs; 0 when train.steps gives it
+    steps: int = 0                  # run length in optimizer steps instead (> 0: rounded up to whole epochs at start)
     optimizer: str = "adamw"
     lr: float = 5.0e-4
     lr_decay_epoch: int = 15        # LR × lr_decay_factor from this epoch on
+    lr_decay_step: int = 0          # with train.steps: decay from the epoch holding this step (0 = lr_decay_epoch)
     lr_decay_factor: float = 0.1
     weight_decay: float = 1.0e-4
     grad_clip: float = 2.0          # global L2 norm; 0 disables
@@ -109,6 +111,8 @@ class TrainConfig:
     embedding_warmup_epochs: int = 1  # backbone runs: the whole backbone is frozen before this epoch
     backbone_warmup_epochs: int = 0   # then layer1-3, layer1-2, layer1 stay frozen for this many epochs each
     loss_scale_warmup: bool = True    # backbone runs: loss × i/n over the first unfrozen epoch
+    min_steps_warning: int = 300    # warn at start when a run makes fewer optimizer steps (0 = never)
+    select_tie_rule: str = "expected"  # tie rule of the dev rsum that picks checkpoints/best (see vsectl eval)
     lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
 
 
@@ -131,7 +135,10 @@ CHOICES = {
     "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
+    "train.select_tie_rule": ("optimistic", "pessimistic", "expected"),  # metrics.TIE_RULES (not imported: no torch)
 }
+
+LENGTH_KEYS = ("train.epochs", "train.steps")  # exactly one gives a run its length
 
 
 def check(cfg: RunConfig) -> None:
@@ -141,10 +148,11 @@ def check(cfg: RunConfig) -> None:
         value = _lookup(flat, key)
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = ["data.batch_size", "train.epochs", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
+    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
     for key in positive:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
+    _check_length(cfg.train)
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
@@ -156,6 +164,27 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be ≥ 0, got {_lookup(flat, key)}")
     if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
         raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
+
+
+def _check_length(train: TrainConfig) -> None:
+    """Exactly one of train.epochs / train.steps is positive; the step-valued LR decay belongs to a step budget."""
+    for key in ("train.epochs", "train.steps", "train.lr_decay_step", "train.min_steps_warning"):
+        if getattr(train, key.split(".")[1]) < 0:
+            raise ConfigError(f"{key} must be ≥ 0, got {getattr(train, key.split('.')[1])}")
+    if (train.epochs > 0) == (train.steps > 0):
+        raise ConfigError(f"train.epochs and train.steps are exclusive and one is needed, got epochs {train.epochs} "
+                          f"and steps {train.steps}; give one of them (e.g. --set train.steps=600)")
+    if train.lr_decay_step and not train.steps:
+        raise ConfigError("train.lr_decay_step needs a step budget (train.steps); with train.epochs use "
+                          "train.lr_decay_epoch")
+
+
+def _fill_length(data: dict) -> dict:
+    """A recipe that gives its length in steps leaves train.epochs out: its default (25 epochs) must not apply."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if isinstance(train, dict) and train.get("steps") and "epochs" not in train:
+        train["epochs"] = 0
+    return data
 
 
 def _lookup(d: dict, dotted: str) -> Any:
@@ -341,6 +370,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if isinstance(pool, dict) and str(pool.get("name", DEFAULT_POOLER)) != str(value):
                 node["pool"] = {}
     for item, path, value in parsed:
+        _clear_other_length(out, ".".join(path), value)
         node = out
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -349,6 +379,17 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = child
         node[path[-1]] = value
     return out
+
+
+def _clear_other_length(data: dict, dotted: str, value: Any) -> None:
+    """A run length given as an override replaces the recipe's, whichever unit it had (epochs or steps)."""
+    if dotted not in LENGTH_KEYS or not value or not isinstance(data.get("train"), dict):
+        return
+    other = LENGTH_KEYS[1 - LENGTH_KEYS.index(dotted)].split(".")[1]
+    if other in data["train"]:
+        data["train"][other] = 0
+    if other == "steps":
+        data["train"].pop("lr_decay_step", None)  # a decay point in steps means nothing to an epoch-valued length
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -366,7 +407,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"recipe {path} is empty; start from one in recipes/, e.g. recipes/tiny.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
+    data = _fill_length(apply_overrides(data, overrides or []))
     return from_dict(RunConfig, data)
 
 

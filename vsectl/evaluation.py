@@ -22,7 +22,15 @@ from vsectl.data.text_input import TextInput
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
-from vsectl.metrics import COCO_5K_IMAGES, PROTOCOLS, TIE_RULES, evaluate_protocol, rank_retrieval, recall_metrics
+from vsectl.metrics import (
+    COCO_5K_IMAGES,
+    PROTOCOLS,
+    TIE_RULES,
+    evaluate_protocol,
+    rank_counts,
+    tie_counts,
+    tie_ranked_metrics,
+)
 from vsectl.models.vse import VSEModel
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
 
@@ -31,6 +39,7 @@ log = logging.getLogger(__name__)
 COCO_PROTOCOLS = ("coco1k", "coco5k")
 DEFAULT_SPLIT = {"f30k": "test", "coco1k": "testall", "coco5k": "testall", "dev1k": "dev"}
 DEFAULT_TIE_RULE = "optimistic"  # strictly greater scores only: a tied competitor never counts
+SELECT_TIE_RULE = "expected"  # model selection's default (train.select_tie_rule): ties cost their expected share
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
 
 
@@ -109,11 +118,21 @@ class _States(torch.utils.data.Dataset):
 
 
 def validate(model: VSEModel, split: Split, text: TextSide, device: torch.device, precision: Precision,
-             batch_size: int, text_states: Any = None, dist: Distributed | None = None) -> dict[str, float]:
-    """R@K and rsum on a (dev) split, used for model selection."""
+             batch_size: int, text_states: Any = None, dist: Distributed | None = None,
+             tie_rule: str = SELECT_TIE_RULE) -> dict[str, Any]:
+    """R@K and rsum on a (dev) split under `tie_rule`, used for model selection.
+
+    Returns:
+        the metrics (``METRIC_KEYS``) under `tie_rule`, ``tie_rule``, ``ties`` (queries with an exact tie per
+        direction) and ``rsum_by_rule`` (the rsum under every rule, so a curve can be read under any of them).
+    """
+    if tie_rule not in TIE_RULES:
+        raise ConfigError(f"train.select_tie_rule: unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states, dist=dist)
-    cap2img = torch.as_tensor(split.cap2img, device=device)
-    return recall_metrics(*rank_retrieval([(img, cap)], cap2img))
+    counts = rank_counts([(img, cap)], torch.as_tensor(split.cap2img, device=device))
+    by_rule = {rule: tie_ranked_metrics(counts, rule) for rule in TIE_RULES}
+    return {**by_rule[tie_rule], "tie_rule": tie_rule, "ties": tie_counts(counts),
+            "rsum_by_rule": {rule: m["rsum"] for rule, m in by_rule.items()}}
 
 
 def protocols_for(name: str) -> list[str]:

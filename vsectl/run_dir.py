@@ -11,7 +11,7 @@ from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
 
-RESUMABLE_CHANGES = {"train.epochs"}  # what a resumed run may change: extending training is safe
+RESUMABLE_CHANGES = {"train.epochs", "train.steps"}  # what a resumed run may change: extending training is safe
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:

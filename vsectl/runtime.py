@@ -85,11 +85,6 @@ class Precision:
         and dense at fp32 and bf16 (BENCHMARKS.md, "CPU training speed"); packed elsewhere (cuDNN on CUDA)."""
         return "stepped" if self.device.type == "cpu" else "packed"
 
-    @property
-    def dense_rnn(self) -> bool:
-        """Whether the BiGRU leaves the packed path (`set_dense`'s yes/no form of `rnn_path`)."""
-        return self.rnn_path != "packed"
-
     def describe(self) -> dict[str, str]:
         """What env.json records: the precision used, what was asked, and why."""
         return {"precision": self.name, "precision_requested": self.requested or self.name,

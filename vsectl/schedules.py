@@ -1,18 +1,71 @@
-"""Per-epoch switches as pure functions of (config, epoch): the config itself never changes during a run."""
+"""Per-epoch switches as pure functions of (config, epoch): the config itself never changes during a run.
+
+A run whose length is given in optimizer steps (`train.steps`) is converted to whole epochs once, from the steps per
+epoch of its training data (`run_length`); every switch below stays a function of the epoch.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
 
 from vsectl.config import RunConfig
 
 
-def lr_factor(cfg: RunConfig, epoch: int) -> float:
-    """Step decay: base × factor from `train.lr_decay_epoch` on (a resume after the step keeps it)."""
-    return cfg.train.lr_decay_factor if epoch >= cfg.train.lr_decay_epoch else 1.0
+@dataclass(frozen=True)
+class RunLength:
+    """A run's length resolved against its data: what `train.epochs` or `train.steps` means for this dataset.
+
+    Attributes:
+        epochs: epochs the run trains.
+        steps_per_epoch: optimizer steps of one epoch.
+        steps: optimizer steps of the whole run (epochs × steps_per_epoch).
+        lr_decay_epoch: the first epoch at the decayed learning rate.
+        unit: "epochs" or "steps", what the recipe gave.
+    """
+
+    epochs: int
+    steps_per_epoch: int
+    steps: int
+    lr_decay_epoch: int
+    unit: str
+
+    def as_dict(self) -> dict[str, int | str]:
+        return asdict(self)
 
 
-def group_lr(cfg: RunConfig, epoch: int, lr_mult: float) -> float:
+def run_length(cfg: RunConfig, steps_per_epoch: int) -> RunLength:
+    """Resolve the run's length: `train.steps` rounds up to whole epochs (every epoch sees all the training pairs).
+
+    `train.lr_decay_step` becomes the epoch that holds that step (the decay falls on an epoch boundary at or before
+    it); without it `train.lr_decay_epoch` applies as written. Warm-ups (`loss.hardest_negative_from_epoch`,
+    `train.embedding_warmup_epochs`, `train.backbone_warmup_epochs`) stay in epochs: each is one pass over the data.
+
+    Args:
+        cfg: the recipe.
+        steps_per_epoch: optimizer steps of one epoch of the training split (`training.steps_in_epoch`).
+    """
+    spe = max(1, steps_per_epoch)
+    if cfg.train.steps <= 0:
+        epochs = cfg.train.epochs
+        return RunLength(epochs, spe, epochs * spe, cfg.train.lr_decay_epoch, "epochs")
+    epochs = math.ceil(cfg.train.steps / spe)
+    decay = cfg.train.lr_decay_step // spe if cfg.train.lr_decay_step > 0 else cfg.train.lr_decay_epoch
+    return RunLength(epochs, spe, epochs * spe, decay, "steps")
+
+
+def lr_factor(cfg: RunConfig, epoch: int, length: RunLength | None = None) -> float:
+    """Step decay: base × factor from the decay epoch on (a resume after the step keeps it).
+
+    The decay epoch is `length.lr_decay_epoch` when given (runs with a step budget), else `train.lr_decay_epoch`.
+    """
+    decay_epoch = length.lr_decay_epoch if length is not None else cfg.train.lr_decay_epoch
+    return cfg.train.lr_decay_factor if epoch >= decay_epoch else 1.0
+
+
+def group_lr(cfg: RunConfig, epoch: int, lr_mult: float, length: RunLength | None = None) -> float:
     """The learning rate of a parameter group with multiplier `lr_mult` at `epoch`."""
-    return cfg.train.lr * lr_mult * lr_factor(cfg, epoch)
+    return cfg.train.lr * lr_mult * lr_factor(cfg, epoch, length)
 
 
 def use_hardest_negative(cfg: RunConfig, epoch: int) -> bool:

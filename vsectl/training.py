@@ -43,7 +43,7 @@ from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
-from vsectl.models.rnn import set_dense
+from vsectl.models.rnn import set_rnn_path
 from vsectl.models.vse import VSEModel
 from vsectl.optim import create_run_optimizer, load_optimizer_state
 from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
@@ -60,7 +60,7 @@ from vsectl.runtime import (
     resolve_precision,
     seed_everything,
 )
-from vsectl.schedules import backbone_fixed_blocks, group_lr, loss_scale, use_hardest_negative
+from vsectl.schedules import RunLength, backbone_fixed_blocks, group_lr, loss_scale, run_length, use_hardest_negative
 from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,27 @@ def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
 # loop
 
 
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: int) -> None:
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: int,
+                       length: RunLength | None = None) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = group_lr(cfg, epoch, group["lr_mult"])
+        group["lr"] = group_lr(cfg, epoch, group["lr_mult"], length)
+
+
+def announce_length(cfg: RunConfig, length: RunLength) -> None:
+    """Log the resolved length of a step budget, and warn once when a run is too short to mean much.
+
+    Runs shortened on purpose (`train.max_steps_per_epoch` > 0: smoke runs, `--quick` sweeps) are not warned about:
+    they say so themselves. `train.min_steps_warning: 0` silences the warning.
+    """
+    epochs = f"{length.epochs} epoch{'s' if length.epochs != 1 else ''} of {length.steps_per_epoch} steps"
+    if length.unit == "steps":
+        decay = f"LR decay from epoch {length.lr_decay_epoch}" if length.lr_decay_epoch < length.epochs \
+            else "no LR decay"
+        log.info("train.steps=%d: %s = %d optimizer steps; %s", cfg.train.steps, epochs, length.steps, decay)
+    if cfg.train.max_steps_per_epoch == 0 and length.steps < cfg.train.min_steps_warning:
+        log.warning("this run makes only %d optimizer steps (%s), fewer than %d: the model will be undertrained; "
+                    "raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps, epochs,
+                    cfg.train.min_steps_warning, cfg.train.min_steps_warning)
 
 
 def train_one_epoch(
@@ -250,9 +268,12 @@ def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[
     out = {}
     for turn in ("main", "others"):
         if (turn == "main") == dist.is_main:
-            for name, split in splits.items():
-                out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
-                                              identity, batch_size=cfg.data.batch_size, progress=progress)
+            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
+            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                for name, split in splits.items():
+                    out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
+                                                  identity, batch_size=cfg.data.batch_size, progress=progress)
         dist.barrier()
     return out
 
@@ -288,6 +309,7 @@ class TrainingRun:
                                                           "best_epoch": -1})
     caches: dict[str, Path] = field(default_factory=dict)
     text_cache_dir: Path | None = None  # a folder of state caches shared by several runs (a sweep)
+    length: RunLength | None = None  # train.epochs / train.steps resolved against the training split
 
 
 def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress,
@@ -298,12 +320,12 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     precision = resolve_precision(cfg.train.precision, dev)  # logs its choice once
     cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
     dist.barrier()
-    if dist.is_main:
-        env = {**env_info(dev), "seed": cfg.seed, **precision.describe(), "world_size": dist.world_size}
-        atomic_write_json(run_dir / "env.json", env)
     seed_everything(cfg.seed, cfg.train.deterministic)
 
     train_split, dev_split = load_data(cfg)
+    length = run_length(cfg, steps_in_epoch(cfg, train_split.n_captions))  # the config itself stays as written
+    if dist.is_main:
+        announce_length(cfg, length)
     n_val = min(cfg.data.val_images, dev_split.n_images)
     val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
         else dev_split.subset_images(n_val)
@@ -313,14 +335,14 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
-    set_dense(model, precision.dense_rnn)
+    set_rnn_path(model, precision.rnn_path)
     optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
                        criterion=ContrastiveLoss(margin=cfg.loss.margin),
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
                        last=last, text_input=text_input_for(cfg.model.text.cache_states),
-                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None)
+                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length)
 
 
 def restore_run(run: TrainingRun, resume: bool) -> None:
@@ -330,24 +352,37 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
         run.state = _restore(run.last, run.model, run.optimizer, run.device, run.metrics)
         if is_complete(run):
             log.info("%s is already complete: %d of %d epochs, best dev rsum %.2f (epoch %d); nothing to resume "
-                     "(raise train.epochs to train longer)", run_dir, run.state["epoch"], cfg.train.epochs,
-                     run.state["best_rsum"], run.state["best_epoch"])
+                     "(raise train.epochs or train.steps to train longer)", run_dir, run.state["epoch"],
+                     _epochs(run), run.state["best_rsum"], run.state["best_epoch"])
             return
+        old_rule = run.state.get("select_tie_rule", "optimistic")  # checkpoints before the option used optimistic
+        if old_rule != cfg.train.select_tie_rule:
+            log.warning("the best checkpoint so far was chosen by the %s tie rule; later epochs are compared with "
+                        "its dev rsum %.2f under the %s rule", old_rule, run.state["best_rsum"],
+                        cfg.train.select_tie_rule)
         log.info("resumed at epoch %d (step %d, best rsum %.2f)", run.state["epoch"], run.state["global_step"],
                  run.state["best_rsum"])
     elif resume:
         log.warning("no complete checkpoint in %s: starting from epoch 0", run_dir)
     if resume and dist.is_main and config_from_yaml((run_dir / "config.yaml").read_text()) != cfg:
         save_config(cfg, run_dir / "config.yaml")  # only after the checkpoint loaded: a failed resume changes nothing
+    if dist.is_main:
+        env = {**env_info(run.device), "seed": cfg.seed, **run.precision.describe(), "world_size": dist.world_size,
+               "run_length": run.length.as_dict(), "select_tie_rule": cfg.train.select_tie_rule}
+        atomic_write_json(run_dir / "env.json", env)
     run.metrics.truncate_after(run.state["global_step"])
     if run.text_input is TextInput.STATES:
         run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
                                    run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
 
 
+def _epochs(run: TrainingRun) -> int:
+    return run.length.epochs if run.length is not None else run.cfg.train.epochs
+
+
 def is_complete(run: TrainingRun) -> bool:
-    """True when the restored checkpoint already holds every epoch of the recipe."""
-    return run.state["epoch"] >= run.cfg.train.epochs
+    """True when the restored checkpoint already holds every epoch of the recipe (of its step budget, resolved)."""
+    return run.state["epoch"] >= _epochs(run)
 
 
 def fit(run: TrainingRun) -> Path:
@@ -363,8 +398,8 @@ def fit(run: TrainingRun) -> Path:
         meta[FROZEN_KEY] = save_frozen(run_dir / FROZEN_FILE, frozen_state, frozen, run_dir / "checkpoints")
     state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        set_learning_rates(run.optimizer, cfg, epoch)
+    for epoch in range(state["epoch"], _epochs(run)):
+        set_learning_rates(run.optimizer, cfg, epoch, run.length)
         if image_size is not None and backbone_fixed_blocks(cfg, epoch) != fixed:
             fixed = backbone_fixed_blocks(cfg, epoch)
             model.image.set_fixed_blocks(fixed)  # IMG-11; DDP is rebuilt below for the new trainable set
@@ -378,7 +413,7 @@ def fit(run: TrainingRun) -> Path:
         global_step = train_one_epoch(net, loader, run.optimizer, run.criterion, cfg, epoch, global_step, run.device,
                                       run.precision, run.metrics, run.progress, dist, text_input=run.text_input)
         val = validate(model, run.val_split, run.text, run.device, run.precision, cfg.data.batch_size, val_states,
-                       dist)
+                       dist, tie_rule=cfg.train.select_tie_rule)
         is_best = val["rsum"] > best_rsum
         if is_best:
             best_rsum, best_epoch = val["rsum"], epoch
@@ -386,7 +421,7 @@ def fit(run: TrainingRun) -> Path:
         log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
                  val["t2i_r1"], " best" if is_best else "")
         state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
-                 "val": val, "vsectl_version": vsectl.__version__}
+                 "val": val, "vsectl_version": vsectl.__version__, "select_tie_rule": cfg.train.select_tie_rule}
         if dist.is_main:
             model_state, _ = split_frozen(model.state_dict(), frozen)
             if is_best:  # best first: a crash between the two leaves last behind, which resume handles

@@ -24,13 +24,14 @@ def import_official_cli(
     data_root: Annotated[Path | None, typer.Option(help="The dataset folder, recorded as data.root")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the provenance record as JSON on stdout")] = False,
 ) -> None:
-    """Import a released VSE∞ checkpoint (region image side, BiGRU or BERT text); prints the run directory."""
+    """Import a released VSE∞ checkpoint (region or grid image side, BiGRU or BERT text); prints the run directory."""
     from vsectl.importers.official import import_official
 
     record = run_guarded(import_official, path, out, vocab=vocab, text_model=text_model, data_root=data_root)
     official = record["official"]
-    err.print(f"imported {record['text_branch']} checkpoint (official epoch {official['epoch']}, best rsum "
-              f"{official['best_rsum']}) · sha256 {record['source']['sha256'][:16]}…", highlight=False)
+    err.print(f"imported {record['image_side']} + {record['text_branch']} checkpoint (official epoch "
+              f"{official['epoch']}, best rsum {official['best_rsum']}) · sha256 {record['source']['sha256'][:16]}…",
+              highlight=False)
     where = "" if data_root else " --data-root DATA"
     err.print(f"evaluate it: vsectl eval {record['run']} --protocol {record['protocol']}{where}", highlight=False)
     typer.echo(json.dumps(record, indent=2) if as_json else record["run"])

@@ -31,6 +31,8 @@ def gridsearch_cli(
     overrides: SetOpt = None,
     protocol: Annotated[str, typer.Option(help="Evaluation protocol for every cell")] = "f30k",
     split: Annotated[str, typer.Option(help="Split evaluated")] = "test",
+    ties: Annotated[str | None, typer.Option(help="How exact ties count in each cell's evaluation: optimistic "
+                                                  "(vsectl eval's default), pessimistic or expected")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Sweep pooling choices (Fig. 6 of the paper) with GPO alongside; prints the output folder."""
@@ -38,7 +40,7 @@ def gridsearch_cli(
 
     spec = run_guarded(resolve_grid, grid, pool=pool, k=k, branch=branch, seeds=seeds, gpo=gpo, quick=quick)
     result = run_guarded(gridsearch, recipe, spec, out_dir=out, overrides=overrides or [], quick=quick,
-                         protocol=protocol, split=split, device=device, jobs=jobs,
+                         protocol=protocol, split=split, device=device, jobs=jobs, tie_rule=ties,
                          progress=RichProgress(enabled=not STATE.get("quiet")))
     err.print(Path(result["out_dir"], "results.md").read_text(), highlight=False, markup=False)
     typer.echo(result["out_dir"])

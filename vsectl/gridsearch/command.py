@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vsectl.config import RunConfig
+from vsectl.errors import ConfigError
 from vsectl.gridsearch.grid import GridSpec, expand_grid
 from vsectl.gridsearch.report import write_results
 from vsectl.gridsearch.runner import run_sweep
+from vsectl.metrics import TIE_RULES
 from vsectl.recipe_files import shipped_recipe
 from vsectl.runtime import Progress
 
@@ -48,6 +50,7 @@ def gridsearch(
     device: str = "auto",
     jobs: int = 1,
     progress: Progress | None = None,
+    tie_rule: str | None = None,
 ) -> dict:
     """Load the recipe (default: `default_recipe()`), expand `grid`, run the sweep, write the results.
 
@@ -55,6 +58,7 @@ def gridsearch(
         grid: the grid (`resolve_grid`; with `quick`, start from QUICK_GRID).
         overrides: `--set` values applied to every cell (after the --quick ones, so they win).
         quick: shorten every run with QUICK_OVERRIDES.
+        tie_rule: how exact ties count in every cell's evaluation (`vsectl eval --ties`; None: eval's default).
 
     Returns:
         {"rows", "verdict", "paths", "out_dir", "records"}.
@@ -67,10 +71,12 @@ def gridsearch(
         ensure_toy_data(base)
     cells = expand_grid(grid.pool, grid.k, grid.branch, grid.seeds, grid.gpo)
     out = Path(out_dir) if out_dir is not None else Path("results") / "gridsearch" / path.stem
+    if tie_rule is not None and tie_rule not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     records = run_sweep(base, cells, out, protocol=protocol, split=split, device=device, jobs=jobs,
-                        progress=progress)
+                        progress=progress, tie_rule=tie_rule)
     meta = {"recipe": str(path), "overrides": list(overrides), "quick": quick, "protocol": protocol, "split": split,
-            "branch": grid.branch, "pool": list(grid.pool), "k": list(grid.k), "seeds": list(grid.seeds),
-            "gpo": grid.gpo, "cells": len(cells)}
+            "tie_rule": records[0]["tie_rule"] if records else tie_rule, "branch": grid.branch,
+            "pool": list(grid.pool), "k": list(grid.k), "seeds": list(grid.seeds), "gpo": grid.gpo, "cells": len(cells)}
     written = write_results(out, records, grid.branch, meta)
     return {**written, "out_dir": str(out), "records": records}

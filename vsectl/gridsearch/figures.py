@@ -100,7 +100,7 @@ def branch_legend(fig: Any, several: bool, with_seeds: bool) -> None:
     if with_seeds:
         handles.append(Line2D([], [], color=FIXED_COLOR, marker="o", ms=2.2, mew=0, ls="none", label="one seed"))
     handles.append(Line2D([], [], color=BEST_COLOR, ls=":", lw=0.8, marker="o", mfc=FIXED_COLOR, mec=FIXED_COLOR,
-                          ms=4, label="best fixed"))
+                          ms=4, label="best fixed (on dev)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.6, columnspacing=1.0)
 
 
@@ -276,7 +276,7 @@ def draw_heatmap_figure(rows: Sequence[dict], best: str | None = None, title: st
     ax.set_ylabel("visual pooling")
     bar = fig.colorbar(mesh, ax=ax, location="bottom", shrink=0.8, aspect=30, pad=0.02)
     several = any(len(r["seeds"]) > 1 for r in rows)
-    bar.set_label(f"rsum{' (mean over seeds)' if several else ''}; outlined: best fixed")
+    bar.set_label(f"rsum{' (mean over seeds)' if several else ''}; outlined: best fixed on dev")
     bar.outline.set_linewidth(0.4)
     if title:
         fig.suptitle(title)

@@ -15,16 +15,48 @@ from vsectl.io import atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 
-def results_markdown(rows: Sequence[dict], verdict_text: str, branch: str, meta: dict) -> str:
-    """The sweep as Markdown: a visual × text rsum matrix (branch "both"), every cell's means, the verdict."""
+def _pair(value: list | None) -> str:
+    return _fmt(*value) if value else "—"
+
+
+def comparison_markdown(judged: dict, split: str) -> list[str]:
+    """GPO against the dev-selected best fixed cell: dev and test rsum, the paired difference, its CI, p, power."""
+    if judged.get("best_fixed") is None:
+        return []
+    n = judged["n"]
+    diff = f"{judged['diff_mean']:+.1f}" + (f" ± {judged['diff_std']:.1f}" if judged["diff_std"] is not None else "")
+    lines = [f"GPO against the best fixed cell (chosen on {judged['selected_on']}), paired by seed over {n} seed(s):",
+             "", f"| | cell | dev rsum | {split} rsum |", "|---|---|---:|---:|",
+             f"| best fixed | {judged['best_fixed']} | {_pair(judged['best_fixed_dev_rsum'])} | "
+             f"{_pair(judged['best_fixed_rsum'])} |",
+             f"| GPO | — | {_pair(judged['gpo_dev_rsum'])} | {_pair(judged['gpo_rsum'])} |", ""]
+    if judged["p_value"] is None:
+        return lines + [f"- GPO − best: {diff} (a paired test needs 3 or more seeds)", ""]
+    power = judged["power"]
+    ci = f"[{judged['ci'][0]:+.1f}, {judged['ci'][1]:+.1f}]"
+    return lines + [
+        f"- GPO − best ({split} rsum): {diff} (mean ± std over seeds), {100 * (1 - power['alpha']):g} % CI {ci}, "
+        f"paired t-test p = {judged['p_value']:.3g}",
+        f"- power: smallest difference detected with power {power['target_power']:g} at α = {power['alpha']}: "
+        f"{power['detectable_difference']:.1f} rsum; power at a difference of {power['delta']:g}: "
+        f"{power['power_at_delta']:.2f} ({'enough' if power['powered'] else 'not enough'} to tell "
+        f"{power['delta']:g} rsum)", ""]
+
+
+def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict) -> str:
+    """The sweep as Markdown: a visual × text rsum matrix (branch "both"), every cell's means, GPO against the
+    dev-selected best fixed cell, the verdict."""
+    split = meta.get("split")
     lines = [f"# Pooling grid search: {meta.get('recipe', '')}", "",
-             f"Test metrics ({meta.get('protocol')}, split {meta.get('split')}), mean ± std over seeds "
-             f"{', '.join(map(str, meta.get('seeds', [])))}.", ""]
-    if branch == "both":
+             f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}, ties "
+             f"{meta.get('tie_rule') or 'optimistic'}), mean ± std over seeds "
+             f"{', '.join(map(str, meta.get('seeds', [])))}; dev rsum is each run's best-checkpoint validation rsum "
+             "(the checkpoint evaluated).", ""]
+    if branch == "both" and any(not r["gpo"] for r in rows):  # a GPO-only grid has no matrix
         images = list(dict.fromkeys(r["image"] for r in rows if not r["gpo"]))
         texts = list(dict.fromkeys(r["text"] for r in rows if not r["gpo"]))
         cell = {(r["image"], r["text"]): _fmt(r["rsum_mean"], r["rsum_std"]) for r in rows if not r["gpo"]}
-        lines += ["rsum, visual pooling (rows) × text pooling (columns):", "",
+        lines += [f"{split} rsum, visual pooling (rows) × text pooling (columns):", "",
                   "| visual \\ text | " + " | ".join(texts) + " |", "|---|" + "---:|" * len(texts)]
         lines += [f"| {i} | " + " | ".join(cell.get((i, t), "") for t in texts) + " |" for i in images]
         gpo = next((r for r in rows if r["gpo"]), None)
@@ -32,13 +64,18 @@ def results_markdown(rows: Sequence[dict], verdict_text: str, branch: str, meta:
             rsum = _fmt(gpo["rsum_mean"], gpo["rsum_std"])
             lines += ["", f"GPO (visual {gpo['image']}, text {gpo['text']}): rsum {rsum}"]
         lines.append("")
-    lines += ["| cell | visual | text | seeds | rsum | i2t R@1 | t2i R@1 |", "|---|---|---|---:|---:|---:|---:|"]
+    lines += ["| cell | visual | text | seeds | dev rsum | rsum | i2t R@1 | t2i R@1 |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = f"**{r['cell']}** (GPO)" if r["gpo"] else r["cell"]
-        lines.append(f"| {name} | {r['image']} | {r['text']} | {len(r['seeds'])} | "
+        if r["cell"] == judged.get("best_fixed"):
+            name += " (best fixed)"
+        dev = _fmt(r["dev_rsum_mean"], r["dev_rsum_std"]) if r["dev_rsum_mean"] is not None else "—"
+        lines.append(f"| {name} | {r['image']} | {r['text']} | {len(r['seeds'])} | {dev} | "
                      f"{_fmt(r['rsum_mean'], r['rsum_std'])} | {_fmt(r['i2t_r1_mean'], r['i2t_r1_std'])} | "
                      f"{_fmt(r['t2i_r1_mean'], r['t2i_r1_std'])} |")
-    return "\n".join(lines + ["", f"**Verdict:** {verdict_text}", ""])
+    lines += ["", *comparison_markdown(judged, str(split))]
+    return "\n".join(lines + [f"**Verdict:** {judged['text']}", ""])
 
 
 def results_csv(records: Sequence[dict]) -> str:
@@ -66,7 +103,7 @@ def write_results(out_dir: str | Path, records: Sequence[dict], branch: str, met
     atomic_write_json(out / "results.json", {"meta": meta, "records": list(records), "summary": rows,
                                              "verdict": judged})
     atomic_write_text(out / "results.csv", results_csv(records))
-    atomic_write_text(out / "results.md", results_markdown(rows, judged["text"], branch, meta))
+    atomic_write_text(out / "results.md", results_markdown(rows, judged, branch, meta))
     paths = [out / "results.json", out / "results.csv", out / "results.md"]
     try:
         paths += write_grid_figures(rows, branch, out, records=records, best=judged.get("best_fixed"),

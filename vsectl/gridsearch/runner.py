@@ -18,17 +18,21 @@ from vsectl.runtime import NullProgress, Progress, usable_cpus
 log = logging.getLogger(__name__)
 
 
-def eval_path(run_dir: Path, protocol: str, split: str) -> Path:
+def eval_path(run_dir: Path, protocol: str, split: str, tie_rule: str | None = None) -> Path:
     from vsectl.evaluation import result_path
 
-    return result_path(run_dir, protocol, split)
+    return result_path(run_dir, protocol, split, **({"tie_rule": tie_rule} if tie_rule else {}))  # None: eval's default
 
 
-def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path | None = None) -> bool:
-    """A cell is finished when its eval JSON for this protocol and split exists, made on the cell's own data."""
+def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path | None = None,
+                tie_rule: str | None = None) -> bool:
+    """A cell is finished when its eval JSON for this protocol, split and tie rule exists, made on the cell's own data.
+
+    A trained cell without the JSON of another tie rule is only evaluated again (its training is complete).
+    """
     from vsectl.evaluation import same_root
 
-    path = eval_path(run_dir, protocol, split)
+    path = eval_path(run_dir, protocol, split, tie_rule)
     if not path.is_file():
         return False
     try:
@@ -38,7 +42,8 @@ def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path 
     return result.get("split") == split and (data_root is None or same_root(result.get("data_root", ""), data_root))
 
 
-def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, device: str = "auto") -> str:
+def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, device: str = "auto",
+             tie_rule: str | None = None) -> str:
     """Train one cell (resuming a partial run from its last checkpoint) and evaluate its best checkpoint.
 
     Returns:
@@ -62,7 +67,8 @@ def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, d
             if runs_root_empty(Path(runs_root)):
                 Path(runs_root).rmdir()
         raise
-    evaluate_runs([run_dir], protocol=protocol, split=split, device=resolve_device(device), which="best", write=True)
+    evaluate_runs([run_dir], protocol=protocol, split=split, device=resolve_device(device), which="best", write=True,
+                  **({"tie_rule": tie_rule} if tie_rule else {}))
     return str(run_dir)
 
 
@@ -97,9 +103,9 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_cell_job(args: tuple[dict, str, str, str, str]) -> str:
-    cfg_dict, runs_root, protocol, split, device = args
-    return run_cell(from_dict(RunConfig, cfg_dict), runs_root, protocol, split, device)
+def _run_cell_job(args: tuple[dict, str, str, str, str, str | None]) -> str:
+    cfg_dict, runs_root, protocol, split, device, tie_rule = args
+    return run_cell(from_dict(RunConfig, cfg_dict), runs_root, protocol, split, device, tie_rule)
 
 
 def run_sweep(
@@ -111,6 +117,7 @@ def run_sweep(
     device: str = "auto",
     jobs: int = 1,
     progress: Progress | None = None,
+    tie_rule: str | None = None,
 ) -> list[dict]:
     """Run every unfinished cell (train + eval into `out_dir/runs/<cell.name>`) and read all cells back.
 
@@ -128,14 +135,15 @@ def run_sweep(
     for name, cfg in configs.items():
         check_existing(runs_root / name, cfg)
     split = canonical_split(split)
-    todo = [c for c in cells if not is_finished(runs_root / c.name, protocol, split, configs[c.name].data.root)]
+    todo = [c for c in cells
+            if not is_finished(runs_root / c.name, protocol, split, configs[c.name].data.root, tie_rule)]
     log.info("gridsearch: %d cells, %d finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
     if jobs > 1 and len(todo) > 1:
         cpus = usable_cpus()  # the CPUs this process may run on (affinity, cgroups' cpusets), not the machine's
         if jobs > cpus:
             log.warning("--jobs %d is more than the %d CPUs this process may use; cells will share cores", jobs, cpus)
         threads = max(1, cpus // jobs)
-        args = [(to_dict(configs[c.name]), str(runs_root), protocol, split, device) for c in todo]
+        args = [(to_dict(configs[c.name]), str(runs_root), protocol, split, device, tie_rule) for c in todo]
         with mp.get_context("spawn").Pool(min(jobs, len(todo)), _init_worker, (threads,)) as pool:
             for run_dir in progress.track(pool.imap_unordered(_run_cell_job, args), total=len(todo),
                                           description="gridsearch"):
@@ -143,31 +151,47 @@ def run_sweep(
     else:
         for cell in progress.track(todo, total=len(todo), description="gridsearch"):
             log.info("cell %s", cell.name)
-            run_cell(configs[cell.name], runs_root, protocol, split, device)
-    return [read_record(cell, runs_root / cell.name, protocol, split) for cell in cells]
+            run_cell(configs[cell.name], runs_root, protocol, split, device, tie_rule)
+    return [read_record(cell, runs_root / cell.name, protocol, split, tie_rule) for cell in cells]
 
 
-def _best_dev_rsum(run_dir: Path) -> float | None:
+def best_dev(run_dir: Path) -> tuple[float | None, int | None]:
+    """The dev rsum (and epoch) of the run's best checkpoint: the one that was evaluated.
+
+    Read from checkpoints/best/trainer_state.json, which `train()` writes with the checkpoint it selected by that
+    rsum; a run without it (an older layout) falls back to the last validation record flagged best in metrics.jsonl
+    (a resumed run's metrics.jsonl has no records past its checkpoint, so that is the same epoch).
+    """
+    state = run_dir / "checkpoints" / "best" / "trainer_state.json"
+    if state.is_file():
+        try:
+            saved = json.loads(state.read_text())
+            return float(saved["best_rsum"]), int(saved["best_epoch"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("%s is unreadable; reading the best dev rsum from metrics.jsonl", state)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return None
-    vals = []
+        return None, None
+    best: tuple[float | None, int | None] = (None, None)
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("kind") == "val" and "rsum" in rec:
-            vals.append(rec["rsum"])
-    return max(vals) if vals else None
+        if rec.get("kind") == "val" and rec.get("best") and "rsum" in rec:
+            best = float(rec["rsum"]), rec.get("epoch")
+    return best
 
 
-def read_record(cell: Cell, run_dir: Path, protocol: str, split: str) -> dict:
-    """One cell's result, read from the run's own files: eval/<protocol>-<split>.json and metrics.jsonl."""
-    result = json.loads(eval_path(run_dir, protocol, split).read_text())
+def read_record(cell: Cell, run_dir: Path, protocol: str, split: str, tie_rule: str | None = None) -> dict:
+    """One cell's result, read from the run's own files: eval/<protocol>-<split>[-<rule>].json and the best
+    checkpoint's dev rsum (`best_dev`)."""
+    result = json.loads(eval_path(run_dir, protocol, split, tie_rule).read_text())
+    dev_rsum, dev_epoch = best_dev(run_dir)
     return {
         "cell": cell.key, "seed": cell.seed, "run": str(run_dir), "gpo": cell.gpo, "fixed": cell.fixed,
         "image": cell.image.label if cell.image else "recipe", "text": cell.text.label if cell.text else "recipe",
         "split": result.get("split"), "n_images": result.get("n_images"), "metrics": result["metrics"],
-        "dev_best_rsum": _best_dev_rsum(run_dir),
+        "tie_rule": result.get("tie_rule", tie_rule), "ties": result.get("ties"),
+        "dev_best_rsum": dev_rsum, "dev_best_epoch": dev_epoch,
     }

@@ -6,6 +6,7 @@ become a config (`official_opt`), its weights are renamed to vsectl's layout by 
 and the run directory is written under a temporary name and renamed into place, so a failed import leaves nothing.
 
     runs/NAME/  config.yaml  vocab.json | text_model/  provenance.json  checkpoints/best/{model.safetensors, ...}
+                [backbone.safetensors: grid checkpoints, the trained backbone the config builds the model from]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 import vsectl
 from vsectl.builders import TEXT_MODEL_DIR, VOCAB_FILE, build_model, load_text
@@ -29,7 +31,14 @@ from vsectl.checkpoint import load_model_state, save_checkpoint
 from vsectl.config import RunConfig, config_to_yaml, save_config
 from vsectl.data.vocab import Vocab
 from vsectl.errors import CheckpointError
-from vsectl.importers.official_opt import build_config, check_fields, opt_record, protocol_for
+from vsectl.importers.official_grid import (
+    BACKBONE_FILE,
+    GRID_HEAD_KEYS,
+    head_sizes_view,
+    map_grid_backbone,
+    split_grid_image,
+)
+from vsectl.importers.official_opt import build_config, check_fields, is_grid, opt_record, protocol_for
 from vsectl.importers.safe_load import load_torch_pickle
 from vsectl.io import atomic_write_json
 from vsectl.optim import create_run_optimizer
@@ -129,7 +138,7 @@ def map_keys(
         rule = next((r for r in rules if key.startswith(r[0])), None)
         if rule is None:
             grid_side = key.startswith(("backbone.", "image_encoder."))
-            grid = " (a grid model's image side: not importable yet)" if grid_side else ""
+            grid = " (a grid model's image side, but the options say precomp_enc_type=basic)" if grid_side else ""
             raise CheckpointError(f"{source}: cannot place {side} encoder key '{key}'{grid}; vsectl has no weight "
                                   "it corresponds to")
         prefix, target, why = rule
@@ -241,16 +250,32 @@ def import_official(
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; choose a new folder (an import never overwrites a run)")
     ckpt = read_official(path)
-    check_fields(ckpt.opt, str(path))  # the first option it cannot place, or a grid model, stops it before the weights
-    sizes = {"image": _gpo_sizes(ckpt.image, path, "image"), "text": _gpo_sizes(ckpt.text, path, "text")}
-    hidden = ckpt.image.get("mlp.layers.0.weight")
-    if hidden is None:
-        raise CheckpointError(f"{path}: the image encoder has no region MLP (mlp.layers.0.weight); only region "
-                              "checkpoints (precomp_enc_type=basic) import")
-    cfg = build_config(ckpt.opt, ckpt.branch, out.name, sizes, int(hidden.shape[0]), str(path), text_model or "")
+    check_fields(ckpt.opt, str(path))  # the first option it cannot place stops it before the weights
+    grid = is_grid(ckpt.opt)
+    backbone: dict[str, torch.Tensor] | None = None
+    if grid:
+        backbone_keys, head = split_grid_image(ckpt.image, path)
+        sizes = {"image": _gpo_sizes(head_sizes_view(head), path, "image"),
+                 "text": _gpo_sizes(ckpt.text, path, "text")}
+        hidden = 0
+    else:
+        sizes = {"image": _gpo_sizes(ckpt.image, path, "image"), "text": _gpo_sizes(ckpt.text, path, "text")}
+        mlp = ckpt.image.get("mlp.layers.0.weight")
+        if mlp is None:
+            raise CheckpointError(f"{path}: the image encoder has no region MLP (mlp.layers.0.weight), and the "
+                                  "options say precomp_enc_type=basic (a region model)")
+        hidden = int(mlp.shape[0])
+    # a grid run builds its backbone from its own copy of the trained weights, so it needs no file from elsewhere
+    weights = str(out.resolve() / BACKBONE_FILE) if grid else ""
+    cfg = build_config(ckpt.opt, ckpt.branch, out.name, sizes, hidden, str(path), text_model or "", weights)
     if data_root is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(data_root)))
-    image_state, dropped = map_keys(ckpt.image, IMAGE_KEYS, "image", path)
+    if grid:
+        backbone, image_state, dropped = map_grid_backbone(backbone_keys, path, cfg.model.image.backbone.name)
+        head_state, dropped_head = map_keys(head, GRID_HEAD_KEYS, "image", path)
+        image_state, dropped = {**image_state, **head_state}, dropped + dropped_head
+    else:
+        image_state, dropped = map_keys(ckpt.image, IMAGE_KEYS, "image", path)
     text_state, dropped_text = map_keys(ckpt.text, BIGRU_KEYS if ckpt.branch == "bigru" else BERT_KEYS, "text", path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
@@ -259,20 +284,28 @@ def import_official(
     os.mkdir(tmp)  # plain mkdir, not mkdtemp: the run folder keeps the user's umask
     try:
         record = _write_run(tmp, cfg, ckpt, path, {**image_state, **text_state}, dropped + dropped_text, vocab,
-                            text_model)
+                            text_model, backbone)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("imported %s (%s text, epoch %s) into %s", path, ckpt.branch, ckpt.epoch, out)
+    log.info("imported %s (%s, %s text, epoch %s) into %s", path, "grid" if grid else "region", ckpt.branch,
+             ckpt.epoch, out)
     return {**record, "run": str(out), "protocol": protocol_for(ckpt.opt.get("data_name", ""))}
 
 
 def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path, state: dict[str, torch.Tensor],
-               dropped: list[dict[str, str]], vocab: str | Path | None, text_model: str | None) -> dict[str, Any]:
+               dropped: list[dict[str, str]], vocab: str | Path | None, text_model: str | None,
+               backbone: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     text_info = _text_files(ckpt, tmp, source, Path(vocab) if vocab is not None else None, text_model)
     save_config(cfg, tmp / "config.yaml")
-    model = build_model(cfg, load_text(cfg, tmp))  # exactly how eval rebuilds the run
+    build_cfg = cfg
+    if backbone is not None:  # the config names the run's final folder; until the rename the file sits in tmp
+        save_file({k: v.contiguous() for k, v in backbone.items()}, str(tmp / BACKBONE_FILE))
+        image = cfg.model.image
+        build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image=dataclasses.replace(
+            image, backbone=dataclasses.replace(image.backbone, weights=str(tmp / BACKBONE_FILE)))))
+    model = build_model(build_cfg, load_text(cfg, tmp))  # exactly how eval rebuilds the run
     try:
         load_model_state(model, state)
     except CheckpointError as err:
@@ -292,6 +325,7 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
         "source": {"path": str(source.resolve()), "sha256": sha256_file(source), "bytes": source.stat().st_size,
                    "format": "official VSE∞ checkpoint (woodfrog/vse_infty model_best.pth)"},
         "text_branch": ckpt.branch,
+        "image_side": f"grid ({cfg.model.image.backbone.name})" if backbone is not None else "region",
         "official": {"epoch": ckpt.epoch, "best_rsum": ckpt.best_rsum, "Eiters": ckpt.eiters},
         **text_info,
         "opt": opt_record(ckpt.opt, ckpt.branch),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from vsectl.config import (
+    BackboneConfig,
     DataConfig,
     ImageConfig,
     LossConfig,
@@ -28,10 +29,18 @@ OFFICIAL_DEFAULTS: dict[str, Any] = {
     "num_layers": 1, "grad_clip": 2.0, "learning_rate": 0.0002, "lr_update": 15, "optim": "adam", "log_step": 10,
     "img_dim": 2048, "no_imgnorm": False, "no_txtnorm": False, "precomp_enc_type": "basic",
     "vse_mean_warmup_epochs": 0, "drop": True,
+    # grid checkpoints (precomp_enc_type=backbone) only
+    "backbone_source": "detector", "embedding_warmup_epochs": 2, "backbone_warmup_epochs": 5,
+    "backbone_lr_factor": 0.01, "input_scale_factor": 1.0,
 }
+GRID_OPTIONS = ("backbone_source", "embedding_warmup_epochs", "backbone_warmup_epochs", "backbone_lr_factor",
+                "input_scale_factor")
+GRID_BACKBONES = ("detector", "wsl")  # backbone_source values and vsectl's backbones of the same layout
+BASE_IMAGE_SIDE = 256                 # the official raw-image loader: side = 256 × input_scale_factor
 
 MAPPED: dict[str, str] = {  # option → where its value goes
-    "data_name": "data.root (data/coco or data/f30k; eval takes --data-root) and the suggested eval protocol",
+    "data_name": "data.root (data/coco or data/f30k; grid: data/coco_raw or data/f30k_raw; eval takes --data-root) "
+                 "and the suggested eval protocol",
     "margin": "loss.margin",
     "num_epochs": "train.epochs",
     "batch_size": "data.batch_size",
@@ -46,17 +55,25 @@ MAPPED: dict[str, str] = {  # option → where its value goes
     "img_dim": "model.image.feat_dim",
     "no_imgnorm": "checked: must be false (vsectl always L2-normalises the image embedding)",
     "no_txtnorm": "checked: must be false (vsectl always L2-normalises the caption embedding)",
-    "precomp_enc_type": "model.image.encoder ('basic' = precomputed regions → region; 'backbone' = grid, refused)",
+    "precomp_enc_type": "model.image.encoder ('basic' = precomputed regions → region; 'backbone' = raw images → "
+                        "backbone, the grid model)",
     "vse_mean_warmup_epochs": "loss.hardest_negative_from_epoch",
     "drop": "model.text.size_augment (the BiGRU branch's caption augmentation switch)",
     "vocab_size": "checked: the --vocab file plus <mask> has this many words, as the word table has rows",
+    "backbone_source": "grid: model.image.backbone.name ('detector' or 'wsl'); ignored in region checkpoints",
+    "embedding_warmup_epochs": "grid: train.embedding_warmup_epochs (the backbone is frozen before it); ignored in "
+                               "region checkpoints",
+    "backbone_warmup_epochs": "grid: train.backbone_warmup_epochs; ignored in region checkpoints",
+    "backbone_lr_factor": "grid: train.lr_mult.backbone; ignored in region checkpoints",
+    "input_scale_factor": "grid: model.image.backbone.size = 256 × this (2.0 → 512 px); ignored in region "
+                          "checkpoints",
 }
 
-GRID_ONLY = "used only by the grid image side (precomp_enc_type=backbone), which region checkpoints do not have"
 IGNORED: dict[str, str] = {  # option → why it does not enter the config
     "data_path": "a folder on the training machine; eval takes --data-root",
     "vocab_path": "where the training machine kept the vocabulary; the file itself is given with --vocab",
-    "workers": "data-loader processes of the training machine (data.num_workers keeps the paper recipes' 4)",
+    "workers": "data-loader processes of the training machine (data.num_workers keeps the paper recipes' 4, or 8 "
+               "for grid models)",
     "val_step": "defined but not used by the official training loop (it validates once per epoch, as vsectl does)",
     "logger_name": "TensorBoard folder on the training machine",
     "model_name": "checkpoint folder on the training machine",
@@ -64,31 +81,35 @@ IGNORED: dict[str, str] = {  # option → why it does not enter the config
     "reset_start_epoch": "a resume switch; not part of the model",
     "max_violation": "the official loop turns hardest negatives on at vse_mean_warmup_epochs whatever this held, and "
                      "writes True back into opt, so vse_mean_warmup_epochs carries the schedule",
-    "backbone_path": GRID_ONLY,
-    "backbone_source": GRID_ONLY,
-    "backbone_warmup_epochs": GRID_ONLY,
-    "embedding_warmup_epochs": GRID_ONLY,
-    "backbone_lr_factor": GRID_ONLY,
-    "input_scale_factor": GRID_ONLY,
+    "backbone_path": "the backbone's starting weights on the training machine; a grid checkpoint holds the trained "
+                     "backbone itself",
 }
 
 # Not options but constants of the official code, so they are set here rather than read.
 WEIGHT_DECAY = {"bigru": 0.01,   # BiGRU branch, region features: AdamW built without weight_decay → its default 0.01
                 "bert": 1.0e-4}  # BERT branch: decay_factor = 1e-4 passed to AdamW
+GRID_WEIGHT_DECAY = 1.0e-4       # grid runs of both branches pass decay_factor = 1e-4
 LR_DECAY_FACTOR = 0.1            # adjust_learning_rate: LR × 0.1 at lr_update
 BERT_LR_MULT = 0.1               # the BERT body's parameter group runs at learning_rate × 0.1
 RECIPE_WORKERS = 4               # data.num_workers of the paper recipes
+GRID_RECIPE_WORKERS = 8          # ... and of the grid recipes (JPEG decoding in the workers)
+
+
+def is_grid(opt: dict[str, Any]) -> bool:
+    """Whether the checkpoint is a grid model (raw images through a CNN backbone) rather than a region model."""
+    return opt.get("precomp_enc_type", OFFICIAL_DEFAULTS["precomp_enc_type"]) == "backbone"
 
 
 def check_fields(opt: dict[str, Any], source: str) -> None:
-    """Fail on the first option that is neither mapped nor known to be irrelevant; refuse grid checkpoints."""
-    if opt.get("precomp_enc_type", "basic") == "backbone":
-        raise CheckpointError(
-            f"{source} is a grid checkpoint (precomp_enc_type=backbone, backbone_source="
-            f"{opt.get('backbone_source', '?')}): its image side runs a CNN on raw images, and vsectl cannot import "
-            "that checkpoint layout yet (its backbone keys are not mapped); region checkpoints "
-            "(precomp_enc_type=basic) import"
-        )
+    """Fail on the first option that is neither mapped nor known to be irrelevant, or an image side vsectl lacks."""
+    kind = opt.get("precomp_enc_type", OFFICIAL_DEFAULTS["precomp_enc_type"])
+    if kind not in ("basic", "backbone"):
+        raise CheckpointError(f"{source}: cannot place official option precomp_enc_type={kind!r}; 'basic' (region "
+                              "features) and 'backbone' (grid, raw images) import")
+    if kind == "backbone" and _value(opt, "backbone_source") not in GRID_BACKBONES:
+        raise CheckpointError(f"{source}: cannot place official option backbone_source="
+                              f"{_value(opt, 'backbone_source')!r}; vsectl has the official "
+                              f"{' and '.join(GRID_BACKBONES)} backbones")
     for name, value in opt.items():
         if name not in MAPPED and name not in IGNORED:
             raise CheckpointError(
@@ -101,13 +122,14 @@ def _value(opt: dict[str, Any], name: str) -> Any:
     return opt[name] if name in opt else OFFICIAL_DEFAULTS[name]
 
 
-def data_root_for(data_name: str) -> str:
-    """The data.root the paper recipes use for an official data_name (coco_precomp → data/coco)."""
+def data_root_for(data_name: str, grid: bool = False) -> str:
+    """The data.root the paper recipes use for an official data_name (coco_precomp → data/coco; grid: data/coco_raw)."""
     name = str(data_name)
+    suffix = "_raw" if grid else ""
     for known in ("coco", "f30k"):
         if known in name:
-            return f"data/{known}"
-    return f"data/{name}"
+            return f"data/{known}{suffix}"
+    return f"data/{name}{suffix}"
 
 
 def protocol_for(data_name: str) -> str:
@@ -117,7 +139,7 @@ def protocol_for(data_name: str) -> str:
 
 def build_config(
     opt: dict[str, Any], branch: str, name: str, gpo_sizes: dict[str, tuple[int, int]], mlp_hidden: int,
-    source: str, text_model: str = "",
+    source: str, text_model: str = "", backbone_weights: str = "",
 ) -> RunConfig:
     """The RunConfig that reproduces the official model (and, for training, its recipe).
 
@@ -126,9 +148,10 @@ def build_config(
         branch: "bigru" or "bert" (read from the text weights).
         name: the run name.
         gpo_sizes: {"image"|"text": (d_pe, d_hidden)} read from the GPO weights.
-        mlp_hidden: hidden width of the region MLP, read from its weights.
+        mlp_hidden: hidden width of the region MLP, read from its weights (unused by grid checkpoints).
         source: the checkpoint path, for messages.
         text_model: BERT only: the folder or hub id the config and tokenizer came from.
+        backbone_weights: grid only: the weights file the backbone is built from (the imported run's own copy).
     """
     check_fields(opt, source)
     for flag in ("no_imgnorm", "no_txtnorm"):
@@ -141,9 +164,7 @@ def build_config(
     if branch == "bigru" and _value(opt, "num_layers") != 1:
         raise CheckpointError(f"{source}: cannot place official option num_layers={_value(opt, 'num_layers')!r}; "
                               "vsectl's BiGRU text encoder has one layer")
-    if _value(opt, "precomp_enc_type") != "basic":
-        raise CheckpointError(f"{source}: cannot place official option precomp_enc_type="
-                              f"{_value(opt, 'precomp_enc_type')!r}; only 'basic' (region features) imports")
+    grid = is_grid(opt)
 
     def pool(side: str) -> PoolConfig:
         d_pe, d_hidden = gpo_sizes[side]
@@ -155,29 +176,45 @@ def build_config(
     else:
         text = TextConfig(encoder="transformers", pretrained=text_model, size_augment=True, pool=pool("text"))
     try:
+        if grid:
+            scale = float(_value(opt, "input_scale_factor"))
+            backbone = BackboneConfig(name=str(_value(opt, "backbone_source")), weights=backbone_weights,
+                                      size=int(BASE_IMAGE_SIDE * scale))
+            image = ImageConfig(encoder="backbone", feat_dim=int(_value(opt, "img_dim")), size_augment=True,
+                                pool=pool("image"), backbone=backbone)
+        else:
+            image = ImageConfig(encoder="region", feat_dim=int(_value(opt, "img_dim")), mlp_hidden=mlp_hidden,
+                                size_augment=True, pool=pool("image"))
         return RunConfig(
             name=name,
             seed=0,  # the official runs are unseeded
-            data=DataConfig(root=data_root_for(_value(opt, "data_name")), batch_size=int(_value(opt, "batch_size")),
-                            num_workers=RECIPE_WORKERS, val_images=1000, drop_last=True),
-            model=ModelConfig(
-                embed_dim=int(_value(opt, "embed_size")),
-                image=ImageConfig(encoder="region", feat_dim=int(_value(opt, "img_dim")), mlp_hidden=mlp_hidden,
-                                  size_augment=True, pool=pool("image")),
-                text=text,
-            ),
+            data=DataConfig(root=data_root_for(_value(opt, "data_name"), grid),
+                            batch_size=int(_value(opt, "batch_size")),
+                            num_workers=GRID_RECIPE_WORKERS if grid else RECIPE_WORKERS, val_images=1000,
+                            drop_last=True),
+            model=ModelConfig(embed_dim=int(_value(opt, "embed_size")), image=image, text=text),
             loss=LossConfig(margin=float(_value(opt, "margin")),
                             hardest_negative_from_epoch=int(_value(opt, "vse_mean_warmup_epochs"))),
             train=TrainConfig(
                 epochs=int(_value(opt, "num_epochs")), optimizer="adamw", lr=float(_value(opt, "learning_rate")),
                 lr_decay_epoch=int(_value(opt, "lr_update")), lr_decay_factor=LR_DECAY_FACTOR,
-                weight_decay=WEIGHT_DECAY[branch], grad_clip=float(_value(opt, "grad_clip")), precision="fp32",
+                weight_decay=GRID_WEIGHT_DECAY if grid else WEIGHT_DECAY[branch],
+                grad_clip=float(_value(opt, "grad_clip")), precision="fp32",
                 log_every=max(1, int(_value(opt, "log_step"))),
-                lr_mult=LRMultConfig(image_head=1.0, text_head=1.0, text_body=BERT_LR_MULT),
+                lr_mult=LRMultConfig(image_head=1.0, text_head=1.0, text_body=BERT_LR_MULT,
+                                     backbone=float(_value(opt, "backbone_lr_factor")) if grid else -1.0),
+                **(_grid_schedule(opt) if grid else {}),
             ),
         )
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: the official options do not make a valid vsectl config ({err})") from None
+
+
+def _grid_schedule(opt: dict[str, Any]) -> dict[str, Any]:
+    """The grid run's freeze schedule: the official loop's embedding/backbone warm-ups and its loss ramp."""
+    return {"embedding_warmup_epochs": int(_value(opt, "embedding_warmup_epochs")),
+            "backbone_warmup_epochs": int(_value(opt, "backbone_warmup_epochs")),
+            "loss_scale_warmup": True}  # the official grid loop always ramps the loss in the first unfrozen epoch
 
 
 BIGRU_ONLY = ("word_dim", "num_layers", "drop", "vocab_size")
@@ -193,6 +230,7 @@ def opt_record(opt: dict[str, Any], branch: str) -> dict[str, dict[str, Any]]:
         else:
             out[name] = {"value": plain, "ignored": IGNORED.get(name, "")}
     for name, value in OFFICIAL_DEFAULTS.items():
-        if name not in opt and not (branch == "bert" and name in BIGRU_ONLY):
+        if name not in opt and not (branch == "bert" and name in BIGRU_ONLY) and \
+                not (name in GRID_OPTIONS and not is_grid(opt)):
             out[name] = {"value": value, "maps_to": MAPPED[name], "absent": "official argparse default used"}
     return out

@@ -102,7 +102,15 @@ class Backbone(nn.Module):
 
 
 def read_state_dict(path: Path, what: str) -> dict[str, Any]:
-    """A torch state dict file (tensors only: `weights_only`), or a one-line ConfigError."""
+    """A torch state dict file (tensors only: `weights_only`) or a .safetensors file, or a one-line ConfigError."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{what} weights {path} are not a readable safetensors file ({e})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not state dicts

@@ -142,6 +142,20 @@ def _view_key(key: str) -> str | None:
     return None
 
 
+def resnet_key(key: str) -> tuple[str, bool]:
+    """An official backbone key → (its plain torchvision-style name, whether it came through a `base`/`top` view).
+
+    'backbone.resnet.layer1.0.conv1.weight' → ('layer1.0.conv1.weight', False);
+    'backbone.base.4.0.conv1.weight' → ('layer1.0.conv1.weight', True). Names outside the layout pass through.
+    """
+    name = key
+    for prefix in ("module.", "backbone.", "resnet."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    view = _view_key(name)
+    return (view, True) if view is not None else (name, False)
+
+
 def official_resnet_state(state: dict[str, Any], what: str) -> dict[str, torch.Tensor]:
     """Map a released ResNet state dict onto `ResNetC5`'s keys, strictly.
 
@@ -157,11 +171,7 @@ def official_resnet_state(state: dict[str, Any], what: str) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in _flatten(state).items():
-        name = key
-        for prefix in ("module.", "backbone.", "resnet."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        mapped = _view_key(name) or name
+        mapped, _ = resnet_key(key)
         if mapped.startswith("fc."):
             continue
         if not (mapped.startswith(("conv1.", "bn1.")) or mapped.split(".")[0] in {f"layer{i}" for i in range(1, 5)}):

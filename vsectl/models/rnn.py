@@ -39,11 +39,6 @@ def set_rnn_path(model: nn.Module, path: str) -> None:
             module.rnn_path = path
 
 
-def set_dense(model: nn.Module, unpacked: bool) -> None:
-    """`set_rnn_path` with a yes/no: the CPU path (stepped) or packed. The training loop's older spelling."""
-    set_rnn_path(model, "stepped" if unpacked else "packed")
-
-
 def reverse_index(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B,) lengths → (B, max_len) int64 positions that reverse each row within its length; padding stays put.
 
