@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,40 @@ def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> 
         The sha256 of the bytes written.
     """
     return atomic_write_bytes(Path(path), json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8"))
+
+
+def count_lines(counts: dict[str, Any]) -> list[str]:
+    """The "Counts: …" and "Splits: …" lines of a prepared dataset's PROVENANCE.md."""
+    return ["Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)),
+            "Splits: " + ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
+                                   for s, v in counts.get("splits", {}).items())]
+
+
+def write_raw_dataset(out: Path, dataset: str, entries: list[dict[str, Any]], png_sha: dict[str, str], *,
+                      counts: dict[str, Any], source: dict[str, Any], params: dict[str, Any], license_text: str,
+                      provenance: Callable[[dict[str, Any]], str], seconds: float) -> None:
+    """Finish a prepared image dataset in `out`: split counts, stale images removed, then dataset.json, LICENSE.txt,
+    PROVENANCE.md (`provenance(counts)`) and, last, manifest.json with every checksum (its presence means finished).
+
+    `counts` gains "splits" (images and captions per dataset.json split).
+    """
+    from vsectl import __version__
+    from vsectl.io import atomic_write_text
+
+    counts["splits"] = {s: {"images": sum(1 for e in entries if e["split"] == s),
+                            "captions": sum(len(e["sentences"]) for e in entries if e["split"] == s)}
+                        for s in ("train", "val", "test")}
+    for stale in (out / "images").glob("*.png"):
+        if stale.name not in png_sha:
+            stale.unlink()
+    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": dataset, "images": entries})
+    atomic_write_text(out / "LICENSE.txt", license_text)
+    atomic_write_text(out / "PROVENANCE.md", provenance(counts))
+    manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": dataset, "image_root": "images",
+                "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": round(seconds, 1), "source": source, "params": params, "counts": counts,
+                "checksums": {DATASET_JSON: dataset_sha, "images": png_sha}}
+    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
 
 
 def image_id(entry: dict[str, Any]) -> str:

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vsectl.config import RunConfig
-from vsectl.errors import ConfigError
 from vsectl.gridsearch.grid import GridSpec, expand_grid
 from vsectl.gridsearch.report import write_results
 from vsectl.gridsearch.runner import run_sweep
-from vsectl.metrics import TIE_RULES
 from vsectl.recipe_files import shipped_recipe
 from vsectl.runtime import Progress
 
@@ -71,8 +69,6 @@ def gridsearch(
         ensure_toy_data(base)
     cells = expand_grid(grid.pool, grid.k, grid.branch, grid.seeds, grid.gpo)
     out = Path(out_dir) if out_dir is not None else Path("results") / "gridsearch" / path.stem
-    if tie_rule is not None and tie_rule not in TIE_RULES:
-        raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     records = run_sweep(base, cells, out, protocol=protocol, split=split, device=device, jobs=jobs,
                         progress=progress, tie_rule=tie_rule)
     meta = {"recipe": str(path), "overrides": list(overrides), "quick": quick, "protocol": protocol, "split": split,

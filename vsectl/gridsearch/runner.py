@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def eval_path(run_dir: Path, protocol: str, split: str, tie_rule: str | None = None) -> Path:
-    from vsectl.evaluation import result_path
+    from vsectl.evaluation import DEFAULT_TIE_RULE, result_path
 
-    return result_path(run_dir, protocol, split, **({"tie_rule": tie_rule} if tie_rule else {}))  # None: eval's default
+    return result_path(run_dir, protocol, split, tie_rule=tie_rule or DEFAULT_TIE_RULE)
 
 
 def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path | None = None,
@@ -49,7 +49,7 @@ def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, d
     Returns:
         the cell's run directory.
     """
-    from vsectl.evaluation import evaluate_runs
+    from vsectl.evaluation import DEFAULT_TIE_RULE, evaluate_runs
     from vsectl.runtime import resolve_device
     from vsectl.training import train
 
@@ -68,7 +68,7 @@ def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, d
                 Path(runs_root).rmdir()
         raise
     evaluate_runs([run_dir], protocol=protocol, split=split, device=resolve_device(device), which="best", write=True,
-                  **({"tie_rule": tie_rule} if tie_rule else {}))
+                  tie_rule=tie_rule or DEFAULT_TIE_RULE)
     return str(run_dir)
 
 
@@ -130,6 +130,10 @@ def run_sweep(
     """
     progress = progress or NullProgress()
     runs_root = Path(out_dir) / "runs"
+    from vsectl.metrics import TIE_RULES
+
+    if tie_rule is not None and tie_rule not in TIE_RULES:  # evaluation would refuse it only after the first training
+        raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     configs = {cell.name: cell_config(base, cell) for cell in cells}  # validates every cell before any compute
     check_buildable(configs.values())
     for name, cfg in configs.items():

@@ -17,9 +17,8 @@ from vsectl.data.emoji.cleaning import EmojiItem, EmojiRules, select_emoji
 from vsectl.data.emoji.render import FONT_SIZE, RENDER_VERSION, EmojiRenderer, font_facts, pixel_sha256, save_png
 from vsectl.data.emoji.sources import resolve_sources
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
-from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION, sha256_file, write_json_atomic
+from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, count_lines, sha256_file, write_raw_dataset
 from vsectl.errors import DataError
-from vsectl.io import atomic_write_text
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -65,9 +64,7 @@ def _provenance(source: dict[str, Any], counts: dict[str, Any], params: dict[str
         "5. images were split by the picture they show (skin tone, hair, gender and age aside), so look-alikes",
         "   share a split, in a stable hash order.",
         "",
-        "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)),
-        "Splits: " + ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
-                                for s, v in counts.get("splits", {}).items()),
+        *count_lines(counts),
         "",
     ]
     return "\n".join(lines)
@@ -189,19 +186,8 @@ def prepare_emoji(
                             "codepoints": " ".join(f"U+{ord(c):04X}" for c in it.entry.seq),
                             "group": it.entry.group, "subgroup": it.entry.subgroup, "split_group": it.group,
                             "emoji_version": it.entry.version})
-    counts["splits"] = {s: {"images": sum(1 for e in entries_out if e["split"] == s),
-                            "captions": sum(len(e["sentences"]) for e in entries_out if e["split"] == s)}
-                        for s in ("train", "val", "test")}
-    for stale in (out / "images").glob("*.png"):
-        if stale.name not in png_sha:
-            stale.unlink()
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": "emoji", "images": entries_out})
-    atomic_write_text(out / "LICENSE.txt", LICENSE_TEXT)
-    atomic_write_text(out / "PROVENANCE.md", _provenance(source, counts, params))
-    manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": "emoji", "image_root": "images",
-                "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.monotonic() - start, 1), "source": source, "params": params,
-                "counts": counts, "checksums": {DATASET_JSON: dataset_sha, "images": png_sha}}
-    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
+    write_raw_dataset(out, "emoji", entries_out, png_sha, counts=counts, source=source, params=params,
+                      license_text=LICENSE_TEXT, provenance=lambda c: _provenance(source, c, params),
+                      seconds=time.monotonic() - start)
     log.info("emoji: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)))
     return out

@@ -23,9 +23,8 @@ from vsectl.data.openclipart.render import (
     render_png,
 )
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
-from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION, sha256_file, write_json_atomic
+from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, count_lines, sha256_file, write_raw_dataset
 from vsectl.errors import DataError
-from vsectl.io import atomic_write_text
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -65,9 +64,7 @@ def _provenance(source: dict[str, Any], counts: dict[str, Any], params: dict[str
         f"   {params['timeout'] * params['render_retry_factor']:g} s; failed or hung renders were skipped;",
         "6. images were split by normalised title (no title in two splits) in a stable hash order.",
         "",
-        "Counts: " + ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)),
-        "Splits: " + ", ".join(f"{s} {v['images']} images / {v['captions']} captions"
-                                for s, v in counts.get("splits", {}).items()),
+        *count_lines(counts),
         "",
     ]
     return "\n".join(lines)
@@ -163,20 +160,8 @@ def prepare_openclipart(
                         "sentences": [{"raw": c, "tokens": word_tokenize(c)} for c in it.captions],
                         "sha256": png_sha[it.filename], "source": it.record.source,
                         "source_sha256": it.record.sha256})
-    counts["splits"] = {s: {"images": sum(1 for e in entries if e["split"] == s),
-                            "captions": sum(len(e["sentences"]) for e in entries if e["split"] == s)}
-                        for s in ("train", "val", "test")}
-    keep = set(png_sha)
-    for stale in (out / "images").glob("*.png"):
-        if stale.name not in keep:
-            stale.unlink()
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": "openclipart", "images": entries})
-    atomic_write_text(out / "LICENSE.txt", LICENSE_TEXT)
-    atomic_write_text(out / "PROVENANCE.md", _provenance(source, counts, params))
-    manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": "openclipart", "image_root": "images",
-                "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": round(time.monotonic() - start, 1), "source": source, "params": params,
-                "counts": counts, "checksums": {DATASET_JSON: dataset_sha, "images": png_sha}}
-    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
+    write_raw_dataset(out, "openclipart", entries, png_sha, counts=counts, source=source, params=params,
+                      license_text=LICENSE_TEXT, provenance=lambda c: _provenance(source, c, params),
+                      seconds=time.monotonic() - start)
     log.info("openclipart: %s", ", ".join(f"{k} {v}" for k, v in counts.items() if not isinstance(v, dict)))
     return out
