@@ -3,11 +3,12 @@
 Extends bench_training.py (its Trainer, batches and pool swaps) at the paper's shapes: 36 × 2048 regions with the
 p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 1024, batch 128, hardest negatives.
 
-- baseline: today's code before this work: packed BiGRU text, packed GPO generator, for-loop AdamW, the region
-  encoder's fc and MLP over every padded row;
-- new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the GPO
-  generator's forward direction once, fused AdamW, the region products over the valid rows only; at fp32 and at
-  bf16; and the same with the text BiGRU on the other paths (packed, dense), to show what that choice is based on;
+- baseline: today's code before this work: packed BiGRU text, packed GPO generator, torch.sort for GPO's
+  per-dimension sort, for-loop AdamW, the region encoder's fc and MLP over every padded row;
+- new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
+  GPO sort (vsectl.native.sortsets), the GPO generator's forward direction once, fused AdamW, the region products
+  over the valid rows only; at fp32 and at bf16; and the same with torch.sort in GPO, and with the text BiGRU
+  packed, to show what each choice is worth;
 - new with both GPOs replaced by a zero-cost pool (the GPO share of the new fp32 step, by ablation);
 - MiniLM-shaped (and optionally BERT-base-shaped) text step: baseline fp32 vs new fp32 vs new bf16;
 - the AdamW step alone, for-loop vs fused, over the BiGRU model's parameters.
@@ -48,6 +49,7 @@ from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_ta
 from vsectl.config import load_recipe
 from vsectl.models.gpo import GPO
 from vsectl.models.image_encoders import RegionEncoder
+from vsectl.models.pooling.base import MASK_VALUE, length_mask, weighted_sum
 from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw
@@ -59,8 +61,26 @@ TARGET_BERT_BF16 = 0.40   # new bf16 BERT-base step ÷ today's fp32 step (a CPU 
 TARGET_GPO_SHARE = 0.06   # GPO ≤ 6 % of the new fp32 step
 
 
-class PackedGPO(GPO):
-    """Today's GPO generator: the BiGRU over one packed sequence per distinct length (the CUDA path)."""
+def torch_sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Today's sort (before the native kernel): fill padding, sort a transposed copy with torch.sort, zero padding."""
+    max_len = int(lengths.max())
+    mask = length_mask(lengths, max_len)
+    filled = feats[:, :max_len].masked_fill(~mask[..., None], MASK_VALUE)
+    ranked = filled.transpose(1, 2).contiguous().sort(dim=-1, descending=True).values
+    return ranked.masked_fill(~mask[:, None, :], 0.0).transpose(1, 2)
+
+
+class TorchSortGPO(GPO):
+    """GPO with today's torch.sort in place of the native sort (everything else new)."""
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ranked = torch_sort_features(feats, lengths)
+        theta = self.weights(ranked, lengths)
+        return weighted_sum(ranked, theta), theta
+
+
+class PackedGPO(TorchSortGPO):
+    """Today's GPO: torch.sort, and the generator's BiGRU over one packed sequence per distinct length."""
 
     def scores(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         out = packed_bigru(self.gru, self.generator_input(lengths, max_len), lengths)
@@ -74,17 +94,23 @@ class PlainRegionEncoder(RegionEncoder):
         return self.fc(feats) + self.mlp(feats)
 
 
-def as_baseline(model: VSEModel) -> VSEModel:
-    """Put `model` on today's paths: packed text BiGRU (when it has one), packed GPO generators, every region row."""
-    set_rnn_path(model, "packed")
-    if type(model.image) is RegionEncoder:
-        model.image.__class__ = PlainRegionEncoder  # same modules and weights, today's forward
+def with_pools(model: VSEModel, cls: type[GPO]) -> VSEModel:
+    """Swap both GPOs for `cls` (a GPO subclass), same weights."""
     for enc in (model.image, model.text):
         if type(enc.pool) is GPO:
-            ref = PackedGPO(enc.pool.d_pe, enc.pool.d_hidden, enc.pool.temperature)
+            ref = cls(enc.pool.d_pe, enc.pool.d_hidden, enc.pool.temperature)
             ref.load_state_dict(enc.pool.state_dict())
             enc.pool = ref
     return model
+
+
+def as_baseline(model: VSEModel) -> VSEModel:
+    """Put `model` on today's paths: packed text BiGRU (when it has one), torch.sort and packed GPO generators,
+    every region row."""
+    set_rnn_path(model, "packed")
+    if type(model.image) is RegionEncoder:
+        model.image.__class__ = PlainRegionEncoder  # same modules and weights, today's forward
+    return with_pools(model, PackedGPO)
 
 
 def with_optimizer(trainer: Trainer, fused: bool) -> Trainer:
@@ -143,16 +169,18 @@ def bigru_steps(batch: int, reps: int, device: torch.device) -> dict[str, Any]:
     variants = {  # name: (precision, pool, baseline paths, fused AdamW, text BiGRU path)
         "baseline_fp32": ("fp32", "gpo", True, False, "packed"),
         "new_fp32": ("fp32", "gpo", False, True, fp32_path),
+        "new_fp32_torch_sort": ("fp32", "torch_sort", False, True, fp32_path),
         "new_fp32_packed": ("fp32", "gpo", False, True, "packed"),
-        "new_fp32_dense": ("fp32", "gpo", False, True, "dense"),
         "new_bf16": ("bf16", "gpo", False, True, bf16_path),
-        "new_bf16_dense": ("bf16", "gpo", False, True, "dense"),
+        "new_bf16_torch_sort": ("bf16", "torch_sort", False, True, bf16_path),
         "new_fp32_zero_pool": ("fp32", "zero", False, True, fp32_path),
     }
     trainers = {}
     for name, (precision, pool, baseline, fused, path) in variants.items():
-        model = build_bigru(cfg, pool)
+        model = build_bigru(cfg, "gpo" if pool == "torch_sort" else pool)
         set_rnn_path(model, path)
+        if pool == "torch_sort":
+            with_pools(model, TorchSortGPO)
         if baseline:
             as_baseline(model)
         trainers[name] = with_optimizer(Trainer(cfg, model, batches, precision, device,

@@ -222,6 +222,7 @@ def _git_commit() -> str | None:
 def env_info(device: torch.device | None = None) -> dict[str, Any]:
     """Versions, device and threads, for `env.json` and `vsectl env`."""
     import vsectl
+    from vsectl import native
 
     info: dict[str, Any] = {
         "vsectl": vsectl.__version__,
@@ -233,6 +234,7 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "cpu_bf16_units": cpu_bf16_units(),
+        "native_kernels": native.describe(),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
     }

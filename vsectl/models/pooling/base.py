@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
+from vsectl.native import sortsets
 from vsectl.runtime import fp32_island
 
 MASK_VALUE = -10000.0  # padded scores and padded features before sorting (official code)
@@ -49,22 +50,24 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 def sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort every feature dimension descending over the valid rows; zero the padded tail (GPO-14..16).
 
-    Each dimension's column is sorted as a contiguous row of a (B, D, K') copy: sorting B·D strided columns of the
-    (B, K', D) layout, and scattering the gradient back through them, was 1.8× slower for the whole pooling at the
-    paper's shapes on CPU (benchmarks/bench_training.py, "transposed").
+    On a CPU this is the native kernel `vsectl.native.sortsets` (a sorting network over each set's valid rows, 15×
+    faster than `torch.sort` at the paper's shapes); elsewhere, or where the kernel cannot be built, padded rows are
+    filled with MASK_VALUE and each dimension's column is sorted as a contiguous row of a (B, D, K') copy (sorting
+    the strided columns of the (B, K', D) layout was 1.8× slower on CPU, benchmarks/bench_training.py).
+    Both give the same values.
 
     Args:
         feats: (B, K, D) sets, padded rows arbitrary.
         lengths: (B,) int64 set sizes, 1 ≤ n ≤ K.
 
     Returns:
-        sorted (B, K', D) with K' = max(lengths) (a transposed view of a contiguous (B, D, K') tensor), and the
-        (B, K') validity mask.
+        sorted (B, K', D) with K' = max(lengths), and the (B, K') validity mask.
     """
     max_len = int(lengths.max())
-    feats = feats[:, :max_len]
     mask = length_mask(lengths, max_len)                                              # (B, K')
-    filled = feats.masked_fill(~mask[..., None], MASK_VALUE)
+    if sortsets.available(feats):
+        return sortsets.sort_sets(feats, lengths), mask
+    filled = feats[:, :max_len].masked_fill(~mask[..., None], MASK_VALUE)
     ranked = filled.transpose(1, 2).contiguous().sort(dim=-1, descending=True).values  # (B, D, K')
     ranked = ranked.masked_fill(~mask[:, None, :], 0.0)
     return ranked.transpose(1, 2), mask
@@ -73,14 +76,15 @@ def sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
 def weighted_sum(ranked: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """(B, K', D) sorted features · (B, K', 1 or D) weights → (B, D), in the promoted dtype of the two (fp32 for θ).
 
-    A shared θ is one batched matrix-vector product; autocast is kept off so it stays in fp32 as the elementwise form
-    `(ranked * θ).sum(1)` does under type promotion.
+    A shared θ is one batched vector-matrix product θᵀ·ranked, which reads the (B, K', D) layout as it lies and
+    gives `ranked` a contiguous gradient (the form ranked^T·θ gave a transposed one that cost a copy); autocast is
+    kept off so it stays in fp32 as the elementwise form `(ranked * θ).sum(1)` does under type promotion.
     """
     if theta.size(-1) != 1:
         return (ranked * theta).sum(dim=1)
     dtype = torch.promote_types(ranked.dtype, theta.dtype)
     with fp32_island(ranked.device.type):
-        return torch.bmm(ranked.transpose(1, 2).to(dtype), theta.to(dtype)).squeeze(-1)
+        return torch.bmm(theta.transpose(1, 2).to(dtype), ranked.to(dtype)).squeeze(1)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:

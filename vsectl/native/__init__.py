@@ -1,0 +1,138 @@
+"""Small C kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
+
+A kernel is one C file in this package. Its shared library is built with `-O3 -march=native` (so it uses the CPU's
+vector units) and cached under `$VSECTL_CACHE/native`, else `~/.cache/vsectl/native`, named by the sha256 of the
+source, the compiler's version and the CPU's flags: a library built on one kind of CPU is never loaded on another.
+The build writes a temporary file and renames it, so concurrent processes (DDP ranks, a sweep's jobs) never load a
+half-written library.
+
+Where no compiler is found, the build fails or `VSECTL_NATIVE=0` is set, `load` returns None and `status` says
+why; callers then use their torch path, say so once in the log, and `env.json` records it (`native_kernels`).
+Set `CC` to choose the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCES = Path(__file__).parent
+BUILD_TIMEOUT_S = 120
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_status: dict[str, str] = {}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $VSECTL_CACHE/native, else ~/.cache/vsectl/native."""
+    root = os.environ.get("VSECTL_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "vsectl") / "native"
+
+
+def enabled() -> bool:
+    """False when VSECTL_NATIVE is set to 0 (or false/no/off): every caller then takes its torch path."""
+    return os.environ.get("VSECTL_NATIVE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or (cc if Path(cc).is_file() else None)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.splitlines()[0] if done.stdout else "unknown"
+
+
+def _cpu_key() -> str:
+    from vsectl.runtime import cpu_flags  # runtime imports torch; keep `vsectl.native` importable on its own
+
+    return platform.machine() + ":" + " ".join(sorted(cpu_flags()))
+
+
+def _build(name: str, source: Path, cc: str) -> Path:
+    """Compile `source` into the cache (or reuse a library built from the same source, compiler and CPU kind)."""
+    text = source.read_bytes()
+    key = hashlib.sha256(text + b"\0" + _compiler_version(cc).encode() + b"\0" + _cpu_key().encode()).hexdigest()
+    target = cache_dir() / f"{name}-{key[:20]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    errors = []
+    try:
+        for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers/CPUs refuse -march=native
+            cmd = [cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", tmp, str(source)]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                errors.append(str(exc))
+                continue
+            if done.returncode == 0:
+                os.chmod(tmp, 0o755)
+                os.replace(tmp, target)
+                return target
+            said = (done.stderr or done.stdout).strip().splitlines()
+            errors.append(said[-1] if said else f"exit {done.returncode}")
+        raise RuntimeError(f"{Path(cc).name} failed: {errors[-1]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The kernel `name` (this package's `name`.c) as a loaded library, or None (see `status` for why). Cached."""
+    if name in _loaded:
+        return _loaded[name]
+    lib = None
+    if not enabled():
+        _status[name] = "off (VSECTL_NATIVE=0)"
+    elif (cc := _compiler()) is None:
+        _status[name] = "no C compiler found (install gcc or set CC)"
+    else:
+        try:
+            lib = ctypes.CDLL(str(_build(name, SOURCES / f"{name}.c", cc)))
+            _status[name] = "native"
+        except (OSError, RuntimeError) as exc:
+            _status[name] = f"build failed ({exc})"
+    _loaded[name] = lib
+    return lib
+
+
+def status() -> dict[str, str]:
+    """What each kernel asked for so far runs as: 'native', or why it runs on its torch path."""
+    return dict(_status)
+
+
+KERNELS = ("sortsets",)
+
+
+def describe() -> dict[str, str]:
+    """Each kernel's state for env.json: 'native', or why it runs on its torch path (loads them if needed)."""
+    for name in KERNELS:
+        load(name)
+    return {name: _status[name] for name in KERNELS}
+
+
+def reset() -> None:
+    """Forget loaded kernels (tests; a later `load` builds or finds the library again)."""
+    _loaded.clear()
+    _status.clear()
