@@ -7,8 +7,8 @@ p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 
   per-dimension sort, for-loop AdamW, the region encoder's fc and MLP over every padded row;
 - new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
   GPO sort (vsectl.native.sortsets), the GPO generator's forward direction once, fused AdamW, the region products
-  over the valid rows only; at fp32 and at bf16; and the same with torch.sort in GPO, and with the text BiGRU
-  packed, to show what each choice is worth;
+  over the valid rows only; at fp32 and at bf16; and the same with today's GPO sort and weighted sum, and with
+  the text BiGRU packed, to show what each choice is worth;
 - new with both GPOs replaced by a zero-cost pool (the GPO share of the new fp32 step, by ablation);
 - MiniLM-shaped (and optionally BERT-base-shaped) text step: baseline fp32 vs new fp32 vs new bf16;
 - the AdamW step alone, for-loop vs fused, over the BiGRU model's parameters.
@@ -49,11 +49,11 @@ from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_ta
 from vsectl.config import load_recipe
 from vsectl.models.gpo import GPO
 from vsectl.models.image_encoders import RegionEncoder
-from vsectl.models.pooling.base import MASK_VALUE, length_mask, weighted_sum
+from vsectl.models.pooling.base import MASK_VALUE, length_mask
 from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw
-from vsectl.runtime import Precision
+from vsectl.runtime import Precision, fp32_island
 
 TARGET_FP32 = 0.85        # new fp32 BiGRU step ÷ today's fp32 step
 TARGET_BF16 = 0.35        # new bf16 BiGRU step ÷ today's fp32 step (a CPU with bf16 units)
@@ -70,13 +70,19 @@ def torch_sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Ten
     return ranked.masked_fill(~mask[:, None, :], 0.0).transpose(1, 2)
 
 
+def torch_weighted_sum(ranked: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Today's shared-θ weighted sum (before this work): ranked^T·θ, in fp32."""
+    with fp32_island(ranked.device.type):
+        return torch.bmm(ranked.transpose(1, 2).float(), theta.float()).squeeze(-1)
+
+
 class TorchSortGPO(GPO):
-    """GPO with today's torch.sort in place of the native sort (everything else new)."""
+    """GPO with today's sort and weighted sum (torch.sort of a transposed copy, ranked^T·θ); the rest new."""
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ranked = torch_sort_features(feats, lengths)
         theta = self.weights(ranked, lengths)
-        return weighted_sum(ranked, theta), theta
+        return torch_weighted_sum(ranked, theta), theta
 
 
 class PackedGPO(TorchSortGPO):

@@ -185,3 +185,37 @@ def test_switched_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     native.reset()
     assert native.load("sortsets") is None and native.status()["sortsets"].startswith("off")
     native.reset()
+
+
+def test_a_forked_child_sorts_with_threads_of_its_own() -> None:
+    """The thread pool made in the parent does not exist in a fork: the child must not wait on it."""
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        feats, lengths = torch.randn(4, 6, 8), torch.tensor([6, 2, 5, 1])
+        want = sortsets.sort_sets(feats, lengths)                                   # the parent's pool exists now
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            got = pool.apply_async(_sort_in_child, (feats, lengths)).get(timeout=60)
+        assert torch.equal(got, want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sort_in_child(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    torch.set_num_threads(2)
+    return sortsets.sort_sets(feats, lengths)
+
+
+def test_a_read_only_cache_builds_into_the_temporary_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setenv("VSECTL_CACHE", str(locked))
+    monkeypatch.setattr(native, "_writable", lambda folder: False)                  # as a read-only home would be
+    monkeypatch.setattr(native, "_temp_cache", lambda: tmp_path / "tmpcache")
+    native.reset()
+    assert native.load("sortsets") is not None
+    assert list((tmp_path / "tmpcache").glob("sortsets-*.so")) and not (locked / "native").exists()
+    native.reset()

@@ -1,8 +1,9 @@
 """Small C kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
 A kernel is one C file in this package. Its shared library is built with `-O3 -march=native` (so it uses the CPU's
-vector units) and cached under `$VSECTL_CACHE/native`, else `~/.cache/vsectl/native`, named by the sha256 of the
-source, the compiler's version and the CPU's flags: a library built on one kind of CPU is never loaded on another.
+vector units) and cached under `$VSECTL_CACHE/native`, else `~/.cache/vsectl/native` (where that cannot be written,
+a folder of this user's in the temporary directory), named by the sha256 of the source, the compiler's version and
+the CPU's flags: a library built on one kind of CPU is never loaded on another.
 The build writes a temporary file and renames it, so concurrent processes (DDP ranks, a sweep's jobs) never load a
 half-written library.
 
@@ -67,15 +68,31 @@ def _cpu_key() -> str:
     return platform.machine() + ":" + " ".join(sorted(cpu_flags()))
 
 
+def _temp_cache() -> Path:
+    """Where libraries go when the cache folder cannot be written (a read-only home): this user's temporary folder."""
+    return Path(tempfile.gettempdir()) / f"vsectl-native-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
 def _build(name: str, source: Path, cc: str) -> Path:
     """Compile `source` into the cache (or reuse a library built from the same source, compiler and CPU kind)."""
     text = source.read_bytes()
     key = hashlib.sha256(text + b"\0" + _compiler_version(cc).encode() + b"\0" + _cpu_key().encode()).hexdigest()
-    target = cache_dir() / f"{name}-{key[:20]}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=target.parent)
+    filename = f"{name}-{key[:20]}.so"
+    for folder in (cache_dir(), _temp_cache()):
+        if (folder / filename).is_file():
+            return folder / filename
+    folder = cache_dir() if _writable(cache_dir()) else _temp_cache()
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / filename
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
     os.close(fd)
     errors = []
     try:

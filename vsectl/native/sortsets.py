@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 32767             # source rows are int16
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 _pool_lock = threading.Lock()
 _warned = False
 
@@ -61,15 +63,27 @@ def _spans(batch: int) -> list[tuple[int, int]]:
 
 
 def _run(fn, batch: int) -> list:  # noqa: ANN001
-    global _pool
+    global _pool, _pool_size
     spans = _spans(batch)
     if len(spans) == 1:
         return [fn(*spans[0])]
     with _pool_lock:
-        if _pool is None or _pool._max_workers < len(spans):
-            _pool = ThreadPoolExecutor(max_workers=len(spans), thread_name_prefix="vsectl-sort")
+        if _pool is None or _pool_size < len(spans):
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=len(spans), thread_name_prefix="vsectl-sort"), len(spans)
         pool = _pool
     return list(pool.map(lambda s: fn(*s), spans))
+
+
+def _forget_pool() -> None:
+    """A forked child (a DataLoader worker, a sweep job) has none of the parent's threads: it starts its own pool."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 class _SortSets(torch.autograd.Function):
