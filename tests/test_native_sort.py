@@ -49,8 +49,12 @@ def torch_path(feats: torch.Tensor, lengths: torch.Tensor, monkeypatch: pytest.M
 
 @pytest.fixture(autouse=True)
 def built() -> None:
+    """Every test here needs the kernel: skipped only where the machine has no C compiler, failed if it has one
+    and the kernel does not build (`make test` installs gcc where it can)."""
     native.reset()
     if native.load("sortsets") is None:
+        if native._compiler() is None and native.enabled():
+            pytest.skip("no C compiler on this machine: the native sort cannot be built")
         pytest.fail(f"the native sort did not build here: {native.status()}")
 
 
