@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,14 +51,19 @@ def torch_path(feats: torch.Tensor, lengths: torch.Tensor, monkeypatch: pytest.M
 
 
 @pytest.fixture(autouse=True)
-def built() -> None:
-    """Every test here needs the kernel: skipped only where the machine has no C compiler, failed if it has one
-    and the kernel does not build (`make test` installs gcc where it can)."""
+def built(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test here needs the kernel (built into a temporary cache): skipped only where the machine has no C
+    compiler or the kernel is switched off, failed if it should build and does not (`make test` installs gcc)."""
+    monkeypatch.setenv("VSECTL_CACHE", str(tmp_path_factory.getbasetemp() / "vsectl_cache"))
     native.reset()
     if native.load("sortsets") is None:
-        if native._compiler() is None and native.enabled():
+        if not native.enabled():
+            pytest.skip("VSECTL_NATIVE=0 is set: the native sort is switched off")
+        if native._compiler() is None:
             pytest.skip("no C compiler on this machine: the native sort cannot be built")
         pytest.fail(f"the native sort did not build here: {native.status()}")
+    yield
+    native.reset()
 
 
 @pytest.mark.parametrize("shape", [(3, 36, 70), (5, 7, 1), (2, 20, 130), (4, 1, 9), (2, 97, 3)])
@@ -81,7 +89,9 @@ def test_same_as_torch_sort_in_sort_features(monkeypatch: pytest.MonkeyPatch) ->
     lengths = torch.randint(5, 37, (16,))
     x1, x2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
     native_ranked, mask = sort_features(x1, lengths)
+    assert type(native_ranked.grad_fn).__name__ == "_SortSetsBackward"                # the kernel served it
     torch_ranked = torch_path(x2, lengths, monkeypatch)
+    assert type(torch_ranked.grad_fn).__name__ != "_SortSetsBackward"
     assert torch.equal(native_ranked, torch_ranked)
     assert mask.shape == (16, int(lengths.max()))
     grad = torch.randn_like(native_ranked)
@@ -104,17 +114,47 @@ def test_half_inputs_keep_their_dtype(dtype: torch.dtype, monkeypatch: pytest.Mo
 
 
 def test_strided_inputs_and_threads() -> None:
-    base = torch.randn(6, 20, 50)
+    base = torch.randn(6, 20, 150)
     strided = base.transpose(1, 2).contiguous().transpose(1, 2)[:, :15]   # column stride ≠ 1, row slice
-    lengths = torch.tensor([15, 2, 9, 15, 1, 8])
-    want, _ = reference_sort(strided, lengths)
+    lengths = torch.tensor([15, 2, 9, 15, 1, 8], dtype=torch.int32)
+    want, src = reference_sort(strided, lengths)
+    grad = torch.randn(want.shape)
+    want_grad = reference_grad(grad, src, 15)
     before = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            assert torch.equal(sortsets.sort_sets(strided, lengths).double(), want)
+            x = strided.clone().requires_grad_()
+            ranked = sortsets.sort_sets(x, lengths)
+            assert torch.equal(ranked.double(), want)
+            ranked.backward(grad)
+            assert torch.equal(x.grad.double(), want_grad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_large_set() -> None:
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(2, 1000, 3, generator=g)
+    lengths = torch.tensor([1000, 777])
+    want = torch.stack([torch.cat([feats[b, : int(n)].sort(dim=0, descending=True).values,
+                                   torch.zeros(1000 - int(n), 3)]) for b, n in enumerate(lengths)])
+    assert torch.equal(sortsets.sort_sets(feats, lengths), want)
+
+
+def test_too_many_rows_take_the_torch_path() -> None:
+    feats = torch.randn(1, sortsets.MAX_ROWS + 1, 1)
+    assert not sortsets.available(feats) and sortsets.available(feats[:, : sortsets.MAX_ROWS])
+    ranked, _ = sort_features(feats, torch.tensor([sortsets.MAX_ROWS + 1]))
+    assert torch.equal(ranked[0, :, 0], feats[0, :, 0].sort(descending=True).values)
+
+
+def test_no_gradient_no_source_rows() -> None:
+    feats = torch.randn(3, 8, 70)
+    lengths = torch.tensor([8, 3, 5])
+    with torch.no_grad():
+        ranked = sortsets.sort_sets(feats.clone().requires_grad_(), lengths)
+    assert torch.equal(ranked.double(), reference_sort(feats, lengths)[0]) and ranked.grad_fn is None
 
 
 def test_ties_get_a_permutation_of_the_gradient() -> None:
@@ -129,6 +169,8 @@ def test_ties_get_a_permutation_of_the_gradient() -> None:
 
 
 def test_bad_lengths_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"one size per set, shape \(2,\)"):
+        sortsets.sort_sets(torch.randn(2, 4, 3), torch.tensor([4]))
     with pytest.raises(ValueError, match="set sizes must be in 1..4"):
         sortsets.sort_sets(torch.randn(2, 4, 3), torch.tensor([5, 2]))
     with pytest.raises(ValueError, match="set sizes"):
@@ -142,7 +184,11 @@ def test_gpo_is_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     feats = torch.randn(8, 10, 32)
     lengths = torch.tensor([10, 9, 3, 1, 10, 5, 6, 7])
     x1, x2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    calls = []
+    real = sortsets.sort_sets
+    monkeypatch.setattr(sortsets, "sort_sets", lambda f, n: calls.append(1) or real(f, n))
     y1, _ = pool(x1, lengths)
+    assert calls                                                                     # GPO sorted natively
     with monkeypatch.context() as m:
         m.setattr(sortsets, "available", lambda feats: False)
         y2, _ = pool(x2, lengths)
@@ -223,3 +269,22 @@ def test_a_read_only_cache_builds_into_the_temporary_folder(tmp_path: Path, monk
     assert native.load("sortsets") is not None
     assert list((tmp_path / "tmpcache").glob("sortsets-*.so")) and not (locked / "native").exists()
     native.reset()
+
+
+def test_a_temporary_folder_others_can_write_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a library from a folder another user can write would run their code."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setattr(native, "_writable", lambda folder: False)
+    monkeypatch.setattr(native, "_temp_cache", lambda: shared)
+    native.reset()
+    assert native.load("sortsets") is None
+    assert "not a private folder" in native.status()["sortsets"] and not list(shared.iterdir())
+
+
+def test_cc_may_carry_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VSECTL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -Wall")
+    native.reset()
+    assert native.load("sortsets") is not None and native.status()["sortsets"] == "native"

@@ -234,7 +234,7 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "cpu_bf16_units": cpu_bf16_units(),
-        "native_kernels": native.describe(),
+        "native_kernels": native.describe(build=device is None or device.type == "cpu"),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
     }

@@ -152,14 +152,17 @@ def make_toy_dataset(
         if fmt == "precomp":
             # written in place through a memory map: a Flickr30K-size split (29,000 × 36 × 2048) is 8.5 GB
             tmp = root / f".{split}_ims.npy.partial"
-            feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_regions, feat_dim))
             captions: list[str] = []
-            for k in range(n):
-                feats[k], concepts = _image(rng, directions, n_regions)
-                captions += _captions(rng, concepts, captions_per_image)
-            feats.flush()
-            del feats
-            os.replace(tmp, root / f"{split}_ims.npy")
+            try:
+                feats = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_regions, feat_dim))
+                for k in range(n):
+                    feats[k], concepts = _image(rng, directions, n_regions)
+                    captions += _captions(rng, concepts, captions_per_image)
+                feats.flush()
+                del feats
+                os.replace(tmp, root / f"{split}_ims.npy")
+            finally:
+                tmp.unlink(missing_ok=True)
             (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
             (root / f"{split}_ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
         else:

@@ -9,7 +9,7 @@ half-written library.
 
 Where no compiler is found, the build fails or `VSECTL_NATIVE=0` is set, `load` returns None and `status` says
 why; callers then use their torch path, say so once in the log, and `env.json` records it (`native_kernels`).
-Set `CC` to choose the compiler.
+Set `CC` to choose the compiler (e.g. `CC="ccache gcc"`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -43,20 +45,25 @@ def enabled() -> bool:
     return os.environ.get("VSECTL_NATIVE", "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def _compiler() -> str | None:
+def _compiler() -> list[str] | None:
+    """The compiler command: $CC split like a shell would (e.g. "ccache gcc"), else the first of cc, gcc, clang."""
     cc = os.environ.get("CC")
     if cc:
-        return shutil.which(cc) or (cc if Path(cc).is_file() else None)
+        words = shlex.split(cc)
+        if not words:
+            return None
+        found = shutil.which(words[0]) or (words[0] if Path(words[0]).is_file() else None)
+        return [found, *words[1:]] if found else None
     for name in ("cc", "gcc", "clang"):
         found = shutil.which(name)
         if found:
-            return found
+            return [found]
     return None
 
 
-def _compiler_version(cc: str) -> str:
+def _compiler_version(cc: list[str]) -> str:
     try:
-        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
@@ -81,23 +88,41 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _build(name: str, source: Path, cc: str) -> Path:
+def _private_folder(folder: Path) -> Path:
+    """`folder` made (mode 0700) or checked to be this user's own, not a link, writable by nobody else: a library
+    loaded from a folder another user can write to would run their code."""
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"cannot create {folder}: {exc.strerror}") from None
+    st = os.lstat(folder)
+    own = not hasattr(os, "getuid") or st.st_uid == os.getuid()
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or not own or st.st_mode & 0o022:
+        raise RuntimeError(f"{folder} is not a private folder of this user's; remove it or set VSECTL_CACHE")
+    return folder
+
+
+def _first_error(said: str, returncode: int) -> str:
+    lines = said.strip().splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [f"exit {returncode}"])[0].strip()
+
+
+def _build(name: str, source: Path, cc: list[str]) -> Path:
     """Compile `source` into the cache (or reuse a library built from the same source, compiler and CPU kind)."""
     text = source.read_bytes()
     key = hashlib.sha256(text + b"\0" + _compiler_version(cc).encode() + b"\0" + _cpu_key().encode()).hexdigest()
     filename = f"{name}-{key[:20]}.so"
-    for folder in (cache_dir(), _temp_cache()):
-        if (folder / filename).is_file():
-            return folder / filename
-    folder = cache_dir() if _writable(cache_dir()) else _temp_cache()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_dir() if _writable(cache_dir()) else _private_folder(_temp_cache())
     target = folder / filename
+    if target.is_file():
+        return target
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
     os.close(fd)
     errors = []
     try:
         for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers/CPUs refuse -march=native
-            cmd = [cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", tmp, str(source)]
+            cmd = [*cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", tmp, str(source)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -107,9 +132,8 @@ def _build(name: str, source: Path, cc: str) -> Path:
                 os.chmod(tmp, 0o755)
                 os.replace(tmp, target)
                 return target
-            said = (done.stderr or done.stdout).strip().splitlines()
-            errors.append(said[-1] if said else f"exit {done.returncode}")
-        raise RuntimeError(f"{Path(cc).name} failed: {errors[-1]}")
+            errors.append(_first_error(done.stderr or done.stdout, done.returncode))
+        raise RuntimeError(f"{Path(cc[0]).name} failed: {'; '.join(dict.fromkeys(errors))}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -126,10 +150,16 @@ def load(name: str) -> ctypes.CDLL | None:
         _status[name] = "no C compiler found (install gcc or set CC)"
     else:
         try:
-            lib = ctypes.CDLL(str(_build(name, SOURCES / f"{name}.c", cc)))
-            _status[name] = "native"
+            path = _build(name, SOURCES / f"{name}.c", cc)
         except (OSError, RuntimeError) as exc:
             _status[name] = f"build failed ({exc})"
+        else:
+            try:
+                lib = ctypes.CDLL(str(path))
+                _status[name] = "native"
+            except OSError as exc:  # built but not loadable (e.g. a noexec mount): do not keep it
+                path.unlink(missing_ok=True)
+                _status[name] = f"load failed ({exc})"
     _loaded[name] = lib
     return lib
 
@@ -142,11 +172,13 @@ def status() -> dict[str, str]:
 KERNELS = ("sortsets",)
 
 
-def describe() -> dict[str, str]:
-    """Each kernel's state for env.json: 'native', or why it runs on its torch path (loads them if needed)."""
-    for name in KERNELS:
-        load(name)
-    return {name: _status[name] for name in KERNELS}
+def describe(build: bool = True) -> dict[str, str]:
+    """Each kernel's state for env.json: 'native', or why it runs on its torch path; with `build`, loads (and if
+    need be builds) them first, else kernels not asked for yet read 'not used'."""
+    if build:
+        for name in KERNELS:
+            load(name)
+    return {name: _status.get(name, "not used") for name in KERNELS}
 
 
 def reset() -> None:

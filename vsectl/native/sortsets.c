@@ -6,7 +6,8 @@
  * of W columns at a time, copied into a buffer that stays in L1, so each comparator is a branch-free loop the
  * compiler vectorises over the columns. The source row of every sorted value is tracked for the backward pass.
  *
- * out (B, kout, D) receives the sorted values (rows >= n are zero); src (B, kout, D) the row each came from.
+ * out (B, kout, D) receives the sorted values (rows >= n are zero); src (B, kout, D) the row each came from (src may
+ * be NULL when no gradient is needed).
  * The gradient maps a (B, kout, D) gradient back to (B, K, D): gx[b, src[b, k, d], d] = g[b, k, d] for k < n, and
  * zero for every row past n. Work is over sets b0 <= b < b1, so callers can split a batch across threads.
  */
@@ -68,7 +69,7 @@ int vsectl_sort_sets(const float *x, int64_t K, int64_t D, int64_t stride_b, int
         int64_t n = lengths[b];
         if (n != cur) { ncmp = batcher(n, pa, pb); cur = n; }
         float *ob = out + b * kout * D;
-        int16_t *sb = src + b * kout * D;
+        int16_t *sb = src ? src + b * kout * D : NULL;
         for (int64_t d0 = 0; d0 < D; d0 += W) {
             int64_t w = D - d0 < W ? D - d0 : W;
             for (int64_t k = 0; k < n; k++) {
@@ -77,14 +78,14 @@ int vsectl_sort_sets(const float *x, int64_t K, int64_t D, int64_t stride_b, int
             }
             sort_block(val, idx, w, pa, pb, ncmp);
             for (int64_t k = 0; k < n; k++)
-                for (int64_t m = 0; m < w; m++) {
-                    ob[k * D + d0 + m] = val[k * W + m];
-                    sb[k * D + d0 + m] = (int16_t)idx[k * W + m];
-                }
+                for (int64_t m = 0; m < w; m++) ob[k * D + d0 + m] = val[k * W + m];
+            if (sb)
+                for (int64_t k = 0; k < n; k++)
+                    for (int64_t m = 0; m < w; m++) sb[k * D + d0 + m] = (int16_t)idx[k * W + m];
         }
         if (kout > n) {
             memset(ob + n * D, 0, sizeof(float) * (kout - n) * D);
-            memset(sb + n * D, 0, sizeof(int16_t) * (kout - n) * D);
+            if (sb) memset(sb + n * D, 0, sizeof(int16_t) * (kout - n) * D);
         }
     }
     free(pa); free(pb); free(val); free(idx);

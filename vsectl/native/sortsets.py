@@ -7,7 +7,10 @@ columns, in place of the mask, transpose and sort, and keeps an int16 source row
 (benchmarks/bench_speed.py measures both).
 
 The sorted values equal `torch.sort`'s exactly (a sort has one result); where a column holds equal values, which of
-them receives which rank's gradient may differ from `torch.sort`'s choice, as it may between torch versions.
+them receives which rank's gradient may differ from `torch.sort`'s choice, as it may between torch versions. Two
+differences from the torch path: a NaN stays where the network leaves it (torch.sort puts NaNs first), and values
+below MASK_VALUE (−10000) sort correctly (the torch path's padding fill would rank them after the padding). The
+backward is not itself differentiable (no double backward).
 """
 
 from __future__ import annotations
@@ -68,9 +71,7 @@ def _run(fn, batch: int) -> list:  # noqa: ANN001
     if len(spans) == 1:
         return [fn(*spans[0])]
     with _pool_lock:
-        if _pool is None or _pool_size < len(spans):
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+        if _pool is None or _pool_size < len(spans):  # a smaller pool another thread still uses is left to finish
             _pool, _pool_size = ThreadPoolExecutor(max_workers=len(spans), thread_name_prefix="vsectl-sort"), len(spans)
         pool = _pool
     return list(pool.map(lambda s: fn(*s), spans))
@@ -90,34 +91,39 @@ class _SortSets(torch.autograd.Function):
     @staticmethod
     def forward(ctx, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         lib = _library()
+        if lib is None:
+            raise RuntimeError(f"the native GPO sort is not available: {native.status().get('sortsets')}")
         batch, rows, dim = feats.shape
         x = feats.float()
         if x.stride(2) != 1:
             x = x.contiguous()
-        lengths = lengths.to(torch.int64).contiguous()
+        lengths = lengths.to("cpu", torch.int64).contiguous()
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have one size per set, shape ({batch},), got {tuple(lengths.shape)}")
         kout = int(lengths.max())
         if kout > rows or int(lengths.min()) < 1:
             raise ValueError(f"set sizes must be in 1..{rows}, got {int(lengths.min())}..{kout}")
-        out = torch.empty(batch, kout, dim, dtype=torch.float32)
-        src = torch.empty(batch, kout, dim, dtype=torch.int16)
+        grad = ctx.needs_input_grad[0]
+        out = torch.empty(batch, kout, dim, dtype=torch.float32, device="cpu")
+        src = torch.empty(batch, kout, dim, dtype=torch.int16, device="cpu") if grad else None
         codes = _run(lambda b0, b1: lib.vsectl_sort_sets(
             x.data_ptr(), rows, dim, x.stride(0), x.stride(1), lengths.data_ptr(), kout, out.data_ptr(),
-            src.data_ptr(), b0, b1), batch)
+            src.data_ptr() if grad else None, b0, b1), batch)
         if any(codes):
             raise MemoryError("the native GPO sort could not allocate its buffers")
-        ctx.save_for_backward(src, lengths)
-        ctx.rows, ctx.dtype = rows, feats.dtype
+        if grad:
+            ctx.save_for_backward(src, lengths)
+        ctx.lib, ctx.rows, ctx.dtype = lib, rows, feats.dtype
         return out if feats.dtype == torch.float32 else out.to(feats.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        lib = _library()
         src, lengths = ctx.saved_tensors
         g = grad.float().contiguous()
         batch, kout, dim = g.shape
-        gx = torch.empty(batch, ctx.rows, dim, dtype=torch.float32)
-        _run(lambda b0, b1: lib.vsectl_sort_sets_grad(
+        gx = torch.empty(batch, ctx.rows, dim, dtype=torch.float32, device="cpu")
+        _run(lambda b0, b1: ctx.lib.vsectl_sort_sets_grad(
             g.data_ptr(), src.data_ptr(), lengths.data_ptr(), kout, ctx.rows, dim, gx.data_ptr(), b0, b1), batch)
         return (gx if ctx.dtype == torch.float32 else gx.to(ctx.dtype)), None
 
