@@ -18,6 +18,8 @@ import torch
 
 from vsectl.errors import ConfigError
 from vsectl.logs import setup_logging  # noqa: F401  (re-exported: the CLI installs logging without importing torch)
+from vsectl.native import cpu_flags  # the machine facts the kernels are keyed by; runtime re-exports them
+from vsectl.native import describe as native_kernels
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,18 +91,6 @@ class Precision:
         """What env.json records: the precision used, what was asked, and why."""
         return {"precision": self.name, "precision_requested": self.requested or self.name,
                 "precision_reason": self.reason}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_bf16_units(flags: set[str] | None = None) -> list[str]:
@@ -222,7 +212,6 @@ def _git_commit() -> str | None:
 def env_info(device: torch.device | None = None) -> dict[str, Any]:
     """Versions, device and threads, for `env.json` and `vsectl env`."""
     import vsectl
-    from vsectl import native
 
     info: dict[str, Any] = {
         "vsectl": vsectl.__version__,
@@ -234,7 +223,7 @@ def env_info(device: torch.device | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "cpu_bf16_units": cpu_bf16_units(),
-        "native_kernels": native.describe(build=device is None or device.type == "cpu"),
+        "native_kernels": native_kernels(build=device is None or device.type == "cpu"),
         "cuda_available": torch.cuda.is_available(),
         "git_commit": _git_commit(),
     }

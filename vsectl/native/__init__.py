@@ -69,9 +69,19 @@ def _compiler_version(cc: list[str]) -> str:
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
-def _cpu_key() -> str:
-    from vsectl.runtime import cpu_flags  # runtime imports torch; keep `vsectl.native` importable on its own
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
+
+def _cpu_key() -> str:
     return platform.machine() + ":" + " ".join(sorted(cpu_flags()))
 
 
