@@ -49,7 +49,7 @@ from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_ta
 from vsectl.config import load_recipe
 from vsectl.models.gpo import GPO
 from vsectl.models.image_encoders import RegionEncoder
-from vsectl.models.pooling.base import MASK_VALUE, length_mask
+from vsectl.models.pooling.base import torch_sort_features
 from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw
@@ -59,15 +59,6 @@ TARGET_FP32 = 0.85        # new fp32 BiGRU step ÷ today's fp32 step
 TARGET_BF16 = 0.35        # new bf16 BiGRU step ÷ today's fp32 step (a CPU with bf16 units)
 TARGET_BERT_BF16 = 0.40   # new bf16 BERT-base step ÷ today's fp32 step (a CPU with bf16 units)
 TARGET_GPO_SHARE = 0.06   # GPO ≤ 6 % of the new fp32 step
-
-
-def torch_sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Today's sort (before the native kernel): fill padding, sort a transposed copy with torch.sort, zero padding."""
-    max_len = int(lengths.max())
-    mask = length_mask(lengths, max_len)
-    filled = feats[:, :max_len].masked_fill(~mask[..., None], MASK_VALUE)
-    ranked = filled.transpose(1, 2).contiguous().sort(dim=-1, descending=True).values
-    return ranked.masked_fill(~mask[:, None, :], 0.0).transpose(1, 2)
 
 
 def torch_weighted_sum(ranked: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -80,7 +71,7 @@ class TorchSortGPO(GPO):
     """GPO with today's sort and weighted sum (torch.sort of a transposed copy, ranked^T·θ); the rest new."""
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ranked = torch_sort_features(feats, lengths)
+        ranked, _ = torch_sort_features(feats, lengths)  # today's sort, kept in the library as the fallback
         theta = self.weights(ranked, lengths)
         return torch_weighted_sum(ranked, theta), theta
 

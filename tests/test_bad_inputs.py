@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import one_error_line
 from typer.testing import CliRunner
 
 from vsectl.cli import app
@@ -231,14 +232,6 @@ def world_files(w: World) -> list[Path]:
     return sorted(p for root in (w.toy, w.store, w.run, w.other, w.raw) for p in root.rglob("*") if p.is_file())
 
 
-def assert_one_error_line(result) -> str:  # noqa: ANN001 - click's Result
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
-
-
 def test_at_least_twenty_cases() -> None:
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
 
@@ -250,7 +243,7 @@ def test_bad_input_gets_one_line_and_exit_2(case: Case, world: World, tmp_path: 
     protected = case.protected(world, tmp_path)
     before = digest(protected)
     result = CliRunner().invoke(app, ["-q", *argv])
-    line = assert_one_error_line(result)
+    line = one_error_line(result)
     print(f"\n{case.id}\t{line}")  # the docs table (docs/bad_inputs.md) quotes these
     assert case.expect in line, line
     assert digest(protected) == before  # nothing that was there is damaged
@@ -268,7 +261,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_one(world: World, tm
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]) if len(args) > 1 else None)
 
     monkeypatch.setattr(vsectl.checkpoint, "save_file", full)
-    line = assert_one_error_line(CliRunner().invoke(app, ["-q", *argv]))
+    line = one_error_line(CliRunner().invoke(app, ["-q", *argv]))
     assert "no space left on the device while writing" in line
     kept = ("metrics.jsonl", "config.yaml", "env.json")  # the epoch that ran is logged; config.yaml now says
     # train.epochs=2 and env.json records that resolved length (run_length)

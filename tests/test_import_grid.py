@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_checks import one_error_line
 from typer.testing import CliRunner
 
 from vsectl.builders import load_run
@@ -263,11 +264,7 @@ def test_grid_recipes_match_what_the_official_grid_runs_used(source: str, recipe
 
 
 def _error_line(argv: list[str]) -> str:
-    result = CliRunner().invoke(app, ["-q", *argv])
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return one_error_line(CliRunner().invoke(app, ["-q", *argv]))
 
 
 def _small_grid_image(**extra: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

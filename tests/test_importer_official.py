@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_error_line
 from typer.testing import CliRunner
 
 from vsectl.builders import load_run
@@ -59,11 +60,7 @@ def _captions(kind: str) -> list[str]:
 
 
 def _error_line(argv: list[str]) -> str:
-    result = CliRunner().invoke(app, ["-q", *argv])
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
+    return one_error_line(CliRunner().invoke(app, ["-q", *argv]))
 
 
 def _resave(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - edit(ckpt dict) changes it in place

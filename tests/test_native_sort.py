@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vsectl import native
-from vsectl.models.pooling.base import sort_features
+from vsectl.models.pooling.base import sort_features, torch_sort_features
 from vsectl.native import sortsets
 
 
@@ -44,10 +44,8 @@ def reference_grad(grad: torch.Tensor, src: torch.Tensor, rows: int) -> torch.Te
     return gx
 
 
-def torch_path(feats: torch.Tensor, lengths: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
-    with monkeypatch.context() as m:
-        m.setattr(sortsets, "available", lambda feats: False)
-        return sort_features(feats, lengths)[0]
+def torch_path(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    return torch_sort_features(feats, lengths)[0]
 
 
 @pytest.fixture(autouse=True)
@@ -84,13 +82,13 @@ def test_values_and_gradient_equal_the_reference(shape: tuple[int, int, int]) ->
     assert torch.equal(x.grad.double(), reference_grad(grad, src, rows))
 
 
-def test_same_as_torch_sort_in_sort_features(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_same_as_torch_sort_in_sort_features() -> None:
     feats = torch.randn(16, 36, 256)
     lengths = torch.randint(5, 37, (16,))
     x1, x2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
     native_ranked, mask = sort_features(x1, lengths)
     assert type(native_ranked.grad_fn).__name__ == "_SortSetsBackward"                # the kernel served it
-    torch_ranked = torch_path(x2, lengths, monkeypatch)
+    torch_ranked = torch_path(x2, lengths)
     assert type(torch_ranked.grad_fn).__name__ != "_SortSetsBackward"
     assert torch.equal(native_ranked, torch_ranked)
     assert mask.shape == (16, int(lengths.max()))
@@ -101,11 +99,11 @@ def test_same_as_torch_sort_in_sort_features(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_keep_their_dtype(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_half_inputs_keep_their_dtype(dtype: torch.dtype) -> None:
     feats = torch.randn(4, 12, 40).to(dtype)
     lengths = torch.tensor([12, 3, 7, 1])
     x1, x2 = feats.clone().requires_grad_(), feats.clone().requires_grad_()
-    a, b = sortsets.sort_sets(x1, lengths), torch_path(x2, lengths, monkeypatch)
+    a, b = sortsets.sort_sets(x1, lengths), torch_path(x2, lengths)
     assert a.dtype == dtype and torch.equal(a, b)
     grad = torch.randn(a.shape).to(dtype)
     a.backward(grad)

@@ -96,6 +96,20 @@ def write_raw_dataset(out: Path, dataset: str, entries: list[dict[str, Any]], pn
     write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
 
 
+def finished_dataset(out: Path, same_source: Callable[[dict[str, Any]], bool], params: dict[str, Any]) -> bool:
+    """Whether `out` holds a complete dataset written by `write_raw_dataset` from the same source (`same_source` of
+    the manifest's "source") with the same params: dataset.json matches its checksum and every image is there."""
+    try:
+        manifest = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
+        if not same_source(manifest["source"]) or manifest.get("params") != params:
+            return False
+        if sha256_file(out / DATASET_JSON) != manifest["checksums"][DATASET_JSON]:
+            return False
+        return all((out / "images" / name).is_file() for name in manifest["checksums"]["images"])
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):  # missing, unreadable or of another layout
+        return False
+
+
 def image_id(entry: dict[str, Any]) -> str:
     """The id of a dataset.json entry: cocoid, else imgid, else id, else filename, as a string."""
     for key in ID_KEYS:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +17,7 @@ from vsectl.data.emoji.cleaning import EmojiItem, EmojiRules, select_emoji
 from vsectl.data.emoji.render import FONT_SIZE, RENDER_VERSION, EmojiRenderer, font_facts, pixel_sha256, save_png
 from vsectl.data.emoji.sources import resolve_sources
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
-from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, count_lines, sha256_file, write_raw_dataset
+from vsectl.data.raw import count_lines, finished_dataset, write_raw_dataset
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:
@@ -70,19 +70,12 @@ def _provenance(source: dict[str, Any], counts: dict[str, Any], params: dict[str
     return "\n".join(lines)
 
 
-def _finished(out: Path, source: dict[str, Any], params: dict[str, Any]) -> bool:
-    try:
-        manifest = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
-        same_debs = {p: {k: v for k, v in s.items() if k != "files"} for p, s in manifest["source"]["packages"].items()}
-    except (OSError, ValueError, KeyError, AttributeError):
-        return False
-    if same_debs != source["packages"] or manifest["source"].get("drawing") != source["drawing"]:
-        return False
-    if manifest.get("params") != params or not (out / DATASET_JSON).is_file():
-        return False
-    if sha256_file(out / DATASET_JSON) != manifest["checksums"][DATASET_JSON]:
-        return False
-    return all((out / "images" / name).is_file() for name in manifest["checksums"]["images"])
+def _same_source(source: dict[str, Any]) -> Callable[[dict[str, Any]], bool]:
+    """The manifest's source matches: the same .debs (their file lists aside) and the same drawing stack."""
+    def same(recorded: dict[str, Any]) -> bool:
+        debs = {p: {k: v for k, v in s.items() if k != "files"} for p, s in recorded["packages"].items()}
+        return debs == source["packages"] and recorded.get("drawing") == source["drawing"]
+    return same
 
 
 def draw_items(items: list[EmojiItem], images: Path, renderer: EmojiRenderer, progress: Progress
@@ -153,7 +146,7 @@ def prepare_emoji(
               "max_images": max_images, "min_test": min_test, "dev_fraction": dev_fraction,
               "rules": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(rules).items()}}
     _, debs = resolve_sources(*where, unpack=False)
-    if _finished(out, {"packages": debs, "drawing": font_facts()}, params):
+    if finished_dataset(out, _same_source({"packages": debs, "drawing": font_facts()}), params):
         log.info("%s is already prepared with these settings", out)
         return out
     start = time.monotonic()

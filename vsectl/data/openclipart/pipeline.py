@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -23,7 +22,7 @@ from vsectl.data.openclipart.render import (
     render_png,
 )
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
-from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, count_lines, sha256_file, write_raw_dataset
+from vsectl.data.raw import count_lines, finished_dataset, write_raw_dataset
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:
@@ -68,18 +67,6 @@ def _provenance(source: dict[str, Any], counts: dict[str, Any], params: dict[str
         "",
     ]
     return "\n".join(lines)
-
-
-def _finished(out: Path, source: dict[str, Any], params: dict[str, Any]) -> bool:
-    try:
-        manifest = json.loads((out / MANIFEST_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if manifest.get("source") != source or manifest.get("params") != params:
-        return False
-    if not (out / DATASET_JSON).is_file() or sha256_file(out / DATASET_JSON) != manifest["checksums"][DATASET_JSON]:
-        return False
-    return all((out / "images" / name).is_file() for name in manifest["checksums"]["images"])
 
 
 def prepare_openclipart(
@@ -129,7 +116,7 @@ def prepare_openclipart(
               "max_images": max_images, "timeout": timeout, "render_retry_factor": RENDER_RETRY_FACTOR,
               "min_test": min_test, "dev_fraction": dev_fraction,
               "rules": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(rules).items()}}
-    if _finished(out, source, params):
+    if finished_dataset(out, lambda recorded: recorded == source, params):
         log.info("%s is already prepared with these settings", out)
         return out
     start = time.monotonic()

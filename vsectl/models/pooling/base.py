@@ -63,10 +63,19 @@ def sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Ten
     Returns:
         sorted (B, K', D) with K' = max(lengths), and the (B, K') validity mask.
     """
+    if sortsets.available(feats):
+        return sortsets.sort_sets(feats, lengths), length_mask(lengths, int(lengths.max()))
+    return torch_sort_features(feats, lengths)
+
+
+def torch_sort_features(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sort_features` with torch.sort: fill padding with MASK_VALUE, sort a (B, D, K') copy, zero the padding.
+
+    Returns:
+        sorted (B, K', D) (a transposed view of the contiguous sort), and the (B, K') validity mask.
+    """
     max_len = int(lengths.max())
     mask = length_mask(lengths, max_len)                                              # (B, K')
-    if sortsets.available(feats):
-        return sortsets.sort_sets(feats, lengths), mask
     filled = feats[:, :max_len].masked_fill(~mask[..., None], MASK_VALUE)
     ranked = filled.transpose(1, 2).contiguous().sort(dim=-1, descending=True).values  # (B, D, K')
     ranked = ranked.masked_fill(~mask[:, None, :], 0.0)
