@@ -45,7 +45,8 @@ def test_plot_weights_writes_png_pdf_svg_and_curves_that_sum_to_one(gpo_run, tmp
     assert (out / "weights.pdf").read_bytes().startswith(b"%PDF")
     assert (out / "weights.svg").read_bytes().startswith(b"<?xml")
     curves = json.loads((out / "weights.json").read_text())
-    assert sorted(curves) == ["image", "text"]
+    trained = curves.pop("trained_sizes")
+    assert sorted(curves) == ["image", "text"] and sorted(trained) == ["image", "text"]
     for per_n in curves.values():
         assert sorted(per_n, key=int) == ["3", "12", "20"]
         for n, theta in per_n.items():
@@ -154,3 +155,26 @@ def test_missing_matplotlib_is_named_with_the_extra(monkeypatch):
 def test_sparkline_scales_to_the_peak_and_caps_the_width():
     assert sparkline([1.0, 0.0, 0.5]) == "█▁▅"
     assert len(sparkline([1.0] * 100, width=40)) == 40
+
+
+def test_sizes_the_model_never_trained_on_are_drawn_dashed_and_labelled():
+    """The demo plots N = 70 on 49-cell sets: that curve must not pass for a trained one."""
+    from vsectl.cli.science import curves_table
+
+    curves = WeightCurves("run", "best", curves={"image": {49: [1 / 49] * 49, 70: [1 / 70] * 70}},
+                          pools={"image": "gpo"}, trained={"image": [49, 49]})
+    fig = draw_weight_curves(curves)
+    lines = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert lines["N = 49"] == "-" and lines["N = 70 (untrained)"] == "--"
+    assert "trained on N = 49" in fig.axes[0].get_title()
+    rows = curves_table("image", "gpo", curves.curves["image"], [49, 49]).columns[0]._cells
+    assert rows == ["49", "70 (untrained)"]
+    assert '"trained_sizes"' in curves.to_json()
+
+
+def test_plot_weights_reads_the_training_range_of_each_branch(gpo_run, tmp_path):
+    result = runner.invoke(app, ["plot-weights", str(gpo_run), "--sizes", "3,500", "--out", str(tmp_path / "w.png")])
+    assert result.exit_code == 0, result.output
+    trained = json.loads((tmp_path / "w.json").read_text())["trained_sizes"]
+    assert trained["image"][0] >= 1 and trained["image"][1] < 500 and trained["text"][1] < 500
+    assert "500 (untrained)" in result.stderr

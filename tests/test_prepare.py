@@ -176,10 +176,17 @@ def test_render_png_gives_rgb_on_white(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.tmp")) == []
 
 
+def busy(seconds: float) -> None:
+    """Spend `seconds` of CPU time (a render that is slow because of its work, not because the machine is busy)."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+
+
 def sleepy_render(src: str, dst: str, size: int) -> None:
-    """Hangs on files named hang*.svg; renders the others (runs in a forked worker)."""
+    """Hangs (spinning on the CPU) on files named hang*.svg; renders the others (runs in a forked worker)."""
     if Path(src).name.startswith("hang"):
-        time.sleep(60)
+        busy(60)
     oc.render_png(src, dst, size)
 
 
@@ -196,10 +203,26 @@ def test_hung_render_is_killed_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def slow_cat_render(src: str, dst: str, size: int) -> None:
-    """cat.svg renders in 0.6 s, past a 0.25 s limit but within the retry's 1 s (a loaded machine)."""
+    """cat.svg takes 0.6 s of CPU, past a 0.25 s limit but within the retry's 1 s."""
     if Path(src).name == "cat.svg":
-        time.sleep(0.6)
+        busy(0.6)
     oc.render_png(src, dst, size)
+
+
+def waiting_render(src: str, dst: str, size: int) -> None:
+    """Every file waits 1 s on the clock, using no CPU: what a render looks like on a machine busy with other work."""
+    time.sleep(1.0)
+    oc.render_png(src, dst, size)
+
+
+def test_a_render_slowed_by_a_busy_machine_is_not_cut_off(tmp_path: Path) -> None:
+    """The limit counts CPU time: the demo's data set must not lose an image because other work shared the cores."""
+    tasks = []
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.svg").write_text(svg(name))
+        tasks.append((name, str(tmp_path / f"{name}.svg"), str(tmp_path / f"{name}.png"), 8))
+    results = {key: status for key, status, _ in oc.render_all(tasks, workers=2, timeout=0.5, render_fn=waiting_render)}
+    assert results == {"a": "ok", "b": "ok"}
 
 
 def test_a_render_that_times_out_is_retried_once_with_a_longer_limit(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from vsectl.config import RunConfig, config_from_yaml
 from vsectl.data.captions import HFTextProcessor, VocabTextProcessor
 from vsectl.data.vocab import Vocab, build_vocab
 from vsectl.errors import CheckpointError, ConfigError
+from vsectl.losses import create_loss
 from vsectl.models.text_encoders import load_pretrained_text, text_body_from_folder
 from vsectl.models.vse import VSEModel, create_model
 from vsectl.registry import did_you_mean
@@ -89,7 +90,7 @@ def load_text(cfg: RunConfig, run_dir: Path) -> TextSide:
 
 def build_model(cfg: RunConfig, text: TextSide, init_words: bool = False) -> VSEModel:
     """The model of `cfg`; `init_words` starts a new BiGRU run's word table from GloVe when the recipe asks."""
-    model = create_model(cfg.model, vocab_size=text.vocab_size, text_body=text.body)
+    model = create_model(cfg.model, vocab_size=text.vocab_size, text_body=text.body, loss=create_loss(cfg.loss))
     if init_words and cfg.model.text.glove and text.vocab is not None:
         from vsectl.models.glove import glove_matrix
 

@@ -81,8 +81,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    margin: float = 0.2                   # hinge margin on cosine similarity
-    hardest_negative_from_epoch: int = 1  # earlier epochs sum over all negatives
+    name: str = "hinge"                   # hinge (VSE++ triplet, the paper's) | infonce (symmetric, learned temperature)
+    margin: float = 0.2                   # hinge: margin on cosine similarity
+    hardest_negative_from_epoch: int = 1  # hinge: earlier epochs sum over all negatives
+    temperature: float = 0.07             # infonce: the initial temperature (CLIP's)
+    max_logit_scale: float = 100.0        # infonce: 1/temperature never exceeds this (CLIP's clamp)
+    learn_temperature: bool = True        # infonce: learn the temperature (else it stays fixed)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class TrainConfig:
     loss_scale_warmup: bool = True    # backbone runs: loss × i/n over the first unfrozen epoch
     min_steps_warning: int = 300    # warn at start when a run makes fewer optimizer steps (0 = never)
     select_tie_rule: str = "expected"  # tie rule of the dev rsum that picks checkpoints/best (see vsectl eval)
+    log: tuple[str, ...] = ()       # extra training logs besides metrics.jsonl: [tensorboard] (the tensorboard extra)
     lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
 
 
@@ -136,7 +141,11 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
     "train.select_tie_rule": ("optimistic", "pessimistic", "expected"),  # metrics.TIE_RULES (not imported: no torch)
+    "loss.name": ("hinge", "infonce"),  # losses.LOSSES (not imported: no torch)
 }
+TRAIN_LOGS = ("tensorboard",)  # what train.log may list
+LOSS_KEYS = {"hinge": ("margin", "hardest_negative_from_epoch"),  # the keys each loss reads (others keep defaults)
+             "infonce": ("temperature", "max_logit_scale", "learn_temperature")}
 
 LENGTH_KEYS = ("train.epochs", "train.steps")  # exactly one gives a run its length
 
@@ -164,6 +173,24 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be ≥ 0, got {_lookup(flat, key)}")
     if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
         raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
+    _check_loss(cfg.loss)
+    for name in cfg.train.log:
+        if name not in TRAIN_LOGS:
+            raise ConfigError(f"train.log: unknown log '{name}'{did_you_mean(name, list(TRAIN_LOGS))}; "
+                              f"known: {', '.join(TRAIN_LOGS)}")
+
+
+def _check_loss(loss: LossConfig) -> None:
+    """The keys of the other loss must keep their defaults (they would be silently unused); ranges of its own."""
+    default = LossConfig()
+    for other, keys in LOSS_KEYS.items():
+        for key in keys if other != loss.name else ():
+            if getattr(loss, key) != getattr(default, key):
+                raise ConfigError(f"loss.{key} applies to loss.name: {other} only, and this recipe's loss is "
+                                  f"{loss.name}; remove loss.{key} (or set loss.name: {other})")
+    if not 0 < loss.temperature <= 1 or loss.max_logit_scale < 1 or 1 / loss.temperature > loss.max_logit_scale:
+        raise ConfigError(f"loss.temperature must be in (0, 1] with 1/temperature ≤ loss.max_logit_scale, got "
+                          f"temperature {loss.temperature} and max_logit_scale {loss.max_logit_scale}")
 
 
 def _check_length(train: TrainConfig) -> None:
@@ -256,7 +283,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return ""
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp == tuple[str, ...]:
+        return _coerce_names(value, key)
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
+
+
+def _coerce_names(value: Any, key: str) -> tuple[str, ...]:
+    """A list of names: a YAML list, or (from --set) 'a,b', '[a, b]', '' or '[]'."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{key}: expected a list of names, e.g. [tensorboard], got {value!r}")
 
 
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
@@ -354,8 +394,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Return a copy of the nested dict with dotted overrides applied (validated later by from_dict).
 
     An override that switches a pool section to another pooler (`model.image.pool.name=max` on a GPO recipe) starts
-    that section afresh: the recipe's options were the old pooler's, and the new one may not take them. Options
-    given as overrides are kept, in any order.
+    that section afresh: the recipe's options were the old pooler's, and the new one may not take them. Likewise
+    `loss.name=infonce` drops the recipe's hinge settings. Options given as overrides are kept, in any order.
     """
     import copy
 
@@ -369,6 +409,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             pool = node.get("pool") if isinstance(node, dict) else None
             if isinstance(pool, dict) and str(pool.get("name", DEFAULT_POOLER)) != str(value):
                 node["pool"] = {}
+        if path == ["loss", "name"] and isinstance(out.get("loss"), dict) and out["loss"].get("name", "hinge") != value:
+            out["loss"] = {k: v for k, v in out["loss"].items() if k not in LOSS_KEYS.get(str(out["loss"].get(
+                "name", "hinge")), ())}  # the recipe's settings of its own loss mean nothing to another one
     for item, path, value in parsed:
         _clear_other_length(out, ".".join(path), value)
         node = out
@@ -411,8 +454,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     return from_dict(RunConfig, data)
 
 
+def _yaml_ready(value: Any) -> Any:
+    """Tuples (lists of names) as YAML lists: safe_dump cannot write tuples."""
+    if isinstance(value, dict):
+        return {k: _yaml_ready(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
 def config_to_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.safe_dump(_yaml_ready(to_dict(cfg)), sort_keys=False)
 
 
 def config_from_yaml(text: str) -> RunConfig:

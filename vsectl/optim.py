@@ -58,7 +58,8 @@ def create_run_optimizer(model: torch.nn.Module, train_cfg: Any) -> torch.optim.
     """
     groups = param_groups(model, train_cfg.lr_mult)
     return create_adamw(
-        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": train_cfg.lr} for g in groups],
+        [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"], "lr": train_cfg.lr,
+          **({"weight_decay": g["weight_decay"]} if "weight_decay" in g else {})} for g in groups],
         lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 

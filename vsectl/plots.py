@@ -100,6 +100,8 @@ class WeightCurves:
         curves: branch → N → [θ_0, …, θ_{N−1}] over 0-based sorted ranks (largest first); each curve sums to 1.
         pools: branch → pooler name, for every branch (with or without a curve).
         notes: branch → why a branch has no curve, or how its curve was reduced (gpo_perdim).
+        trained: branch → [smallest, largest] set size in the training data (where it could be read); a curve at an N
+            outside it shows θ at a size the model never trained on, and is drawn dashed and labelled so.
     """
 
     run: str
@@ -107,10 +109,17 @@ class WeightCurves:
     curves: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     pools: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    trained: dict[str, list[int]] = field(default_factory=dict)
+
+    def untrained(self, branch: str, n: int) -> bool:
+        """True when N lies outside the branch's training set sizes (False when those are unknown)."""
+        lo, hi = self.trained.get(branch, (n, n))
+        return not lo <= n <= hi
 
     def to_json(self) -> str:
-        """The curves as `{branch: {N: [θ_0..θ_{N−1}]}}`."""
-        return json.dumps({b: {str(n): c for n, c in per.items()} for b, per in self.curves.items()}, indent=1)
+        """The curves as `{branch: {N: [θ_0..θ_{N−1}]}}`, and `{"trained_sizes": {branch: [smallest, largest]}}`."""
+        curves = {b: {str(n): c for n, c in per.items()} for b, per in self.curves.items()}
+        return json.dumps({**curves, "trained_sizes": self.trained} if self.trained else curves, indent=1)
 
 
 def spread(lengths: np.ndarray) -> list[int]:
@@ -122,22 +131,29 @@ def spread(lengths: np.ndarray) -> list[int]:
     return sorted({max(1, int(round(float(q)))) for q in np.percentile(lengths, SIZE_PERCENTILES)})
 
 
-def seen_sizes(cfg: Any, text: Any) -> dict[str, list[int]]:
-    """Default sizes per branch from the training split: image set sizes, and caption token counts (a sample).
+def split_sizes(split: Any, text: Any) -> dict[str, np.ndarray]:
+    """The set sizes of a (training) split per branch: every image's set size, and the token counts of an even sample
+    of CAPTION_SAMPLE captions (all of them in a smaller split)."""
+    step = max(1, split.n_captions // CAPTION_SAMPLE)
+    encode = text.processor(augment=False).encode
+    return {"image": np.asarray(split.features.lengths()),
+            "text": np.array([len(encode(c)) for c in split.captions[::step]])}
 
-    Falls back to FALLBACK_SIZES, with a warning, when the data cannot be read.
+
+def seen_sizes(cfg: Any, text: Any) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """Default sizes per branch from the training split (`spread`), and each branch's [smallest, largest] size.
+
+    Falls back to FALLBACK_SIZES and no known range, with a warning, when the data cannot be read.
     """
     from vsectl.data.sources import load_split
 
     try:
-        split = load_split(cfg.data.root, cfg.data.train_split)
+        sizes = split_sizes(load_split(cfg.data.root, cfg.data.train_split), text)
     except (DataError, OSError) as e:
         log.warning("cannot read the training data (%s); plotting N = %s", e, list(FALLBACK_SIZES))
-        return {b: list(FALLBACK_SIZES) for b in BRANCHES}
-    step = max(1, split.n_captions // CAPTION_SAMPLE)
-    encode = text.processor(augment=False).encode
-    caption_lengths = np.array([len(encode(c)) for c in split.captions[::step]])
-    return {"image": spread(split.features.lengths()), "text": spread(caption_lengths)}
+        return {b: list(FALLBACK_SIZES) for b in BRANCHES}, {}
+    return ({b: spread(v) for b, v in sizes.items()},
+            {b: [int(v.min()), int(v.max())] for b, v in sizes.items() if v.size})
 
 
 def branch_curves(pool: torch.nn.Module, sizes: list[int]) -> dict[int, list[float]]:
@@ -173,15 +189,17 @@ def weight_curves(run: str | Path, sizes: list[int] | None = None, which: str = 
     cfg, model, text = load_run(Path(run), which=which, device=device)
     out = WeightCurves(run=str(run), checkpoint=which)
     per_branch = {b: sorted(set(sizes)) for b in BRANCHES} if sizes is not None else None
+    learned = [b for b in BRANCHES if hasattr(getattr(model, b).pool, "weights_for_lengths")]
+    if learned:  # the training sizes mark the curves drawn beyond them (and give the default N)
+        default, out.trained = seen_sizes(cfg, text)
+        per_branch = per_branch or default
     for branch in BRANCHES:
         pool = getattr(model, branch).pool
         name = getattr(cfg.model, branch).pool.name
         out.pools[branch] = name
-        if not hasattr(pool, "weights_for_lengths"):
+        if branch not in learned:
             out.notes[branch] = f"{name} has no learned θ(N)"
             continue
-        if per_branch is None:
-            per_branch = seen_sizes(cfg, text)
         try:
             out.curves[branch] = branch_curves(pool, per_branch[branch])
         except ConfigError as e:
@@ -241,7 +259,9 @@ def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: 
             for i, (n, theta) in enumerate(per_n):
                 color = f"C{i % 10}"
                 x = [k / max(n - 1, 1) for k in range(n)] if x_axis == "relative" else list(range(n))
-                ax.plot(x, theta, color=color, marker="." if n <= 12 else None, ms=4, label=f"N = {n}")
+                unseen = curves.untrained(branch, n)  # a size the model never trained on: dashed, and said so
+                ax.plot(x, theta, color=color, marker="." if n <= 12 else None, ms=4, ls="--" if unseen else "-",
+                        label=f"N = {n}" + (" (untrained)" if unseen else ""))
                 ax.hlines(1 / n, x[0], x[-1] if n > 1 else 1, color=color, ls=":", lw=0.8)
             if y_scale == "log":
                 ax.set_yscale("log")
@@ -250,7 +270,10 @@ def draw_weight_curves(curves: WeightCurves, x_axis: str = "relative", y_scale: 
                 floor = LOG_FLOOR * min(1 / n for n, _ in per_n)  # a near-zero weight is clipped here
                 ax.set_ylim(max(floor, min(shown) / LOG_MARGIN), min(1.0, top) * LOG_MARGIN)
                 plain_log_ticks(ax)
-            ax.set_title(f"{branch} pooling ({curves.pools[branch]})")
+            trained = curves.trained.get(branch)
+            span = "" if trained is None else f"\ntrained on N = {trained[0]}" + (
+                f"–{trained[1]}" if trained[1] != trained[0] else "")
+            ax.set_title(f"{branch} pooling ({curves.pools[branch]}){span}")
             ax.set_xlabel("relative rank k/(N−1), 0 = largest" if x_axis == "relative" else "rank k, 0 = largest")
             ax.set_ylabel("weight θ_k")
             ax.grid(alpha=0.3)

@@ -11,7 +11,7 @@ from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
 
-RESUMABLE_CHANGES = {"train.epochs", "train.steps"}  # what a resumed run may change: extending training is safe
+RESUMABLE_CHANGES = {"train.epochs", "train.steps", "train.log"}  # what a resume may change: length, logs
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, write: bool = True) -> RunConfig:
@@ -42,6 +42,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled  # only the main rank writes
+        self.sinks: list[Any] = []  # more logs fed every record (train.log: a TensorBoard writer)
 
     def truncate_after(self, global_step: int) -> None:
         if not self.enabled or not self.path.is_file():
@@ -61,6 +62,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.write(record)
 
 
 def completed_epochs(run_dir: Path) -> int | None:

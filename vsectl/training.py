@@ -41,7 +41,6 @@ from vsectl.data.text_input import TextInput, text_input_for
 from vsectl.errors import CheckpointError, DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
-from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
 from vsectl.models.rnn import set_rnn_path
 from vsectl.models.vse import VSEModel
@@ -62,6 +61,7 @@ from vsectl.runtime import (
 )
 from vsectl.schedules import RunLength, backbone_fixed_blocks, group_lr, loss_scale, run_length, use_hardest_negative
 from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
+from vsectl.train_logs import check_train_logs, open_tensorboard
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def train_one_epoch(
     model: VSEModel,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
-    criterion: ContrastiveLoss,
+    criterion: torch.nn.Module,
     cfg: RunConfig,
     epoch: int,
     global_step: int,
@@ -180,7 +180,7 @@ def train_one_epoch(
     """
     dist = dist or Distributed()
     model.train()
-    hardest = use_hardest_negative(cfg, epoch)
+    hardest = use_hardest_negative(cfg, epoch) and criterion.mines_hardest_negatives
     scaler = precision.grad_scaler()
     total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
     rate_name = "images_per_s" if cfg.model.image.encoder == "backbone" else "pairs_per_s"
@@ -205,6 +205,7 @@ def train_one_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        criterion.after_step()  # a learned temperature is kept in its range
         global_step += 1
         window_loss += raw_loss.item()  # the logged loss is the unscaled objective
         window_pairs += img.size(0)
@@ -215,7 +216,9 @@ def train_one_epoch(
             steps = window_steps
             record = {"kind": "train", "epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                       "loss": window_loss / steps, "lr": optimizer.param_groups[0]["lr"], "hardest": hardest,
-                      "pairs_per_s": window_pairs / max(elapsed, 1e-9), "data_time": window_data / steps}
+                      "pairs_per_s": window_pairs / max(elapsed, 1e-9), "data_time": window_data / steps,
+                      **{f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)},
+                      **criterion.log_values()}
             metrics.write(record)
             progress.update(**{rate_name: record["pairs_per_s"]})
             log.debug("epoch %d step %d/%d loss %.4f lr %.2e %.0f pairs/s", epoch, step_in_epoch, total,
@@ -300,7 +303,7 @@ class TrainingRun:
     text: TextSide
     model: VSEModel
     optimizer: torch.optim.Optimizer
-    criterion: ContrastiveLoss
+    criterion: torch.nn.Module  # the model's own loss (`model.loss`), not wrapped by DDP
     metrics: MetricsLog
     progress: Progress
     last: Path | None  # the checkpoint a resume starts from
@@ -310,12 +313,14 @@ class TrainingRun:
     caches: dict[str, Path] = field(default_factory=dict)
     text_cache_dir: Path | None = None  # a folder of state caches shared by several runs (a sweep)
     length: RunLength | None = None  # train.epochs / train.steps resolved against the training split
+    tensorboard: Any = None  # a train_logs.TensorBoardLog when the recipe asks for it (main rank only)
 
 
 def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress,
               text_cache_dir: str | Path | None = None) -> TrainingRun:
     """Open (or check) the run directory, seed, load the data and build the text side, model and optimizer."""
     run_dir = Path(out_root) / cfg.name
+    check_train_logs(cfg.train.log)  # a missing extra fails before the run folder is touched
     dist, dev = init_distributed(resolve_device(device))
     precision = resolve_precision(cfg.train.precision, dev)  # logs its choice once
     cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
@@ -339,7 +344,7 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
-                       criterion=ContrastiveLoss(margin=cfg.loss.margin),
+                       criterion=model.loss,
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
                        last=last, text_input=text_input_for(cfg.model.text.cache_states),
                        text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length)
@@ -371,6 +376,10 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
                "run_length": run.length.as_dict(), "select_tie_rule": cfg.train.select_tie_rule}
         atomic_write_json(run_dir / "env.json", env)
     run.metrics.truncate_after(run.state["global_step"])
+    if dist.is_main and "tensorboard" in cfg.train.log:
+        after = run.state["global_step"] + 1 if run.last else None  # what the checkpoint's step logged stays
+        run.tensorboard = open_tensorboard(run_dir, after, run.train_split, run.text)
+        run.metrics.sinks.append(run.tensorboard)
     if run.text_input is TextInput.STATES:
         run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
                                    run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
@@ -418,8 +427,11 @@ def fit(run: TrainingRun) -> Path:
         if is_best:
             best_rsum, best_epoch = val["rsum"], epoch
         run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
-        log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
-                 val["t2i_r1"], " best" if is_best else "")
+        log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f; %s tie rule)%s", epoch, val["rsum"],
+                 val["i2t_r1"], val["t2i_r1"], cfg.train.select_tie_rule, " best" if is_best else "")
+        if run.tensorboard is not None:
+            run.tensorboard.pooling(model, {b: getattr(cfg.model, b).pool.name for b in ("image", "text")},
+                                    global_step)
         state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,
                  "val": val, "vsectl_version": vsectl.__version__, "select_tie_rule": cfg.train.select_tie_rule}
         if dist.is_main:
@@ -453,5 +465,7 @@ def train(
         restore_run(run, resume)
         return run.run_dir if is_complete(run) else fit(run)
     finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
         if run.dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

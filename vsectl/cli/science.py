@@ -55,13 +55,18 @@ def sparkline(values: list[float], width: int = SPARK_WIDTH) -> str:
     return "".join(SPARKS[min(len(SPARKS) - 1, int(v / top * (len(SPARKS) - 1) + 0.5))] for v in cols)
 
 
-def curves_table(branch: str, pool: str, per_n: dict[int, list[float]]) -> Table:
-    table = Table(title=f"{branch} · {pool}", title_justify="left")
+def curves_table(branch: str, pool: str, per_n: dict[int, list[float]], trained: list[int] | None = None) -> Table:
+    """θ(N) per N; an N outside the training sizes `trained` ([smallest, largest]) is marked untrained."""
+    span = "" if trained is None else f" · trained on N = {trained[0]}" + (
+        f"–{trained[1]}" if trained[1] != trained[0] else "")
+    table = Table(title=f"{branch} · {pool}{span}", title_justify="left")
     for col in ("N", "Σθ", "top weights (k: θ_k)", "θ_k, k = 0 → N−1"):
         table.add_column(col, justify="right" if col in ("N", "Σθ") else "left")
     for n, theta in sorted(per_n.items()):
         top = sorted(range(n), key=lambda i: -theta[i])[:3]
-        table.add_row(str(n), f"{sum(theta):.3f}", "  ".join(f"{i}: {theta[i]:.3f}" for i in top), sparkline(theta))
+        untrained = trained is not None and not trained[0] <= n <= trained[1]
+        table.add_row(f"{n} (untrained)" if untrained else str(n), f"{sum(theta):.3f}",
+                      "  ".join(f"{i}: {theta[i]:.3f}" for i in top), sparkline(theta))
     return table
 
 
@@ -83,7 +88,7 @@ def plot_weights_cli(
     curves, paths = run_guarded(write_weight_plots, run, ns, out=out, which=checkpoint, x_axis=x_axis,
                                 y_scale=y_scale)
     for branch, per_n in curves.curves.items():
-        err.print(curves_table(branch, curves.pools[branch], per_n))
+        err.print(curves_table(branch, curves.pools[branch], per_n, curves.trained.get(branch)))
     for branch, note in curves.notes.items():
         err.print(f"{branch}: {note}", highlight=False)
     err.print(f"wrote {paths['json']}", highlight=False)

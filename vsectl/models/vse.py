@@ -7,18 +7,24 @@ from torch import nn
 
 from vsectl.config import LRMultConfig, ModelConfig
 from vsectl.data.text_input import TextInput
+from vsectl.losses import ContrastiveLoss
 from vsectl.models import grid as _grid  # noqa: F401  registers the 'backbone' image encoder
 from vsectl.models.image_encoders import create_image_encoder
 from vsectl.models.text_encoders import TransformerTextEncoder, create_text_encoder
 
 
 class VSEModel(nn.Module):
-    """Image and text encoders whose outputs are compared by cosine similarity."""
+    """Image and text encoders whose outputs are compared by cosine similarity, and the training loss.
 
-    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+    The loss is a submodule so that a learned part of it (InfoNCE's temperature) is saved, restored and optimised
+    with the model; the hinge has no state, so hinge checkpoints hold the encoders only.
+    """
+
+    def __init__(self, image: nn.Module, text: nn.Module, loss: nn.Module | None = None) -> None:
         super().__init__()
         self.image = image
         self.text = text
+        self.loss = loss if loss is not None else ContrastiveLoss()
 
     def encode_image(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, K, D) sets, (B,) lengths → (B, E) fp32 unit vectors and the pooling weights."""
@@ -41,21 +47,24 @@ class VSEModel(nn.Module):
         return img, cap
 
 
-def create_model(cfg: ModelConfig, vocab_size: int | None = None, text_body: nn.Module | None = None) -> VSEModel:
-    """Build the model from its config. `vocab_size` is for the BiGRU; `text_body` a ready transformers model."""
+def create_model(cfg: ModelConfig, vocab_size: int | None = None, text_body: nn.Module | None = None,
+                 loss: nn.Module | None = None) -> VSEModel:
+    """Build the model from its config. `vocab_size` is for the BiGRU; `text_body` a ready transformers model; `loss`
+    the training loss (`losses.create_loss`; the hinge when None)."""
     image = create_image_encoder(cfg.image, cfg.embed_dim)
     text = create_text_encoder(cfg.text, cfg.embed_dim, vocab_size=vocab_size, body=text_body)
-    return VSEModel(image, text)
+    return VSEModel(image, text, loss)
 
 
 def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
     """Split parameters into named groups with their LR multipliers (spec §8.2).
 
     Groups: image_head (fc, MLP, pooler), backbone (the image backbone of a `backbone` encoder: 0.01 for the detector
-    and WSL, 0.1 for ImageNet classifiers unless `train.lr_mult.backbone` says otherwise), text_head, text_body.
+    and WSL, 0.1 for ImageNet classifiers unless `train.lr_mult.backbone` says otherwise), text_head, text_body, and
+    loss (a learned temperature: the base LR, no weight decay, as open_clip).
 
     Returns:
-        dicts with 'name', 'lr_mult' and 'params'; empty groups are dropped.
+        dicts with 'name', 'lr_mult' and 'params' (and 'weight_decay' where it differs); empty groups are dropped.
     """
     text_body: list[nn.Parameter] = []
     text_head: list[nn.Parameter] = []
@@ -78,5 +87,7 @@ def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
         {"name": "backbone", "lr_mult": backbone_mult, "params": backbone_params},
         {"name": "text_head", "lr_mult": mult.text_head, "params": text_head},
         {"name": "text_body", "lr_mult": mult.text_body, "params": text_body},
+        {"name": "loss", "lr_mult": 1.0, "weight_decay": 0.0, "params": [p for p in model.loss.parameters()
+                                                                         if p.requires_grad]},
     ]
     return [g for g in groups if g["params"]]

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -27,6 +28,12 @@ RENDER_VERSION = 3  # bump when the rendering code changes, so cached PNGs are r
 STATE_JSON = ".render-state.json"  # per-PNG source hash and size, so a rerun skips finished renders
 RENDER_RETRY_FACTOR = 4.0  # a render past the limit gets one more try with this many times the limit
 STATE_EVERY = 100  # renders between state saves: a kill loses at most this much work
+# The limit counts the worker's CPU time, not the wall clock: on a machine busy with other work a render waits for a
+# core and takes longer on the clock, not more CPU, so the data set must not depend on the load (one 10 s render took
+# 80 s of wall time on 2 shared cores and fell out of the demo). A worker that is stuck without using CPU is still
+# cut off after WALL_BACKSTOP times the limit on the clock.
+WALL_BACKSTOP = 30.0
+POLL_S = 0.25  # how often busy workers' CPU time is read
 
 
 def render_png(src: str, dst: str, size: int) -> None:
@@ -63,6 +70,15 @@ def _render_worker(conn: Connection, render_fn: RenderFn) -> None:
             conn.send((key, "failed", f"{type(e).__name__}: {e}"[:200]))
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used (Linux /proc); None where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # fields 14 and 15: utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _Slot:
     """One worker process and the task it is running."""
 
@@ -76,7 +92,16 @@ class _Slot:
 
     def give(self, task: tuple[str, str, str, int]) -> None:
         self.task, self.started = task, time.monotonic()
+        self.cpu_start = cpu_seconds(self.proc.pid)
         self.conn.send(task)
+
+    def over(self, limit: float) -> bool:
+        """Whether the current task has used `limit` CPU seconds (the clock where CPU time cannot be read), or
+        WALL_BACKSTOP × limit on the clock."""
+        wall = time.monotonic() - self.started
+        cpu = cpu_seconds(self.proc.pid) if self.cpu_start is not None else None
+        used = wall if cpu is None else cpu - self.cpu_start
+        return used >= limit or wall >= WALL_BACKSTOP * limit
 
     def kill(self) -> None:
         self.proc.kill()
@@ -87,9 +112,9 @@ class _Slot:
 def render_all(
     tasks: list[tuple[str, str, str, int]], workers: int, timeout: float, render_fn: RenderFn = render_png
 ) -> Iterator[tuple[str, str, str]]:
-    """Render (key, src, dst, size) tasks in `workers` processes, each file within `timeout` seconds.
+    """Render (key, src, dst, size) tasks in `workers` processes, each file within `timeout` CPU seconds.
 
-    A render that runs past the limit has its process killed and replaced. Forked workers inherit `render_fn`, so it
+    A render that uses more CPU time than the limit (see WALL_BACKSTOP) has its process killed and replaced. Forked workers inherit `render_fn`, so it
     need not be importable by name.
 
     Yields:
@@ -109,8 +134,7 @@ def render_all(
                 slot.give(pending.popleft())
         while any(s.task is not None for s in slots):
             busy = [s for s in slots if s.task is not None]
-            deadline = min(s.started for s in busy) + timeout
-            ready = wait([s.conn for s in busy], timeout=max(0.0, deadline - time.monotonic()))
+            ready = wait([s.conn for s in busy], timeout=min(POLL_S, timeout))
             for k, slot in enumerate(slots):
                 if slot.task is None:
                     continue
@@ -122,11 +146,11 @@ def render_all(
                         result = (key, "failed", f"worker exited with code {slot.proc.exitcode}")
                         slot.kill()
                         slot = slots[k] = _Slot(ctx, render_fn)
-                elif time.monotonic() - slot.started >= timeout:
+                elif slot.over(timeout):
                     slot.kill()
                     for stale in Path(dst).parent.glob(f".{Path(dst).name}.*.tmp"):  # atomic_path's name
                         stale.unlink(missing_ok=True)
-                    result = (key, "timeout", f"no result within {timeout:g} s")
+                    result = (key, "timeout", f"no result within {timeout:g} s of CPU time")
                     slot = slots[k] = _Slot(ctx, render_fn)
                 else:
                     continue
@@ -172,7 +196,8 @@ def render_items(
             if done.get("status") == "ok" and (images / it.filename).is_file():
                 reused += 1
                 continue
-            retried = done.get("status") == "failed" or done.get("retry_timeout") == timeout * RENDER_RETRY_FACTOR
+            retried = done.get("status") == "failed" or (done.get("retry_timeout") == timeout * RENDER_RETRY_FACTOR
+                                                         and done.get("limit") == "cpu")  # wall-clock ones: again
             if done.get("status") == "duplicate" or (done.get("status") in ("failed", "timeout")
                                                       and done.get("timeout") == timeout and retried):
                 known_bad += 1  # failures, and renders identical to another image's, are not retried
@@ -191,8 +216,8 @@ def render_items(
                 continue
             status[outcome] += 1
             state[key] = {"source_sha256": sha_of[key], "status": outcome, "timeout": timeout}
-            if outcome == "timeout":
-                state[key]["retry_timeout"] = retry_limit  # given its second chance: not retried by later runs
+            if outcome == "timeout":  # given its second chance (in CPU time): not retried by later runs
+                state[key].update(retry_timeout=retry_limit, limit="cpu")
             if outcome != "ok":
                 log.debug("render %s: %s (%s)", key, outcome, message)  # counted below; each reason is in the state
                 state[key]["message"] = message
