@@ -81,7 +81,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "hinge"                   # hinge (VSE++ triplet, the paper's) | infonce (symmetric, learned temperature)
+    name: str = "hinge"                   # hinge (VSE++ triplet, the paper's) | infonce (symmetric, learned τ)
     margin: float = 0.2                   # hinge: margin on cosine similarity
     hardest_negative_from_epoch: int = 1  # hinge: earlier epochs sum over all negatives
     temperature: float = 0.07             # infonce: the initial temperature (CLIP's)

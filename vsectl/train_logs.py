@@ -100,7 +100,7 @@ class TensorBoardLog:
 
 def open_tensorboard(run_dir: Path, purge_step: int | None, split: Any, text: Any) -> TensorBoardLog:
     """The TensorBoard log of a run, with θ drawn at the spread of the training split's set sizes."""
-    from vsectl.plots import spread, split_sizes
+    from vsectl.plots import split_sizes, spread
 
     try:
         observed = split_sizes(split, text)

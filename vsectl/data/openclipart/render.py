@@ -114,8 +114,8 @@ def render_all(
 ) -> Iterator[tuple[str, str, str]]:
     """Render (key, src, dst, size) tasks in `workers` processes, each file within `timeout` CPU seconds.
 
-    A render that uses more CPU time than the limit (see WALL_BACKSTOP) has its process killed and replaced. Forked workers inherit `render_fn`, so it
-    need not be importable by name.
+    A render that uses more CPU time than the limit (see WALL_BACKSTOP) has its process killed and replaced. Forked
+    workers inherit `render_fn`, so it need not be importable by name.
 
     Yields:
         (key, status, message) in completion order; status is "ok", "failed" or "timeout".
