@@ -213,14 +213,16 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     assert count_train == []
 
     # another tie rule: every finished cell is evaluated again under it, nothing is trained again
-    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "expected"])
+    result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "optimistic"])
     assert result.exit_code == 0, result.output
     assert sorted(name for name, _ in count_train) == ["img-gpo-s0", "img-max-s0"]  # resumed: already complete
     assert finished.stat().st_mtime_ns == mtime
-    expected = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test-expected.json").read_text())
+    other = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test-optimistic.json").read_text())
     results = json.loads((out / "results.json").read_text())
-    assert results["meta"]["tie_rule"] == "expected" and "ties expected" in (out / "results.md").read_text()
-    assert {r["cell"]: r["metrics"] for r in results["records"]}["img-max"] == expected["metrics"]
+    markdown = (out / "results.md").read_text()
+    assert results["meta"]["tie_rule"] == "optimistic" and "optimistic tie rule" in markdown
+    assert "rsum (optimistic)" in markdown and "dev rsum (expected)" in markdown  # each table names its rules
+    assert {r["cell"]: r["metrics"] for r in results["records"]}["img-max"] == other["metrics"]
     result = runner.invoke(app, [*sweep_args(toy_root, out), "--ties", "random"])
     assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr
 

@@ -130,6 +130,9 @@ def test_gridsearch_reads_only_the_result_of_its_cells_split_and_data(tmp_path: 
     run = tmp_path / "cell"
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "f30k-test.json").write_text(json.dumps({"split": "test", "data_root": str(tmp_path / "a")}))
+    assert not gs.is_finished(run, "f30k", "test", tmp_path / "a")  # no rule recorded: the old optimistic default
+    (run / "eval" / "f30k-test.json").write_text(json.dumps({"split": "test", "data_root": str(tmp_path / "a"),
+                                                             "tie_rule": "expected"}))
     assert gs.is_finished(run, "f30k", "test", tmp_path / "a")
     assert not gs.is_finished(run, "f30k", "test", tmp_path / "b")  # made on other data: not this cell's result
     assert not gs.is_finished(run, "f30k", "dev", tmp_path / "a")
@@ -423,10 +426,10 @@ def test_tie_counts_and_rules_match_loop_and_ordering_references(chunk_size: int
 def test_eval_records_the_tie_rule_and_tie_counts(done: Path, tmp_path: Path) -> None:
     run = copy_run(done, tmp_path / "run")
     default = evaluate(run)["f30k"]
-    assert default["tie_rule"] == "optimistic" and set(default["ties"]) == {"i2t_queries_with_ties",
-                                                                             "t2i_queries_with_ties"}
-    expected = evaluate(run, "--ties", "expected")["f30k"]
-    assert expected["tie_rule"] == "expected" and Path(expected["path"]).name == "f30k-test-expected.json"
+    assert default["tie_rule"] == "expected" and set(default["ties"]) == {"i2t_queries_with_ties",
+                                                                           "t2i_queries_with_ties"}
+    optimistic = evaluate(run, "--ties", "optimistic")["f30k"]
+    assert optimistic["tie_rule"] == "optimistic" and Path(optimistic["path"]).name == "f30k-test-optimistic.json"
     assert (run / "eval" / "f30k-test.json").is_file()  # the default rule's result is kept beside it
     result = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--ties", "random"])
     assert result.exit_code == 2 and "unknown tie rule 'random'" in result.stderr

@@ -17,6 +17,7 @@ import yaml
 from vsectl.errors import ConfigError
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
 from vsectl.registry import did_you_mean
+from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 
 def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
@@ -116,7 +117,7 @@ class TrainConfig:
     backbone_warmup_epochs: int = 0   # then layer1-3, layer1-2, layer1 stay frozen for this many epochs each
     loss_scale_warmup: bool = True    # backbone runs: loss × i/n over the first unfrozen epoch
     min_steps_warning: int = 300    # warn at start when a run makes fewer optimizer steps (0 = never)
-    select_tie_rule: str = "expected"  # tie rule of the dev rsum that picks checkpoints/best (see vsectl eval)
+    select_tie_rule: str = DEFAULT_TIE_RULE  # tie rule of the dev rsum that picks checkpoints/best (as vsectl eval)
     log: tuple[str, ...] = ()       # extra training logs besides metrics.jsonl: [tensorboard] (the tensorboard extra)
     lr_mult: LRMultConfig = field(default_factory=LRMultConfig)
 
@@ -140,7 +141,7 @@ CHOICES = {
     "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
-    "train.select_tie_rule": ("optimistic", "pessimistic", "expected"),  # metrics.TIE_RULES (not imported: no torch)
+    "train.select_tie_rule": TIE_RULES,
     "loss.name": ("hinge", "infonce"),  # losses.LOSSES (not imported: no torch)
 }
 TRAIN_LOGS = ("tensorboard",)  # what train.log may list

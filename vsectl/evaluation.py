@@ -33,13 +33,13 @@ from vsectl.metrics import (
 )
 from vsectl.models.vse import VSEModel
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
+from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE
 
 log = logging.getLogger(__name__)
 
 COCO_PROTOCOLS = ("coco1k", "coco5k")
 DEFAULT_SPLIT = {"f30k": "test", "coco1k": "testall", "coco5k": "testall", "dev1k": "dev"}
-DEFAULT_TIE_RULE = "optimistic"  # strictly greater scores only: a tied competitor never counts
-SELECT_TIE_RULE = "expected"  # model selection's default (train.select_tie_rule): ties cost their expected share
+SELECT_TIE_RULE = DEFAULT_TIE_RULE  # model selection's default (train.select_tie_rule): the same rule as eval's
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
 
 
@@ -168,7 +168,8 @@ def check_evaluable(data: Split, where: str, protocol: str, names: list[str]) ->
 
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
                 fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE) -> Path:
-    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>`, a tie rule `-<rule>`."""
+    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>`, a tie rule other than
+    the default `-<rule>`. Files of earlier versions hold `tie_rule` (absent: optimistic, then the default)."""
     name = f"{'ensemble_' if ensemble else ''}{protocol}-{split}"
     if tie_rule != DEFAULT_TIE_RULE:
         name += f"-{tie_rule}"
@@ -186,12 +187,18 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
     protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
         result["tie_rule"]
     out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule)
-    if own_data and out.is_file():
+    if out.is_file():
         try:
             old = json.loads(out.read_text())
         except json.JSONDecodeError:
             old = {}
-        old_print = old.get("data_fingerprint")
+        old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
+        if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
+            kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule)
+            os.replace(out, kept)
+            log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
+            old = {}
+        old_print = old.get("data_fingerprint") if own_data else None
         if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
             kept = result_path(run_dir, protocol, split, ensemble, old_print, rule)
             os.replace(out, kept)
@@ -222,8 +229,8 @@ def evaluate_runs(
         split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO); `val` means `dev`.
         data_root: overrides the runs' `data.root`.
         precision: autocast for encoding (similarities and ranking stay fp32).
-        tie_rule: optimistic (a competitor scoring exactly the ground truth's score never counts), pessimistic (it
-            always counts) or expected (the expectation over a random order of the tied items).
+        tie_rule: expected (the default: the expectation over a random order of the tied items), optimistic (a
+            competitor scoring exactly the ground truth's score never counts) or pessimistic (it always counts).
         write: write `eval/<protocol>-<split>.json` (ensembles: `eval/ensemble_<protocol>-<split>.json`) in the first
             run; a data root other than the run's own adds the data fingerprint to the name.
 

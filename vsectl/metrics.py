@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from vsectl.ranking import RankCounts, rank_counts, rank_retrieval  # noqa: F401  (kept importable from here)
+from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES  # noqa: F401  (TIE_RULES: kept importable from here)
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,6 @@ def recall_metrics(i2t_ranks: torch.Tensor | np.ndarray, t2i_ranks: torch.Tensor
     return {key: out[key] for key in METRIC_KEYS}
 
 
-TIE_RULES = ("optimistic", "pessimistic", "expected")
-
-
 def _first_own_before(t: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
     """P(fewer than r of the t tied competitors come before the first of the m own items), all orders equally likely.
 
@@ -69,13 +67,14 @@ def _first_own_before(t: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray
     return np.where(r > top, 1.0, np.where(r <= 0, 0.0, out))
 
 
-def tie_ranked_metrics(counts: RankCounts, rule: str = "optimistic") -> dict[str, float]:
+def tie_ranked_metrics(counts: RankCounts, rule: str = DEFAULT_TIE_RULE) -> dict[str, float]:
     """R@1/5/10, medr, meanr per direction and rsum from rank counts under a tie rule.
 
-    - optimistic: a tied competitor never counts (rank = strictly greater candidates; vsectl's default);
+    - optimistic: a tied competitor never counts (rank = strictly greater candidates);
     - pessimistic: every tied competitor counts (rank = greater + tied);
-    - expected: the expectation over a uniformly random order of the tied items: R@K is the probability that the
-      (first) ground truth lands within the top K, meanr the expected rank + 1, medr from the expected ranks.
+    - expected (vsectl's default, `vsectl.tie_rules`): the expectation over a uniformly random order of the tied
+      items: R@K is the probability that the (first) ground truth lands within the top K, meanr the expected rank + 1,
+      medr from the expected ranks. Without ties all three are the same.
 
     Args:
         counts: from `rank_counts`.
@@ -137,7 +136,7 @@ def _evaluate_images(
     cap2img: torch.Tensor,
     image_indices: torch.Tensor | None,
     chunk_size: int,
-    tie_rule: str = "optimistic",
+    tie_rule: str = DEFAULT_TIE_RULE,
 ) -> tuple[dict[str, float], int, int, dict[str, int]]:
     """Metrics over the given images (all if None) and their captions, the image and caption counts, the tie counts."""
     if image_indices is None:
@@ -158,7 +157,7 @@ def evaluate_protocol(
     cap2img: torch.Tensor,
     protocol: str,
     chunk_size: int = 1024,
-    tie_rule: str = "optimistic",
+    tie_rule: str = DEFAULT_TIE_RULE,
 ) -> dict:
     """Run one evaluation protocol of spec §10.1 on the embeddings of one split.
 

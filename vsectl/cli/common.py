@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from vsectl import __version__
+from vsectl.cli.progress import RichProgress as _RichProgress
 
 T = TypeVar("T")
 GLOBAL_FLAGS = ("--debug", "--verbose", "-v", "--quiet", "-q")  # accepted before or after the subcommand
@@ -66,48 +68,42 @@ class VsectlGroup(TyperGroup):
     """The root command group: global flags anywhere on the line, plain metavars in every help page."""
 
     def main(self, args: Sequence[str] | None = None, *rest: Any, **kwargs: Any) -> Any:
+        import typer.rich_utils
+
+        if not sys.stdout.isatty() and "TERMINAL_WIDTH" not in os.environ:  # help piped or captured: no 80-col cut
+            typer.rich_utils.MAX_WIDTH = HELP_WIDTH_NO_TTY
         plain_metavars(self)
         return super().main(hoist_global_flags(sys.argv[1:] if args is None else args), *rest, **kwargs)
 
+
+class StderrConsole(Console):
+    """The stderr console. Without a terminal (a log file, nohup, SLURM, CI) nothing is hard-wrapped: rich would
+    wrap at 80 columns there and split log lines, paths and table rows in two; tables take their natural width."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        return size if self.is_terminal else ConsoleDimensions(NO_WRAP_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+NO_WRAP_WIDTH = 100_000  # "no wrapping": wider than any line vsectl writes
+HELP_WIDTH_NO_TTY = 160  # --help without a terminal: help panels fill their width, so it stays finite, but past 80
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_show_locals=False, add_completion=False, cls=VsectlGroup,
                   help="Image-text retrieval with visual semantic embeddings and learned pooling (VSE∞).")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and check datasets.")
 app.add_typer(data_app, name="data")
-err = Console(stderr=True)
+err = StderrConsole(stderr=True)
 STATE = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/tiny.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: a.b=c (repeatable)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
-
-
-class RichProgress:
-    """rich progress bars for the library's `Progress` protocol (stderr)."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.fields: dict[str, Any] = {}
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err,
-                            disable=not enabled, transient=True)
-        self.task = None
-
-    def track(self, iterable: Iterable[T], total: int | None, description: str) -> Iterator[T]:
-        with self.bar:
-            self.task = self.bar.add_task(description, total=total, info="")
-            for item in iterable:
-                yield item
-                self.bar.advance(self.task)
-            self.bar.remove_task(self.task)
-            self.task = None
-
-    def update(self, **fields: Any) -> None:
-        self.fields.update(fields)
-        if self.task is not None:
-            info = "  ".join(f"{k.replace('_per_s', '/s')} {v:.4g}" for k, v in self.fields.items())
-            self.bar.update(self.task, info=info)
+RichProgress = _RichProgress  # the CLI's progress (vsectl.cli.progress): bars on a terminal, lines elsewhere
 
 
 def interrupted(message: str) -> None:

@@ -22,6 +22,7 @@ from vsectl.cli.common import (
     interrupted,
     run_guarded,
 )
+from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULE_HELP
 
 
 @app.command("train")
@@ -62,7 +63,8 @@ def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], ou
 
 
 def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "") -> Table:
-    table = Table(title=title, title_justify="left")
+    # the title sets the width: a rich title longer than its table would be wrapped (the tie rule split off)
+    table = Table(title=title, title_justify="left", min_width=len(title))
     for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
         table.add_column(col, justify="right")
     for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
@@ -88,8 +90,7 @@ def eval_cli(
     split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's); val = dev")] = None,
     data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
-    ties: Annotated[str, typer.Option(help="Exact ties with the ground truth: optimistic (never count) | pessimistic "
-                                           "(always count) | expected (random order)")] = "optimistic",
+    ties: Annotated[str, typer.Option(help=TIE_RULE_HELP)] = DEFAULT_TIE_RULE,
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
 ) -> None:
@@ -105,7 +106,8 @@ def eval_cli(
                           which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties)
     for name, result in results.items():
         modality = result.get("modality", "image")
-        title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
+        title = (f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions · "
+                 f"{result.get('tie_rule', ties)} tie rule")
         err.print(metrics_table(title, result["metrics"], modality, ties_caption(result)))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from vsectl.cli.common import STATE, DeviceOpt, RichProgress, SetOpt, app, err, run_guarded
+from vsectl.tie_rules import DEFAULT_TIE_RULE
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40
@@ -31,8 +32,8 @@ def gridsearch_cli(
     overrides: SetOpt = None,
     protocol: Annotated[str, typer.Option(help="Evaluation protocol for every cell")] = "f30k",
     split: Annotated[str, typer.Option(help="Split evaluated")] = "test",
-    ties: Annotated[str | None, typer.Option(help="How exact ties count in each cell's evaluation: optimistic "
-                                                  "(vsectl eval's default), pessimistic or expected")] = None,
+    ties: Annotated[str, typer.Option(help="How exact ties count in each cell's evaluation, as vsectl eval --ties: "
+                                           "expected (the default) | optimistic | pessimistic")] = DEFAULT_TIE_RULE,
     device: DeviceOpt = "auto",
 ) -> None:
     """Sweep pooling choices (Fig. 6 of the paper) with GPO alongside; prints the output folder."""

@@ -73,6 +73,7 @@ def gridsearch(
                         progress=progress, tie_rule=tie_rule)
     meta = {"recipe": str(path), "overrides": list(overrides), "quick": quick, "protocol": protocol, "split": split,
             "tie_rule": records[0]["tie_rule"] if records else tie_rule, "branch": grid.branch,
+            "select_tie_rule": base.train.select_tie_rule,
             "pool": list(grid.pool), "k": list(grid.k), "seeds": list(grid.seeds), "gpo": grid.gpo, "cells": len(cells)}
     written = write_results(out, records, grid.branch, meta)
     return {**written, "out_dir": str(out), "records": records}

@@ -38,7 +38,9 @@ def figure_title(meta: dict) -> str:
     recipe = Path(str(meta.get("recipe", ""))).stem or "sweep"
     seeds = len(meta.get("seeds", []))
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "1 seed"
-    return f"{recipe}, {meta.get('split', 'test')} split: rsum, {spread}"
+    rule = f" ({meta['tie_rule']} ties)" if meta.get("tie_rule") else ""
+    smoke = "smoke run, not a result: " if meta.get("quick") else ""
+    return f"{smoke}{recipe}, {meta.get('split', 'test')} split: rsum{rule}, {spread}"
 
 
 def best_fixed_cell(rows: Sequence[dict]) -> str | None:

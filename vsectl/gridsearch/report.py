@@ -11,8 +11,13 @@ from pathlib import Path
 from vsectl.gridsearch.figures import FIGURE_STEM, figure_title, write_grid_figures
 from vsectl.gridsearch.stats import _fmt, summarise, verdict
 from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.tie_rules import LEGACY_TIE_RULE
 
 log = logging.getLogger(__name__)
+
+
+SMOKE_NOTE = ("**Smoke run** (`--quick`: 2 short epochs per cell, one seed): these numbers check that the sweep "
+              "runs; they are not results.")
 
 
 def _pair(value: list | None) -> str:
@@ -47,16 +52,18 @@ def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict
     """The sweep as Markdown: a visual × text rsum matrix (branch "both"), every cell's means, GPO against the
     dev-selected best fixed cell, the verdict."""
     split = meta.get("split")
-    lines = [f"# Pooling grid search: {meta.get('recipe', '')}", "",
-             f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}, ties "
-             f"{meta.get('tie_rule') or 'optimistic'}), mean ± std over seeds "
-             f"{', '.join(map(str, meta.get('seeds', [])))}; dev rsum is each run's best-checkpoint validation rsum "
-             "(the checkpoint evaluated).", ""]
+    rule, dev_rule = meta.get("tie_rule") or LEGACY_TIE_RULE, meta.get("select_tie_rule") or "the recipe's"
+    smoke = SMOKE_NOTE if meta.get("quick") else ""
+    lines = [f"# Pooling grid search{' (smoke run)' if smoke else ''}: {meta.get('recipe', '')}", "",
+             *([smoke, ""] if smoke else []),
+             f"{str(split).capitalize()} metrics ({meta.get('protocol')}, split {split}, {rule} tie rule), mean ± std "
+             f"over seeds {', '.join(map(str, meta.get('seeds', [])))}; dev rsum is each run's best-checkpoint "
+             f"validation rsum (the checkpoint evaluated; {dev_rule} tie rule).", ""]
     if branch == "both" and any(not r["gpo"] for r in rows):  # a GPO-only grid has no matrix
         images = list(dict.fromkeys(r["image"] for r in rows if not r["gpo"]))
         texts = list(dict.fromkeys(r["text"] for r in rows if not r["gpo"]))
         cell = {(r["image"], r["text"]): _fmt(r["rsum_mean"], r["rsum_std"]) for r in rows if not r["gpo"]}
-        lines += [f"{split} rsum, visual pooling (rows) × text pooling (columns):", "",
+        lines += [f"{split} rsum ({rule} tie rule), visual pooling (rows) × text pooling (columns):", "",
                   "| visual \\ text | " + " | ".join(texts) + " |", "|---|" + "---:|" * len(texts)]
         lines += [f"| {i} | " + " | ".join(cell.get((i, t), "") for t in texts) + " |" for i in images]
         gpo = next((r for r in rows if r["gpo"]), None)
@@ -64,7 +71,7 @@ def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict
             rsum = _fmt(gpo["rsum_mean"], gpo["rsum_std"])
             lines += ["", f"GPO (visual {gpo['image']}, text {gpo['text']}): rsum {rsum}"]
         lines.append("")
-    lines += ["| cell | visual | text | seeds | dev rsum | rsum | i2t R@1 | t2i R@1 |",
+    lines += [f"| cell | visual | text | seeds | dev rsum ({dev_rule}) | rsum ({rule}) | i2t R@1 | t2i R@1 |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         name = f"**{r['cell']}** (GPO)" if r["gpo"] else r["cell"]
@@ -74,7 +81,7 @@ def results_markdown(rows: Sequence[dict], judged: dict, branch: str, meta: dict
         lines.append(f"| {name} | {r['image']} | {r['text']} | {len(r['seeds'])} | {dev} | "
                      f"{_fmt(r['rsum_mean'], r['rsum_std'])} | {_fmt(r['i2t_r1_mean'], r['i2t_r1_std'])} | "
                      f"{_fmt(r['t2i_r1_mean'], r['t2i_r1_std'])} |")
-    lines += ["", *comparison_markdown(judged, str(split))]
+    lines += ["", *comparison_markdown(judged, f"{split} ({rule})")]
     return "\n".join(lines + [f"**Verdict:** {judged['text']}", ""])
 
 
@@ -100,6 +107,8 @@ def write_results(out_dir: str | Path, records: Sequence[dict], branch: str, met
     out = Path(out_dir)
     rows = summarise(records)
     judged = verdict(records)
+    if meta.get("quick"):  # a smoke run's verdict must not read as a finding wherever it is quoted
+        judged = {**judged, "text": f"smoke run (--quick), not a result: {judged['text']}"}
     atomic_write_json(out / "results.json", {"meta": meta, "records": list(records), "summary": rows,
                                              "verdict": judged})
     atomic_write_text(out / "results.csv", results_csv(records))

@@ -39,7 +39,11 @@ def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path 
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    return result.get("split") == split and (data_root is None or same_root(result.get("data_root", ""), data_root))
+    from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE
+
+    same_rule = result.get("tie_rule", LEGACY_TIE_RULE) == (tie_rule or DEFAULT_TIE_RULE)  # an older default's file
+    return result.get("split") == split and same_rule and (data_root is None or same_root(result.get("data_root", ""),
+                                                                                          data_root))
 
 
 def run_cell(cfg: RunConfig, runs_root: str | Path, protocol: str, split: str, device: str = "auto",
@@ -156,7 +160,7 @@ def run_sweep(
         for cell in progress.track(todo, total=len(todo), description="gridsearch"):
             log.info("cell %s", cell.name)
             run_cell(configs[cell.name], runs_root, protocol, split, device, tie_rule)
-    return [read_record(cell, runs_root / cell.name, protocol, split, tie_rule) for cell in cells]
+    return [read_record(cell, runs_root / cell.name, protocol, split, tie_rule, configs[cell.name]) for cell in cells]
 
 
 def best_dev(run_dir: Path) -> tuple[float | None, int | None]:
@@ -187,14 +191,22 @@ def best_dev(run_dir: Path) -> tuple[float | None, int | None]:
     return best
 
 
-def read_record(cell: Cell, run_dir: Path, protocol: str, split: str, tie_rule: str | None = None) -> dict:
+def read_record(cell: Cell, run_dir: Path, protocol: str, split: str, tie_rule: str | None = None,
+                cfg: RunConfig | None = None) -> dict:
     """One cell's result, read from the run's own files: eval/<protocol>-<split>[-<rule>].json and the best
-    checkpoint's dev rsum (`best_dev`)."""
+    checkpoint's dev rsum (`best_dev`). A branch the grid does not vary is named by the pooler the recipe gives it
+    (`cfg`, the cell's config), e.g. "gpo (recipe)"."""
     result = json.loads(eval_path(run_dir, protocol, split, tie_rule).read_text())
     dev_rsum, dev_epoch = best_dev(run_dir)
+
+    def label(choice: object, branch: str) -> str:
+        if choice is not None:
+            return choice.label
+        return f"{getattr(cfg.model, branch).pool.name} (recipe)" if cfg is not None else "recipe"
+
     return {
         "cell": cell.key, "seed": cell.seed, "run": str(run_dir), "gpo": cell.gpo, "fixed": cell.fixed,
-        "image": cell.image.label if cell.image else "recipe", "text": cell.text.label if cell.text else "recipe",
+        "image": label(cell.image, "image"), "text": label(cell.text, "text"),
         "split": result.get("split"), "n_images": result.get("n_images"), "metrics": result["metrics"],
         "tie_rule": result.get("tie_rule", tie_rule), "ties": result.get("ties"),
         "dev_best_rsum": dev_rsum, "dev_best_epoch": dev_epoch,

@@ -1,0 +1,131 @@
+"""What a new user hits, round three: one tie rule everywhere, hints that name real options, logs without a terminal,
+quiet JSON, Ctrl-C lines, verify's identical captions, and what the repository ignores.
+
+Items with their own module are tested beside it: ONNX export in tests/test_export.py, the InfoNCE loss in
+tests/test_losses.py, TensorBoard in tests/test_train_logs.py, untrained set sizes in tests/test_plots.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vsectl.cli import app
+from vsectl.data.toy import make_toy_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "recipes" / "tiny.yaml"
+FAST = ["--set", "train.max_steps_per_epoch=2", "--device", "cpu"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_dataset(tmp_path_factory.mktemp("fr") / "toy", n_train=40, n_dev=10, n_test=10, seed=0)
+
+
+@pytest.fixture(scope="module")
+def done(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-epoch tiny run on `toy` (copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp("runs")
+    result = runner.invoke(app, ["-q", "train", str(TINY), "--out", str(out), "--set", f"data.root={toy}", "--set",
+                                 "name=done", "--set", "train.epochs=1", *FAST])
+    assert result.exit_code == 0, result.output
+    return out / "done"
+
+
+def option_default(command: str, option: str) -> object:
+    """The default of a CLI option, read from the command's click parameters."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    *path, name = command.split()
+    for part in path:
+        group = group.commands[part]
+    cmd = group.commands[name]
+    return next(p.default for p in cmd.params if p.name == option)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. one tie rule by default everywhere
+
+
+def test_every_command_and_function_defaults_to_one_tie_rule():
+    from vsectl import evaluation, metrics
+    from vsectl.config import load_recipe
+    from vsectl.gridsearch import gridsearch
+    from vsectl.tie_rules import DEFAULT_TIE_RULE
+
+    assert DEFAULT_TIE_RULE == "expected"
+    assert option_default("eval", "ties") == DEFAULT_TIE_RULE
+    assert option_default("gridsearch", "ties") == DEFAULT_TIE_RULE
+    assert load_recipe(None).train.select_tie_rule == DEFAULT_TIE_RULE  # checkpoint selection
+    assert load_recipe(REPO / "recipes" / "demo.yaml").train.select_tie_rule == DEFAULT_TIE_RULE
+    for fn, arg in ((evaluation.evaluate_runs, "tie_rule"), (evaluation.validate, "tie_rule"),
+                    (metrics.evaluate_protocol, "tie_rule"), (metrics.tie_ranked_metrics, "rule")):
+        assert inspect.signature(fn).parameters[arg].default == DEFAULT_TIE_RULE, fn.__name__
+    assert inspect.signature(gridsearch).parameters["tie_rule"].default in (None, DEFAULT_TIE_RULE)
+    assert "--ties" not in (REPO / "Makefile").read_text()  # make demo reports the default too
+
+
+def test_the_eval_table_names_its_tie_rule(done: Path, tmp_path: Path):
+    run = shutil.copytree(done, tmp_path / "run")
+    result = runner.invoke(app, ["eval", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "expected tie rule" in result.stderr and "ties: expected" in result.stderr
+
+
+def test_a_result_of_the_old_default_is_kept_under_its_own_name(done: Path, tmp_path: Path):
+    run = shutil.copytree(done, tmp_path / "run")
+    legacy = {"split": "test", "metrics": {"rsum": 1.0}}  # written before results recorded their rule: optimistic
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "f30k-test.json").write_text(json.dumps(legacy))
+    result = runner.invoke(app, ["-q", "eval", str(run), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "eval" / "f30k-test.json").read_text())["tie_rule"] == "expected"
+    assert json.loads((run / "eval" / "f30k-test-optimistic.json").read_text()) == legacy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. progress and whole lines without a terminal
+
+
+def test_long_stages_print_progress_lines_without_a_terminal(toy: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("VSECTL_PROGRESS_EVERY", "0")  # a line after every item (the default is every 30 s)
+    result = runner.invoke(app, ["train", str(TINY), "--out", str(tmp_path), "--set", f"data.root={toy}",
+                                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("epoch 0: ")]
+    assert [line.split(",")[0] for line in lines] == ["epoch 0: 1/3 (33%)", "epoch 0: 2/3 (67%)", "epoch 0: done"]
+    assert "/s" in lines[0] and "left" in lines[0] and "so far" in lines[0] and "loss" in lines[0]
+    assert lines[-1].startswith("epoch 0: done, 3 in ")
+    assert all(line == line.rstrip() for line in result.stderr.splitlines())  # nothing padded to a width
+
+
+def test_quiet_prints_no_progress_lines(toy: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("VSECTL_PROGRESS_EVERY", "0")
+    result = runner.invoke(app, ["-q", "train", str(TINY), "--out", str(tmp_path), "--set", f"data.root={toy}",
+                                 "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--device", "cpu"])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+def test_log_lines_and_tables_are_not_wrapped_at_80_columns(done: Path, tmp_path: Path):
+    run = shutil.copytree(done, tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2) / "run")
+    result = runner.invoke(app, ["eval", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {run / 'eval' / 'f30k-test.json'}" in result.stderr.splitlines()  # the path whole, on one line
+    title = next(line for line in result.stderr.splitlines() if "tie rule" in line)
+    assert title.strip() == "f30k · test · 10 images × 50 captions · expected tie rule"  # the title is not cut
+
+
+def test_help_without_a_terminal_keeps_each_option_on_its_line():
+    result = runner.invoke(app, ["embed", "--help"])
+    assert result.exit_code == 0
+    line = next(line for line in result.stdout.splitlines() if "--features" in line)
+    assert "An extracted feature store" in line and "[default" not in line  # help and example path on one line
+    assert "data/demo_feats/test.h5" in line or "data/demo_feats" in line
