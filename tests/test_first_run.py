@@ -129,3 +129,39 @@ def test_help_without_a_terminal_keeps_each_option_on_its_line():
     line = next(line for line in result.stdout.splitlines() if "--features" in line)
     assert "An extracted feature store" in line and "[default" not in line  # help and example path on one line
     assert "data/demo_feats/test.h5" in line or "data/demo_feats" in line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 14, 15. -q and --json mean the same in eval and search: results on stdout, stderr quiet
+
+
+@pytest.fixture(scope="module")
+def clip_emb(clipart_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fr_emb") / "test"
+    result = runner.invoke(app, ["-q", "embed", str(clipart_run["run"]), "--features",
+                                 str(clipart_run["feats"] / "test.h5"), "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_search_json_leaves_stderr_quiet_unless_verbose(clip_emb: Path):
+    result = runner.invoke(app, ["search", str(clip_emb), "a red apple", "-k", "3", "--json", "--device", "cpu"])
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert [h["rank"] for h in json.loads(result.stdout)[0]["hits"]] == [1, 2, 3]
+    verbose = runner.invoke(app, ["-v", "search", str(clip_emb), "a red apple", "-k", "3", "--json", "--device",
+                                  "cpu"])
+    assert verbose.exit_code == 0 and "rank" in verbose.stderr and json.loads(verbose.stdout)
+
+
+def test_quiet_search_and_eval_both_print_their_results_on_stdout_only(clip_emb: Path, done: Path, tmp_path: Path):
+    search = runner.invoke(app, ["-q", "search", str(clip_emb), "a red apple", "-k", "2", "--device", "cpu"])
+    assert search.exit_code == 0 and search.stderr == ""
+    rows = [line.split("\t") for line in search.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("a red apple", "1"), ("a red apple", "2")]
+    run = shutil.copytree(done, tmp_path / "run")
+    evaluation = runner.invoke(app, ["-q", "eval", str(run), "--device", "cpu"])
+    assert evaluation.exit_code == 0 and evaluation.stderr == ""
+    [line] = evaluation.stdout.splitlines()
+    assert line.startswith("f30k\ttest\texpected\trsum=") and "i2t_r1=" in line
+    as_json = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--json"])
+    assert as_json.exit_code == 0 and as_json.stderr == "" and json.loads(as_json.stdout)["f30k"]["tie_rule"]

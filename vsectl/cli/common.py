@@ -153,6 +153,15 @@ def run_guarded(fn, *args, **kwargs):  # noqa: ANN001, ANN201 - a thin wrapper
         fail(os_error_line(e))
 
 
+def json_output(as_json: bool) -> None:
+    """With --json stdout carries the JSON and stderr stays quiet (no tables, progress or info lines) unless -v."""
+    if as_json and not STATE.get("verbose"):
+        import logging
+
+        STATE["quiet"] = True
+        logging.getLogger("vsectl").setLevel(logging.WARNING)
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"vsectl {__version__}")
@@ -170,4 +179,5 @@ def main(
 
     STATE["debug"] = debug
     STATE["quiet"] = quiet
+    STATE["verbose"] = verbose
     setup_logging(verbose=verbose, quiet=quiet, console=err)  # one console: logs print above the bars

@@ -20,6 +20,7 @@ from vsectl.cli.common import (
     err,
     fail,
     interrupted,
+    json_output,
     run_guarded,
 )
 from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULE_HELP
@@ -98,13 +99,14 @@ def eval_cli(
     from vsectl.evaluation import evaluate_runs
     from vsectl.runtime import resolve_device
 
+    json_output(as_json)
     members = list(runs or []) + list(run or [])
     if not members:
         fail("give a run directory, e.g. vsectl eval runs/tiny")
     dev = run_guarded(resolve_device, device)
     results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
                           which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties)
-    for name, result in results.items():
+    for name, result in results.items() if not STATE.get("quiet") else ():  # -q and --json: only the results
         modality = result.get("modality", "image")
         title = (f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions · "
                  f"{result.get('tie_rule', ties)} tie rule")
@@ -113,6 +115,16 @@ def eval_cli(
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
+    elif STATE.get("quiet"):  # -q: the results still come, as one plain line per protocol on stdout
+        for name, result in results.items():
+            typer.echo(metrics_line(name, result))
+
+
+def metrics_line(name: str, result: dict) -> str:
+    """One tab-separated line: protocol, split, tie rule, rsum and the ten other metrics as key=value."""
+    metrics = result["metrics"]
+    others = "\t".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "rsum")
+    return f"{name}\t{result['split']}\t{result.get('tie_rule', '')}\trsum={metrics['rsum']:.2f}\t{others}"
 
 
 @app.command("env")

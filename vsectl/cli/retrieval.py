@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, err, run_guarded
+from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, err, json_output, run_guarded
 
 CheckpointOpt = Annotated[str, typer.Option(help="best | last")]
 
@@ -100,17 +100,25 @@ def search_cli(
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the hits")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
 ) -> None:
-    """Search a collection with text or image queries: a table (stderr), --json and --sheet (stdout)."""
+    """Search a collection with text or image queries: a table (stderr), --json and --sheet (stdout).
+
+    With -q or --json (unless -v) stderr stays quiet: --json's stdout is the whole answer."""
     from vsectl.retrieval.query import search_collection
 
+    json_output(as_json)
     side = "captions" if captions else "images"
     results = run_guarded(search_collection, target, list(queries or []), k=k, side=side, images=list(image or []),
                           queries_file=from_file, run=run, checkpoint=checkpoint, device=device, sheet=sheet)
-    for result in results:
-        err.print(results_table(result))
-    if sheet is not None:
-        err.print(f"wrote {sheet}", highlight=False)
+    if not STATE.get("quiet"):
+        for result in results:
+            err.print(results_table(result))
+        if sheet is not None:
+            err.print(f"wrote {sheet}", highlight=False)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
-    elif sheet is not None:
+    elif STATE.get("quiet"):  # -q: the hits as plain tab-separated lines on stdout (query, rank, score, id, path)
+        for result in results:
+            for h in result.hits:
+                typer.echo("\t".join([result.query, str(h.rank), f"{h.score:.4f}", h.id, h.path or ""]))
+    if sheet is not None and not as_json:
         typer.echo(str(sheet))
