@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_checks import one_error_line
+from cli_checks import hint_options, one_error_line
 from typer.testing import CliRunner
 
 from vsectl.cli import app
@@ -176,6 +176,11 @@ CASES = [
         "eval", str(w.run), "--protocol", "all", "--split", "test", "--device", "cpu"], "use --protocol f30k"),
     Case("coco5k on a 10-image split", lambda w, t: ["eval", str(w.run), "--protocol", "coco5k", "--split", "test",
                                                       "--device", "cpu"], "needs the 5,000-image COCO testall split"),
+    Case("eval on a data root that does not exist", lambda w, t: ["eval", str(w.run), "--data-root",
+                                                                   str(t / "nowhere"), "--device", "cpu"],
+         "set data.root (--data-root FOLDER)"),
+    Case("eval on a raw dataset", lambda w, t: ["eval", str(w.run), "--data-root", str(w.raw), "--device", "cpu"],
+         "then use --data-root"),
     Case("eval on images without captions", lambda w, t: ["eval", str(w.run), "--data-root", str(collection(t)),
                                                            "--device", "cpu"], "it is a search collection"),
     Case("train on images without captions", lambda w, t: train(TINY, collection(t, ("train", "dev")), t / "out"),
@@ -246,6 +251,7 @@ def test_bad_input_gets_one_line_and_exit_2(case: Case, world: World, tmp_path: 
     line = one_error_line(result)
     print(f"\n{case.id}\t{line}")  # the docs table (docs/bad_inputs.md) quotes these
     assert case.expect in line, line
+    assert hint_options(line, argv, app) == []  # a hint names only options its command has
     assert digest(protected) == before  # nothing that was there is damaged
     assert digest(world_files(world)) == before_world
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,7 +74,19 @@ class VsectlGroup(TyperGroup):
         if not sys.stdout.isatty() and "TERMINAL_WIDTH" not in os.environ:  # help piped or captured: no 80-col cut
             typer.rich_utils.MAX_WIDTH = HELP_WIDTH_NO_TTY
         plain_metavars(self)
-        return super().main(hoist_global_flags(sys.argv[1:] if args is None else args), *rest, **kwargs)
+        args = hoist_global_flags(sys.argv[1:] if args is None else args)
+        STATE["command"] = self.command_of(args)
+        return super().main(args, *rest, **kwargs)
+
+    def command_of(self, args: Sequence[str]) -> Any:
+        """The (sub)command `args` name, e.g. `eval` or `data prepare openclipart` (messages name its options)."""
+        command: Any = self
+        for word in args:
+            sub = getattr(command, "commands", {}).get(word) if not word.startswith("-") else None
+            if sub is None and not word.startswith("-"):
+                break
+            command = sub or command
+        return command
 
 
 class StderrConsole(Console):
@@ -112,8 +125,32 @@ def interrupted(message: str) -> None:
     raise typer.Exit(130)
 
 
+# A recipe value a command without --set takes as an option of its own (eval reads a run, not a recipe).
+SET_AS_OPTION = {"data.root": "--data-root"}
+SET_HINT = re.compile(r"--set ([a-z_][\w.]*)=(\S*[^\s).,;])")
+
+
+def command_hints(message: str, command: Any | None = None) -> str:
+    """Name in `message` only options the running command has: the library's `--set KEY=VALUE` hints become the
+    command's own option (`--data-root VALUE` for eval) or, where it has none, the recipe key to set."""
+    command = command or STATE.get("command")
+    if command is None:
+        return message
+    options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+    if "--set" in options:
+        return message
+
+    def render(match: re.Match) -> str:
+        key, value = match.group(1), match.group(2)
+        option = SET_AS_OPTION.get(key)
+        return f"{option} {value}" if option in options else f"{key}: {value} in the training recipe"
+
+    return SET_HINT.sub(render, message)
+
+
 def fail(message: str) -> None:
     # escaped: a message such as "pip install 'vsectl[faiss]'" must not be read as rich markup
+    message = command_hints(message)
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)  # one line, however long
     raise typer.Exit(2)
 
