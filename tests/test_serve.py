@@ -318,3 +318,41 @@ def test_help_works(command):
 
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_the_page_takes_any_k_from_the_address_and_shows_the_query_image_of_a_similar_search(server):
+    """?k=12 is not in the page's menu (5/10/20/50): it used to become k=0 and an error."""
+    from cdp import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium; here that failed or was not run)")
+    with Browser(chromium) as browser:
+        browser.navigate(server + "?q=a+bird&k=12")
+        assert browser.wait_for("document.querySelectorAll('#results .hit').length === 12"
+                                " && document.getElementById('k').value") == "12"
+        assert browser.evaluate("document.getElementById('query').className") == ""  # a text query has no image
+        assert browser.evaluate("[...document.getElementById('k').options].map(o => o.value)") == [
+            "5", "10", "12", "20", "50"]
+        browser.navigate(server + "?similar=7&k=5")
+        shown = browser.wait_for(
+            "(() => { const box = document.getElementById('query'); const img = box.querySelector('img');"
+            " return box.className === 'shown' && img && img.complete && img.naturalWidth > 0"
+            " && img.getAttribute('src'); })()")
+        assert shown == "/image/7"
+        assert browser.evaluate("document.querySelectorAll('#results .hit').length") == 5
+        if os.environ.get("VSECTL_SCREENSHOT_DIR"):
+            browser.wait_for("[...document.querySelectorAll('#results img')].every(i => i.complete)")
+            browser.screenshot(Path(os.environ["VSECTL_SCREENSHOT_DIR"]) / "serve_similar_query.png")
+        browser.navigate(server + "?q=a+bird&k=0")  # out of range: the menu's default stays
+        assert browser.wait_for("document.querySelectorAll('#results .hit').length === 10"
+                                " && document.getElementById('k').value") == "10"
+
+
+def test_json_similar_answer_names_its_query_image(server, collection):
+    status, answer = get_json(server, "/api/similar?image=4&k=2")
+    from vsectl.retrieval import open_embeddings
+
+    emb = open_embeddings(collection["emb"])
+    assert status == 200 and answer["query_image"] == {"index": 4, "id": emb.image(4)["id"],
+                                                       "caption": emb.image(4)["caption"], "image_url": "/image/4"}

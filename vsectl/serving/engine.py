@@ -175,7 +175,10 @@ class SearchEngine:
         start = time.perf_counter()
         vector = np.array(self.emb.images[image], dtype=np.float32)  # one row of the map, copied
         hits = self.batcher.submit(vector, k, side)
-        return self._answer(f"image:{self.emb.image(image)['id']}", side, k, hits, start, image=image)
+        record = self.emb.image(image)
+        query = {"index": image, "id": record["id"], "caption": record.get("caption"),
+                 "image_url": f"/image/{image}" if record.get("path") else None}  # the page shows it above the hits
+        return self._answer(f"image:{record['id']}", side, k, hits, start, image=image, query_image=query)
 
     def _answer(self, query: str, side: str, k: int, hits: list[Any], start: float, **extra: Any) -> dict[str, Any]:
         rows = []

@@ -38,6 +38,11 @@ PAGE = """<!doctype html>
   .rank { color: var(--muted); margin-right: 6px; }
   .caption { margin-top: 4px; }
   .id { color: var(--muted); font-size: 12px; margin-top: 4px; word-break: break-all; }
+  #query { display: none; align-items: center; gap: 14px; margin: 12px 24px 0; padding: 10px; background: #fff;
+           border: 2px solid var(--accent); border-radius: 8px; max-width: 640px; }
+  #query.shown { display: flex; }
+  #query .thumb { width: 120px; flex: 0 0 120px; cursor: default; }
+  #query .label { color: var(--muted); font-size: 13px; }
 </style>
 </head>
 <body>
@@ -55,12 +60,48 @@ PAGE = """<!doctype html>
   </form>
 </header>
 <div id="status">Type a query; click a result to find similar images.</div>
+<section id="query" aria-label="Query image"></section>
 <main id="results"></main>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
 const limits = { images: Infinity, captions: Infinity };  // k is clipped to the collection's size
+const K_MAX = 100;  // the API's largest k
 const kFor = (side) => String(Math.min(Number($("k").value), limits[side]));
+
+// A k from the address (?k=12) that the menu does not list gets an entry of its own; an invalid one is ignored.
+function setK(value) {
+  const k = Number(value);
+  if (!Number.isInteger(k) || k < 1 || k > K_MAX) return;
+  const menu = $("k");
+  if (![...menu.options].some((o) => Number(o.value) === k)) {
+    const entry = el("option", null, String(k));
+    const after = [...menu.options].find((o) => Number(o.value) > k);
+    menu.insertBefore(entry, after || null);
+  }
+  menu.value = String(k);
+}
+
+// The image a similar-images search started from, shown above its results (hidden for text queries).
+function showQuery(query) {
+  const box = $("query");
+  box.replaceChildren();
+  box.className = query ? "shown" : "";
+  if (!query) return;
+  const thumb = el("div", "thumb");
+  if (query.image_url) {
+    const img = el("img");
+    img.src = query.image_url;
+    img.alt = query.caption || query.id;
+    thumb.append(img);
+  } else {
+    thumb.append(el("span", "none", "no image file"));
+  }
+  const meta = el("div", "meta");
+  meta.append(el("div", "label", "Images similar to"), el("div", "caption", query.caption || ""),
+              el("div", "id", query.id));
+  box.append(thumb, meta);
+}
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -70,6 +111,7 @@ function el(tag, cls, text) {
 }
 
 function render(answer) {
+  showQuery(answer.query_image);
   const grid = $("results");
   grid.replaceChildren();
   for (const hit of answer.hits) {
@@ -112,6 +154,7 @@ async function ask(url, state) {
     render(answer);
   } catch (err) {
     $("results").replaceChildren();
+    showQuery(null);
     status.className = "error";
     status.textContent = String(err.message || err);
   }
@@ -140,7 +183,7 @@ $("form").addEventListener("submit", (event) => { event.preventDefault(); search
     $("info").textContent = info.images + " images \\u00b7 " + info.captions + " captions";
   } catch (err) { /* the page works without the counts */ }
   const params = new URLSearchParams(location.search);
-  if (params.get("k")) $("k").value = params.get("k");
+  if (params.get("k")) setK(params.get("k"));
   if (params.get("side")) $("side").value = params.get("side");
   if (params.get("q")) { $("q").value = params.get("q"); search(); }
   else if (params.get("similar")) similar(params.get("similar"));
