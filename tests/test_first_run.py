@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -165,3 +166,32 @@ def test_quiet_search_and_eval_both_print_their_results_on_stdout_only(clip_emb:
     assert line.startswith("f30k\ttest\texpected\trsum=") and "i2t_r1=" in line
     as_json = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--json"])
     assert as_json.exit_code == 0 and as_json.stderr == "" and json.loads(as_json.stdout)["f30k"]["tie_rule"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 11. verify reports identical captions on different images of a split
+
+
+def test_verify_counts_captions_shared_by_different_images(tmp_path: Path):
+    from vsectl.data.store import StoreWriter
+    from vsectl.data.verify import verify_path
+
+    captions = {0: ["Crawfish.", "A red crawfish"], 1: ["crawfish.", "Blue man."], 2: ["Blue  man."],
+                3: ["A dog", "a dog"], 4: ["Tree."]}  # image 3 repeats its own caption: not a tie between images
+    with StoreWriter(tmp_path / "test.h5", feat_dim=4) as writer:
+        for image, texts in captions.items():
+            writer.add_image(f"im{image}", np.ones((2, 4), dtype=np.float32))
+            for text in texts:
+                writer.add_caption(text, image)
+    owners: dict[str, set[int]] = {}  # the reference: case and spacing aside, which texts sit on 2+ images
+    for image, texts in captions.items():
+        for text in texts:
+            owners.setdefault(" ".join(text.lower().split()), set()).add(image)
+    shared = {t: o for t, o in owners.items() if len(o) > 1}
+    report = verify_path(tmp_path)
+    split = report["splits"]["test"]
+    assert (split["shared_captions"], split["images_with_shared_captions"]) == (len(shared), len(set().union(
+        *shared.values()))) == (2, 3)
+    assert report["ok"] and any("2 caption text(s) appear on more than one image" in w for w in report["warnings"])
+    result = runner.invoke(app, ["data", "verify", str(tmp_path)])
+    assert result.exit_code == 0 and "captions on 2+ images" in result.stderr

@@ -112,6 +112,8 @@ VERIFY_ROWS = (  # (label, report key, how to show it); one row each, so the tab
     ("images", "images", str), ("captions", "captions", str), ("captions per image (min/mean/max)",
     "captions_per_image", "mmm"), ("set size (min/mean/max)", "set_size", "mmm"), ("feature dim", "feat_dim", str),
     ("dtype", "dtype", str), ("NaN/inf values", "nonfinite_values", str), ("empty captions", "empty_captions", str),
+    ("captions on 2+ images", "shared_captions", str), ("images with such a caption", "images_with_shared_captions",
+                                                        str),
     ("missing images", "missing_images", str), ("unreadable images", "unreadable_images", str),
 )
 

@@ -41,11 +41,36 @@ def _stats(values: Iterable[float]) -> dict[str, float] | None:
     return {"min": float(arr.min()), "mean": round(float(arr.mean()), 3), "max": float(arr.max())}
 
 
+def shared_captions(captions: list[str], cap2img: np.ndarray) -> tuple[int, int, list[str]]:
+    """Captions that appear, letter case and spacing aside, on two or more different images of one split.
+
+    An image query's own caption then scores exactly what the other image's copy scores (a text encoder cannot tell
+    them apart): a tie that the tie rule decides (`vsectl eval --ties`).
+
+    Returns:
+        (distinct shared texts, images carrying one, up to EXAMPLES of the texts, most widely shared first).
+    """
+    images: dict[str, set[int]] = defaultdict(set)
+    for text, image in zip(captions, np.asarray(cap2img).tolist(), strict=True):
+        key = " ".join(str(text).casefold().split())
+        if key:
+            images[key].add(int(image))
+    shared = {key: owners for key, owners in images.items() if len(owners) > 1}
+    carriers = set().union(*shared.values()) if shared else set()
+    first = {}
+    for text in captions:
+        first.setdefault(" ".join(str(text).casefold().split()), str(text).strip())
+    examples = [first[key] for key in sorted(shared, key=lambda k: (-len(shared[k]), k))[:EXAMPLES]]
+    return len(shared), len(carriers), examples
+
+
 def _caption_facts(report: dict[str, Any], captions: list[str], cap2img: np.ndarray, n: int) -> None:
     empty = [k for k, text in enumerate(captions) if not str(text).strip()]
     report["captions"] = len(captions)
     report["empty_captions"] = len(empty)
     report["captions_per_image"] = _stats(np.bincount(cap2img, minlength=n)) if n else None
+    report["shared_captions"], report["images_with_shared_captions"], report["shared_caption_examples"] = \
+        shared_captions(captions, cap2img)
     if empty:
         report["problems"].append(f"{len(empty)} empty caption(s) (first: caption {empty[0]})")
 
@@ -217,9 +242,11 @@ def verify_path(path: str | Path, progress: Progress | None = None) -> dict[str,
 
     Returns:
         {"path", "kind", "splits": {name: report}, "overlaps": [...], "problems": [str], "warnings": [str] (shared
-        first captions, which are common in COCO), "ok": bool}. A split report
-        has images, captions, captions_per_image and set_size ({min, mean, max}), feat_dim, dtype, nonfinite_values,
-        nonfinite_images, empty_captions, (raw) missing_images and unreadable_images, and its own "problems".
+        first captions across splits, which are common in COCO; identical captions on different images within a
+        split), "ok": bool}. A split report has images, captions, captions_per_image and set_size ({min, mean, max}),
+        feat_dim, dtype, nonfinite_values, nonfinite_images, empty_captions, shared_captions (texts on two or more
+        images), images_with_shared_captions, shared_caption_examples, (raw) missing_images and unreadable_images,
+        and its own "problems".
     """
     from vsectl.runtime import NullProgress
 
@@ -254,6 +281,11 @@ def verify_path(path: str | Path, progress: Progress | None = None) -> dict[str,
     warnings = [shared[id(o)] for o in overlaps if o["by"] in WARN_ONLY]
     warnings += [f"{name}: {r['images']} images and no captions: a search collection (for `vsectl embed`); train and "
                  "eval need captions" for name, r in splits.items() if r.get("images") and not r.get("captions")]
+    warnings += [f"{name}: {r['shared_captions']} caption text(s) appear on more than one image "
+                 f"({r['images_with_shared_captions']} images carry one; e.g. "
+                 f"{', '.join(repr(t) for t in r['shared_caption_examples'])}): such an image's own caption ties "
+                 "exactly with another image's copy, and the tie rule decides those queries (vsectl eval --ties)"
+                 for name, r in splits.items() if r.get("shared_captions")]
     log.info("verified %s (%s): %d problem(s)", path, kind, len(problems))
     return {"path": str(path), "kind": kind, "splits": splits, "overlaps": overlaps, "problems": problems,
             "warnings": warnings, "ok": not problems}
