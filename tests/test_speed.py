@@ -230,3 +230,36 @@ def test_the_rnn_path_is_decided_by_the_precision_and_set_on_the_model() -> None
     model = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
     set_rnn_path(model, Precision("fp32", cpu).rnn_path)
     assert model["text"].rnn_path == "stepped"
+
+
+def test_the_runs_of_a_sweep_store_one_frozen_body_and_old_runs_still_load(toy_root, tiny_bert_dir, tmp_path):
+    """A sweep wrote the frozen text body into every cell (90 MB of MiniLM each): now once, named by its digest."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from vsectl.builders import load_run
+    from vsectl.config import load_recipe
+    from vsectl.training import FROZEN_FILE, train
+
+    shared = tmp_path / "sweep" / "text_cache"
+    runs = []
+    for seed in (0, 1):
+        cfg = load_recipe(TINY, frozen_overrides(toy_root, tiny_bert_dir, f"name=s{seed}", f"seed={seed}",
+                                                 "train.epochs=1", "train.max_steps_per_epoch=1"))
+        runs.append(train(cfg, tmp_path / "sweep" / "runs", device="cpu", text_cache_dir=shared))
+    bodies = list(shared.glob("frozen-body-*.safetensors"))
+    assert len(bodies) == 1 and not any((run / FROZEN_FILE).exists() for run in runs)
+    for run in runs:
+        with safe_open(str(run / "checkpoints" / "best" / "model.safetensors"), framework="pt") as fh:
+            ref = json.loads(fh.metadata()["frozen"])
+        assert (run / "checkpoints" / "last" / ref["file"]).resolve() == bodies[0].resolve()
+        _, model, _ = load_run(run)  # eval, embed and export load it through the reference
+        assert model.text.body is not None
+    moved = shutil.copytree(tmp_path / "sweep", tmp_path / "elsewhere" / "sweep")  # the sweep moves as a whole
+    load_run(moved / "runs" / "s0")
+    single = train(load_recipe(TINY, frozen_overrides(toy_root, tiny_bert_dir, "name=one", "train.epochs=1",
+                                                      "train.max_steps_per_epoch=1")), tmp_path / "runs", device="cpu")
+    assert (single / FROZEN_FILE).is_file()  # a run on its own keeps its body (the layout older runs have)
+    load_run(single)

@@ -5,8 +5,9 @@ half-written checkpoint in place:
 
     checkpoints/last/  model.safetensors  optimizer.safetensors  rng.safetensors  trainer_state.json
 
-A frozen part of the model (a frozen transformers text body) is stored once per run, in a file beside the checkpoints;
-each checkpoint's model file names it, with its sha256, in the `frozen` metadata entry, and loading merges it back.
+A frozen part of the model (a frozen transformers text body) is stored once per run, in a file beside the checkpoints
+(the runs of a sweep share one, in the sweep's text_cache/ folder); each checkpoint's model file names it by its
+relative path and sha256 in the `frozen` metadata entry, and loading merges it back.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def _merge_frozen(ckpt: Path, model: dict[str, torch.Tensor], entry: str, device
     path = (ckpt / ref["file"]).resolve()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} keeps its frozen weights in {path}, which is missing; copy the "
-                              "whole run directory, not only the checkpoint folder")
+                              "whole run directory, not only the checkpoint folder (the runs of a sweep share that "
+                              "file in the sweep's text_cache/ folder: copy it beside their runs/ folder too)")
     if file_sha256(path) != ref["sha256"]:
         raise CheckpointError(f"{path} does not hold the frozen weights checkpoint {ckpt} was saved with (sha256 "
                               "differs); restore that file from the original run")

@@ -58,8 +58,13 @@ class CachedTextStates:
 
 def body_digest(body: torch.nn.Module) -> str:
     """sha256 over a module's state (names, dtypes, shapes, values): equal digests mean equal token states."""
+    return tensors_digest(body.state_dict())
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (names, dtypes, shapes, values), in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(body.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

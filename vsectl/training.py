@@ -60,7 +60,7 @@ from vsectl.runtime import (
     seed_everything,
 )
 from vsectl.schedules import RunLength, backbone_fixed_blocks, group_lr, loss_scale, run_length, use_hardest_negative
-from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
+from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path, tensors_digest
 from vsectl.train_logs import check_train_logs, open_tensorboard
 
 log = logging.getLogger(__name__)
@@ -394,6 +394,15 @@ def is_complete(run: TrainingRun) -> bool:
     return run.state["epoch"] >= _epochs(run)
 
 
+def frozen_file(run: TrainingRun, frozen_state: dict[str, torch.Tensor]) -> Path:
+    """Where a frozen text body is stored: in the run (`FROZEN_FILE`), or, for the runs of a sweep (a shared
+    `text_cache_dir`), once in that folder under a name that digests its tensors, so cells and seeds that freeze the
+    same body share one file instead of a copy each (90 MB for MiniLM, 440 MB for BERT-base)."""
+    if run.text_cache_dir is None:
+        return run.run_dir / FROZEN_FILE
+    return run.text_cache_dir / f"frozen-body-{tensors_digest(frozen_state)[:16]}.safetensors"
+
+
 def fit(run: TrainingRun) -> Path:
     """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
     cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
@@ -402,9 +411,9 @@ def fit(run: TrainingRun) -> Path:
     net, fixed = model, None
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
     frozen = FROZEN_PREFIXES if cfg.model.text.freeze_body else ()
-    if frozen and dist.is_main:  # stored once per run; every checkpoint names it with its sha256
+    if frozen and dist.is_main:  # stored once per run (per sweep); every checkpoint names it with its sha256
         _, frozen_state = split_frozen(model.state_dict(), frozen)
-        meta[FROZEN_KEY] = save_frozen(run_dir / FROZEN_FILE, frozen_state, frozen, run_dir / "checkpoints")
+        meta[FROZEN_KEY] = save_frozen(frozen_file(run, frozen_state), frozen_state, frozen, run_dir / "checkpoints")
     state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
     for epoch in range(state["epoch"], _epochs(run)):
