@@ -195,3 +195,72 @@ def test_verify_counts_captions_shared_by_different_images(tmp_path: Path):
     assert report["ok"] and any("2 caption text(s) appear on more than one image" in w for w in report["warnings"])
     result = runner.invoke(app, ["data", "verify", str(tmp_path)])
     assert result.exit_code == 0 and "captions on 2+ images" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. embed reuses the run's stored features and takes a whole feature folder
+
+
+def embed_cli(*args: str) -> None:
+    result = runner.invoke(app, ["-q", "embed", *args, "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+
+def test_embed_of_a_feature_folder_is_its_stores_one_after_the_other(clipart_run, tmp_path: Path):
+    import vsectl
+
+    run, feats = str(clipart_run["run"]), clipart_run["feats"]
+    embed_cli(run, "--features", str(feats), "--out", str(tmp_path / "all"))
+    parts = []
+    for split in ("train", "dev", "test"):
+        embed_cli(run, "--features", str(feats / f"{split}.h5"), "--out", str(tmp_path / split))
+        parts.append(vsectl.open_embeddings(tmp_path / split))
+    whole = vsectl.open_embeddings(tmp_path / "all")
+    # batches cross the split boundaries in one embed and not in the other: the same sums in another grouping
+    np.testing.assert_allclose(whole.images, np.concatenate([p.images for p in parts]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(whole.captions, np.concatenate([p.captions for p in parts]), atol=1e-6, rtol=0)
+    offsets = np.cumsum([0] + [p.n_images for p in parts[:-1]])
+    np.testing.assert_array_equal(whole.cap2img, np.concatenate([p.cap2img + o for p, o in zip(parts, offsets)]))
+    assert [whole.image(i)["id"] for i in range(whole.n_images)] == [
+        p.image(i)["id"] for p in parts for i in range(p.n_images)]
+
+
+def test_embed_of_the_raw_dataset_reuses_the_stored_features_instead_of_the_backbone(clipart_run, tmp_path: Path,
+                                                                                    monkeypatch):
+    import vsectl
+    from vsectl.retrieval import model as retrieval_model
+    from vsectl.retrieval import stored
+
+    run, raw = str(clipart_run["run"]), str(clipart_run["raw"])
+    replayed = []
+    real = retrieval_model.RetrievalModel.image_features
+
+    def counting(self, paths, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        replayed.extend(paths)
+        return real(self, paths, **kwargs)
+
+    monkeypatch.setattr(retrieval_model.RetrievalModel, "image_features", counting)
+    embed_cli(run, "--data", raw, "--split", "test", "--out", str(tmp_path / "reused"))
+    assert replayed == []  # every test image's set is in the run's test.h5
+    monkeypatch.setattr(stored, "reusable_sets", lambda *a, **k: None)  # what embed did before: the backbone
+    embed_cli(run, "--data", raw, "--split", "test", "--out", str(tmp_path / "replayed"))
+    assert len(replayed) == vsectl.open_embeddings(tmp_path / "replayed").n_images
+    a, b = vsectl.open_embeddings(tmp_path / "reused"), vsectl.open_embeddings(tmp_path / "replayed")
+    np.testing.assert_allclose(a.images, b.images, atol=1e-5)
+    np.testing.assert_array_equal(a.captions, b.captions)
+
+
+def test_stored_features_of_another_recipe_are_not_reused(clipart_run, tmp_path: Path):
+    from vsectl.data.raw import sha256_file
+    from vsectl.retrieval import stored
+    from vsectl.retrieval.recipe import store_recipe
+
+    feats = clipart_run["feats"]
+    recipe = store_recipe(feats / "test.h5")
+    items = [{"id": i} for i in __import__("vsectl.data.store", fromlist=["x"]).read_store_captions(
+        feats / "test.h5")[2]]
+    digest = sha256_file(clipart_run["raw"] / "dataset.json")
+    assert len(stored.reusable_sets(items, digest, recipe, feats).rows) == len(items)
+    other = recipe.__class__(**{**recipe.__dict__, "input_size": recipe.input_size * 2})
+    assert stored.reusable_sets(items, digest, other, feats) is None  # another input size: other numbers
+    assert stored.reusable_sets(items, "0" * 64, recipe, feats) is None  # another dataset

@@ -21,8 +21,8 @@ def embed_cli(
     out: Annotated[Path, typer.Option(help="Embeddings folder to write")],
     images: Annotated[Path | None, typer.Option(help="A plain folder of images (no captions)")] = None,
     data: Annotated[Path | None, typer.Option(help="A prepared raw dataset: images and captions")] = None,
-    features: Annotated[Path | None, typer.Option(help="An extracted feature store, e.g. data/demo_feats/test.h5")]
-    = None,
+    features: Annotated[Path | None, typer.Option(help="An extracted feature store (data/demo_feats/test.h5) or a "
+                                                       "folder of them (data/demo_feats: every split)")] = None,
     split: Annotated[str, typer.Option(help="--data: all | train | dev | test")] = "all",
     checkpoint: CheckpointOpt = "best",
     device: DeviceOpt = "auto",

@@ -76,9 +76,9 @@ class _Rate:
 
 def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
                     progress: Progress) -> None:
-    from vsectl.data.sources import H5Features
+    from vsectl.retrieval.stored import StoreSets
 
-    features = H5Features(source.store)
+    features = StoreSets(source.stores)
     n = len(source.items)
     total = sum(min((s + 1) * size, n) - s * size for s in shards)
     rate = _Rate(progress)
@@ -97,25 +97,31 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
 
 
 def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
-                  workers: int, progress: Progress) -> None:
+                  workers: int, progress: Progress, stored: Any = None) -> None:
+    """Image files through the run's backbone, except those whose sets `stored` (a `StoreSets`) already holds."""
     from vsectl.extract import make_batches
     from vsectl.retrieval.model import BACKBONE_BATCH
 
     n = len(source.items)
+    stored = stored if stored is not None else ()
     paths: list[Path] = []
     batches: list[list[int]] = []
     for s in shards:
         start = len(paths)
-        paths.extend(Path(source.items[i]["path"]) for i in range(s * size, min((s + 1) * size, n)))
+        paths.extend(Path(source.items[i]["path"]) for i in range(s * size, min((s + 1) * size, n))
+                     if i not in stored)
         batches.extend(make_batches(start, len(paths), BACKBONE_BATCH))
-    stream = iter(progress.track(model.image_features(paths, workers=workers, batches=batches, progress=progress),
-                                 total=len(paths), description="embed images"))
+    stream = iter(model.image_features(paths, workers=workers, batches=batches, progress=progress)) if paths \
+        else iter(())
+    total = sum(min((s + 1) * size, n) - s * size for s in shards)
+    positions = iter(progress.track(range(total), total=total, description="embed images"))  # stored ones too
     try:
         for s in shards:
             a, b = s * size, min((s + 1) * size, n)
             ok, skipped, out, pending = [], [], [], []
             for pos in range(a, b):
-                _, feats, reason = next(stream)
+                _, feats, reason = (pos, stored.get(pos), "") if pos in stored else next(stream)
+                next(positions)
                 if feats is None:
                     log.debug("skipped %s: %s", source.items[pos]["id"], reason)
                     skipped.append({"position": pos, "id": source.items[pos]["id"], "reason": reason})
@@ -218,6 +224,22 @@ def _check_store(model: Any, source: Source) -> None:
                           f"({model.recipe.backbone}, {model.recipe.input_size} px)")
 
 
+def _reusable(model: Any, source: Source) -> Any:
+    """The stored sets of the run's own stores that a raw-dataset embed can use instead of the backbone (logged)."""
+    from vsectl.retrieval.model import _data_root
+    from vsectl.retrieval.stored import reusable_sets
+
+    if source.kind != "data" or model.end_to_end:
+        return None
+    root = _data_root(model.config.data.root, model.run_dir)
+    stored = reusable_sets(source.items, source.identity["dataset_sha256"], model.recipe, root)
+    if stored is not None:
+        log.info("%d of %d images have their features stored in %s (the run's feature recipe, this dataset): "
+                 "reused; the backbone runs on the other %d", len(stored.rows), len(source.items), root,
+                 len(source.items) - len(stored.rows))
+    return stored
+
+
 def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
     manifest = partial / MANIFEST
     if manifest.is_file():
@@ -249,14 +271,17 @@ def embed(
     """Embed every image (and caption) of a collection with a trained run into an embeddings folder.
 
     Exactly one of `images`, `data`, `features`. From files (`images`, `data`) the run's feature recipe is replayed
-    (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json.
+    (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json. A raw dataset's images
+    whose sets the run's own stores hold (extracted from this dataset with the run's recipe) are read from there
+    instead (`vsectl.retrieval.stored`).
 
     Args:
         run: a run directory or checkpoint folder, or a loaded `RetrievalModel`.
         out: the embeddings folder to write (work in progress lives in `OUT.partial`).
         images: a plain folder of images (searched recursively; no captions).
         data: a raw dataset folder (made by `vsectl data prepare`): images and their captions.
-        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5.
+        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5, or a folder of
+            them (each split in turn: train, dev, test).
         split: for `data`: "all" or one split.
         checkpoint: "best" or "last".
         device: where the towers (and the backbone) run.
@@ -305,7 +330,12 @@ def embed(
     if todo and source.kind == "features":
         _feature_shards(model, source, todo, shard_size, shards, batch_size, progress)
     elif todo:
-        _image_shards(model, source, todo, shard_size, shards, batch_size, workers, progress)
+        stored = _reusable(model, source)
+        try:
+            _image_shards(model, source, todo, shard_size, shards, batch_size, workers, progress, stored)
+        finally:
+            if stored is not None:
+                stored.close()
     if cap_todo:
         _caption_shards(model, source, cap_todo, shard_size, shards, batch_size, progress)
     seconds = time.perf_counter() - start

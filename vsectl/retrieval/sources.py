@@ -21,13 +21,14 @@ class Source:
     """What to embed: N items (id, file path or None) and C captions (text, item position).
 
     Attributes:
-        kind: "images" (a plain folder), "data" (a raw dataset) or "features" (an extracted store).
+        kind: "images" (a plain folder), "data" (a raw dataset) or "features" (extracted stores).
         path: the folder or store, resolved.
         items: one {"id", "path"} per item, in collection order.
         captions: (text, item position) pairs.
         identity: what decides whether finished shards can be reused (a hash of the listing or the source files).
         backbone: the feature provenance recorded in meta.json.
-        store: the store path for "features" (its feature sets are read one image at a time).
+        store: the (first) store for "features" (its feature sets are read one image at a time).
+        stores: every store of "features", in collection order (one file, or a feature folder's splits).
     """
 
     kind: str
@@ -39,6 +40,7 @@ class Source:
     store: Path | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    stores: list[Path] = field(default_factory=list)
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -103,14 +105,43 @@ def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
 
 
 def store_source(store: str | Path) -> Source:
-    """An extracted (or imported) feature store; image paths come from the raw dataset it was extracted from."""
+    """An extracted (or imported) feature store, or a folder of them (its splits one after the other); image paths
+    come from the raw dataset each was extracted from."""
+    store = Path(store).resolve()
+    if store.is_dir():
+        return folder_store_source(store)
+    return _one_store_source(store)
+
+
+def folder_store_source(folder: Path) -> Source:
+    """Every `<split>.h5` of a feature folder as one collection (train, dev, test, then the others)."""
+    from vsectl.retrieval.stored import folder_stores
+
+    parts = [_one_store_source(path) for path in folder_stores(folder)]
+    dims = {p.extra["feat_dim"] for p in parts}
+    if len(dims) > 1:
+        raise DataError(f"the stores in {folder} hold features of different sizes ({sorted(dims)}); embed one store")
+    recipes = {p.path.name: p.extra["recipe"] for p in parts}
+    first = parts[0].extra["recipe"]
+    differ = [name for name, r in recipes.items() if (r is None) != (first is None) or r and r.differences(first)]
+    if differ:
+        raise DataError(f"the stores in {folder} were made with different feature recipes ({', '.join(differ)} "
+                        f"differ from {parts[0].path.name}); embed them one store at a time")
+    items, captions = [], []
+    for part in parts:
+        captions.extend((text, pos + len(items)) for text, pos in part.captions)
+        items.extend(part.items)
+    identity = {"stores": [{"file": p.path.name, **p.identity} for p in parts]}
+    return Source(kind="features", path=folder, items=items, captions=captions, identity=identity,
+                  backbone=parts[0].backbone, store=parts[0].store, stores=[p.path for p in parts],
+                  extra={"feat_dim": dims.pop(), "recipe": first})
+
+
+def _one_store_source(store: Path) -> Source:
     from vsectl.data.raw import sha256_file
     from vsectl.data.store import read_store_attrs, read_store_captions
     from vsectl.retrieval.recipe import FeatureRecipe
 
-    store = Path(store).resolve()
-    if store.is_dir():
-        raise DataError(f"{store} is a folder; --features takes one store file, e.g. {store / 'test.h5'}")
     attrs = read_store_attrs(store)
     texts, cap2img, ids = read_store_captions(store)
     paths = _store_paths(attrs, ids)
@@ -121,7 +152,7 @@ def store_source(store: str | Path) -> Source:
     identity = {"store_fingerprint": attrs.get("fingerprint"), "bytes": st.st_size,
                 "sha256_head": sha256_file(store, limit=1 << 20)}
     return Source(kind="features", path=store, items=items, captions=captions, identity=identity,
-                  backbone=recipe.provenance() if recipe else None, store=store,
+                  backbone=recipe.provenance() if recipe else None, store=store, stores=[store],
                   extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe})
 
 
