@@ -153,11 +153,38 @@ def test_missing_weights_is_one_clear_line(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ConfigError) as info:
         create_backbone("resnet", weights="microsoft/resnet-152")
     assert str(info.value) == (
-        f"resnet weights 'microsoft/resnet-152' not found locally (not a folder, not in the Hugging Face cache "
-        f"{tmp_path / 'empty-cache'}); pass --weights /path/to/folder, or fill that cache on a machine with network "
-        "(`hf download microsoft/resnet-152`)")
+        f"resnet weights 'microsoft/resnet-152' is not a local folder and not in the Hugging Face cache "
+        f"({tmp_path / 'empty-cache'}); give a local model folder as the weights, fill that cache on a machine with "
+        "network (`hf download microsoft/resnet-152`, then copy the folder), or set VSECTL_ALLOW_DOWNLOADS=1 to "
+        "download it now")
     with pytest.raises(ConfigError, match="not found"):
         create_backbone("efficientnet-lite0", weights=tmp_path / "nope.pth")
+
+
+def test_a_backbone_hub_id_downloads_only_when_the_user_allows_it(towers: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """VSECTL_ALLOW_DOWNLOADS=1 covers image backbones as it covers text models; offline, one line names it."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    calls = []
+
+    def fake_snapshot(repo_id, local_files_only=False, cache_dir=None, allow_patterns=None):  # noqa: ANN001, ANN202
+        calls.append((repo_id, local_files_only, allow_patterns))
+        if local_files_only:
+            raise FileNotFoundError("not in the cache")
+        return str(towers["vit"])  # what a download into the cache would leave there
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.delenv("VSECTL_ALLOW_DOWNLOADS", raising=False)
+    with pytest.raises(ConfigError, match="or set VSECTL_ALLOW_DOWNLOADS=1 to download it now"):
+        create_backbone("vit", weights="tiny/vit")
+    assert [c[1] for c in calls] == [True]  # looked in the cache only
+    monkeypatch.setenv("VSECTL_ALLOW_DOWNLOADS", "1")
+    backbone = create_backbone("vit", weights="tiny/vit")
+    assert backbone.feat_dim == 16 and calls[-1][0] == "tiny/vit" and calls[-1][1] is False
+    assert "*.safetensors" in calls[-1][2] and not any("h5" in p or "msgpack" in p for p in calls[-1][2])
 
 
 def test_weights_of_another_network_are_refused(towers: dict[str, Path], tmp_path: Path) -> None:

@@ -289,7 +289,7 @@ def test_cli_missing_weights_exits_2_with_one_line(raw: Path, tmp_path: Path, mo
     args = ["extract", "--backbone", "resnet", "--data", str(raw), "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "resnet weights 'microsoft/resnet-152' not found locally" in result.output
+    assert "resnet weights 'microsoft/resnet-152' is not a local folder" in result.output
 
 
 # ------------------------------------------------------------------------------------------------ video

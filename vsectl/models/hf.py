@@ -15,18 +15,40 @@ from vsectl.errors import ConfigError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
+BACKBONE_FILES = ("*.json", "*.txt", "*.safetensors")  # config, image processor and weights: not TF/Flax copies
+FALLBACK_WEIGHTS = ("*.bin",)  # repositories without safetensors
+
+
 def not_found_message(backbone: str, weights: str) -> str:
+    """The offline refusal of a backbone hub id: the line a text model's gets, naming the same opt-in."""
+    from vsectl.hub import ALLOW_DOWNLOADS_ENV, hub_cache
+
+    return (f"{backbone} weights '{weights}' is not a local folder and not in the Hugging Face cache ({hub_cache()}); "
+            f"give a local model folder as the weights, fill that cache on a machine with network (`hf download "
+            f"{weights}`, then copy the folder), or set {ALLOW_DOWNLOADS_ENV}=1 to download it now")
+
+
+def download_hf_folder(weights: str) -> Path:
+    """Fetch a hub id into the Hugging Face cache (only with `VSECTL_ALLOW_DOWNLOADS=1`): config, processor and
+    safetensors weights, or the .bin weights of a repository that has no safetensors."""
+    from huggingface_hub import snapshot_download
+
     from vsectl.hub import hub_cache
 
-    return (
-        f"{backbone} weights '{weights}' not found locally (not a folder, not in the Hugging Face cache "
-        f"{hub_cache()}); pass --weights /path/to/folder, or fill that cache on a machine with network "
-        f"(`hf download {weights}`)"
-    )
+    try:
+        folder = Path(snapshot_download(weights, cache_dir=str(hub_cache()), allow_patterns=list(BACKBONE_FILES)))
+        if not weight_files(folder):
+            folder = Path(snapshot_download(weights, cache_dir=str(hub_cache()),
+                                            allow_patterns=[*BACKBONE_FILES, *FALLBACK_WEIGHTS]))
+    except Exception as e:  # no network, an unknown id, a gated repository: one line, whatever the cause
+        raise ConfigError(f"could not download '{weights}' from the Hugging Face hub: {str(e).splitlines()[0]}") \
+            from None
+    return folder
 
 
 def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
-    """Find a transformers model folder: a local folder, or a hub id already in the Hugging Face cache (offline).
+    """Find a transformers model folder: a local folder, or a hub id in the Hugging Face cache (offline); a hub id
+    not in the cache is downloaded only when the user allowed it (`VSECTL_ALLOW_DOWNLOADS=1`, as for text models).
 
     Raises:
         ConfigError: neither exists; the message says what was looked for and how to supply it.
@@ -40,11 +62,13 @@ def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
         raise ConfigError(f"{backbone} weights {path} is a file; pass the model folder (config.json + weights)")
     from huggingface_hub import snapshot_download
 
-    from vsectl.hub import hub_cache
+    from vsectl.hub import downloads_allowed, hub_cache
 
     try:
         folder = snapshot_download(str(weights), local_files_only=True, cache_dir=str(hub_cache()))
     except Exception:  # invalid repo ids, missing cache entries and offline errors all mean "not available here"
+        if downloads_allowed():
+            return download_hf_folder(str(weights))
         raise ConfigError(not_found_message(backbone, str(weights))) from None
     return Path(folder)
 
