@@ -220,7 +220,8 @@ def test_embed_of_a_feature_folder_is_its_stores_one_after_the_other(clipart_run
     np.testing.assert_allclose(whole.images, np.concatenate([p.images for p in parts]), atol=1e-6, rtol=0)
     np.testing.assert_allclose(whole.captions, np.concatenate([p.captions for p in parts]), atol=1e-6, rtol=0)
     offsets = np.cumsum([0] + [p.n_images for p in parts[:-1]])
-    np.testing.assert_array_equal(whole.cap2img, np.concatenate([p.cap2img + o for p, o in zip(parts, offsets, strict=False)]))
+    shifted = [p.cap2img + o for p, o in zip(parts, offsets, strict=True)]
+    np.testing.assert_array_equal(whole.cap2img, np.concatenate(shifted))
     assert [whole.image(i)["id"] for i in range(whole.n_images)] == [
         p.image(i)["id"] for p in parts for i in range(p.n_images)]
 
