@@ -22,17 +22,19 @@ COMMON = ["model.image.encoder=grid", "model.image.size_augment=false", "train.e
           "loss.hardest_negative_from_epoch=1", "train.log_every=1", "train.precision=fp32"]
 
 
-def run_train(root: Path, out: Path, name: str, nproc: int) -> Path:
+def run_train(root: Path, out: Path, name: str, nproc: int, outputs: dict | None = None) -> Path:
     overrides = [f"--set=data.root={root}", f"--set=name={name}", *[f"--set={o}" for o in COMMON]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "vsectl", "-q", "train", str(TINY), "--out", str(out), "--device", "cpu"]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "vsectl", "-q", "train", str(TINY),
-               "--out", str(out), "--device", "cpu"]
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", "-m", "vsectl", "train", str(TINY),
+               "--out", str(out), "--device", "cpu"]  # not -q: what each rank prints is checked
     result = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    if outputs is not None:
+        outputs.update(stdout=result.stdout, stderr=result.stderr)
     return out / name
 
 
@@ -46,7 +48,12 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(toy_root
     can flip on a near-tie, hence the absolute rsum margin.
     """
     one = run_train(toy_root, tmp_path, "one", 1)
-    two = run_train(toy_root, tmp_path, "two", 2)
+    printed: dict = {}
+    two = run_train(toy_root, tmp_path, "two", 2, printed)
+    assert printed["stdout"].splitlines() == [str(two)]  # the run directory once, from rank 0
+    lines = [line for line in printed["stderr"].splitlines() if line.startswith("INFO")]
+    assert lines and len(lines) == len(set(lines))  # no line twice: the other rank logs only its own warnings
+    assert "Warning" not in printed["stderr"] and "deprecated" not in printed["stderr"]
     rec1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     rec2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     loss1 = [r["loss"] for r in rec1 if r["kind"] == "train"]

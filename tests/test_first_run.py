@@ -265,3 +265,41 @@ def test_stored_features_of_another_recipe_are_not_reused(clipart_run, tmp_path:
     other = recipe.__class__(**{**recipe.__dict__, "input_size": recipe.input_size * 2})
     assert stored.reusable_sets(items, digest, other, feats) is None  # another input size: other numbers
     assert stored.reusable_sets(items, "0" * 64, recipe, feats) is None  # another dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 14. the Ctrl-C line of extract names real folders; what the repository ignores
+
+
+def test_ctrl_c_in_extract_names_the_split_folders_it_kept(tmp_path: Path, monkeypatch):
+    import vsectl.extract
+
+    out = tmp_path / "feats"
+
+    def killed(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        (out / "train.shards").mkdir(parents=True)
+        for k in range(2):
+            (out / "train.shards" / f"shard-{k:05d}.h5").write_bytes(b"x")
+        (out / "dev.h5").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vsectl.extract, "extract", killed)
+    result = runner.invoke(app, ["extract", "--backbone", "efficientnet-lite0", "--data", str(tmp_path / "raw"),
+                                 "--out", str(out)])
+    assert result.exit_code == 130
+    line = " ".join(result.stderr.split())
+    assert "<split>" not in line and f"2 finished shard(s) (2 in {out / 'train.shards'})" in line
+    assert "finished stores dev.h5" in line
+
+
+def test_the_outputs_the_readme_writes_are_ignored_by_git(tmp_path: Path):
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (REPO / "README.md").read_text()
+    outputs = ["exports/demo/text.onnx", "runs/demo/config.yaml", "data/demo_emb/meta.json", "results/apple.png"]
+    for path in outputs:
+        assert path.split("/")[0] + "/" in readme or path in readme, path  # the README's own examples
+    ignored = subprocess.run(["git", "check-ignore", *outputs], cwd=REPO, capture_output=True, text=True).stdout
+    assert ignored.split() == outputs

@@ -3,7 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
+
+
+def process_rank() -> int:
+    """This process's rank in a torchrun (RANK) or SLURM (SLURM_PROCID) job; 0 outside one. No torch needed."""
+    for name in ("RANK", "SLURM_PROCID"):
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+class RankPrefix(logging.Filter):
+    """Prefix a record with its process's rank ("rank 1: ...")."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"rank {self.rank}: {record.msg}"
+        return True
 
 
 class LineHandler(logging.Handler):
@@ -33,10 +56,13 @@ def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = Non
     from rich.console import Console
     from rich.logging import RichHandler
 
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    rank = process_rank()
+    level = logging.DEBUG if verbose else logging.WARNING if quiet or rank else logging.INFO  # other ranks: warnings
     console = console or Console(stderr=True)
     handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False) \
         if console.is_terminal else LineHandler(console)  # a log file: whole lines, neither wrapped nor padded
+    if rank:  # a torchrun job's other processes: said once by rank 0, so only their own warnings and errors, marked
+        handler.addFilter(RankPrefix(rank))
     root = logging.getLogger("vsectl")
     root.handlers[:] = [handler]
     root.setLevel(level)

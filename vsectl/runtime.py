@@ -311,13 +311,32 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     return dist, device
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather of equal-sized (b, E) blocks whose backward hands each rank the sum over ranks of the gradient of
+    its own block (a reduce-scatter, written as all-reduce + slice because gloo has no reduce-scatter). It replaces
+    torch.distributed.nn.functional.all_gather, which computes the same and is deprecated (a warning on every rank)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        ctx.rank, ctx.rows = rank, x.size(0)
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)                                             # (world·b, E) summed
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
+
+
 def gather_with_grad(x: torch.Tensor, dist: Distributed) -> torch.Tensor:
-    """Concatenate every rank's (b, E) rows in rank order; gradients flow back to each rank's own rows."""
+    """Concatenate every rank's (b, E) rows in rank order; gradients flow back to each rank's own rows.
+
+    Every rank holds the same number of rows (the global batch is split evenly)."""
     if not dist.enabled:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x, dist.rank, dist.world_size)
 
 
 def gather_rows(x: torch.Tensor, dist: Distributed) -> torch.Tensor:

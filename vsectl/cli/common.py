@@ -214,7 +214,10 @@ def main(
 ) -> None:
     from vsectl.logs import setup_logging
 
+    from vsectl.logs import process_rank
+
     STATE["debug"] = debug
-    STATE["quiet"] = quiet
+    STATE["rank"] = process_rank()
+    STATE["quiet"] = quiet or STATE["rank"] > 0  # a torchrun job's other ranks: no progress, no tables, no results
     STATE["verbose"] = verbose
     setup_logging(verbose=verbose, quiet=quiet, console=err)  # one console: logs print above the bars

@@ -45,7 +45,8 @@ def train_cli(
                               progress=RichProgress(enabled=not STATE.get("quiet")))
     except KeyboardInterrupt:
         interrupted(interrupted_train_line(out / cfg.name, recipe, overrides or [], out, device))
-    typer.echo(str(run_dir))
+    if not STATE.get("rank"):  # under torchrun the run directory is printed once, by rank 0
+        typer.echo(str(run_dir))
 
 
 def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], out: Path, device: str) -> str:
@@ -115,7 +116,7 @@ def eval_cli(
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
-    elif STATE.get("quiet"):  # -q: the results still come, as one plain line per protocol on stdout
+    elif STATE.get("quiet") and not STATE.get("rank"):  # -q: the results, one plain line per protocol on stdout
         for name, result in results.items():
             typer.echo(metrics_line(name, result))
 

@@ -54,7 +54,11 @@ def interrupted_extract_line(out: Path) -> str:
     folder = out.parent if out.suffix == ".h5" else out
     stores = sorted(p.name for p in folder.glob("*.h5")) if folder.is_dir() else []
     shards = sorted(folder.glob("*.shards/shard-*.h5")) if folder.is_dir() else []
-    kept = [f"{len(shards)} finished shard(s) in {folder}/<split>.shards"] if shards else []
+    per_split: dict[str, int] = {}
+    for shard in shards:  # each split's own folder, by name: "3 in data/feats/train.shards"
+        per_split[str(shard.parent)] = per_split.get(str(shard.parent), 0) + 1
+    kept = [f"{len(shards)} finished shard(s) (" + ", ".join(f"{n} in {where}" for where, n in per_split.items())
+            + ")"] if shards else []
     kept += [f"finished stores {', '.join(stores)}"] if stores else []
     return (f"kept {' and '.join(kept) if kept else 'nothing finished yet'}; run the same command again to resume "
             "(finished shards are not redone)")
