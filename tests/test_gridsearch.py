@@ -127,6 +127,23 @@ def test_verdict_pairs_gpo_with_the_best_fixed_cell_by_seed():
     assert "paired t-test p = " in out["text"] and "img-kmax5" in out["text"]
 
 
+def test_a_smoke_run_says_so_in_its_title_tables_verdict_and_figure(tmp_path):
+    recs = [{**record("img-gpo", 0, 300.0, gpo=True), "dev_best_rsum": 310.0, "run": "runs/a"},
+            {**record("img-max", 0, 290.0), "dev_best_rsum": 300.0, "run": "runs/b"}]
+    meta = {"recipe": "recipes/demo.yaml", "quick": True, "protocol": "f30k", "split": "test", "seeds": [0],
+            "tie_rule": "expected", "select_tie_rule": "expected"}
+    written = gs.write_results(tmp_path, recs, "image", meta)
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.startswith("# Pooling grid search (smoke run)") and "they are not results" in markdown
+    assert written["verdict"]["text"].startswith("smoke run (--quick), not a result: ")
+    assert json.loads((tmp_path / "results.json").read_text())["verdict"]["text"].startswith("smoke run")
+    from vsectl.gridsearch.figures import figure_title
+
+    assert figure_title(meta).startswith("smoke run, not a result: demo, test split: rsum (expected ties)")
+    full = gs.write_results(tmp_path / "full", recs, "image", {**meta, "quick": False})
+    assert "smoke" not in (tmp_path / "full" / "results.md").read_text() and "smoke" not in full["verdict"]["text"]
+
+
 def test_paired_test_edge_cases():
     assert gs.paired_test([1.0, 2.0], [0.0, 0.0])["p_value"] is None  # fewer than 3 seeds
     assert gs.paired_test([3.0, 4.0, 5.0], [1.0, 2.0, 3.0])["p_value"] == 0.0  # a constant, non-zero difference
@@ -180,6 +197,7 @@ def test_sweep_writes_tables_from_the_runs_own_files_and_resumes(toy_root, tmp_p
     own = json.loads((out / "runs" / "img-max-s0" / "eval" / "f30k-test.json").read_text())
     assert by_cell["img-max"]["metrics"] == own["metrics"]
     assert by_cell["img-max"]["split"] == "test" and by_cell["img-max"]["n_images"] == 30
+    assert by_cell["img-max"]["text"] == "gpo (recipe)"  # the branch the grid leaves alone, by its pooler
     run = out / "runs" / "img-max-s0"  # the dev rsum read back is the evaluated (best) checkpoint's
     vals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     state = json.loads((run / "checkpoints" / "best" / "trainer_state.json").read_text())

@@ -150,7 +150,10 @@ def test_quick_benchmark_writes_its_results_and_resumes(tmp_path):
     assert cells == {"img-max", "img-kmax4", "img-mean", "img-gpo"}
     gpo = next(r for r in data["records"] if r["gpo"])
     assert set(gpo["rsum"]) == {"seen", "smaller", "larger"} and len(gpo["theta_rmse"]) == 64 - 3 + 1
-    assert "| M-4 | GPO |" in (out / "results.md").read_text()
+    markdown = (out / "results.md").read_text()
+    assert "| M-4 | GPO |" in markdown and markdown.startswith("# Planted-pooling benchmark (smoke run")
+    assert all(line.startswith("smoke run, not a result: ") for line in data["verdict"]) and "expected tie rule" in \
+        markdown
     assert (out / "planted.pdf").read_bytes().startswith(b"%PDF") and (out / "planted.png").is_file()
     assert (out / "planted.svg").read_bytes().startswith(b"<?xml")
     mtime = (out / "grid" / "M-4" / "runs" / "img-gpo-s0" / "metrics.jsonl").stat().st_mtime

@@ -27,6 +27,7 @@ from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.patterns import pattern_weights
 from vsectl.planted_data import MANIFEST, PlantedSplit, make_planted_data
 from vsectl.runtime import NullProgress, Progress
+from vsectl.tie_rules import DEFAULT_TIE_RULE
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "planted"
 UNSEEN = ("smaller", "larger")   # the test splits with set sizes outside the training range
 UNSEEN_FILE = "planted_unseen.json"  # per run: metrics on the unseen-size splits (cached for reruns)
 BUCKETS = ("seen", *UNSEEN)
+SMOKE = "smoke run, not a result: "  # before each verdict line of a smoke run
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class BenchConfig:
     larger_min_size: int = 48       # the unseen-larger test split
     larger_max_size: int = 64
     jobs: int = 2                   # cells trained in parallel processes (1 torch thread each on 2 cores)
+    smoke: bool = False             # a smoke run (--quick): its title, tables and verdict say its numbers are no result
 
     def __post_init__(self) -> None:
         for p in self.planting_list:
@@ -333,7 +336,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, progress: Progress | None =
         records += recs
         summaries.append(summarise_planting(cfg, pattern, recs))
     result = {"config": to_dict(cfg), "plantings": summaries, "records": records,
-              "verdict": [line for s in summaries for line in verdict_lines(s)],
+              "verdict": [SMOKE * cfg.smoke + line for s in summaries for line in verdict_lines(s)],
               "wall_s": time.perf_counter() - tic}
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", results_markdown(result))
@@ -353,8 +356,10 @@ def results_markdown(result: dict) -> str:
     """The benchmark's table (GPO vs the best fixed K, seen and unseen sizes, θ RMSE) and the verdict, as Markdown."""
     cfg = result["config"]
     n_seeds = len(_ints(cfg["seeds"], "seeds"))
-    lines = ["# Planted-pooling benchmark", "",
-             f"rsum (f30k protocol, {cfg['test_sets']} sets per test split), mean ± std over {n_seeds} seed(s). "
+    smoke = " (smoke run: it checks that it runs, not a result)" if cfg.get("smoke") else ""
+    lines = [f"# Planted-pooling benchmark{smoke}",
+             "", f"rsum (f30k protocol, {DEFAULT_TIE_RULE} tie rule, {cfg['test_sets']} sets per test split), mean ± "
+             f"std over {n_seeds} seed(s). "
              f"Training sizes {cfg['train_min_size']}–{cfg['train_max_size']}; unseen smaller "
              f"{cfg['smaller_min_size']}–{cfg['smaller_max_size']}, unseen larger "
              f"{cfg['larger_min_size']}–{cfg['larger_max_size']}. Best fixed = the fixed cell with the best mean dev "

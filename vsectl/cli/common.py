@@ -212,9 +212,7 @@ def main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only results on stdout.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True)] = False,
 ) -> None:
-    from vsectl.logs import setup_logging
-
-    from vsectl.logs import process_rank
+    from vsectl.logs import process_rank, setup_logging
 
     STATE["debug"] = debug
     STATE["rank"] = process_rank()
