@@ -160,7 +160,8 @@ def test_export_cli_writes_both_towers_and_a_manifest_with_parity(tiny_run, tmp_
     result = runner.invoke(app, ["export", str(tiny_run), "--format", "onnx", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", "image.onnx", "text.onnx", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["client.py", "export.json", "image.onnx", "text.onnx",
+                                                     "vocab.json"]  # toy precomp features: no backbone to export
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["embed_dim"] == 64 and manifest["image"]["inputs"]["features"] == ["batch", "set_size", 32]
     assert 0 <= manifest["parity"]["max_abs_diff"]["image"] <= 1e-4
@@ -216,3 +217,128 @@ def test_a_run_with_an_unexportable_pooler_is_refused_before_anything_is_written
     result = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "TransformerGPO cannot be exported to ONNX" in result.output
     assert not (tmp_path / "x").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what a client needs: a tokenizer without padding, no duplicated weights, a reference client, a tower from pixels
+
+
+@pytest.fixture(scope="module")
+def padded_bert_dir(tmp_path_factory) -> Path:
+    """A tiny BERT (128 positions) whose tokenizer.json pads every text to 128 tokens, as all-MiniLM-L6-v2's does."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("padded_bert")
+    words = ["a", "small", "red", "apple", "lies", "on", "the", "wooden", "table", "next", "to", "two", "green",
+             "pears", "and", "knife", "dog", "##s", "."]
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.backend_tokenizer.enable_padding(length=128, pad_id=0, pad_token="[PAD]")
+    tokenizer.backend_tokenizer.enable_truncation(max_length=128)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "tokenizer.json").read_text())["padding"]["strategy"] == {"Fixed": 128}
+    config = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, pad_token_id=0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def frozen_bert_export(toy_root, padded_bert_dir, tmp_path_factory) -> dict:
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from vsectl.export import export_onnx
+    from vsectl.training import train
+
+    root = tmp_path_factory.mktemp("frozen_export")
+    overrides = [f"data.root={toy_root}", "train.epochs=1", "train.max_steps_per_epoch=3", "name=frozen",
+                 "model.text.encoder=transformers", f"model.text.pretrained={padded_bert_dir}",
+                 "model.text.freeze_body=true"]
+    run = train(load_recipe(TINY, overrides), root / "runs", device="cpu")
+    manifest = export_onnx(run, root / "onnx")
+    return {"run": run, "out": root / "onnx", "manifest": manifest}
+
+
+QUERY_WORDS = "a small red apple lies on the wooden table next to two green pears and a knife".split()
+
+
+def queries_of(lengths: tuple[int, ...]) -> list[str]:
+    return [" ".join(QUERY_WORDS[i % len(QUERY_WORDS)] for i in range(n)) for n in lengths]
+
+
+def test_the_obvious_tokenizer_call_gives_the_embeddings_of_encode_text(frozen_bert_export):
+    """Tokenizer.encode(q).ids with lengths = len(ids): the exported tokenizer must not pad (it padded to 128)."""
+    import numpy as np
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    import vsectl
+
+    out = frozen_bert_export["out"]
+    tokenizer = Tokenizer.from_file(str(out / "text_model" / "tokenizer.json"))
+    session = onnxruntime.InferenceSession(str(out / "text.onnx"), providers=["CPUExecutionProvider"])
+    model = vsectl.load(frozen_bert_export["run"], device="cpu")
+    for query in queries_of((1, 3, 12, 40, 98)):
+        ids = tokenizer.encode(query).ids
+        assert len(ids) == len(model.tokenize([query])[0]) and ids[-1] != 0  # no padding
+        got = session.run(None, {"tokens": np.array([ids]), "lengths": np.array([len(ids)])})[0]
+        np.testing.assert_allclose(got, model.encode_text([query]), atol=1e-5, rtol=0)
+
+
+def test_the_reference_client_equals_encode_text_for_queries_of_1_to_100_tokens(frozen_bert_export):
+    import numpy as np
+
+    import vsectl
+    from vsectl.export_parts import load_client
+
+    client = load_client(frozen_bert_export["out"])  # the client.py in the export folder, not vsectl's module
+    model = vsectl.load(frozen_bert_export["run"], device="cpu")
+    queries = queries_of((1, 2, 7, 20, 50, 98))  # with [CLS] and [SEP]: 3 to 100 tokens
+    assert [len(client.token_ids(q)) for q in queries] == [3, 4, 9, 22, 52, 100]
+    np.testing.assert_allclose(client.encode_text(queries), model.encode_text(queries), atol=1e-5, rtol=0)
+    parity = frozen_bert_export["manifest"]["parity"]["client_text"]
+    assert parity["max_abs_diff"] <= 1e-5 and max(parity["tokens"]) >= 90
+
+
+def test_a_frozen_text_body_is_not_copied_beside_text_onnx(frozen_bert_export):
+    out = frozen_bert_export["out"]
+    assert (frozen_bert_export["run"] / "text_model" / "frozen_body.safetensors").is_file()
+    assert not [p for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pth")]
+    kept = sorted(p.name for p in (frozen_bert_export["run"] / "text_model").iterdir() if p.suffix != ".safetensors")
+    assert sorted(p.name for p in (out / "text_model").iterdir()) == kept and "tokenizer.json" in kept
+
+
+def test_a_feature_run_exports_a_tower_from_pixels_that_equals_vsectl_on_image_files(clipart_run, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import numpy as np
+
+    import vsectl
+    from vsectl.export import export_onnx
+    from vsectl.export_parts import load_client
+
+    manifest = export_onnx(clipart_run["run"], tmp_path / "onnx")
+    assert manifest["image_pixels"]["size"] == 64 and manifest["parity"]["max_abs_diff"]["image_pixels"] <= 1e-4
+    paths = sorted((clipart_run["raw"] / "images").iterdir())[:6]
+    client = load_client(tmp_path / "onnx")
+    model = vsectl.load(clipart_run["run"], device="cpu")
+    np.testing.assert_allclose(client.encode_images(paths), model.encode_images(paths), atol=1e-4, rtol=0)
+
+
+def test_a_run_that_trained_its_backbone_exports_it_inside_the_pixel_tower(clipart_run, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import numpy as np
+
+    import vsectl
+    from vsectl.export import export_onnx
+    from vsectl.export_parts import load_client
+    from vsectl.training import train
+
+    overrides = [f"data.root={clipart_run['raw']}", "name=e2e", "data.batch_size=16", "data.val_images=16",
+                 "model.embed_dim=32", "model.image.encoder=backbone", "model.image.feat_dim=12",
+                 "model.image.backbone.name=resnet", f"model.image.backbone.weights={clipart_run['weights']}",
+                 "model.image.backbone.size=64", "train.epochs=1", "train.max_steps_per_epoch=2"]
+    run = train(load_recipe(TINY, overrides), tmp_path / "runs", device="cpu")
+    manifest = export_onnx(run, tmp_path / "onnx")
+    assert manifest["image_pixels"]["size"] == 64
+    paths = sorted((clipart_run["raw"] / "images").iterdir())[:4]
+    np.testing.assert_allclose(load_client(tmp_path / "onnx").encode_images(paths),
+                               vsectl.load(run, device="cpu").encode_images(paths), atol=1e-4, rtol=0)

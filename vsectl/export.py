@@ -1,8 +1,10 @@
-"""Export a trained run's two towers to ONNX and check them against torch with onnxruntime.
+"""Export a trained run's towers to ONNX and check them against torch with onnxruntime.
 
 The folder written holds `image.onnx` (features (B, K, D) float32 + lengths (B,) int64 → (B, E) unit vectors),
+`image_pixels.onnx` where the run's backbone is known (images (B, 3, S, S) uint8 RGB → (B, E): the backbone inside),
 `text.onnx` (token ids (B, T) int64 + lengths (B,) int64 → (B, E)), the run's text-processing files (the BiGRU
-vocabulary or the transformers tokenizer) and `export.json`, which describes the inputs and the parity measured.
+vocabulary, or the transformers tokenizer files without padding and without the model weights), `client.py` (a
+reference client, `vsectl.onnx_client`) and `export.json`, which describes the inputs and the parity measured.
 """
 
 from __future__ import annotations
@@ -91,16 +93,6 @@ def _session(onnxruntime: Any, path: Path) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _copy_text_files(run_dir: Path, tmp: Path) -> dict[str, str]:
-    from vsectl.builders import TEXT_MODEL_DIR, VOCAB_FILE
-
-    if (run_dir / VOCAB_FILE).is_file():
-        shutil.copy2(run_dir / VOCAB_FILE, tmp / VOCAB_FILE)
-        return {"kind": "vocab", "path": VOCAB_FILE}
-    shutil.copytree(run_dir / TEXT_MODEL_DIR, tmp / TEXT_MODEL_DIR)
-    return {"kind": "tokenizer", "path": TEXT_MODEL_DIR}
-
-
 def _prepare_out(out: Path) -> Path:
     """Refuse a non-empty folder that is not an earlier export; return a private temporary folder beside `out`."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
@@ -140,14 +132,19 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
     from vsectl import __version__
     from vsectl.builders import load_run, resolve_checkpoint
     from vsectl.data.raw import sha256_file, write_json_atomic
+    from vsectl.export_parts import check_client, export_pixels, pixel_tower, write_client, write_text_files
     from vsectl.models.exportable import ImageTower, TextTower
 
     out = Path(out)
     run_dir, ckpt = resolve_checkpoint(Path(run), which)
     cfg, model, text = load_run(Path(run), which=which, device="cpu")
-    towers = {"image": ImageTower(model.image).eval(), "text": TextTower(model.text).eval()}
+    from_features = cfg.model.image.encoder != "backbone"  # a run that trained its backbone takes images only
+    towers = {**({"image": ImageTower(model.image).eval()} if from_features else {}),
+              "text": TextTower(model.text).eval()}
     feat_dim = cfg.model.image.feat_dim
     vocab = text.vocab_size or int(model.text.body.config.vocab_size)
+    max_tokens = None if text.vocab is not None else getattr(model.text.body.config, "max_position_embeddings", None)
+    pixels, pixel_size, pixel_note = pixel_tower(cfg, model, run_dir)
     low = 1 if text.vocab is None else 4  # BiGRU ids below 4 are the specials; transformers ids may be anything
 
     def image_input(gen: torch.Generator, batch: int, width: int) -> torch.Tensor:
@@ -158,6 +155,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
 
     specs = {"image": (("features", "lengths"), "set_size", image_input, CHECK_SET_SIZES),
              "text": (("tokens", "lengths"), "length", text_input, CHECK_TEXT_LENGTHS)}
+    specs = {name: spec for name, spec in specs.items() if name in towers}
     tmp = _prepare_out(out)
     try:
         parity: dict[str, float] = {}
@@ -172,19 +170,43 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
             if parity[name] > PARITY_TOLERANCE:
                 raise ExportError(f"the ONNX {name} tower differs from torch by {parity[name]:.2e} "
                                   f"(> {PARITY_TOLERANCE:g}); nothing was written — please report this model")
+        if pixels is not None:
+            log.info("exporting the image tower from pixels (%d px, backbone inside)", pixel_size)
+            parity["image_pixels"] = export_pixels(pixels, pixel_size, tmp / "image_pixels.onnx",
+                                                   lambda p: _session(onnxruntime, p), OPSET, seed)
+            if parity["image_pixels"] > PARITY_TOLERANCE:
+                raise ExportError(f"the ONNX image tower from pixels differs from torch by "
+                                  f"{parity['image_pixels']:.2e} (> {PARITY_TOLERANCE:g}); nothing was written")
+        else:
+            log.info("no image tower from pixels: %s", pixel_note)
+        text_files = write_text_files(run_dir, tmp)
         manifest = {
             "format": "onnx", "opset": OPSET, "vsectl": __version__, "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "run": str(run_dir), "checkpoint": str(ckpt),
             "model_sha256": sha256_file(ckpt / "model.safetensors"), "embed_dim": cfg.model.embed_dim,
             "image": {"file": "image.onnx", "inputs": {"features": ["batch", "set_size", feat_dim],
-                      "lengths": ["batch"]}, "encoder": cfg.model.image.encoder, "pool": cfg.model.image.pool.name},
+                      "lengths": ["batch"]}, "encoder": cfg.model.image.encoder, "pool": cfg.model.image.pool.name}
+            if from_features else None,
             "text": {"file": "text.onnx", "inputs": {"tokens": ["batch", "length"], "lengths": ["batch"]},
                      "encoder": cfg.model.text.encoder, "pool": cfg.model.text.pool.name, "pad_id": text.pad_id,
-                     **_copy_text_files(run_dir, tmp)},
+                     **text_files, "max_tokens": max_tokens},
+            "image_pixels": {"file": "image_pixels.onnx", "size": pixel_size, "inputs": {
+                "images": ["batch", 3, pixel_size, pixel_size]}, "note": "uint8 RGB, resized to size×size "
+                "(bilinear, aspect not kept); normalisation and the backbone are inside"} if pixels is not None
+            else None,
+            "notes": {**({"image_pixels": pixel_note} if pixels is None else {}),
+                      **({} if from_features else {"image": "the run trains its own backbone: it takes images "
+                                                            "(image_pixels.onnx), not feature sets"})},
+            "client": write_client(tmp),
             "output": {"embedding": ["batch", cfg.model.embed_dim], "note": "L2-normalised float32"},
             "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE, "set_sizes": list(CHECK_SET_SIZES),
                        "text_lengths": list(CHECK_TEXT_LENGTHS), "seed": seed},
         }
+        write_json_atomic(tmp / MANIFEST, manifest, indent=2)
+        manifest["parity"]["client_text"] = check_client(tmp, Path(run), which)  # the obvious client, end to end
+        if manifest["parity"]["client_text"]["max_abs_diff"] > manifest["parity"]["client_text"]["tolerance"]:
+            raise ExportError(f"the reference client's text embeddings differ from vsectl's by "
+                              f"{manifest['parity']['client_text']['max_abs_diff']:.2e}; nothing was written")
         write_json_atomic(tmp / MANIFEST, manifest, indent=2)
         _swap_in(tmp, out)
     except BaseException:

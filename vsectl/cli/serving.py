@@ -28,11 +28,20 @@ def export_cli(
     table = Table(title=f"ONNX export of {manifest['run']}", title_justify="left")
     for col in ("tower", "file", "inputs", "max |onnx − torch|"):
         table.add_column(col)
-    for tower in ("image", "text"):
-        info = manifest[tower]
+    for tower in ("image", "image_pixels", "text"):
+        info = manifest.get(tower)
+        if not info:
+            continue
         inputs = ", ".join(f"{k} {v}" for k, v in info["inputs"].items())
         table.add_row(tower, info["file"], inputs, f"{manifest['parity']['max_abs_diff'][tower]:.1e}")
+    client = manifest["parity"].get("client_text")
+    if client:
+        table.caption = (f"{manifest['client']}: its text embeddings differ from vsectl's by at most "
+                         f"{client['max_abs_diff']:.1e} ({client['queries']} queries of {min(client['tokens'])}–"
+                         f"{max(client['tokens'])} tokens)")
     err.print(table)
+    for tower, note in manifest.get("notes", {}).items():
+        err.print(f"no {tower} tower: {note}", highlight=False)
     typer.echo(json.dumps(manifest, indent=2) if as_json else manifest["out"])
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
+from vsectl.models.grid import PIXEL_SCALE, BackboneGridEncoder
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder, l2_normalize
 from vsectl.models.pooling import (
     GPO,
@@ -133,11 +134,12 @@ class ExportPool(nn.Module):
 
 
 class ImageTower(nn.Module):
-    """features (B, K, feat_dim) + lengths (B,) → (B, E) unit vectors, for a region or grid encoder in eval mode."""
+    """features (B, K, feat_dim) + lengths (B,) → (B, E) unit vectors, for a region or grid encoder in eval mode
+    (or the head of an end-to-end grid encoder, over its backbone's cells)."""
 
     def __init__(self, encoder: nn.Module) -> None:
         super().__init__()
-        if not isinstance(encoder, RegionEncoder | GridEncoder):
+        if not isinstance(encoder, RegionEncoder | GridEncoder | BackboneGridEncoder):
             raise ConfigError(f"image encoder {type(encoder).__name__} cannot be exported to ONNX")
         self.encoder = encoder.eval()
         self.pool = ExportPool(encoder.pool)
@@ -167,3 +169,47 @@ class TextTower(nn.Module):
         else:
             hidden = enc.proj(enc.states(tokens, lengths))                             # (B, T, E)
         return l2_normalize(self.pool(hidden, lengths))
+
+
+class BackboneCells(nn.Module):
+    """(B, 3, S, S) uint8 RGB → (B, N, C) cells of a frozen feature backbone, as `vsectl extract` computes them.
+
+    Args:
+        backbone: the run's feature backbone (its mean and std on the [0, 1] scale).
+        round_to: the store's dtype when it is not float32: the features the head trained on were rounded to it.
+    """
+
+    def __init__(self, backbone: nn.Module, round_to: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone.eval()
+        self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.round_to = round_to
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone((images.float() / PIXEL_SCALE - self.mean) / self.std).float()   # (B, N, C)
+        return feats.to(self.round_to).float() if self.round_to is not None else feats
+
+
+class EncoderCells(nn.Module):
+    """(B, 3, S, S) uint8 → (B, N, C) cells of an end-to-end grid encoder's own (trained) backbone."""
+
+    def __init__(self, encoder: BackboneGridEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.cells(images)
+
+
+class PixelTower(nn.Module):
+    """(B, 3, S, S) uint8 RGB images → (B, E) unit vectors: the backbone inside, every image a full grid of cells."""
+
+    def __init__(self, cells: nn.Module, head: ImageTower) -> None:
+        super().__init__()
+        self.cells, self.head = cells, head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.cells(images)                                                     # (B, N, C)
+        lengths = torch.ones_like(feats[:, :, 0], dtype=torch.int64).sum(dim=1)        # (B,) = N, traced by shape
+        return self.head(feats, lengths)
