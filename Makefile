@@ -23,19 +23,23 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The serve page is tested in Debian's headless chromium. CI runs as root on a fresh machine, so install it when it is
-# missing; if that fails the browser test is skipped (with this warning), the rest of the suite still runs.
+# missing (one line says so first); if that fails the browser test is skipped (with a warning), the rest still runs.
+# NO_SYSTEM_PACKAGES=1 installs nothing: the browser test is then skipped and GPO sorts with torch.sort.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	@command -v chromium >/dev/null 2>&1 || { [ -z "$(NO_SYSTEM_PACKAGES)" ] && [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null 2>&1 && \
+	  echo "make: installing Debian's chromium (about 360 MB, more with the libraries it needs) with apt-get, for the serve page's browser test; NO_SYSTEM_PACKAGES=1 skips it" && \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-	  echo "warning: chromium is missing and could not be installed; the serve browser test will be skipped"
+	  echo "warning: chromium is missing and was not installed; the serve browser test will be skipped"
 
 # GPO's sort on a CPU is a C kernel compiled on first use (vsectl/native); without a C compiler it falls back to
 # torch.sort (slower, with a warning). Install gcc where it is missing and we can (root with apt-get, as in CI).
 compiler:
-	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
-	  command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; } || \
-	  echo "warning: no C compiler and none could be installed; GPO will sort with torch.sort (slower)"
+	@command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || { [ -z "$(NO_SYSTEM_PACKAGES)" ] && \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  echo "make: installing gcc and libc6-dev with apt-get, to compile GPO's sorting kernel; NO_SYSTEM_PACKAGES=1 skips it" && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; } || \
+	  echo "warning: no C compiler and none was installed; GPO will sort with torch.sort (slower)"
 
 test: setup browser compiler
 	$(PY) -m pytest tests
