@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +294,6 @@ def test_ctrl_c_in_extract_names_the_split_folders_it_kept(tmp_path: Path, monke
 
 
 def test_the_outputs_the_readme_writes_are_ignored_by_git(tmp_path: Path):
-    import subprocess
 
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
@@ -303,3 +303,31 @@ def test_the_outputs_the_readme_writes_are_ignored_by_git(tmp_path: Path):
         assert path.split("/")[0] + "/" in readme or path in readme, path  # the README's own examples
     ignored = subprocess.run(["git", "check-ignore", *outputs], cwd=REPO, capture_output=True, text=True).stdout
     assert ignored.split() == outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. make test says what it installs, before it does
+
+
+@pytest.mark.parametrize(("target", "package"), [("browser", "chromium"), ("compiler", "gcc")])
+def test_make_says_in_one_line_before_it_installs_a_system_package(target: str, package: str, tmp_path: Path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    fake = tmp_path / "bin"  # nothing else on PATH: no chromium, no cc; `id` says root; apt-get only records
+    fake.mkdir()
+    log = tmp_path / "apt.log"
+    (fake / "id").write_text("#!/bin/sh\necho 0\n")
+    (fake / "apt-get").write_text(f"#!/bin/sh\necho \"apt-get $*\" >> {log}\n")
+    for script in fake.iterdir():
+        script.chmod(0o755)
+    env = {"PATH": str(fake), "HOME": str(tmp_path)}
+    run = subprocess.run([make, "-s", "-C", str(REPO), target], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("make: installing") and package in lines[0]
+    assert "NO_SYSTEM_PACKAGES=1" in lines[0] and package in log.read_text()
+    log.unlink()
+    skipped = subprocess.run([make, "-s", "-C", str(REPO), target, "NO_SYSTEM_PACKAGES=1"], env=env,
+                             capture_output=True, text=True)
+    assert skipped.stdout.startswith("warning:") and not log.exists()
