@@ -294,7 +294,6 @@ def test_ctrl_c_in_extract_names_the_split_folders_it_kept(tmp_path: Path, monke
 
 
 def test_the_outputs_the_readme_writes_are_ignored_by_git(tmp_path: Path):
-
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     readme = (REPO / "README.md").read_text()
