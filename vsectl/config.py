@@ -157,7 +157,8 @@ def check(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         value = _lookup(flat, key)
         if value not in allowed:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}"
+                              f"{did_you_mean(str(value), list(allowed))}")
     positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
     for key in positive:
         if _lookup(flat, key) <= 0:
