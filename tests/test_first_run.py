@@ -15,30 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_newcomer
 from typer.testing import CliRunner
 
 from vsectl.cli import app
-from vsectl.data.toy import make_toy_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
-FAST = ["--set", "train.max_steps_per_epoch=2", "--device", "cpu"]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_toy_dataset(tmp_path_factory.mktemp("fr") / "toy", n_train=40, n_dev=10, n_test=10, seed=0)
-
-
-@pytest.fixture(scope="module")
-def done(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 1-epoch tiny run on `toy` (copied by the tests that change it)."""
-    out = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["-q", "train", str(TINY), "--out", str(out), "--set", f"data.root={toy}", "--set",
-                                 "name=done", "--set", "train.epochs=1", *FAST])
-    assert result.exit_code == 0, result.output
-    return out / "done"
+toy, done = test_newcomer.toy, test_newcomer.done  # the same toy data and finished run, as module fixtures
 
 
 def option_default(command: str, option: str) -> object:
