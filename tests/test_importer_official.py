@@ -132,7 +132,7 @@ def test_an_imported_run_evaluates_like_any_run(tmp_path: Path) -> None:
     data = make_toy_dataset(tmp_path / "toy", n_train=5, n_dev=5, n_test=12, feat_dim=24, n_regions=12, seed=3)
     run = _import("bigru", tmp_path / "run")  # a fresh import: eval writes into the run
     result = CliRunner().invoke(app, ["-q", "eval", str(run), "--protocol", "f30k", "--data-root", str(data),
-                                      "--device", "cpu", "--json"])
+                                      "--device", "cpu", "--json", "--ties", "optimistic"])  # strict, as the loops
     assert result.exit_code == 0, (result.output, result.exception)
     metrics = json.loads(result.stdout)["f30k"]["metrics"]
 

@@ -66,7 +66,8 @@ def test_video_training_and_eval_match_a_loop_reference(video_root, tmp_path):
                  "model.text.vocab_min_count=1", "data.batch_size=16", "data.num_workers=0", "train.epochs=2",
                  "train.lr=2e-3", "name=video"]
     run = train(load_recipe(REPO / "recipes" / "msrvtt_gpo.yaml", overrides), tmp_path, device="cpu")
-    result = evaluate_runs([run], protocol="f30k", split="test", device="cpu", write=False)["f30k"]
+    result = evaluate_runs([run], protocol="f30k", split="test", device="cpu", write=False,
+                           tie_rule="optimistic")["f30k"]  # the loops below count strictly greater scores
     assert result["modality"] == "video" and result["n_images"] == 15 and result["n_captions"] == 15
 
     cfg, model, text = load_run(run, "best")
