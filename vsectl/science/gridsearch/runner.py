@@ -12,8 +12,8 @@ from pathlib import Path
 from vsectl.config import RunConfig, changed_keys, from_dict, to_dict
 from vsectl.data.splits import canonical_split
 from vsectl.errors import ConfigError
-from vsectl.gridsearch.grid import Cell, cell_config
 from vsectl.runtime import NullProgress, Progress, usable_cpus
+from vsectl.science.gridsearch.grid import Cell, cell_config
 
 log = logging.getLogger(__name__)
 
