@@ -5,9 +5,6 @@ A recipe is read once, validated, and never changed during a run. Per-epoch swit
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +12,8 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
-from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
-from vsectl.registry import did_you_mean
+from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
+from vsectl.strict import from_dict, to_dict
 
 
 def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
@@ -191,122 +188,6 @@ def _lookup(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d[part]
     return d
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# dict <-> dataclass
-
-
-def to_dict(cfg: Any) -> dict:
-    """Convert a config dataclass (recursively) to plain dicts."""
-    return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → one dict of dotted keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def changed_keys(a: Any, b: Any) -> list[str]:
-    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
-    old, new = flatten(to_dict(a)), flatten(to_dict(b))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
-
-
-_MISSING = object()
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if value is None:
-            return ""
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise TypeError(f"unsupported config field type {tp!r} at {key}")
-
-
-def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, strictly.
-
-    Unknown keys fail with a did-you-mean naming the dotted key; values are coerced by field type.
-    """
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    if cls is PoolOptions:
-        return _pool_from_dict(data, prefix)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            dotted = [prefix + name for name in fields]
-            raise ConfigError(f"unknown key '{prefix}{key}'{did_you_mean(prefix + str(key), dotted)}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if isinstance(tp, types.UnionType):  # pragma: no cover - no optional fields today
-            raise TypeError(f"unsupported union at {prefix}{name}")
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def _pool_from_dict(data: dict, prefix: str) -> PoolOptions:
-    """A `pool:` section → the options class of its `name`; keys of other poolers are refused by name."""
-    name = _coerce(data.get("name", DEFAULT_POOLER), str, prefix + "name")
-    try:
-        cls = options_class(name)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}name: {err}") from None
-    takes = cls().keys()
-    for key in data:
-        if key not in takes:
-            others = known_keys().get(str(key))
-            close = "" if others else did_you_mean(prefix + str(key), [prefix + k for k in takes])
-            whose = f" ({', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{close}: pooler '{name}' takes {', '.join(takes)}{whose}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
-    try:
-        return cls(**kwargs | {"name": name})
-    except ConfigError as err:  # the options' own checks name keys as "pool.<key>"
-        raise ConfigError(str(err).replace("pool.", prefix)) from None
 
 
 LEGACY_POOL_KEYS = frozenset({"name", "d_pe", "d_hidden", "temperature", "k", "p", "in_dim", "max_index", "n_knots",

@@ -9,11 +9,13 @@ without the models.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vsectl.errors import ConfigError
-from vsectl.registry import Registry
+from vsectl.registry import Registry, did_you_mean
+from vsectl.strict import coerce
 
 POOL_OPTIONS: Registry[type[PoolOptions]] = Registry("pooler")  # pooler name → its options class
 DEFAULT_POOLER = "gpo"
@@ -43,6 +45,29 @@ class PoolOptions:
     def keys(self) -> list[str]:
         """The recipe keys this pooler takes, `name` included."""
         return [f.name for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_mapping(cls, data: dict, prefix: str) -> PoolOptions:
+        """A `pool:` section → the options class of its `name`; keys of other poolers are refused by name."""
+        name = coerce(data.get("name", DEFAULT_POOLER), str, prefix + "name")
+        try:
+            chosen = options_class(name)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}name: {err}") from None
+        takes = chosen().keys()
+        for key in data:
+            if key not in takes:
+                others = known_keys().get(str(key))
+                close = "" if others else did_you_mean(prefix + str(key), [prefix + k for k in takes])
+                whose = f" ({', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
+                raise ConfigError(f"unknown key '{prefix}{key}'{close}: pooler '{name}' takes {', '.join(takes)}"
+                                  f"{whose}")
+        hints = typing.get_type_hints(chosen)
+        kwargs = {key: coerce(value, hints[key], prefix + key) for key, value in data.items()}
+        try:
+            return chosen(**kwargs | {"name": name})
+        except ConfigError as err:  # the options' own checks name keys as "pool.<key>"
+            raise ConfigError(str(err).replace("pool.", prefix)) from None
 
 
 def _register(*names: str):  # noqa: ANN202 - a class decorator

@@ -19,6 +19,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ from torch.utils.data import DataLoader
 from vsectl.data.datasets import CaptionDataset, collate_tokens, drop_regions
 from vsectl.data.sources import H5Features, Split
 from vsectl.data.store import StoreWriter, read_store_attrs
-from vsectl.runtime import NullProgress, Progress
+from vsectl.runtime import Distributed, NullProgress, Progress
+
+if TYPE_CHECKING:
+    from vsectl.builders import TextSide
+    from vsectl.config import RunConfig
+    from vsectl.models.vse import VSEModel
 
 log = logging.getLogger(__name__)
 
@@ -139,3 +145,28 @@ def _build_state_cache(text_encoder: torch.nn.Module, split: Split, processor: o
                 writer.add_image(str(i), hidden[b, : int(lengths[b])].numpy())
     text_encoder.train(was_training)
     return path
+
+
+def state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
+                  dev: torch.device, dist: Distributed, progress: Progress, shared: Path | None = None
+                  ) -> dict[str, Path]:
+    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches.
+
+    With `shared`, the caches live there under names that digest the body and the captions, so the runs of a sweep
+    compute them once; otherwise in `run_dir/text_cache/`.
+    """
+    identity = (f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}|"
+                f"{body_digest(model.text.body)}")
+    paths = {name: shared_cache_path(shared, identity, split) if shared is not None
+             else run_dir / "text_cache" / f"{name}.h5" for name, split in splits.items()}
+    out = {}
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
+            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                for name, split in splits.items():
+                    out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
+                                                  identity, batch_size=cfg.data.batch_size, progress=progress)
+        dist.barrier()
+    return out

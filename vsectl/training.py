@@ -2,8 +2,8 @@
 
     runs/<name>/config.yaml  env.json  vocab.json | text_model/  metrics.jsonl  checkpoints/{last,best}/  eval/
 
-The file runs a little past 400 lines on purpose: `setup_run`, `restore_run` and `fit` share one `TrainingRun` and one
-fixed order of RNG use (what makes `--resume` bit-exact), which is easiest to keep right when it is read in one place.
+`setup_run`, `restore_run` and `fit` share one `TrainingRun` and one fixed order of RNG use (what makes `--resume`
+bit-exact); the resume helpers live in `run_dir.py`, the token-state caches in `text_cache.py`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
 from vsectl.checkpoint import (
     FROZEN_KEY,
-    load_checkpoint,
-    load_model_state,
-    recover,
-    remove_partial,
-    restore_rng,
     save_checkpoint,
     save_frozen,
     split_frozen,
@@ -38,15 +33,15 @@ from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
 from vsectl.data.raw_images import RawPairDataset, collate_raw_pairs, load_raw_split, subset_raw
 from vsectl.data.sources import Split, load_split, search_collection_message
 from vsectl.data.text_input import TextInput, text_input_for
-from vsectl.errors import CheckpointError, DataError, VsectlError
+from vsectl.errors import DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
 from vsectl.losses import ContrastiveLoss
-from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
+from vsectl.models.image_encoders import worker_region_drop
 from vsectl.models.rnn import set_rnn_path
 from vsectl.models.vse import VSEModel
-from vsectl.optim import create_run_optimizer, load_optimizer_state
-from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
+from vsectl.optim import create_run_optimizer
+from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
 from vsectl.runtime import (
     Distributed,
     NullProgress,
@@ -61,7 +56,7 @@ from vsectl.runtime import (
     seed_everything,
 )
 from vsectl.schedules import RunLength, backbone_fixed_blocks, group_lr, loss_scale, run_length, use_hardest_negative
-from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path
+from vsectl.text_cache import CachedTextStates, state_caches
 
 log = logging.getLogger(__name__)
 
@@ -227,57 +222,6 @@ def train_one_epoch(
     return global_step
 
 
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    remove_partial(run_dir / "checkpoints")
-    try:
-        return recover(run_dir / "checkpoints" / "last")
-    except CheckpointError:
-        return None
-
-
-def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device,
-             metrics: MetricsLog) -> dict[str, Any]:
-    """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
-    ckpt = load_checkpoint(last, map_location=dev)
-    try:
-        load_model_state(model, ckpt["model"])
-    except CheckpointError as e:  # name the file: a checkpoint copied in from another run is the usual cause
-        raise CheckpointError(f"{last}: {e}") from None
-    if ckpt["optimizer"] is None:
-        raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    if ckpt["rng"] is not None:
-        restore_rng(*ckpt["rng"])
-    state = ckpt["trainer_state"]
-    metrics.truncate_after(state["global_step"])
-    return state
-
-
-def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
-                  dev: torch.device, dist: Distributed, progress: Progress, shared: Path | None = None
-                  ) -> dict[str, Path]:
-    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches.
-
-    With `shared`, the caches live there under names that digest the body and the captions, so the runs of a sweep
-    compute them once; otherwise in `run_dir/text_cache/`.
-    """
-    identity = (f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}|"
-                f"{body_digest(model.text.body)}")
-    paths = {name: shared_cache_path(shared, identity, split) if shared is not None
-             else run_dir / "text_cache" / f"{name}.h5" for name, split in splits.items()}
-    out = {}
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
-            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                for name, split in splits.items():
-                    out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
-                                                  identity, batch_size=cfg.data.batch_size, progress=progress)
-        dist.barrier()
-    return out
-
-
 def _wrap_ddp(model: torch.nn.Module, old: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     """A new DDP wrapper over the current trainable set; the old one is destroyed first (its gradient hooks with it)."""
     if old is not model:
@@ -329,7 +273,7 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     n_val = min(cfg.data.val_images, dev_split.n_images)
     val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
         else dev_split.subset_images(n_val)
-    last = _last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
+    last = last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
@@ -349,7 +293,7 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
     """Continue from the last checkpoint (model, optimizer, RNG, metrics) and build the token-state caches."""
     cfg, run_dir, dist = run.cfg, run.run_dir, run.dist
     if run.last is not None:
-        run.state = _restore(run.last, run.model, run.optimizer, run.device, run.metrics)
+        run.state = restore_checkpoint(run.last, run.model, run.optimizer, run.device, run.metrics)
         if is_complete(run):
             log.info("%s is already complete: %d of %d epochs, best dev rsum %.2f (epoch %d); nothing to resume "
                      "(raise train.epochs or train.steps to train longer)", run_dir, run.state["epoch"],
@@ -372,7 +316,7 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
         atomic_write_json(run_dir / "env.json", env)
     run.metrics.truncate_after(run.state["global_step"])
     if run.text_input is TextInput.STATES:
-        run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
+        run.caches = state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
                                    run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
 
 

@@ -21,16 +21,18 @@ from typing import Any
 
 import yaml
 
-from vsectl.config import apply_overrides, from_dict, to_dict
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
+from vsectl.science.experiment import load_experiment
 from vsectl.science.patterns import pattern_weights
 from vsectl.science.planted_data import MANIFEST, PlantedSplit, make_planted_data
+from vsectl.strict import to_dict
 
 log = logging.getLogger(__name__)
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "planted"
+RECIPES = recipe_dir() / "planted"  # the shipped recipes: package data of a wheel, recipes/ of a checkout
 UNSEEN = ("smaller", "larger")   # the test splits with set sizes outside the training range
 UNSEEN_FILE = "planted_unseen.json"  # per run: metrics on the unseen-size splits (cached for reruns)
 BUCKETS = ("seen", *UNSEEN)
@@ -113,11 +115,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 def load_bench_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BenchConfig:
     """Read a benchmark recipe (default `recipes/planted/default.yaml`), apply dotted overrides, validate."""
-    path = Path(path) if path is not None else RECIPES / "default.yaml"
-    if not path.is_file():
-        raise ConfigError(f"bench-pooling recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(BenchConfig, apply_overrides(data, overrides or []))
+    return load_experiment(BenchConfig, path if path is not None else RECIPES / "default.yaml", overrides,
+                           "bench-pooling recipe")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
