@@ -5,7 +5,7 @@ p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 
 
 - baseline: today's code before this work: packed BiGRU text, packed GPO generator, torch.sort for GPO's
   per-dimension sort, for-loop AdamW, the region encoder's fc and MLP over every padded row;
-- new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
+- new: the text BiGRU on the path `rnn_path_for(device)` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
   GPO sort (vsectl.native.sortsets), the GPO generator's forward direction once, fused AdamW, the region products
   over the valid rows only; at fp32 and at bf16; and the same with today's GPO sort and weighted sum, and with
   the text BiGRU packed, to show what each choice is worth;

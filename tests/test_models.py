@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vsectl.config import ImageConfig, LRMultConfig, ModelConfig, PoolConfig, TextConfig
-from vsectl.data.text_input import TextInput
+from vsectl.kinds import TextInput
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder, grid_size_augment, l2_normalize
 from vsectl.models.pooling import MaxPool, MeanPool
 from vsectl.models.text_encoders import BiGRUTextEncoder, load_pretrained_text

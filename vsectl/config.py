@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
+from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
 from vsectl.strict import from_dict, to_dict
 
@@ -35,7 +36,8 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    encoder: str = "region"         # region (fc + MLP residual) | grid (fc only) | backbone (raw images, end to end)
+    encoder: str = "region"         # an image kind (vsectl.kinds): region (fc + MLP residual) | grid (fc only) |
+    #                                 backbone (raw images, end to end)
     feat_dim: int = 2048            # input feature size (backbone: the backbone's channels, e.g. 2048 or 1280)
     mlp_hidden: int = 512           # hidden size of the region encoder's residual MLP
     size_augment: bool = True       # region: drop each set element with p=0.2 (worker); grid: p=0.2*u on the device
@@ -45,7 +47,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    encoder: str = "bigru"          # bigru | transformers
+    encoder: str = "bigru"          # a text kind (vsectl.kinds): bigru | transformers
     word_dim: int = 300             # bigru word-embedding size
     vocab_min_count: int = 4        # bigru vocabulary threshold (SCAN rule)
     vocab_file: str = ""            # bigru: a SCAN-style vocab JSON to use instead of building one
@@ -128,8 +130,6 @@ class RunConfig:
 
 CHOICES = {
     "data.modality": ("image", "video"),
-    "model.image.encoder": ("region", "grid", "backbone"),
-    "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
     "train.select_tie_rule": ("optimistic", "pessimistic", "expected"),  # metrics.TIE_RULES (not imported: no torch)
@@ -154,13 +154,25 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
         raise ConfigError("model.text.cache_states needs model.text.freeze_body: true (a trained body changes states)")
-    if cfg.model.text.glove and cfg.model.text.encoder != "bigru":
-        raise ConfigError("model.text.glove applies to the bigru text encoder only")
     for key in ("train.embedding_warmup_epochs", "train.backbone_warmup_epochs", "model.image.backbone.size"):
         if _lookup(flat, key) < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {_lookup(flat, key)}")
-    if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
-        raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
+    _check_kinds(cfg.model)
+
+
+def _check_kinds(model: ModelConfig) -> None:
+    """The encoder kinds are registered, and a text switch only one kind reads is not set under another."""
+    for key, name, registry in (("model.image.encoder", model.image.encoder, IMAGE_KINDS),
+                                ("model.text.encoder", model.text.encoder, TEXT_KINDS)):
+        try:
+            registry.get(name)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    kind = TEXT_KINDS.get(model.text.encoder)
+    for other in TEXT_KINDS.names():
+        for key in TEXT_KINDS.get(other).only:
+            if getattr(model.text, key) and key not in kind.only:
+                raise ConfigError(f"model.text.{key} applies to the {other} text encoder only")
 
 
 def _check_length(train: TrainConfig) -> None:

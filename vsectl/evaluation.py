@@ -14,14 +14,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
-from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
-from vsectl.data.raw_images import RawImageDataset, RawImages, collate_raw_images, load_raw_split
-from vsectl.data.sources import Split, load_split, search_collection_message, split_fingerprint
+from vsectl.data.datasets import CaptionDataset, collate_tokens
+from vsectl.data.door import image_dataset, open_split, source_of
+from vsectl.data.sources import Split, search_collection_message, split_fingerprint
 from vsectl.data.splits import canonical_split
-from vsectl.data.text_input import TextInput
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
+from vsectl.kinds import IMAGE_KINDS, TextInput
 from vsectl.metrics import (
     COCO_5K_IMAGES,
     PROTOCOLS,
@@ -69,14 +69,13 @@ def encode_split(
     was_training = model.training
     model.eval()
     dist = dist or Distributed()
-    raw = isinstance(split.features, RawImages)  # raw images: the model's backbone encodes them (eval processing)
-    image_set: Dataset = RawImageDataset(split, model.image.backbone.size) if raw else ImageSetDataset(split)
+    image_set, collate = image_dataset(split, getattr(model.image, "input_size", None))  # served by the split's source
     caption_set: Dataset = CaptionDataset(split, text.processor(augment=False)) if text_states is None \
         else _States(text_states)
     text_input = TextInput.IDS if text_states is None else TextInput.STATES
     image_set, caption_set = _share(image_set, dist), _share(caption_set, dist)
     images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_raw_images if raw else collate_images)
+                        collate_fn=collate)
     captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
                           collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id, text_input=text_input))
     img_out, cap_out = [], []
@@ -240,12 +239,9 @@ def evaluate_runs(
     for run in runs:  # everything is loaded and checked before the first image is encoded
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
-        backbone = cfg.model.image.encoder == "backbone"
-        data = load_raw_split(root, split_name) if backbone else load_split(root, split_name)
+        data = open_split(root, split_name, IMAGE_KINDS.get(cfg.model.image.encoder).reads)
         check_evaluable(data, f"{root}/{split_name}", protocol, names)
-        if not backbone and data.features.feat_dim != cfg.model.image.feat_dim:
-            raise ConfigError(f"{root}/{split_name}: features are {data.features.feat_dim}-d but the model expects "
-                              f"{cfg.model.image.feat_dim}-d (model.image.feat_dim)")
+        source_of(data).check(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
         members.append((run, cfg, model, text, root, data))
     if split_name == "test" and any(n in COCO_PROTOCOLS for n in names):
         log.warning("COCO protocols are defined on 'testall' (5,000 images); 'test' gives non-comparable numbers")

@@ -29,16 +29,15 @@ from vsectl.checkpoint import (
     split_frozen,
 )
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
-from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
-from vsectl.data.raw_images import RawPairDataset, collate_raw_pairs, load_raw_split, subset_raw
-from vsectl.data.sources import Split, load_split, search_collection_message
-from vsectl.data.text_input import TextInput, text_input_for
+from vsectl.data.datasets import EpochBatchSampler
+from vsectl.data.door import open_checked, pair_dataset, subset
+from vsectl.data.sources import Split
 from vsectl.errors import DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
+from vsectl.kinds import IMAGE_KINDS, ImageInput, TextInput, text_input_for
 from vsectl.losses import ContrastiveLoss
-from vsectl.models.image_encoders import worker_region_drop
-from vsectl.models.rnn import set_rnn_path
+from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
 from vsectl.optim import create_run_optimizer
 from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
@@ -74,20 +73,9 @@ class TrainingError(VsectlError):
 
 def load_data(cfg: RunConfig) -> tuple[Split, Split]:
     """The training split and the dev split (model selection uses its first `data.val_images` images)."""
-    if cfg.model.image.encoder == "backbone":  # raw images: a raw dataset folder, decoded per item in the workers
-        train_split, dev_split = load_raw_split(cfg.data.root, cfg.data.train_split), \
-            load_raw_split(cfg.data.root, cfg.data.dev_split)
-    else:
-        train_split, dev_split = load_split(cfg.data.root, cfg.data.train_split), \
-            load_split(cfg.data.root, cfg.data.dev_split)
-    for split in (train_split, dev_split):
-        if split.n_captions == 0:
-            raise DataError(search_collection_message(f"{cfg.data.root}/{split.name}", split.n_images))
-    for split in (train_split, dev_split) if cfg.model.image.encoder != "backbone" else ():
-        if split.features.feat_dim != cfg.model.image.feat_dim:
-            raise DataError(f"{cfg.data.root}/{split.name}: features are {split.features.feat_dim}-d but "
-                            f"model.image.feat_dim is {cfg.model.image.feat_dim}; set --set "
-                            f"model.image.feat_dim={split.features.feat_dim}")
+    reads = IMAGE_KINDS.get(cfg.model.image.encoder).reads  # feature sets, or image files decoded in the workers
+    train_split, dev_split = (open_checked(cfg.data.root, name, reads, cfg.model.image.feat_dim)
+                              for name in (cfg.data.train_split, cfg.data.dev_split))
     if train_split.n_captions < cfg.data.batch_size and cfg.data.drop_last:
         raise DataError(f"the training split has {train_split.n_captions} captions, fewer than one batch of "
                         f"{cfg.data.batch_size}; lower data.batch_size")
@@ -100,18 +88,14 @@ def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_
     """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch).
 
     With `state_cache` the captions are the cached token states in it (TextInput.STATES), else token ids.
-    Raw-image runs (`image_size`: the backbone's input side) decode and augment each image in the workers.
+    Pixel-reading runs (`image_size`: the encoder's input side) decode and augment each image in the workers.
     """
     dist = dist or Distributed()
     text_input = TextInput.STATES if state_cache is not None else TextInput.IDS
-    region_drop = worker_region_drop(cfg.model.image)  # the image branch decides its own augmentation
+    drop = IMAGE_KINDS.get(cfg.model.image.encoder).drop(cfg.model.image.size_augment)  # the kind's worker-side drop
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
-    if image_size is not None:
-        dataset, collate = RawPairDataset(split, source, image_size, cfg.seed, text_input=text_input), \
-            collate_raw_pairs
-    else:
-        dataset, collate = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input), collate_pairs
+    dataset, collate = pair_dataset(split, source, cfg.seed, text_input, drop, image_size)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
@@ -178,7 +162,7 @@ def train_one_epoch(
     hardest = use_hardest_negative(cfg, epoch)
     scaler = precision.grad_scaler()
     total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
-    rate_name = "images_per_s" if cfg.model.image.encoder == "backbone" else "pairs_per_s"
+    rate_name = IMAGE_KINDS.get(cfg.model.image.encoder).reads.rate_name
     window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
     data_tic = time.perf_counter()
     step_in_epoch = 0
@@ -271,15 +255,14 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     if dist.is_main:
         announce_length(cfg, length)
     n_val = min(cfg.data.val_images, dev_split.n_images)
-    val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
-        else dev_split.subset_images(n_val)
+    val_split = subset(dev_split, n_val)
     last = last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
-    set_rnn_path(model, precision.rnn_path)
+    set_rnn_path(model, rnn_path_for(dev))
     optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
@@ -333,7 +316,8 @@ def fit(run: TrainingRun) -> Path:
     """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
     cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
     val_states = CachedTextStates(run.caches["dev"], augment=False) if run.text_input is TextInput.STATES else None
-    image_size = model.image.backbone.size if cfg.model.image.encoder == "backbone" else None
+    kind = IMAGE_KINDS.get(cfg.model.image.encoder)
+    image_size = model.image.input_size if kind.reads is ImageInput.PIXELS else None
     net, fixed = model, None
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
     frozen = FROZEN_PREFIXES if cfg.model.text.freeze_body else ()
@@ -344,11 +328,11 @@ def fit(run: TrainingRun) -> Path:
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
     for epoch in range(state["epoch"], _epochs(run)):
         set_learning_rates(run.optimizer, cfg, epoch, run.length)
-        if image_size is not None and backbone_fixed_blocks(cfg, epoch) != fixed:
+        if kind.trains_backbone and backbone_fixed_blocks(cfg, epoch) != fixed:
             fixed = backbone_fixed_blocks(cfg, epoch)
             model.image.set_fixed_blocks(fixed)  # IMG-11; DDP is rebuilt below for the new trainable set
             log.info("epoch %d: backbone blocks fixed: %s", epoch, "all" if fixed == 4 else fixed)
-        if dist.enabled and (net is model or image_size is not None and net.fixed != fixed):
+        if dist.enabled and (net is model or kind.trains_backbone and net.fixed != fixed):
             net = _wrap_ddp(model, net, run.device)
             net.fixed = fixed
         cache = run.caches["train"] if run.text_input is TextInput.STATES else None
