@@ -37,7 +37,8 @@ from common import RESULTS, LoadMeter, describe, machine, read_json, render_targ
 
 from vsectl.builders import VocabSide
 from vsectl.config import load_recipe
-from vsectl.data.sources import NpyFeatures, load_split
+from vsectl.data.features import NpyFeatures
+from vsectl.data.sources import load_split
 from vsectl.data.store import StoreWriter
 from vsectl.data.vocab import SPECIALS, Vocab
 from vsectl.runtime import bf16_pays

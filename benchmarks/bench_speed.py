@@ -47,9 +47,9 @@ from bench_training import (
 from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_targets, summary, target, write_report
 
 from vsectl.config import load_recipe
-from vsectl.models.gpo import GPO
 from vsectl.models.image_encoders import RegionEncoder
 from vsectl.models.pooling.base import torch_sort_features
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw

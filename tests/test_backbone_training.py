@@ -84,9 +84,8 @@ def test_backbone_run_lowers_the_loss_and_resumes_exactly_after_sigkill(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["wsl", "detector"])
 def test_the_papers_grid_recipes_train_on_tiny_inputs(backbone, tmp_path, tiny_bert_dir):
-    from vsectl.config import load_recipe
+    from vsectl.config import changed_keys, load_recipe
     from vsectl.models.resnets import ResNetC5
-    from vsectl.strict import changed_keys
     from vsectl.training import train
 
     net = ResNetC5(groups=32, width_per_group=8) if backbone == "wsl" else ResNetC5(caffe=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from vsectl.models.gpo import GPO
 from vsectl.models.gru_cpu import PackedLayout, stepped_bigru
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.rnn import bigru, packed_bigru, rnn_path_for, set_rnn_path
 from vsectl.models.text_encoders import BiGRUTextEncoder
 

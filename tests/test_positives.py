@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsectl.metrics import evaluate_images, evaluate_protocol, tie_ranked_metrics
+from vsectl.metrics import evaluate_images, tie_ranked_metrics
 from vsectl.positives import GroundTruth, precision_metrics, rank_positives
+from vsectl.protocols import evaluate_protocol
 from vsectl.ranking import rank_counts
 
 

@@ -194,3 +194,21 @@ def test_a_toy_tower_source_and_protocol_train_and_evaluate_through_the_public_f
     assert 0 <= metrics["t2i_map_at_r"] <= 100 and 0 <= metrics["i2t_r_precision"] <= 100
     saved = json.loads(Path(result["path"]).read_text())
     assert saved["metrics"] == metrics and Path(result["path"]).name == "toy_neighbours-test.json"
+
+
+def test_the_pooler_table_says_which_poolers_export_to_onnx() -> None:
+    """POOLERS, POOL_OPTIONS and the exportable list come from one table, and its ONNX flag is what export does."""
+    from vsectl.errors import ConfigError
+    from vsectl.models.exportable import EXPORTABLE_POOLERS, ExportPool
+    from vsectl.models.pooling import POOLERS, create_pooler
+    from vsectl.pool_options import POOL_OPTIONS, POOLER_TABLE, options_class
+
+    assert POOLERS.names() == POOL_OPTIONS.names() == sorted(n for row in POOLER_TABLE for n in row.names)
+    assert EXPORTABLE_POOLERS == tuple(row.names[0] for row in POOLER_TABLE if row.onnx)
+    for row in POOLER_TABLE:
+        pool = create_pooler(options_class(row.names[0])(name=row.names[0]), in_dim=8)
+        if row.onnx:
+            ExportPool(pool)
+        else:
+            with pytest.raises(ConfigError, match="cannot be exported"):
+                ExportPool(pool)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.gpo import GPO
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.pooling.gpo_index_bigru import IndexBiGRUGPO
 from vsectl.models.rnn import dense_bigru, packed_bigru, reverse_index
 from vsectl.models.text_encoders import BiGRUTextEncoder

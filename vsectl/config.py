@@ -22,9 +22,6 @@ def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
     return from_dict(PoolOptions, {"name": name, **values}, prefix="pool.")
 
 
-PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds that pooler's options, strictly
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = "efficientnet-lite0"  # a backbone of the registry (vsectl extract --help lists them)
@@ -320,3 +317,20 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     from vsectl.io import atomic_write_text
 
     atomic_write_text(Path(path), config_to_yaml(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → one dict of dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def changed_keys(a: Any, b: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
+    old, new = flatten(to_dict(a)), flatten(to_dict(b))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()

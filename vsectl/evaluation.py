@@ -22,11 +22,9 @@ from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
 from vsectl.kinds import IMAGE_KINDS, TextInput
-from vsectl.metrics import TIE_RULES, evaluate_protocol, tie_counts, tie_ranked_metrics
+from vsectl.metrics import TIE_RULES, metrics_by_rule
 from vsectl.models.vse import VSEModel
-from vsectl.protocols import GROUPS, PROTOCOLS, Protocol, choices, expand
-from vsectl.ranking import rank_counts
-from vsectl.registry import did_you_mean
+from vsectl.protocols import Protocol, evaluate_protocol, expand
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
 
 log = logging.getLogger(__name__)
@@ -121,19 +119,9 @@ def validate(model: VSEModel, split: Split, text: TextSide, device: torch.device
     if tie_rule not in TIE_RULES:
         raise ConfigError(f"train.select_tie_rule: unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states, dist=dist)
-    counts = rank_counts([(img, cap)], torch.as_tensor(split.cap2img, device=device))
-    by_rule = {rule: tie_ranked_metrics(counts, rule) for rule in TIE_RULES}
-    return {**by_rule[tie_rule], "tie_rule": tie_rule, "ties": tie_counts(counts),
+    by_rule, ties = metrics_by_rule(img, cap, torch.as_tensor(split.cap2img, device=device))
+    return {**by_rule[tie_rule], "tie_rule": tie_rule, "ties": ties,
             "rsum_by_rule": {rule: m["rsum"] for rule, m in by_rule.items()}}
-
-
-def protocols_for(name: str) -> list[Protocol]:
-    """The registered protocols `name` stands for (a protocol, or a group such as `all`)."""
-    try:
-        return expand(name)
-    except ConfigError:
-        raise ConfigError(f"unknown protocol '{name}'{did_you_mean(name, PROTOCOLS.names() + list(GROUPS))}; use one "
-                          f"of {choices()}") from None
 
 
 def check_evaluable(data: Split, where: str, protocol: str, chosen: list[Protocol]) -> None:
@@ -227,7 +215,7 @@ def evaluate_runs(
         fingerprint).
     """
     device = torch.device(device)
-    chosen = protocols_for(protocol)
+    chosen = expand(protocol)
     if tie_rule not in TIE_RULES:
         raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     split_name = canonical_split(split or chosen[0].default_split)

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from vsectl.positives import GroundTruth, precision_metrics, rank_positives
-from vsectl.protocols import PROTOCOLS, Protocol
 from vsectl.ranking import RankCounts, rank_counts
 
 logger = logging.getLogger(__name__)
@@ -167,46 +166,7 @@ def evaluate_images(
             "metrics": tie_ranked_metrics(counts, tie_rule), "ties": tie_counts(counts)}
 
 
-def evaluate_protocol(
-    img_embs: Sequence[torch.Tensor],
-    cap_embs: Sequence[torch.Tensor],
-    cap2img: torch.Tensor | GroundTruth,
-    protocol: str | Protocol,
-    chunk_size: int = 1024,
-    tie_rule: str = "optimistic",
-) -> dict:
-    """Run one evaluation protocol (`vsectl.protocols.PROTOCOLS`) on the embeddings of one split.
-
-    Several models form an equal-weight ensemble (per fold for fold protocols).
-
-    Args:
-        img_embs: Per model m, (N, E_m) image embeddings.
-        cap_embs: Per model m, (C, E_m) caption embeddings.
-        cap2img: (C,) image index of each caption, or the protocol's `GroundTruth`.
-        protocol: a registered protocol or its name.
-        chunk_size: Image rows per similarity chunk.
-        tie_rule: how candidates tied exactly with the ground truth count (``TIE_RULES``).
-
-    Returns:
-        {"protocol", "tie_rule", "n_images", "n_captions" (the counts ranked), "metrics", "ties": queries with exact
-        ties per direction} and what the protocol adds (fold protocols: "folds" and "fold_ties").
-
-    Raises:
-        ValueError: for an unknown protocol, a split of the wrong size, or bad inputs.
-    """
-    if isinstance(protocol, str):
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {protocol!r}; known protocols: "
-                             f"{', '.join(name for name, _ in PROTOCOLS.items())}")
-        protocol = PROTOCOLS.get(protocol)
-    if tie_rule not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
-    if len(img_embs) == 0 or len(img_embs) != len(cap_embs):
-        raise ValueError(f"need one caption tensor per image tensor, got {len(img_embs)} and {len(cap_embs)}")
-    gt = cap2img if isinstance(cap2img, GroundTruth) else GroundTruth.from_cap2img(cap2img)
-    n_img = img_embs[0].shape[0]
-    if protocol.images is not None and n_img != protocol.images:
-        raise ValueError(f"protocol {protocol.name!r} needs a {protocol.images}-image split (its "
-                         f"{protocol.default_split!r}), got {n_img} images")
-    return {"protocol": protocol.name, "tie_rule": tie_rule,
-            **protocol.evaluate(list(img_embs), list(cap_embs), gt, chunk_size, tie_rule)}
+def metrics_by_rule(img: torch.Tensor, cap: torch.Tensor, cap2img: torch.Tensor) -> tuple[dict[str, dict], dict]:
+    """Rank one split once and read it under every tie rule: (rule → metrics, queries with exact ties)."""
+    counts = rank_counts([(img, cap)], cap2img)
+    return {rule: tie_ranked_metrics(counts, rule) for rule in TIE_RULES}, tie_counts(counts)

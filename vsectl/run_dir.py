@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from vsectl.checkpoint import STATE_FILE, load_checkpoint, load_model_state, recover, remove_partial, restore_rng
-from vsectl.config import RunConfig, config_from_yaml, save_config
+from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
 from vsectl.optim import load_optimizer_state
-from vsectl.strict import changed_keys
 
 RESUMABLE_CHANGES = {"train.epochs", "train.steps"}  # what a resumed run may change: extending training is safe
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from vsectl.errors import ConfigError
-from vsectl.logs import setup_logging  # noqa: F401  (re-exported: the CLI installs logging without importing torch)
 from vsectl.native import cpu_flags  # the machine facts the kernels are keyed by; runtime re-exports them
 from vsectl.native import describe as native_kernels
 

@@ -21,23 +21,6 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → one dict of dotted keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def changed_keys(a: Any, b: Any) -> list[str]:
-    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
-    old, new = flatten(to_dict(a)), flatten(to_dict(b))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
-
-
-_MISSING = object()
-
-
 def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):

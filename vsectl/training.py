@@ -299,8 +299,9 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
         atomic_write_json(run_dir / "env.json", env)
     run.metrics.truncate_after(run.state["global_step"])
     if run.text_input is TextInput.STATES:
-        run.caches = state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
-                                   run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
+        run.caches = state_caches(run.model.text, run.text, cfg.model.text.pretrained, cfg.data.batch_size,
+                                  {"train": run.train_split, "dev": run.val_split}, run_dir, run.device, dist,
+                                  run.progress, shared=run.text_cache_dir)
 
 
 def _epochs(run: TrainingRun) -> int:

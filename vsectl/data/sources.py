@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vsectl.data.captions import karpathy_captions_for_ids
-from vsectl.data.features import (  # noqa: F401  (kept importable from here)
+from vsectl.data.features import (
     FeatureSource,
     H5Features,
     NpyFeatures,

@@ -8,8 +8,8 @@ from torch import nn
 
 from vsectl.config import ImageConfig
 from vsectl.kinds import IMAGE_KINDS, resolve
-from vsectl.models.gpo import length_mask
 from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling.base import length_mask
 
 L2_EPS = 1e-8           # added to the norm, not under the square root (GPO-18)
 GRID_DROP_MAX = 0.2     # grid size augmentation: drop rate p = 0.2·u when u > 0.2 (spec §3)

@@ -11,9 +11,9 @@ from torch import nn
 from vsectl.config import TextConfig
 from vsectl.errors import ConfigError
 from vsectl.kinds import TEXT_KINDS, resolve
-from vsectl.models.gpo import length_mask
 from vsectl.models.image_encoders import l2_normalize
 from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling.base import length_mask
 from vsectl.models.rnn import bigru
 
 WORD_INIT = 0.1  # word embeddings ~ U(-0.1, 0.1) (TXT-2)

@@ -16,8 +16,8 @@ from vsectl.builders import load_run, resolve_checkpoint
 from vsectl.checkpoint import MODEL_FILE, recover
 from vsectl.data.datasets import collate_tokens
 from vsectl.errors import ConfigError, DataError
+from vsectl.io import sha256_file
 from vsectl.kinds import IMAGE_KINDS, ImageInput
-from vsectl.retrieval.embeddings import sha256_file
 from vsectl.retrieval.recipe import FeatureRecipe, feature_recipe
 from vsectl.runtime import resolve_device
 

@@ -26,8 +26,8 @@ from torch import nn
 from vsectl.config import pool_options
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
-from vsectl.models.gpo import sort_features
 from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling.base import sort_features
 from vsectl.pool_options import options_class
 from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
