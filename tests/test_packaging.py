@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vsectl.recipe_files import recipe_dir, shipped_recipe
+from vsectl.science.experiment import recipe_dir, shipped_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

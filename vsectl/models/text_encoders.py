@@ -119,12 +119,13 @@ def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     """Load a transformers encoder and its fast tokenizer from a local folder, an alias, or the hub cache.
 
     A hub id is read from the local Hugging Face cache only (no network), unless downloads are allowed
-    (`VSECTL_ALLOW_DOWNLOADS=1`, see `vsectl.hub`). Raises ConfigError with one line when the weights are not here.
+    (`VSECTL_ALLOW_DOWNLOADS=1`, see `vsectl.models.hub`). Raises ConfigError with one line when the weights are not
+    here.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from vsectl.hub import cached_model_folder, downloads_allowed, hub_cache
     from vsectl.models.hf import quiet_transformers
+    from vsectl.models.hub import cached_model_folder, downloads_allowed, hub_cache
 
     path = resolve_pretrained(name)
     if Path(path).expanduser().is_dir():

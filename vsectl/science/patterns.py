@@ -29,9 +29,8 @@ from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.models.pooling import create_pooler
 from vsectl.models.pooling.base import sort_features
 from vsectl.pool_options import options_class
-from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
-from vsectl.science.experiment import load_experiment
+from vsectl.science.experiment import load_experiment, recipe_dir
 from vsectl.strict import from_dict, to_dict
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,8 @@ import yaml
 
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
-from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
-from vsectl.science.experiment import load_experiment
+from vsectl.science.experiment import load_experiment, recipe_dir
 from vsectl.science.patterns import pattern_weights
 from vsectl.science.planted_data import MANIFEST, PlantedSplit, make_planted_data
 from vsectl.strict import to_dict

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vsectl.config import RunConfig
-from vsectl.recipe_files import shipped_recipe
 from vsectl.runtime import Progress
+from vsectl.science.experiment import shipped_recipe
 from vsectl.science.gridsearch.grid import GridSpec, expand_grid
 from vsectl.science.gridsearch.report import write_results
 from vsectl.science.gridsearch.runner import run_sweep
