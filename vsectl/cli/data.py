@@ -91,6 +91,37 @@ def prepare_karpathy_cli(
     typer.echo(str(run_guarded(prepare_karpathy, json_path, images, out, progress=_progress(), video=video)))
 
 
+@prepare_app.command("msrvtt")
+def prepare_msrvtt_cli(
+    annotations: Annotated[list[Path], typer.Option("--json", help="train_val_videodatainfo.json and "
+                                                    "test_videodatainfo.json (repeat --json), or MSRVTT_data.json")],
+    videos: Annotated[Path, typer.Option(help="Folder holding the video files (<video_id>.mp4, any depth)")],
+    out: OutDir = Path("data/msrvtt_raw"),
+    train_list: Annotated[Path | None, typer.Option(help="1k-A: MSRVTT_train.9k.csv (or .7k)")] = None,
+    test_list: Annotated[Path | None, typer.Option(help="1k-A: MSRVTT_JSFUSION_test.csv")] = None,
+) -> None:
+    """MSR-VTT: official splits, or 1k-A with the split lists; a raw video dataset (videos are not copied)."""
+    from vsectl.data.video_datasets import prepare_msrvtt
+
+    typer.echo(str(run_guarded(prepare_msrvtt, annotations, videos, out, train_list=train_list, test_list=test_list)))
+
+
+@prepare_app.command("vatex")
+def prepare_vatex_cli(
+    train: Annotated[Path, typer.Option(help="vatex_training_v1.0.json")],
+    val: Annotated[Path, typer.Option(help="vatex_validation_v1.0.json")],
+    videos: Annotated[Path, typer.Option(help="Folder holding the video files (<videoID>.mp4, any depth)")],
+    out: OutDir = Path("data/vatex_raw"),
+    test: Annotated[Path | None, typer.Option(help="A VATEX JSON with English captions as the test split")] = None,
+    test_list: Annotated[Path | None, typer.Option(help="Validation video ids (one per line) that form the test "
+                                                        "split [default: the second half of --val]")] = None,
+) -> None:
+    """VATEX: English captions, train / dev / test; a raw video dataset (videos are not copied)."""
+    from vsectl.data.video_datasets import prepare_vatex
+
+    typer.echo(str(run_guarded(prepare_vatex, train, val, videos, out, test=test, test_list=test_list)))
+
+
 @data_app.command("import-precomp")
 def import_precomp_cli(
     src: Annotated[Path, typer.Argument(help="SCAN precomp folder ({split}_ims.npy, _caps.txt, _ids.txt)")],

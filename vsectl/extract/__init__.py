@@ -1,6 +1,7 @@
 """Feature extraction: raw images → frozen backbone → feature sets in the HDF5 store (sharded, resumable, torchrun).
 
 One role per file: `images.py` the backbone loop over image files, `video.py` frame sampling and pooling,
+`video_files.py` decoded video files through the backbone,
 `shards.py` the atomic shards and their merge, `provenance.py` the attrs and reuse fingerprint, `pipeline.py` the
 split and command level. Everything public is importable from `vsectl.extract`.
 """
@@ -27,10 +28,12 @@ from vsectl.extract.shards import (
     write_shards,
 )
 from vsectl.extract.video import FRAME_POOLS, FRAME_SUFFIXES, VideoSampling, list_frames
+from vsectl.extract.video_files import VideoFileSampling, extract_videos
 
 __all__ = [
     "DEFAULT_CHANNELS_LAST", "DEFAULT_DTYPE", "DEFAULT_SHARD_SIZE", "FINGERPRINT_KEYS", "FRAME_POOLS", "FRAME_SUFFIXES",
-    "MAX_SKIPPED_RECORDS", "MERGE_BLOCK_IMAGES", "POLL_SECONDS", "RESIZE", "SPLITS", "DistInfo", "VideoSampling",
-    "dist_info", "extract", "extract_images", "extract_split", "list_frames", "make_batches",
+    "MAX_SKIPPED_RECORDS", "MERGE_BLOCK_IMAGES", "POLL_SECONDS", "RESIZE", "SPLITS", "DistInfo", "VideoFileSampling",
+    "VideoSampling", "dist_info", "extract", "extract_images", "extract_split", "extract_videos", "list_frames",
+    "make_batches",
     "merge_shards", "output_paths", "shard_dir_for", "shard_path", "split_provenance", "write_shards",
 ]

@@ -32,6 +32,7 @@ from vsectl.extract.shards import (
     write_shards,
 )
 from vsectl.extract.video import VideoSampling
+from vsectl.extract.video_files import VideoFileSampling, check_modality, video_report, write_video_shards
 from vsectl.models.backbones import Backbone, create_backbone
 from vsectl.runtime import (
     Distributed,
@@ -77,7 +78,7 @@ def extract_split(
     dist: DistInfo | None = None,
     progress: Progress | None = None,
     wait_timeout_s: float | None = None,
-    video: VideoSampling | None = None,
+    video: VideoSampling | VideoFileSampling | None = None,
 ) -> Path | None:
     """Extract one split of a raw dataset to a store file, resuming from finished shards.
 
@@ -93,7 +94,8 @@ def extract_split(
         dist: rank and world size (default: from the environment).
         progress: progress reporting.
         wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
-        video: each dataset entry is a folder of frame images, sampled and pooled as this says (None: images).
+        video: each dataset entry is a folder of frame images (`VideoSampling`) or a video file
+            (`VideoFileSampling`), sampled and pooled as this says (None: images).
 
     Returns:
         `out_path` on rank 0; None on other ranks (rank 0 merges).
@@ -121,9 +123,10 @@ def extract_split(
         log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
                  dist.rank)
         start = time.perf_counter()
-        write_shards(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
-                     workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
-                     progress=progress, description=f"extract {split}", video=video)
+        write = write_video_shards if isinstance(video, VideoFileSampling) else write_shards
+        write(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
+              workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
+              progress=progress, description=f"extract {split}", video=video)
         n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
         seconds = time.perf_counter() - start
         log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
@@ -133,7 +136,8 @@ def extract_split(
         return None
     files = [shard_path(shard_dir, s) for s in range(n_shards)]
     _wait_for(files, wait_timeout_s)
-    n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size})
+    n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size,
+                                                           **video_report(files, video)})
     shutil.rmtree(shard_dir)
     if n_skipped:
         log.warning("split %s: skipped %d unreadable %s (attrs n_skipped, skipped), first: %s",
@@ -169,7 +173,7 @@ def extract(
     shard_size: int = DEFAULT_SHARD_SIZE,
     limit: int | None = None,
     progress: Progress | None = None,
-    video: VideoSampling | None = None,
+    video: VideoSampling | VideoFileSampling | None = None,
 ) -> list[Path]:
     """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
 
@@ -181,7 +185,8 @@ def extract(
         weights, size: see `create_backbone`.
         batch_size, workers, precision, channels_last, device, dtype, shard_size, limit: see `extract_split`.
         progress: progress reporting.
-        video: treat each entry as a video's folder of frame images (`VideoSampling`); None for images.
+        video: treat each entry as a video's folder of frame images (`VideoSampling`) or as a video file
+            (`VideoFileSampling`); None for images.
 
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
@@ -206,6 +211,7 @@ def extract(
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
     raw = load_raw_dataset(data)
     modality = raw.manifest.get("modality")
+    check_modality(modality, video, raw.root)
     if modality == "video" and video is None:
         raise ConfigError(f"{raw.root} holds videos (folders of frames); add --video to extract them")
     if modality == "image" and video is not None:
