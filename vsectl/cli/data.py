@@ -122,6 +122,24 @@ def prepare_vatex_cli(
     typer.echo(str(run_guarded(prepare_vatex, train, val, videos, out, test=test, test_list=test_list)))
 
 
+@prepare_app.command("video-demo")
+def prepare_video_demo_cli(
+    source: Annotated[Path, typer.Option("--from", help="The openclipart dataset (vsectl data prepare openclipart)")]
+    = Path("data/openclipart"),
+    out: OutDir = Path("data/video_demo"),
+    size: Annotated[int, typer.Option(help="Frame side in pixels")] = 128,
+    fps: Annotated[int, typer.Option(help="Frames per second")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds per pan or zoom (half per drawing of a sequence)")] = 3.0,
+    max_per_split: Annotated[int | None, typer.Option(help="At most N clips per split")] = None,
+    seed: Annotated[int, typer.Option(help="Sequence partners and directions")] = 0,
+) -> None:
+    """The video demo: clip art in pans, zooms and sequences with captions, encoded as H.264 and VP9 files."""
+    from vsectl.data.video_demo import DemoSettings, prepare_video_demo
+
+    settings = run_guarded(DemoSettings, size, fps, seconds, max_per_split, seed)
+    typer.echo(str(run_guarded(prepare_video_demo, source, out, settings, progress=_progress())))
+
+
 @data_app.command("import-precomp")
 def import_precomp_cli(
     src: Annotated[Path, typer.Argument(help="SCAN precomp folder ({split}_ims.npy, _caps.txt, _ids.txt)")],

@@ -267,7 +267,7 @@ def read_frames(path: str | Path, indices: list[int], info: VideoProbe, size: in
                 i = wanted.get(frame.pts) if frame.pts is not None else (position if position in index_set else None)
                 if i is None:
                     continue
-                yield i, np.asarray(resize_square(frame.to_image(), size), dtype=np.uint8)
+                yield i, np.array(resize_square(frame.to_image(), size), dtype=np.uint8)  # writable, for torch
                 seen += 1
                 if seen == len(wanted):
                     return
