@@ -200,7 +200,7 @@ def extract_videos(
             batcher.add(pos, frames)
         if last:
             closed[pos] = (reason, json.loads(facts))
-        if batcher.pending() >= batch_size or (last and pos == next_out):
+        if batcher.pending() >= batch_size:  # full batches only: sets wait at most one batch to come out
             batcher.flush()
             for p, (why, info) in closed.items():
                 feats = batcher.take(p)
