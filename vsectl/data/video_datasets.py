@@ -57,7 +57,7 @@ def read_msrvtt_json(path: str | Path) -> tuple[dict[str, str], dict[str, list[s
     data = _load_json(path, MSRVTT_EXPECTED)
     videos, sentences = (data.get("videos"), data.get("sentences")) if isinstance(data, dict) else (None, None)
     if not isinstance(videos, list) or not isinstance(sentences, list):
-        raise DataError(f"{path} is not {MSRVTT_EXPECTED}")
+        raise DataError(f"{path} has an unknown layout; expected {MSRVTT_EXPECTED}")
     splits: dict[str, str] = {}
     for v in videos:
         if not isinstance(v, dict) or not isinstance(v.get("video_id"), str) or v.get("split") not in MSRVTT_SPLITS:
@@ -134,7 +134,7 @@ def read_vatex_json(path: str | Path) -> list[tuple[str, list[str]]]:
     path = Path(path)
     data = _load_json(path, VATEX_EXPECTED)
     if not isinstance(data, list):
-        raise DataError(f"{path} is not {VATEX_EXPECTED}")
+        raise DataError(f"{path} has an unknown layout; expected {VATEX_EXPECTED}")
     out = []
     for item in data:
         if not isinstance(item, dict) or not isinstance(item.get("videoID"), str) or not isinstance(
