@@ -118,3 +118,38 @@ def test_extract_cli_on_video_files_prints_the_store_and_refuses_mistakes_in_one
         line = one_error_line(runner.invoke(app, [*base, "--out", str(tmp_path / "x"), *extra]))
         assert words in line, line
 
+
+
+def test_embed_replays_the_video_recipe_on_a_folder_of_videos(tmp_path):
+    from vsectl.config import load_recipe
+    from vsectl.retrieval import embed, open_embeddings
+    from vsectl.retrieval.model import load
+    from vsectl.training import train
+
+    raw, broken = make_video_raw(tmp_path / "raw")
+    feats = tmp_path / "feats"
+    extract("efficientnet-lite0", raw, feats, "train", size=32, device="cpu", workers=0,
+            video=VideoFileSampling(frames=3))
+    for split in ("dev", "test"):  # the recipe wants them; the same clips will do
+        (feats / f"{split}.h5").symlink_to(feats / "train.h5")
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load_recipe(repo / "recipes" / "msrvtt_gpo.yaml", [
+        f"data.root={feats}", "model.image.feat_dim=1280", "model.embed_dim=16", "model.text.word_dim=8",
+        "model.text.vocab_min_count=1", "data.batch_size=2", "data.num_workers=0", "train.epochs=1",
+        "train.max_steps_per_epoch=1", "name=vid"])
+    run = train(cfg, tmp_path / "runs", device="cpu")
+    out = embed(run, tmp_path / "emb", videos=raw / "videos", device="cpu", workers=0)
+    emb = open_embeddings(out)
+    assert emb.meta["n_images"] == 4 and emb.meta["n_skipped"] == len(broken)
+    model = load(run, device="cpu")
+    split = load_split(feats, "train")
+    want = model.encode_feature_sets([split.features.get(k) for k in range(4)])
+    rows = {emb.image(i)["id"]: emb.side("images")[i] for i in range(emb.n_images)}
+    for k, name in enumerate([*GOOD, "vfr.mp4"]):  # the store's set k was made from this file
+        np.testing.assert_allclose(rows[name], want[k], atol=1e-5)
+    from PIL import Image
+
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "pictures" / "one.png")
+    with pytest.raises(ConfigError, match="trained on features of video files"):
+        embed(run, tmp_path / "emb2", images=tmp_path / "pictures", device="cpu")

@@ -24,6 +24,8 @@ def embed_cli(
     features: Annotated[Path | None, typer.Option(help="An extracted feature store, e.g. data/demo_feats/test.h5")]
     = None,
     split: Annotated[str, typer.Option(help="--data: all | train | dev | test")] = "all",
+    videos: Annotated[Path | None, typer.Option(help="A plain folder of video files (runs trained on "
+                                                      "extract --videos features)")] = None,
     checkpoint: CheckpointOpt = "best",
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Sets / captions per forward pass")] = 128,
@@ -35,7 +37,7 @@ def embed_cli(
 
     path = run_guarded(embed, run, out, images=images, data=data, features=features, split=split,
                        checkpoint=checkpoint, device=device, batch_size=batch_size, workers=workers,
-                       shard_size=shard_size, progress=RichProgress(enabled=not STATE.get("quiet")))
+                       shard_size=shard_size, progress=RichProgress(enabled=not STATE.get("quiet")), videos=videos)
     meta = open_embeddings(path).meta
     if STATE.get("quiet"):
         typer.echo(str(path))

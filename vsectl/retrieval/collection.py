@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 4096  # items per shard: at most this much work is lost to a kill (a multiple of the batch sizes)
 MAX_SKIPPED_RECORDS = 100  # skipped images listed in meta.json; all are counted
-SOURCES = ("images", "data", "features")
+SOURCES = ("images", "videos", "data", "features")
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 
@@ -245,11 +245,12 @@ def embed(
     workers: int = 2,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: Progress | None = None,
+    videos: str | Path | None = None,
 ) -> Path:
     """Embed every image (and caption) of a collection with a trained run into an embeddings folder.
 
-    Exactly one of `images`, `data`, `features`. From files (`images`, `data`) the run's feature recipe is replayed
-    (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json.
+    Exactly one of `images`, `videos`, `data`, `features`. From files (`images`, `videos`, `data`) the run's feature
+    recipe is replayed (see `vsectl.retrieval.recipe`); unreadable files are skipped and counted in meta.json.
 
     Args:
         run: a run directory or checkpoint folder, or a loaded `RetrievalModel`.
@@ -264,6 +265,8 @@ def embed(
         workers: image-decoding processes (files only).
         shard_size: items per resumable shard.
         progress: progress reporting (images/s).
+        videos: a plain folder of video files (searched recursively; no captions), for a run trained on features
+            from video files (`extract --videos`): each video is sampled and pooled as those were.
 
     Returns:
         `out`, complete.
@@ -275,12 +278,12 @@ def embed(
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     out = Path(out)
-    source = resolve_source(images, data, features, split)
+    source = resolve_source(images, data, features, split, videos=videos)
     model = run if isinstance(run, RetrievalModel) else load(run, checkpoint=checkpoint, device=device)
     if source.kind == "features":
         _check_store(model, source)
     else:
-        model.check_images()  # fails now, in one line, when the recipe cannot be replayed
+        model.check_images(videos=source.extra.get("videos", False))  # one line when the recipe cannot be replayed
     backbone = source.backbone if source.kind == "features" else model.provenance()
     settings = {"fingerprint": model.fingerprint, "source": {"kind": source.kind, "path": str(source.path),
                 **source.identity}, "shard_size": shard_size, "batch_size": batch_size, "backbone": backbone}

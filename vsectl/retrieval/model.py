@@ -164,10 +164,15 @@ class RetrievalModel:
                     "std": list(bb.std)}
         return self.recipe.provenance() if self.recipe is not None else None
 
-    def check_images(self) -> None:
-        """Fail now, in one line, when image files cannot be embedded by this model."""
+    def check_images(self, videos: bool = False) -> None:
+        """Fail now, in one line, when image (or, with `videos`, video) files cannot be embedded by this model."""
         if not self.end_to_end:
             self.backbone  # noqa: B018
+        made_from_videos = self.recipe is not None and self.recipe.sampling is not None
+        if videos != made_from_videos:
+            what, how = (("video files", "video files (--videos DIR, or --data with a video dataset)")
+                         if made_from_videos else ("images", "images (--images DIR or --data)"))
+            raise ConfigError(f"run {self.run_dir} was trained on features of {what}; embed {how} with it")
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[np.ndarray], batch_size: int = IMAGE_BATCH) -> np.ndarray:
@@ -223,11 +228,17 @@ class RetrievalModel:
         if self.end_to_end:
             yield from self._pixels(paths, workers, batches, progress)
             return
-        from vsectl.extract import extract_images
+        from vsectl.extract import extract_images, extract_videos
 
         recipe = self.recipe
         backbone = self.backbone
         dtype = np.float16 if recipe.dtype == "float16" else np.float32
+        if recipe.sampling is not None:  # trained on video files: each path is a video, sampled as at extraction
+            for i, feats, reason, _ in extract_videos(backbone, paths, recipe.sampling, batch_size=BACKBONE_BATCH,
+                                                      workers=workers, device=self.device, precision=recipe.precision,
+                                                      channels_last=recipe.channels_last, progress=progress):
+                yield i, (None if feats is None else feats.astype(dtype).astype(np.float32)), reason
+            return
         for i, feats, reason in extract_images(backbone, paths, batches=batches, batch_size=BACKBONE_BATCH,
                                                workers=workers, device=self.device, precision=recipe.precision,
                                                channels_last=recipe.channels_last, progress=progress):

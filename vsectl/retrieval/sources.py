@@ -71,6 +71,7 @@ def data_source(data: str | Path, split: str) -> Source:
     raw = load_raw_dataset(data)
     if raw.manifest.get("modality") == "video":
         raise ConfigError(f"{raw.root} holds videos (folders of frames); embed an extracted store with --features")
+    videos = raw.manifest.get("modality") == "video_files"
     if split == "all":
         entries = raw.images
     else:
@@ -82,7 +83,8 @@ def data_source(data: str | Path, split: str) -> Source:
         items.append({"id": entry["id"], "path": str(entry["path"])})
         captions.extend((t, pos) for t in entry["captions"] if t.strip())  # as extract stores them
     identity = {"dataset_sha256": sha256_file(raw.root / "dataset.json"), "split": split}
-    return Source(kind="data", path=raw.root, items=items, captions=captions, identity=identity, split=split)
+    return Source(kind="data", path=raw.root, items=items, captions=captions, identity=identity, split=split,
+                  extra={"videos": videos})
 
 
 def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
@@ -126,17 +128,37 @@ def store_source(store: str | Path) -> Source:
                   extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe})
 
 
+def video_folder_source(folder: str | Path) -> Source:
+    """A plain folder of video files (no captions); ids are the paths relative to the folder."""
+    from vsectl.data.video_files import VIDEO_SUFFIXES, list_videos
+
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise DataError(f"video folder {folder} does not exist")
+    files = list_videos(folder)
+    if not files:
+        raise DataError(f"{folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}); give a folder of videos")
+    items = [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in files]
+    names = "\n".join(f"{i['id']}:{Path(i['path']).stat().st_size}" for i in items)
+    listing = hashlib.sha256(names.encode("utf-8")).hexdigest()
+    return Source(kind="videos", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
+                  extra={"videos": True})
+
+
 def resolve_source(images: str | Path | None, data: str | Path | None, features: str | Path | None,
-                   split: str) -> Source:
-    """The one source among --images / --data / --features."""
-    given = [(k, v) for k, v in (("images", images), ("data", data), ("features", features)) if v is not None]
+                   split: str, videos: str | Path | None = None) -> Source:
+    """The one source among --images / --videos / --data / --features."""
+    given = [(k, v) for k, v in (("images", images), ("videos", videos), ("data", data), ("features", features))
+             if v is not None]
     if len(given) != 1:
-        raise ConfigError("give exactly one of --images DIR, --data RAW or --features STORE")
+        raise ConfigError("give exactly one of --images DIR, --videos DIR, --data RAW or --features STORE")
     if split not in ("all", "train", "dev", "test"):
         raise ConfigError(f"unknown split {split!r}; use all, train, dev or test")
     kind, path = given[0]
     if kind == "images":
         return folder_source(path)
+    if kind == "videos":
+        return video_folder_source(path)
     if kind == "data":
         return data_source(path, split)
     return store_source(path)
