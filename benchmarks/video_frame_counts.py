@@ -108,13 +108,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for pool in pools:
-        for seed in seeds:
-            run = train_once(args.recipe, args.out, pool, seed)
-            results[f"{run.name}:train_s"] = float((run / "DONE").read_text().split()[0])
-            for frames, root in tests.items():
-                evaluate_once(results, run, frames, root)
-                atomic_write_json(results_path, results)
+    runs = [train_once(args.recipe, args.out, pool, seed) for pool in pools for seed in seeds]  # all, then eval
+    for run in runs:
+        results[f"{run.name}:train_s"] = float((run / "DONE").read_text().split()[0])
+        for frames, root in tests.items():
+            evaluate_once(results, run, frames, root)
+            atomic_write_json(results_path, results)
     md = table(results, pools, seeds, list(tests), args.train_frames)
     atomic_write_text(args.out / "table.md", md + "\n")
     figure(results, pools, seeds, list(tests), args.train_frames, args.out / "frame_counts.png")

@@ -137,10 +137,10 @@ def clip_plan(k: int, lead: dict[str, Any], pool: list[dict[str, Any]], rng: np.
 def render_clip(path: Path, kind: str, items: list[dict[str, Any]], args: dict[str, Any], settings: DemoSettings,
                 codec: tuple[str, str, dict[str, str]]) -> int:
     """Draw and encode one clip to `path` (atomically); returns its frame count."""
-    from PIL import Image
+    from vsectl.data.images import load_rgb
 
     av = _av()
-    ims = [Image.open(it["path"]).convert("RGB") for it in items]
+    ims = [load_rgb(it["path"]) for it in items]  # an unreadable drawing is one line (UnreadableImage)
     if kind == "pan":
         frames = _pan_frames(ims[0], settings.size, args["n"], args["leftwards"])
     elif kind == "zoom":
