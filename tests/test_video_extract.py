@@ -70,7 +70,7 @@ def test_video_files_become_frame_sets_with_every_broken_file_in_the_skip_report
     assert split.features.lengths().tolist() == [4, 4, 4, 4]
     attrs = read_store_attrs(store)
     skipped = json.loads(attrs["skipped"])
-    assert attrs["n_skipped"] == len(broken) == 5
+    assert attrs["n_skipped"] == len(broken) == 6
     assert {Path(r["id"]).name: r["kind"] for r in skipped} == {Path(n).stem + Path(n).suffix[1:]: k
                                                                for n, k in broken.items()}
     assert all("\n" not in r["reason"] for r in skipped)

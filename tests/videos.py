@@ -74,9 +74,13 @@ def write_broken(folder: Path) -> dict[str, str]:
     whole = write_video(folder / "whole.webm", 30).read_bytes()
     (folder / "cut.webm").write_bytes(whole[: len(whole) // 2])
     (folder / "whole.webm").unlink()
+    whole = bytearray(write_video(folder / "whole.mp4", 30, faststart=True).read_bytes())  # index first
+    whole[len(whole) // 2 :] = bytes(len(whole) - len(whole) // 2)  # zeros over the second half of the frames
+    (folder / "damaged.mp4").write_bytes(bytes(whole))
+    (folder / "whole.mp4").unlink()
     write_audio_only(folder / "sound.mp4")
     return {"zero.mp4": "empty", "junk.webm": "corrupt", "cut.mp4": "truncated", "cut.webm": "truncated",
-            "sound.mp4": "audio_only"}
+            "damaged.mp4": "corrupt", "sound.mp4": "audio_only"}
 
 
 VFR_PTS = [0, 10, 20, 50, 60, 100, 110, 120, 150, 200]  # in 1/100 s: gaps of 0.1, 0.3 and 0.5 s
