@@ -161,3 +161,32 @@ def test_video_demo_clips_are_real_h264_and_vp9_files_with_their_captions(tmp_pa
     assert probe(raw.images[0]["path"]).n_frames == 4  # 1 s at 4 fps
     assert raw.split("train")[0]["captions"][0].startswith("red apple, moving from")
     assert raw.split("train")[2]["captions"][0].startswith("green tree, then ")
+
+
+def test_more_video_refusals_are_one_line_each(tmp_path):
+    runner = CliRunner()
+    f = msrvtt_files(tmp_path / "m")
+    (tmp_path / "list.csv").write_text("video_id\nvideo77\n")
+    line = one_error_line(runner.invoke(app, ["data", "prepare", "msrvtt", "--json", str(f["trainval"]), "--videos",
+                                              str(tmp_path / "m" / "videos"), "--out", str(tmp_path / "o"),
+                                              "--test-list", str(tmp_path / "list.csv")]))
+    assert "not in the annotation JSON(s), e.g. video77" in line
+    train, val, _ = vatex_files(tmp_path / "v")
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(runner.invoke(app, ["data", "prepare", "vatex", "--train", str(train), "--val", str(val),
+                                              "--videos", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]))
+    assert "none of the 7 annotated videos" in line
+    line = one_error_line(runner.invoke(app, ["embed", str(tmp_path / "run"), "--videos", str(tmp_path / "empty"),
+                                              "--out", str(tmp_path / "e")]))
+    assert "holds no video files" in line
+
+
+def test_without_pyav_reading_a_video_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    from vsectl.data.video_files import probe
+    from vsectl.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "av", None)  # what a missing package looks like to `import av`
+    with pytest.raises(ConfigError, match=r"pip install 'vsectl\[video\]'"):
+        probe(tmp_path / "any.mp4")
