@@ -153,3 +153,14 @@ def test_embed_replays_the_video_recipe_on_a_folder_of_videos(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "pictures" / "one.png")
     with pytest.raises(ConfigError, match="trained on features of video files"):
         embed(run, tmp_path / "emb2", images=tmp_path / "pictures", device="cpu")
+
+
+def test_data_verify_demuxes_video_files_and_names_the_broken_ones(tmp_path):
+    from vsectl.data.verify import verify_path
+
+    raw, broken = make_video_raw(tmp_path / "raw")
+    report = verify_path(raw)
+    # all but damaged.mp4, whose index and packets are intact: only decoding (extract) finds it
+    assert report["splits"]["train"]["unreadable_images"] == len(broken) - 1
+    problem = next(p for p in report["problems"] if "unreadable" in p)
+    assert "(empty)" in problem or "(corrupt)" in problem or "(truncated)" in problem, problem

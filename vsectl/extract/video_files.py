@@ -107,6 +107,9 @@ class VideoChunks(torch.utils.data.IterableDataset):
         except UnreadableVideo as e:
             yield pos, empty, True, str(e), json.dumps({"kind": e.kind})
             return
+        except (OSError, ValueError) as e:  # anything else the decoder or the resize refuses: still one line
+            yield pos, empty, True, f"{self.paths[pos]}: corrupt: {type(e).__name__}: {e}", '{"kind": "corrupt"}'
+            return
         yield pos, empty, True, "", facts
 
     def __iter__(self) -> Iterator[tuple[int, torch.Tensor, bool, str, str]]:
