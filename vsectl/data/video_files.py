@@ -257,14 +257,17 @@ def read_frames(path: str | Path, indices: list[int], info: VideoProbe, size: in
     from vsectl.data.images import resize_square
 
     av, path = _av(), Path(path)
-    wanted, index_set = {info.pts[i]: i for i in indices}, set(indices)
+    wanted, index_set, known = {info.pts[i]: i for i in indices}, set(indices), set(info.pts)
     seen, position = 0, -1
     with _open(av, path) as container:
         stream = _video_stream(path, container)
         try:
             for frame in container.decode(stream):
                 position += 1
-                i = wanted.get(frame.pts) if frame.pts is not None else (position if position in index_set else None)
+                if frame.pts in known:
+                    i = wanted.get(frame.pts)
+                else:  # a decoder that does not carry the packet's timestamp: count frames in display order
+                    i = position if position in index_set else None
                 if i is None:
                     continue
                 yield i, np.array(resize_square(frame.to_image(), size), dtype=np.uint8)  # writable, for torch
