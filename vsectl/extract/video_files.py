@@ -160,6 +160,16 @@ class _FrameBatcher:
         parts = self.sets.pop(pos, [])
         return np.concatenate(parts, axis=0) if parts else None
 
+    def finish(self, closed: dict[int, tuple[str, dict[str, Any]]]) -> dict[int, tuple[Any, str, dict[str, Any]]]:
+        """Run the pending frames, then hand over (and forget) the videos in `closed`: {pos: (set, reason, facts)}."""
+        self.flush()
+        done = {}
+        for pos, (reason, facts) in closed.items():
+            feats = self.take(pos)  # a failed video's frames are dropped here
+            done[pos] = (None, reason, facts) if reason else (feats, "", facts)
+        closed.clear()
+        return done
+
 
 def extract_videos(
     backbone: Backbone,
@@ -204,14 +214,9 @@ def extract_videos(
         if last:
             closed[pos] = (reason, json.loads(facts))
         if batcher.pending() >= batch_size:  # full batches only: sets wait at most one batch to come out
-            batcher.flush()
-            for p, (why, info) in closed.items():
-                feats = batcher.take(p)
-                ready[p] = (None, why, info) if why else (feats, "", info)
-            closed.clear()
+            ready.update(batcher.finish(closed))
         while next_out in ready:
-            feats, why, info = ready.pop(next_out)
-            yield next_out, feats, why, info
+            yield next_out, *ready.pop(next_out)
             next_out += 1
         now = time.perf_counter()
         progress.update(frames_per_s=batcher.n_frames / max(now - started, 1e-9),
@@ -219,13 +224,9 @@ def extract_videos(
         if now - last_log > LOG_EVERY_S:
             log.info("videos: %d of %d done, %.1f frames/s", next_out, len(paths), batcher.n_frames / (now - started))
             last_log = now
-    batcher.flush()
-    for p, (why, info) in closed.items():
-        feats = batcher.take(p)
-        ready[p] = (None, why, info) if why else (feats, "", info)
+    ready.update(batcher.finish(closed))
     while next_out in ready:
-        feats, why, info = ready.pop(next_out)
-        yield next_out, feats, why, info
+        yield next_out, *ready.pop(next_out)
         next_out += 1
 
 
