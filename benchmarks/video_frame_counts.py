@@ -3,7 +3,8 @@ mean or max pooling over the frames, several seeds. Writes a JSON of every resul
 
 Each (pooling, seed) run trains with `recipes/video_demo.yaml` (only the video side's pooler and the seed change)
 on the N-frame stores, then is evaluated (test split, ties at their expected rank) on test stores extracted with
-N/2, N and 2N frames from the same clips. Finished runs and evaluations are reused, so a killed job resumes.
+N/2, N and 2N frames from the same clips. Finished runs and evaluations are reused, so a killed job resumes; jobs
+for different `--pools` may run side by side, and a last one with every pool only gathers their results.
 
     python benchmarks/video_frame_counts.py --test 4=data/video_demo_f4 --test 8=data/video_demo_feats \
         --test 16=data/video_demo_f16 [--pools gpo,mean,max] [--seeds 0,1,2] [--out results/video_frames]
@@ -45,14 +46,17 @@ def train_once(recipe: Path, out: Path, pool: str, seed: int) -> Path:
     return path
 
 
-def evaluate_once(results: dict[str, Any], run: Path, frames: int, root: str) -> dict[str, float]:
-    key = f"{run.name}@{frames}"
-    if key not in results:
+def evaluate_once(run: Path, frames: int, root: str) -> dict[str, Any]:
+    """The run's test metrics on `root` (kept in RUN/frame_counts.json, one file per run: parallel jobs do not race)."""
+    path = run / "frame_counts.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    if str(frames) not in done:
         result = evaluate_runs([run], protocol="f30k", split="test", data_root=root, device="cpu", write=False,
                                tie_rule="expected")["f30k"]
-        results[key] = {k: result["metrics"][k] for k in ("rsum", "i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10")}
-        results[key]["n_videos"] = result["n_images"]
-    return results[key]
+        done[str(frames)] = {k: result["metrics"][k] for k in ("rsum", "i2t_r1", "t2i_r1", "i2t_r10", "t2i_r10")}
+        done[str(frames)].update(n_videos=result["n_images"], data_root=root)
+        atomic_write_json(path, done)
+    return done[str(frames)]
 
 
 def table(results: dict[str, Any], pools: list[str], seeds: list[int], frames: list[int], train_n: int) -> str:
@@ -106,14 +110,13 @@ def main() -> None:
     pools, seeds = args.pools.split(","), [int(s) for s in args.seeds.split(",")]
     tests = dict(sorted((int(k), v) for k, v in (t.split("=", 1) for t in args.test)))
     args.out.mkdir(parents=True, exist_ok=True)
-    results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = [train_once(args.recipe, args.out, pool, seed) for pool in pools for seed in seeds]  # all, then eval
+    results: dict[str, Any] = {}
     for run in runs:
         results[f"{run.name}:train_s"] = float((run / "DONE").read_text().split()[0])
         for frames, root in tests.items():
-            evaluate_once(results, run, frames, root)
-            atomic_write_json(results_path, results)
+            results[f"{run.name}@{frames}"] = evaluate_once(run, frames, root)
+    atomic_write_json(args.out / f"results-{'-'.join(pools)}.json", results)
     md = table(results, pools, seeds, list(tests), args.train_frames)
     atomic_write_text(args.out / "table.md", md + "\n")
     figure(results, pools, seeds, list(tests), args.train_frames, args.out / "frame_counts.png")
