@@ -21,10 +21,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION, sha256_file, write_json_atomic
+from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION
 from vsectl.data.tokenize import word_tokenize
 from vsectl.data.video_files import MODALITY, VIDEO_SUFFIXES
 from vsectl.errors import DataError
+from vsectl.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +220,13 @@ def write_video_dataset(out: str | Path, name: str, entries: list[dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     from vsectl import __version__
 
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": name, "images": kept})
+    dataset_sha = atomic_write_json(out / DATASET_JSON, {"dataset": name, "images": kept}, indent=None,
+                                    ensure_ascii=False)
     manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": name, "image_root": str(root),
                 "modality": MODALITY, "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "source": source, "counts": {"videos": len(kept), "missing_videos": len(missing), "splits": counts},
                 "checksums": {DATASET_JSON: dataset_sha}}
-    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
+    atomic_write_json(out / MANIFEST_JSON, manifest, indent=1, ensure_ascii=False, newline=False)
     log.info("%s: %d videos (%s)", out, len(kept), ", ".join(f"{s} {v['images']}" for s, v in counts.items()))
     return out
 

@@ -20,19 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vsectl.data.raw import (
-    DATASET_JSON,
-    MANIFEST_JSON,
-    RAW_FORMAT,
-    RAW_VERSION,
-    load_raw_dataset,
-    sha256_file,
-    write_json_atomic,
-)
+from vsectl.data.raw import DATASET_JSON, MANIFEST_JSON, RAW_FORMAT, RAW_VERSION, load_raw_dataset
 from vsectl.data.tokenize import word_tokenize
 from vsectl.data.video_files import MODALITY, _av
 from vsectl.errors import DataError
-from vsectl.io import atomic_write_text
+from vsectl.io import atomic_write_json, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -231,14 +223,16 @@ def prepare_video_demo(source: str | Path, out: str | Path, settings: DemoSettin
                         "sentences": [{"raw": c, "tokens": word_tokenize(c)} for c in captions]})
     if not entries:
         raise DataError(f"{raw.root} has no captioned images to make clips from")
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": "video_demo", "images": entries})
+    dataset_sha = atomic_write_json(out / DATASET_JSON, {"dataset": "video_demo", "images": entries}, indent=None,
+                                    ensure_ascii=False)
     atomic_write_text(out / "LICENSE.txt", LICENSE_TEXT)
     atomic_write_text(out / "PROVENANCE.md", _provenance(counts, settings, str(raw.root)))
-    write_json_atomic(out / MANIFEST_JSON, {
+    atomic_write_json(out / MANIFEST_JSON, {
         "format": RAW_FORMAT, "version": RAW_VERSION, "dataset": "video_demo", "image_root": "videos",
         "modality": MODALITY, "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.monotonic() - start, 1), "source": {"dataset": str(raw.root)}, "params": params,
-        "counts": {"splits": counts}, "checksums": {DATASET_JSON: dataset_sha}}, indent=1)
+        "counts": {"splits": counts}, "checksums": {DATASET_JSON: dataset_sha}}, indent=1, ensure_ascii=False,
+        newline=False)
     log.info("video demo: %s", ", ".join(f"{s} {v['videos']} clips" for s, v in counts.items()))
     return out
 
