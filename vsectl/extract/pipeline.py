@@ -19,6 +19,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset
 from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES
 from vsectl.errors import ConfigError, DataError
+from vsectl.extract.engines import ENGINE_CHOICES, choose_engine
 from vsectl.extract.images import DEFAULT_CHANNELS_LAST
 from vsectl.extract.provenance import split_provenance
 from vsectl.extract.shards import (
@@ -78,6 +79,7 @@ def extract_split(
     progress: Progress | None = None,
     wait_timeout_s: float | None = None,
     video: VideoSampling | None = None,
+    engine: str = "auto",
 ) -> Path | None:
     """Extract one split of a raw dataset to a store file, resuming from finished shards.
 
@@ -94,6 +96,9 @@ def extract_split(
         progress: progress reporting.
         wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
         video: each dataset entry is a folder of frame images, sampled and pooled as this says (None: images).
+        engine: how the backbone runs (`vsectl.extract.engines`): "auto" measures the candidates here and keeps the
+            fastest whose features agree with "eager" (today's torch path); recorded in the attrs, not in the
+            fingerprint, since every engine gives the same features within `engines.TOLERANCE`.
 
     Returns:
         `out_path` on rank 0; None on other ranks (rank 0 merges).
@@ -121,12 +126,16 @@ def extract_split(
         log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
                  dist.rank)
         start = time.perf_counter()
+        n_todo = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+        choice = choose_engine(backbone, engine=engine, device=device, precision=precision,
+                               channels_last=channels_last, n_images=n_todo)
+        attrs = {**attrs, **choice.describe()}  # what ran is recorded; the fingerprint stays as it was
         write_shards(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
                      workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
-                     progress=progress, description=f"extract {split}", video=video)
-        n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+                     progress=progress, description=f"extract {split}", video=video, engine=choice)
         seconds = time.perf_counter() - start
-        log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
+        log.info("split %s: %d images in %.1f s (%.1f images/s, %s engine)", split, n_todo, seconds,
+                 n_todo / max(seconds, 1e-9), choice.engine.name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if dist.rank != 0:
@@ -170,6 +179,7 @@ def extract(
     limit: int | None = None,
     progress: Progress | None = None,
     video: VideoSampling | None = None,
+    engine: str = "auto",
 ) -> list[Path]:
     """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
 
@@ -182,6 +192,7 @@ def extract(
         batch_size, workers, precision, channels_last, device, dtype, shard_size, limit: see `extract_split`.
         progress: progress reporting.
         video: treat each entry as a video's folder of frame images (`VideoSampling`); None for images.
+        engine: "auto", "eager", "onnx" or "compile"; see `extract_split`.
 
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
@@ -196,6 +207,8 @@ def extract(
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown feature dtype '{dtype}'; use {' or '.join(DTYPES)}")
+    if engine not in ENGINE_CHOICES:
+        raise ConfigError(f"unknown extraction engine '{engine}'; use {', '.join(ENGINE_CHOICES)}")
     targets = output_paths(out, splits)
     dist = dist_info()
     dev = resolve_device(device)
@@ -218,7 +231,7 @@ def extract(
             continue
         result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
                                precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
-                               limit=limit, dist=dist, progress=progress, video=video)
+                               limit=limit, dist=dist, progress=progress, video=video, engine=engine)
         if result is not None:
             written.append(result)
     return written

@@ -145,10 +145,14 @@ class RetrievalModel:
                 if s.ndim != 2 or s.shape[1] != self.feat_dim or s.shape[0] == 0:
                     raise DataError(f"a feature set has shape {tuple(s.shape)}; this run takes (n ≥ 1, "
                                     f"{self.feat_dim}) sets")
-            feats, lengths = _pad_sets(chunk)
-            emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
-            out.append(emb.float().cpu().numpy())
+            out.append(self.encode_padded(*_pad_sets(chunk)))
         return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_padded(self, feats: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        """Embed one batch of padded feature sets: (B, K, D) float32 (rows past each length zero), (B,) → (B, E)."""
+        emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
+        return emb.float().cpu().numpy()
 
     @property
     def end_to_end(self) -> bool:
