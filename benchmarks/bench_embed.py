@@ -21,7 +21,6 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from bench_extract import interleaved
-from common import RESULTS, LoadMeter, describe, machine, render_targets, target, write_report
+from common import RESULTS, begin, render_targets, target, write_report
 
 import vsectl
 import vsectl.retrieval.collection as collection
@@ -139,12 +138,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, one per core)")
     parser.add_argument("--run", type=Path, default=None, help="a trained run (default: the demo tower, random)")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     mode = MODES["quick" if args.quick else "full"]
-    load_before, meter, m = os.getloadavg(), LoadMeter(), machine()
-    print(describe(m), file=sys.stderr)
-    t0 = time.perf_counter()
+    load_before, meter, m, t0 = begin(args.threads)
     with tempfile.TemporaryDirectory(prefix="vsectl_bench_embed_") as tmp:
         res = bench(mode, args.run, Path(tmp))
     cpu = meter.read()

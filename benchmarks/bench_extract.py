@@ -2,7 +2,7 @@
 
 1. The network alone, per backbone and input side (EfficientNet-Lite0 224 px with its real weights, Lite1 240 px and
    Lite2 260 px likewise; ResNet-50 at 224 and 512 px with random weights from a transformers ResNetConfig, loaded
-   through the `resnet` backbone), per batch size, on random uint8 images in memory:
+   through the `resnet` backbone), at a few batch sizes each, on random uint8 images in memory:
    - `today`: today's model step, kept here as the baseline (normalise, channels-last, torch forward, to NumPy);
    - `eager`, `onnx` (and `compile` with --compile): the engines of `vsectl.extract.engines`;
    - `bf16`: bf16 autocast, channels-last, shown with its deviation from fp32 (on a CPU with bf16 units);
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, LoadMeter, describe, machine, render_targets, target, write_report
+from common import RESULTS, begin, render_targets, target, write_report
 
 from vsectl.data.images import ImageFiles, normalize
 from vsectl.extract.engines import ENGINES, Engine, choose_engine, deviation
@@ -45,11 +45,11 @@ SEED = 0
 REPO = Path(__file__).resolve().parent.parent
 PNG_FOLDERS = (REPO / "data/openclipart/images", REPO / "tests/fixtures/clipart_mini/images")
 MODES = {
-    "full": {"models": (("efficientnet-lite0", 224), ("efficientnet-lite1", 240), ("efficientnet-lite2", 260),
-                        ("resnet-50", 224), ("resnet-50", 512)),
-             "batches": (1, 8, 32), "reps": 3, "gemm_reps": 5, "pipeline_images": 384, "pipeline_reps": 3},
-    "quick": {"models": (("efficientnet-lite0", 224), ("resnet-50", 224)),
-              "batches": (8,), "reps": 2, "gemm_reps": 3, "pipeline_images": 128, "pipeline_reps": 2},
+    "full": {"models": {("efficientnet-lite0", 224): (1, 8, 32), ("efficientnet-lite1", 240): (8,),
+                        ("efficientnet-lite2", 260): (8,), ("resnet-50", 224): (1, 8), ("resnet-50", 512): (1, 4)},
+             "reps": 3, "gemm_reps": 5, "pipeline_images": 384, "pipeline_reps": 3},
+    "quick": {"models": {("efficientnet-lite0", 224): (8,), ("resnet-50", 224): (8,)},
+              "reps": 2, "gemm_reps": 3, "pipeline_images": 128, "pipeline_reps": 2},
 }
 TARGET_SPEEDUP = 2.5       # new pipeline images/s ÷ today's, EfficientNet-Lite0 224 px
 TARGET_RESNET_GEMM = 0.60  # ResNet-50 images/s × GFLOP/image ÷ the fp32 GEMM rate, best engine
@@ -133,13 +133,13 @@ def variants(name: str, size: int, resnet_folder: Path, compile_too: bool) -> di
     return fns
 
 
-def bench_model(name: str, size: int, mode: dict[str, Any], resnet_folder: Path, gemm: dict[str, float],
-                compile_too: bool) -> dict[str, Any]:
+def bench_model(name: str, size: int, batches: tuple[int, ...], mode: dict[str, Any], resnet_folder: Path,
+                gemm: dict[str, float], compile_too: bool) -> dict[str, Any]:
     flops = flops_per_image(build(name, size, resnet_folder), size)
     fns = variants(name, size, resnet_folder, compile_too)
     out: dict[str, Any] = {"gflops_per_image": flops / 1e9}
     g = torch.Generator().manual_seed(SEED)
-    for batch in mode["batches"]:
+    for batch in batches:
         print(f"  {name} {size} px, batch {batch} ...", file=sys.stderr, flush=True)
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
         ref = fns["today"](images)
@@ -232,7 +232,7 @@ def render(res: dict[str, Any], mode: dict[str, Any]) -> str:
              "images per CPU-second (share of the fp32 GEMM rate) [deviation from today's features]"]
     for key, r in res["models"].items():
         lines.append(f"{key} ({r['gflops_per_image']:.2f} GFLOP/image)")
-        for batch in mode["batches"]:
+        for batch in (int(k.split("_")[1]) for k in r if k.startswith("batch_")):
             cell = r[f"batch_{batch}"]
             lines.append(f"  batch {batch:<3}" + "".join(
                 f"  {k} {c['images_per_cpu_s']:.1f} ({c['fraction_of_fp32_gemm']:.0%}) [{c['deviation']:.1e}]"
@@ -270,17 +270,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes to build per shape)")
     parser.add_argument("--skip-models", action="store_true", help="only the pipeline")
     args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     mode = MODES["quick" if args.quick else "full"]
-    load_before, meter, m = os.getloadavg(), LoadMeter(), machine()
-    print(describe(m), file=sys.stderr)
-    t0 = time.perf_counter()
+    load_before, meter, m, t0 = begin(args.threads)
     res: dict[str, Any] = {"gemm": gemm_gflops(2048, mode["gemm_reps"]), "models": {}}
     with tempfile.TemporaryDirectory(prefix="vsectl_bench_extract_") as tmp:
         resnet_folder = resnet50_random(Path(tmp) / "resnet50")
-        for name, size in ([] if args.skip_models else mode["models"]):
-            res["models"][f"{name}@{size}"] = bench_model(name, size, mode, resnet_folder, res["gemm"], args.compile)
+        for (name, size), batches in ({} if args.skip_models else mode["models"]).items():
+            res["models"][f"{name}@{size}"] = bench_model(name, size, batches, mode, resnet_folder, res["gemm"],
+                                                          args.compile)
     print("the pipeline ...", file=sys.stderr, flush=True)
     res["pipeline"] = bench_pipeline(mode)
     res["targets"] = targets(res)
@@ -288,7 +285,8 @@ def main() -> None:
     print(render(res, mode))
     print(render_targets(res["targets"]))
     write_report(args.json, {"machine": m, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                             "cpu_during_run": cpu, "quick": args.quick, "mode": mode,
+                             "cpu_during_run": cpu, "quick": args.quick,
+                             "mode": {**mode, "models": {f"{n}@{z}": b for (n, z), b in mode["models"].items()}},
                              "wall_s": time.perf_counter() - t0, "results": res})
     print(f"\nload average (1 min) before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; other processes used "
           f"{cpu['others_cores']:.2f} of {os.cpu_count()} cores on average during the run; wrote {args.json}")

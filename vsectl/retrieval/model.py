@@ -220,8 +220,9 @@ class RetrievalModel:
                        = None, progress: Any = None) -> Iterator[tuple[int, np.ndarray | None, str]]:
         """Run the replayed backbone over image files: yields (index, (N, C) float32 set or None, reason if None).
 
-        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored. For an
-        end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
+        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored (within the
+        extraction engines' tolerance, `vsectl.extract.engines.TOLERANCE`, when `auto` picks another engine than the
+        store was made with). For an end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
         """
         if self.end_to_end:
             yield from self._pixels(paths, workers, batches, progress)
