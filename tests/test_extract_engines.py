@@ -155,6 +155,17 @@ def test_cli_refuses_an_unknown_engine_in_one_line(tmp_path: Path) -> None:
     assert "unknown extraction engine 'turbo'" in result.output and "Traceback" not in result.output
 
 
+def test_cli_refuses_an_engine_that_cannot_serve_before_any_work(tmp_path: Path) -> None:
+    from vsectl.cli import app
+
+    raw = make_raw(tmp_path / "raw")
+    result = CliRunner().invoke(app, ["extract", "--backbone", "efficientnet-lite0", "--data", str(raw), "--out",
+                                      str(tmp_path / "out"), "--engine", "onnx", "--precision", "bf16"])
+    assert result.exit_code == 2
+    assert "extraction engine 'onnx' runs at fp32 only; use --engine eager or auto" in result.output
+    assert not (tmp_path / "out").exists()  # refused before a shard folder was made
+
+
 def test_choice_describes_itself_for_the_store() -> None:
     choice = Choice(EagerEngine(TinyBackbone(), CPU, "fp32", True), "auto", "why", {"eager": 1.0}, {"eager": 0.0})
     assert choice.describe() == {"engine": "eager", "engine_requested": "auto", "engine_reason": "why",

@@ -213,12 +213,18 @@ def deviation(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
-def _build(name: str, backbone: Backbone, device: torch.device, precision: str, channels_last: bool) -> Engine:
-    cls = ENGINES.get(name)
-    why = cls.supports(device, precision)
+def check_engine(name: str, device: torch.device, precision: str) -> None:
+    """Refuse, in one line, an engine name that is unknown or cannot serve this device and precision."""
+    if name not in ENGINE_CHOICES:
+        raise ConfigError(f"unknown extraction engine '{name}'; use {', '.join(ENGINE_CHOICES)}")
+    why = None if name == "auto" else ENGINES.get(name).supports(device, precision)
     if why is not None:
         raise ConfigError(f"extraction engine '{name}' {why}; use --engine eager or auto")
-    return cls(backbone, device, precision, channels_last)
+
+
+def _build(name: str, backbone: Backbone, device: torch.device, precision: str, channels_last: bool) -> Engine:
+    check_engine(name, device, precision)
+    return ENGINES.get(name)(backbone, device, precision, channels_last)
 
 
 def _fastest_call(fn: Callable[[], object]) -> float:
@@ -249,8 +255,7 @@ def choose_engine(backbone: Backbone, *, engine: str = "auto", device: torch.dev
     Raises:
         ConfigError: an unknown engine, or one that cannot run on this device / precision / installation.
     """
-    if engine not in ENGINE_CHOICES:
-        raise ConfigError(f"unknown extraction engine '{engine}'; use {', '.join(ENGINE_CHOICES)}")
+    check_engine(engine, device, precision)
     if engine != "auto":
         return Choice(_build(engine, backbone, device, precision, channels_last), engine, "asked for")
     candidates = [n for n in ENGINES.names() if n != "eager" and ENGINES.get(n).auto_candidate

@@ -19,7 +19,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset
 from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES
 from vsectl.errors import ConfigError, DataError
-from vsectl.extract.engines import ENGINE_CHOICES, choose_engine
+from vsectl.extract.engines import check_engine, choose_engine
 from vsectl.extract.images import DEFAULT_CHANNELS_LAST
 from vsectl.extract.provenance import split_provenance
 from vsectl.extract.shards import (
@@ -207,14 +207,13 @@ def extract(
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     if dtype not in DTYPES:
         raise ConfigError(f"unknown feature dtype '{dtype}'; use {' or '.join(DTYPES)}")
-    if engine not in ENGINE_CHOICES:
-        raise ConfigError(f"unknown extraction engine '{engine}'; use {', '.join(ENGINE_CHOICES)}")
     targets = output_paths(out, splits)
     dist = dist_info()
     dev = resolve_device(device)
     if dev.type == "cuda" and dist.world_size > 1 and dev.index is None:
         dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun process
     Precision(precision, dev)  # validate before any work
+    check_engine(engine, dev, precision)
     if precision == "bf16" and dev.type == "cpu" and not cpu_bf16_units():  # the one CPU probe training uses too
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
     raw = load_raw_dataset(data)

@@ -222,7 +222,8 @@ class RetrievalModel:
 
         Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored (within the
         extraction engines' tolerance, `vsectl.extract.engines.TOLERANCE`, when `auto` picks another engine than the
-        store was made with). For an end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
+        store was made with). For an end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for
+        `encode_items` instead.
         """
         if self.end_to_end:
             yield from self._pixels(paths, workers, batches, progress)
