@@ -227,7 +227,8 @@ def _build(name: str, backbone: Backbone, device: torch.device, precision: str, 
     return ENGINES.get(name)(backbone, device, precision, channels_last)
 
 
-def _fastest_call(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -243,7 +244,7 @@ def calibrate(engines: dict[str, Engine], images: torch.Tensor, reps: int = CALI
     best = {name: float("inf") for name in engines}
     for _ in range(reps):
         for name, e in engines.items():
-            best[name] = min(best[name], _fastest_call(lambda e=e: e.run(images)))
+            best[name] = min(best[name], _seconds(lambda e=e: e.run(images)))
     return {name: len(images) / t for name, t in best.items()}, dev
 
 
