@@ -170,3 +170,14 @@ def test_choice_describes_itself_for_the_store() -> None:
     choice = Choice(EagerEngine(TinyBackbone(), CPU, "fp32", True), "auto", "why", {"eager": 1.0}, {"eager": 0.0})
     assert choice.describe() == {"engine": "eager", "engine_requested": "auto", "engine_reason": "why",
                                  "engine_images_per_s": {"eager": 1.0}, "engine_deviation": {"eager": 0.0}}
+
+
+def test_without_onnxruntime_auto_says_why_it_keeps_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing() -> None:
+        raise ConfigError("the onnx engine needs onnx and onnxruntime: pip install 'vsectl[onnx]'")
+
+    monkeypatch.setattr(engines, "_require_onnxruntime", missing)
+    choice = choose_engine(TinyBackbone(), device=CPU, precision="fp32", channels_last=True, n_images=10**6)
+    assert choice.engine.name == "eager"
+    assert choice.reason == ("no other engine serves this: onnx onnxruntime is not installed "
+                             "(pip install 'vsectl[onnx]')")

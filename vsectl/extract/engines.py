@@ -259,11 +259,13 @@ def choose_engine(backbone: Backbone, *, engine: str = "auto", device: torch.dev
     check_engine(engine, device, precision)
     if engine != "auto":
         return Choice(_build(engine, backbone, device, precision, channels_last), engine, "asked for")
-    candidates = [n for n in ENGINES.names() if n != "eager" and ENGINES.get(n).auto_candidate
-                  and ENGINES.get(n).supports(device, precision) is None]
+    unfit = {n: ENGINES.get(n).supports(device, precision) for n in ENGINES.names()
+             if n != "eager" and ENGINES.get(n).auto_candidate}
+    candidates = [n for n, why in unfit.items() if why is None]
     if not candidates or n_images < AUTO_MIN_IMAGES:
-        why = (f"{n_images} images: fewer than {AUTO_MIN_IMAGES}, where a build would not pay" if candidates
-               else "no other engine serves this device and precision")
+        why = (f"{n_images} images: fewer than {AUTO_MIN_IMAGES}, where a build would not pay" if candidates else
+               "no other engine serves this: " + "; ".join(f"{n} {w}" for n, w in unfit.items()))
+        log.info("extraction engine eager: %s", why)
         return Choice(EagerEngine(backbone, device, precision, channels_last), engine, why)
     built: dict[str, Engine] = {}
     failed = {}
