@@ -181,3 +181,15 @@ def test_without_onnxruntime_auto_says_why_it_keeps_eager(monkeypatch: pytest.Mo
     assert choice.engine.name == "eager"
     assert choice.reason == ("no other engine serves this: onnx onnxruntime is not installed "
                              "(pip install 'vsectl[onnx]')")
+
+
+def test_auto_measures_once_per_backbone_and_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = engines.calibrate
+    monkeypatch.setattr(engines, "calibrate", lambda built, x: calls.append(1) or real(built, x, reps=1))
+    tiny = TinyBackbone()
+    first = choose_engine(tiny, device=CPU, precision="fp32", channels_last=True, n_images=10**6)
+    again = choose_engine(tiny, device=CPU, precision="fp32", channels_last=True, n_images=10)  # a later, small split
+    assert again is first and len(calls) == 1
+    other = choose_engine(tiny, device=CPU, precision="fp32", channels_last=False, n_images=10**6)
+    assert other is not first and len(calls) == 2

@@ -19,6 +19,7 @@ import io
 import logging
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,8 @@ ENGINE_CHOICES = ("auto", "eager", "onnx", "compile")
 ONNX_OPSET = 17
 
 ENGINES: Registry[type[Engine]] = Registry("extraction engine")
+# auto's measured choice per backbone object and (device, precision, layout): one calibration per command, not per split
+_CHOSEN: weakref.WeakKeyDictionary[Backbone, dict[tuple[str, str, bool], Choice]] = weakref.WeakKeyDictionary()
 
 
 class _Normalised(nn.Module):
@@ -259,6 +262,9 @@ def choose_engine(backbone: Backbone, *, engine: str = "auto", device: torch.dev
     check_engine(engine, device, precision)
     if engine != "auto":
         return Choice(_build(engine, backbone, device, precision, channels_last), engine, "asked for")
+    key = (str(device), precision, channels_last)
+    if key in _CHOSEN.get(backbone, {}):  # a later split of the same command: measured already
+        return _CHOSEN[backbone][key]
     unfit = {n: ENGINES.get(n).supports(device, precision) for n in ENGINES.names()
              if n != "eager" and ENGINES.get(n).auto_candidate}
     candidates = [n for n, why in unfit.items() if why is None]
@@ -267,6 +273,14 @@ def choose_engine(backbone: Backbone, *, engine: str = "auto", device: torch.dev
                "no other engine serves this: " + "; ".join(f"{n} {w}" for n, w in unfit.items()))
         log.info("extraction engine eager: %s", why)
         return Choice(EagerEngine(backbone, device, precision, channels_last), engine, why)
+    choice = _measure(backbone, candidates, device, precision, channels_last, seed)
+    _CHOSEN.setdefault(backbone, {})[key] = choice
+    return choice
+
+
+def _measure(backbone: Backbone, candidates: list[str], device: torch.device, precision: str, channels_last: bool,
+             seed: int) -> Choice:
+    """Build eager and the candidates, calibrate them, keep the fastest that agrees with eager."""
     built: dict[str, Engine] = {}
     failed = {}
     for name in candidates:
@@ -288,5 +302,5 @@ def choose_engine(backbone: Backbone, *, engine: str = "auto", device: torch.dev
     if failed:
         reason += "; unavailable: " + ", ".join(f"{n} ({why})" for n, why in failed.items())
     log.info("extraction engine %s: %s", best, reason)
-    return Choice(engines[best], engine, reason, timings=rates, deviation=dev)
+    return Choice(engines[best], "auto", reason, timings=rates, deviation=dev)
 
