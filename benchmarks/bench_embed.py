@@ -43,7 +43,7 @@ TARGET_SETS_PER_S = 500  # on 2 cores, the demo's model
 def today_feature_shards(model: Any, source: Any, shards: Any, size: int, folder: Path, batch_size: int,
                          progress: Any) -> None:
     """Today's `_feature_shards` (the baseline): a read and a numpy conversion per set, a padding copy per batch."""
-    from vsectl.data.sources import H5Features
+    from vsectl.data.features import H5Features
 
     features = H5Features(source.store)
     n = len(source.items)

@@ -203,22 +203,23 @@ def check_extract(device: torch.device, s: dict[str, Any], out: Path) -> dict[st
 
 def check_embed(device: torch.device, s: dict[str, Any], out: Path) -> dict[str, Any]:
     import vsectl
-    from vsectl.builders import TextSide, build_model
-    from vsectl.config import load_recipe
     from vsectl.data.store import write_store
-    from vsectl.data.vocab import build_vocab
-    from vsectl.retrieval.model import RetrievalModel
 
-    cfg = load_recipe(REPO / "recipes/demo.yaml", ["model.text.encoder=bigru", "model.text.word_dim=32",
-                                                   "model.text.cache_states=false", "model.text.freeze_body=false"])
-    text = TextSide(vocab=build_vocab(["a picture"], min_count=1), tokenizer=None, body=None)
-    net = build_model(cfg, text).eval().to(device)
-    model = RetrievalModel(run_dir=out, checkpoint="random", config=cfg, net=net, text=text, device=device,
-                           fingerprint="gpu-check", recipe=None)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_retrieval import demo_tower
+
+    cwd = Path.cwd()
+    os.chdir(REPO)  # demo_tower reads recipes/demo.yaml from the repository root
+    try:
+        model = demo_tower(None)
+    finally:
+        os.chdir(cwd)
+    model.net.to(device)
+    model.device = device
     rng = np.random.default_rng(0)
     n = s["embed_sets"]
-    store = write_store(out / "embed_store.h5", ((str(i), rng.standard_normal((49, 1280), dtype=np.float32).clip(0, 6))
-                                                 for i in range(n)), [], [], feat_dim=1280, dtype="float16")
+    sets = ((str(i), rng.standard_normal((49, 1280), dtype=np.float32).clip(0, 6)) for i in range(n))
+    store = write_store(out / "embed_store.h5", sets, [], [], feat_dim=1280, dtype="float16")
     sync(device)
     t0 = time.perf_counter()
     vsectl.embed(model, out / "embed_out", features=store)

@@ -95,7 +95,7 @@ def padded_block(rows: np.ndarray, lengths: np.ndarray, feat_dim: int) -> tuple[
 
 def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
                     progress: Progress) -> None:
-    from vsectl.data.sources import H5Features
+    from vsectl.data.features import H5Features
 
     features = H5Features(source.store)
     n = len(source.items)
