@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,6 +158,19 @@ class LoadMeter:
         own_s = _own_cpu_s() - self.own0
         return {"wall_s": wall, "busy_cores": busy_s / max(wall, 1e-9), "own_cores": own_s / max(wall, 1e-9),
                 "others_cores": max(busy_s - own_s, 0.0) / max(wall, 1e-9)}
+
+
+def begin(threads: int) -> tuple[tuple[float, float, float], LoadMeter, dict[str, Any], float]:
+    """Start a benchmark run: torch threads (0 keeps torch's default), the machine on stderr.
+
+    Returns:
+        the load average before, a LoadMeter started now, the machine's description and the start time.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    load_before, meter, m = os.getloadavg(), LoadMeter(), machine()
+    print(describe(m), file=sys.stderr)
+    return load_before, meter, m, time.perf_counter()
 
 
 def others_busy_cores(seconds: float = 10.0) -> float:

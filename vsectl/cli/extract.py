@@ -23,6 +23,8 @@ def extract_cli(
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes")] = 2,
     precision: Annotated[str, typer.Option(help="fp32 | bf16 (| fp16 on CUDA)")] = "fp32",
     channels_last: Annotated[bool, typer.Option(help="NHWC memory layout for the convolutions")] = True,
+    engine: Annotated[str, typer.Option(help="auto (the fastest measured here whose features agree with eager) | "
+                                             "eager | onnx | compile")] = "auto",
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="Stored feature dtype: float16 | float32")] = "float16",
     shard_size: Annotated[int, typer.Option(help="Images per resumable shard")] = 512,
@@ -44,7 +46,7 @@ def extract_cli(
         paths = run_guarded(
             extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
             precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
-            limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
+            limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling, engine=engine,
         )
     except KeyboardInterrupt:
         interrupted(interrupted_extract_line(out))

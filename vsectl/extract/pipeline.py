@@ -19,6 +19,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset
 from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES
 from vsectl.errors import ConfigError, DataError
+from vsectl.extract.engines import check_engine, choose_engine
 from vsectl.extract.images import DEFAULT_CHANNELS_LAST
 from vsectl.extract.provenance import split_provenance
 from vsectl.extract.shards import (
@@ -79,6 +80,7 @@ def extract_split(
     progress: Progress | None = None,
     wait_timeout_s: float | None = None,
     video: VideoSampling | VideoFileSampling | None = None,
+    engine: str = "auto",
 ) -> Path | None:
     """Extract one split of a raw dataset to a store file, resuming from finished shards.
 
@@ -96,6 +98,9 @@ def extract_split(
         wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
         video: each dataset entry is a folder of frame images (`VideoSampling`) or a video file
             (`VideoFileSampling`), sampled and pooled as this says (None: images).
+        engine: how the backbone runs (`vsectl.extract.engines`): "auto" measures the candidates here and keeps the
+            fastest whose features agree with "eager" (today's torch path); recorded in the attrs, not in the
+            fingerprint, since every engine gives the same features within `engines.TOLERANCE`.
 
     Returns:
         `out_path` on rank 0; None on other ranks (rank 0 merges).
@@ -123,13 +128,18 @@ def extract_split(
         log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
                  dist.rank)
         start = time.perf_counter()
+        n_todo = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+        frames_each = (video.frames or video.max_frames or 1) if isinstance(video, VideoFileSampling) else 1
+        choice = choose_engine(backbone, engine=engine, device=device, precision=precision,
+                               channels_last=channels_last, n_images=n_todo * frames_each)
+        attrs = {**attrs, **choice.describe()}  # what ran is recorded; the fingerprint stays as it was
         write = write_video_shards if isinstance(video, VideoFileSampling) else write_shards
         write(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
               workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
-              progress=progress, description=f"extract {split}", video=video)
-        n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+              progress=progress, description=f"extract {split}", video=video, engine=choice)
         seconds = time.perf_counter() - start
-        log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
+        log.info("split %s: %d images in %.1f s (%.1f images/s, %s engine)", split, n_todo, seconds,
+                 n_todo / max(seconds, 1e-9), choice.engine.name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if dist.rank != 0:
@@ -174,6 +184,7 @@ def extract(
     limit: int | None = None,
     progress: Progress | None = None,
     video: VideoSampling | VideoFileSampling | None = None,
+    engine: str = "auto",
 ) -> list[Path]:
     """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
 
@@ -187,6 +198,7 @@ def extract(
         progress: progress reporting.
         video: treat each entry as a video's folder of frame images (`VideoSampling`) or as a video file
             (`VideoFileSampling`); None for images.
+        engine: "auto", "eager", "onnx" or "compile"; see `extract_split`.
 
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
@@ -207,6 +219,7 @@ def extract(
     if dev.type == "cuda" and dist.world_size > 1 and dev.index is None:
         dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun process
     Precision(precision, dev)  # validate before any work
+    check_engine(engine, dev, precision)
     if precision == "bf16" and dev.type == "cpu" and not cpu_bf16_units():  # the one CPU probe training uses too
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
     raw = load_raw_dataset(data)
@@ -224,7 +237,7 @@ def extract(
             continue
         result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
                                precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
-                               limit=limit, dist=dist, progress=progress, video=video)
+                               limit=limit, dist=dist, progress=progress, video=video, engine=engine)
         if result is not None:
             written.append(result)
     return written

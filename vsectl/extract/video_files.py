@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsectl.data.images import normalize
 from vsectl.data.store import StoreWriter
 from vsectl.data.video_files import MODALITY, FrameSampling, UnreadableVideo, probe, read_frames, sample_indices
 from vsectl.errors import ConfigError
+from vsectl.extract.engines import Choice, Engine, choose_engine
 from vsectl.extract.video import FRAME_POOLS
 from vsectl.models.backbones import Backbone
-from vsectl.runtime import NullProgress, Precision, Progress, loader_workers
+from vsectl.runtime import NullProgress, Progress, loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,8 @@ class VideoChunks(torch.utils.data.IterableDataset):
 class _FrameBatcher:
     """Frames of several videos gathered into backbone batches; each frame's features go back to its video."""
 
-    def __init__(self, backbone: Backbone, device: torch.device, precision: str, channels_last: bool,
-                 frame_pool: str) -> None:
-        self.backbone, self.device, self.prec = backbone, device, Precision(precision, device)
-        self.channels_last, self.frame_pool = channels_last, frame_pool
+    def __init__(self, engine: Engine, frame_pool: str) -> None:
+        self.engine, self.frame_pool = engine, frame_pool
         self.frames: list[torch.Tensor] = []
         self.owners: list[int] = []
         self.sets: dict[int, list[np.ndarray]] = {}
@@ -142,12 +140,7 @@ class _FrameBatcher:
     def flush(self) -> None:
         if not self.owners:
             return
-        x = normalize(torch.cat(self.frames).to(self.device), self.backbone.mean, self.backbone.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.prec.autocast():
-            out = self.backbone(x)  # (b, N, C)
-        feats = out.float().cpu().numpy()
+        feats = self.engine.run(torch.cat(self.frames))  # (b, N, C), the engine image extraction chose
         if self.frame_pool != "none":
             feats = (feats.mean if self.frame_pool == "mean" else feats.max)(axis=1, keepdims=True)  # (b, 1, C)
         for pos, f in zip(self.owners, feats, strict=True):
@@ -182,6 +175,7 @@ def extract_videos(
     precision: str = "fp32",
     channels_last: bool = True,
     progress: Progress | None = None,
+    engine: str | Choice = "eager",
 ) -> Iterator[tuple[int, np.ndarray | None, str, dict[str, Any]]]:
     """Decode, sample and run a backbone over video files; yield one frame-feature set per file, in input order.
 
@@ -193,6 +187,7 @@ def extract_videos(
         workers: DataLoader worker processes decoding videos (0: decode in this process).
         device, precision, channels_last: see `extract_images`.
         progress: receives `update(frames_per_s=..., videos_per_s=...)`.
+        engine: how the backbone runs: an engine name or a `Choice` made for the whole job (`vsectl.extract.engines`).
 
     Yields:
         (index into `paths`, (T, C) float32 set or None when the file could not be used, the one-line reason when
@@ -200,10 +195,12 @@ def extract_videos(
     """
     device = torch.device(device) if isinstance(device, str) else device
     progress = progress or NullProgress()
-    backbone.to(device=device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    choice = engine if isinstance(engine, Choice) else choose_engine(
+        backbone, engine=engine, device=device, precision=precision, channels_last=channels_last,
+        n_images=len(paths) * (video.frames or video.max_frames or 1))
     loader = torch.utils.data.DataLoader(VideoChunks(paths, video.sampling(), backbone.size, batch_size),
                                          batch_size=None, num_workers=loader_workers(workers))
-    batcher = _FrameBatcher(backbone, device, precision, channels_last, video.frame_pool)
+    batcher = _FrameBatcher(choice.engine, video.frame_pool)
     closed: dict[int, tuple[str, dict[str, Any]]] = {}  # videos whose last chunk came, waiting for the backbone
     ready: dict[int, tuple[np.ndarray | None, str, dict[str, Any]]] = {}
     started = last_log = time.perf_counter()
@@ -270,6 +267,7 @@ def write_video_shards(
     progress: Progress,
     description: str = "extract",
     video: VideoFileSampling,
+    engine: str | Choice = "eager",
 ) -> None:
     """`write_shards` for video files: each shard of `shard_size` videos to its own store file, atomically, in order.
 
@@ -282,7 +280,7 @@ def write_video_shards(
     paths = [images[i]["path"] for s in shards for i in range(*spans[s])]
     stream = iter(progress.track(
         extract_videos(backbone, paths, video, batch_size=batch_size, workers=workers, device=device,
-                       precision=precision, channels_last=channels_last, progress=progress),
+                       precision=precision, channels_last=channels_last, progress=progress, engine=engine),
         total=len(paths), description=description,
     ))
     try:

@@ -146,10 +146,14 @@ class RetrievalModel:
                 if s.ndim != 2 or s.shape[1] != self.feat_dim or s.shape[0] == 0:
                     raise DataError(f"a feature set has shape {tuple(s.shape)}; this run takes (n ≥ 1, "
                                     f"{self.feat_dim}) sets")
-            feats, lengths = _pad_sets(chunk)
-            emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
-            out.append(emb.float().cpu().numpy())
+            out.append(self.encode_padded(*_pad_sets(chunk)))
         return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_padded(self, feats: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        """Embed one batch of padded feature sets: (B, K, D) float32 (rows past each length zero), (B,) → (B, E)."""
+        emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
+        return emb.float().cpu().numpy()
 
     @property
     def end_to_end(self) -> bool:
@@ -222,8 +226,10 @@ class RetrievalModel:
                        = None, progress: Any = None) -> Iterator[tuple[int, np.ndarray | None, str]]:
         """Run the replayed backbone over image files: yields (index, (N, C) float32 set or None, reason if None).
 
-        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored. For an
-        end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
+        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored (within the
+        extraction engines' tolerance, `vsectl.extract.engines.TOLERANCE`, when `auto` picks another engine than the
+        store was made with). For an end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for
+        `encode_items` instead.
         """
         if self.end_to_end:
             yield from self._pixels(paths, workers, batches, progress)
