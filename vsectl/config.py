@@ -16,6 +16,7 @@ import yaml
 
 from vsectl.errors import ConfigError
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
+from vsectl.recipe_yaml import check_name, check_values, load_yaml_file, load_yaml_text, shown
 from vsectl.registry import did_you_mean
 
 
@@ -144,11 +145,14 @@ LENGTH_KEYS = ("train.epochs", "train.steps")  # exactly one gives a run its len
 def check(cfg: RunConfig) -> None:
     """Validate cross-field constraints; raise ConfigError naming the dotted key."""
     flat = to_dict(cfg)
+    check_name(cfg.name)  # the run's folder name
+    check_values(flatten(flat))
     for key, allowed in CHOICES.items():
         value = _lookup(flat, key)
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
+    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "model.image.mlp_hidden",
+                "model.text.word_dim", "train.log_every"]
     for key in positive:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
@@ -222,7 +226,7 @@ _MISSING = object()
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -230,10 +234,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -243,19 +247,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if value is None:
             return ""
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
 
@@ -266,7 +270,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     """
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {shown(data)}")
     if cls is PoolOptions:
         return _pool_from_dict(data, prefix)
     hints = typing.get_type_hints(cls)
@@ -399,10 +403,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (pass a YAML file, e.g. recipes/tiny.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = load_yaml_file(path)
         if data is None:  # an empty file is a mistake, not a request for every default (a 2048-d region model)
             raise ConfigError(f"recipe {path} is empty; start from one in recipes/, e.g. recipes/tiny.yaml")
         if not isinstance(data, dict):
@@ -416,10 +417,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 def config_from_yaml(text: str) -> RunConfig:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = load_yaml_text(text, "config") or {}
     return from_dict(RunConfig, _drop_legacy_pool_keys(data))
 
 

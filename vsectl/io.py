@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -47,6 +48,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         publish(tmp_path, path)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -65,5 +70,22 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True) -> str:
     """Write `obj` as JSON (a newline after indented JSON) atomically; return the sha256 of the bytes written."""
-    text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=ensure_ascii)
+    text = json_text(obj, indent=indent, ensure_ascii=ensure_ascii)
     return atomic_write_bytes(path, (text + "\n" if indent is not None else text).encode("utf-8"))
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that never writes NaN or Infinity, which are not JSON (browsers and `jq` reject them): a
+    non-finite number becomes null."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)

@@ -30,6 +30,7 @@ from vsectl.models.gpo import sort_features
 from vsectl.models.pooling import create_pooler
 from vsectl.pool_options import options_class
 from vsectl.recipe_files import recipe_dir
+from vsectl.recipe_yaml import load_yaml_file
 from vsectl.runtime import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def load_patterns_config(path: str | Path | None = None, overrides: list[str] | 
     path = Path(path) if path is not None else RECIPES / "default.yaml"
     if not path.is_file():
         raise ConfigError(f"patterns recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path, "patterns recipe") or {}
     return from_dict(PatternsConfig, apply_overrides(data, overrides or []))
 
 

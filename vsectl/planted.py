@@ -26,6 +26,7 @@ from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.patterns import pattern_weights
 from vsectl.planted_data import MANIFEST, PlantedSplit, make_planted_data
+from vsectl.recipe_yaml import load_yaml_file
 from vsectl.runtime import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def load_bench_config(path: str | Path | None = None, overrides: list[str] | Non
     path = Path(path) if path is not None else RECIPES / "default.yaml"
     if not path.is_file():
         raise ConfigError(f"bench-pooling recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path, "bench-pooling recipe") or {}
     return from_dict(BenchConfig, apply_overrides(data, overrides or []))
 
 

@@ -8,6 +8,7 @@ fixed order of RNG use (what makes `--resume` bit-exact), which is easiest to ke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -24,6 +25,8 @@ import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
 from vsectl.checkpoint import (
     FROZEN_KEY,
+    RNG_FILE,
+    check_trainer_state,
     load_checkpoint,
     load_model_state,
     recover,
@@ -41,6 +44,7 @@ from vsectl.data.text_input import TextInput, text_input_for
 from vsectl.errors import CheckpointError, DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
+from vsectl.locks import folder_lock
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
 from vsectl.models.rnn import set_rnn_path
@@ -52,6 +56,7 @@ from vsectl.runtime import (
     NullProgress,
     Precision,
     Progress,
+    distributed_from_env,
     env_info,
     gather_with_grad,
     init_distributed,
@@ -248,7 +253,11 @@ def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
     load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["rng"] is not None:
         restore_rng(*ckpt["rng"])
+    elif "rng" in ckpt["trainer_state"]:  # recorded but the file is gone: resuming works, repeating exactly does not
+        log.warning("%s has no %s: the run resumes with fresh random state, so it will not repeat an uninterrupted "
+                    "run exactly (data order, augmentation, dropout)", last, RNG_FILE)
     state = ckpt["trainer_state"]
+    check_trainer_state(last, state)
     metrics.truncate_after(state["global_step"])
     return state
 
@@ -448,10 +457,12 @@ def train(
     Returns:
         the run directory.
     """
-    run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
-    try:
-        restore_run(run, resume)
-        return run.run_dir if is_complete(run) else fit(run)
-    finally:
-        if run.dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # one writer per run folder: a second train (or --resume) of it is refused, naming this one (main rank only)
+    with folder_lock(Path(out_root) / cfg.name) if distributed_from_env().is_main else contextlib.nullcontext():
+        run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
+        try:
+            restore_run(run, resume)
+            return run.run_dir if is_complete(run) else fit(run)
+        finally:
+            if run.dist.enabled and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

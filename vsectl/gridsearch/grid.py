@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vsectl.config import RunConfig, apply_overrides, from_dict, to_dict
 from vsectl.errors import ConfigError
+from vsectl.recipe_yaml import load_yaml_file
 from vsectl.registry import did_you_mean
 
 BRANCHES = ("image", "text", "both")
@@ -107,7 +106,7 @@ def load_grid(path: str | Path) -> GridSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"grid file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml_file(path, "grid file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"grid file {path} must be a mapping with keys pool, k, branch, seeds, gpo")
     known = ("pool", "k", "branch", "seeds", "gpo")
