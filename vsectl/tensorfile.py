@@ -56,8 +56,13 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str | Path, metadata: 
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % ALIGN)
-    with open(filename, "wb") as fh:
-        fh.write(struct.pack("<Q", len(text)))
-        fh.write(text)
-        for name in order:
-            fh.write(_raw(tensors[name]))
+    try:
+        with open(filename, "wb") as fh:
+            fh.write(struct.pack("<Q", len(text)))
+            fh.write(text)
+            for name in order:
+                fh.write(_raw(tensors[name]))
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: name this one
+            raise OSError(e.errno, e.strerror, str(filename)) from None
+        raise

@@ -42,6 +42,7 @@ SOURCES = Path(__file__).parent
 BUILD_TIMEOUT_S = 120
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _status: dict[str, str] = {}
+_open_fds: list[int] = []  # descriptors of the loaded libraries (see `load`)
 
 
 def cache_dir() -> Path:
@@ -97,6 +98,8 @@ def _compiler_version(cc: list[str], timeout: float = 30) -> str:
         done = _run([*cc, "--version"], timeout)
     except OSError:
         return "unknown"
+    except subprocess.TimeoutExpired:  # a compiler that hangs here hangs on the build too
+        raise RuntimeError(f"{Path(cc[0]).name} --version ran longer than {timeout:g} s and was stopped") from None
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
@@ -298,9 +301,10 @@ def load(name: str) -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(path)
                 _status[name] = "native"
+                _open_fds.append(fd)  # kept open: the loader knows the library by this /proc/self/fd name, which a
+                # closed and reused descriptor would give to another library
             except OSError as exc:  # built but not loadable (e.g. a noexec mount)
                 _status[name] = f"load failed ({exc})"
-            finally:
                 os.close(fd)
     _loaded[name] = lib
     return lib

@@ -170,6 +170,8 @@ class Embeddings:
 def _check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
     for key, kind in META_FIELDS.items():
         value = meta.get(key)
+        if key not in meta:
+            raise DataError(f"{meta_path}: {key} is missing; {AGAIN}")
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             raise DataError(f"{meta_path}: {key} is {str(value)[:40]!r}, not a valid {kind.__name__}; {AGAIN}")
     if meta["embed_dim"] < 1:

@@ -256,14 +256,14 @@ def _check_index_meta(path: Path, meta: dict[str, Any]) -> None:
         return DataError(f"{path / INDEX_META} is damaged ({what}); rebuild the index with `vsectl index`")
 
     if meta.get("side") not in SIDES:
-        raise bad(f"side is {meta.get('side')!r}")
+        raise bad("side is missing" if "side" not in meta else f"side is {str(meta['side'])[:40]!r}")
     params, built = meta.get("params"), meta.get("embeddings")
     if not isinstance(params, dict):
         raise bad("no params")
     for key, (low, high) in INDEX_PARAMS[meta["kind"]].items():
         value = params.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise bad(f"params.{key} is {str(value)[:40]!r}")
+            raise bad(f"params.{key} is missing" if key not in params else f"params.{key} is {str(value)[:40]!r}")
     if not isinstance(built, dict):
         raise bad("no record of its embeddings")
     for key, kind in IDENTITY_KEYS.items():
