@@ -225,6 +225,22 @@ def test_an_index_swap_cut_short_loses_neither_index(clipart_run, tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "E").iterdir() if p.name.startswith(".")) == []
 
 
+def test_temporary_folders_of_killed_index_builds_are_removed_by_the_next(clipart_run, tmp_path):
+    from vsectl.retrieval import build_index, embed
+
+    emb = embed(clipart_run["run"], tmp_path / "E", features=clipart_run["feats"] / "test.h5", device="cpu")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    left = [emb / f".index-ivf-images.{pid}.tmp", emb / f".index-ivf-images.vsectl-tmp-{pid}-0badcafe"]
+    for folder in left:  # what a SIGKILL during `index --kind ivf` leaves (the first name: earlier versions)
+        folder.mkdir()
+        (folder / "index.faiss").write_bytes(b"half")
+    mine = emb / ".index-ivf-images.notes"  # a user's folder of a similar name is not vsectl's
+    mine.mkdir()
+    build_index(emb, kind="ivf")
+    assert sorted(p.name for p in emb.iterdir() if p.name.startswith(".")) == [mine.name]
+
+
 # ------------------------------------------------------------------------------------------------ embed's .partial
 
 

@@ -299,8 +299,9 @@ def check_trainer_state(path: Path, state: Any) -> None:
     for key, kind in TRAINER_STATE_KEYS.items():
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < LOWEST.get(key, 0)):
-            raise CheckpointError(f"{path / STATE_FILE} is damaged ({key} is {str(value)[:40]!r}); resume from "
-                                  "another checkpoint or start the run again")
+            what = f"{key} is missing" if key not in state else f"{key} is {str(value)[:40]!r}"
+            raise CheckpointError(f"{path / STATE_FILE} is damaged ({what}); resume from another checkpoint or "
+                                  "start the run again")
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -103,8 +103,14 @@ def recover(out: Path, legacy: Legacy | None = None) -> None:
         _remove_entries(old, owned_entries(old, legacy))
         with contextlib.suppress(OSError):
             old.rmdir()
-    for tmp in _siblings(out, TMP_TAG):
-        if not _alive(_pid_of(tmp.name)):
+    legacy_tmp = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.tmp")  # what vsectl 0.1 named them
+    try:
+        older = [p for p in out.parent.iterdir() if legacy_tmp.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    except FileNotFoundError:
+        older = []
+    for tmp in _siblings(out, TMP_TAG) + older:
+        pid = int(legacy_tmp.fullmatch(tmp.name).group(1)) if legacy_tmp.fullmatch(tmp.name) else _pid_of(tmp.name)
+        if not _alive(pid):
             log.info("removing %s, left by an interrupted write", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -175,7 +175,9 @@ def folder_lock(folder: str | Path, command: str | None = None) -> Iterator[Path
             _held[key] -= 1
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = _holder_record(command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500])
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    program = "vsectl" if program in ("__main__.py", "vsectl") else program  # `python -m vsectl` runs __main__.py
+    record = _holder_record(command or " ".join([program, *sys.argv[1:]])[:500])
     fd = _flock(path, folder, record)
     if fd is None:
         fd = _exclusive_file(path, folder, record)

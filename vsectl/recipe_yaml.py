@@ -116,10 +116,12 @@ def check_values(flat: dict[str, Any]) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
         if isinstance(value, int):
-            high = MAX_SEED if key == "seed" else MAX_WIDTH if key.startswith("model.") else MAX_INT
-            if abs(value) > high or (key == "seed" and value < 0):
-                raise ConfigError(f"{key} = {value} is out of range; it must lie within "
-                                  f"{0 if key == 'seed' else -high}..{high}")
+            if key == "seed" and not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"seed = {value} is out of range; a seed lies within 0..{MAX_SEED}")
+            if key.startswith("model.") and abs(value) > MAX_WIDTH:
+                raise ConfigError(f"{key} = {value} is too large; a size in the model is at most {MAX_WIDTH}")
+            if abs(value) > MAX_INT:
+                raise ConfigError(f"{key} = {value} is out of range; it must lie within ±{MAX_INT}")
         if isinstance(value, str) and len(value) > MAX_STRING:
             raise ConfigError(f"{key} is {len(value):,} characters long; a value is at most {MAX_STRING}")
     for key in POSITIVE_FLOATS:

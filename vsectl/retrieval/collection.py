@@ -369,6 +369,10 @@ def embed_unlocked(
     except DataError:
         shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
         raise
+    except OSError as e:  # a full disk: the shards stay for the rerun; say where it was writing
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(partial)) from None
+        raise
     shutil.rmtree(shards)
     (partial / MANIFEST).unlink()
     (partial / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies

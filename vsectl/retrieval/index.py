@@ -278,7 +278,8 @@ def _read_faiss(path: Path, rebuild: str) -> Any:
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:
-        reason = str(err).split("failed:", 1)[-1].strip().splitlines()[0][:160] if str(err) else "unreadable"
+        said = str(err).split("failed:", 1)[-1].strip().splitlines()[0][:160] if str(err) else ""
+        reason = "it is cut short or not a faiss file" if "read error" in said or not said else said
         raise DataError(f"{path} is not a readable faiss index ({reason}); {rebuild}") from None
 
 

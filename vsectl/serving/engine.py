@@ -127,7 +127,8 @@ class SearchEngine:
         """One text encode and one scan, so the first user's query does not pay for imports and cold pages."""
         vector = self.model.encode_text(["warm up"])[0]
         for side in SIDES:
-            if self.emb.size(side) and getattr(self.target, "side", side) == side:  # an index covers one side
+            covered = getattr(self.target, "side", side)  # an index covers one side (Embeddings.side is a method)
+            if self.emb.size(side) and (not isinstance(covered, str) or covered == side):
                 self.batcher.submit(vector, 1, side)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
