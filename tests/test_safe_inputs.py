@@ -100,7 +100,7 @@ def test_a_recipe_value_out_of_bounds_is_one_line(override: str, expect: str, tm
 def test_saved_configs_and_other_yaml_files_go_through_the_same_bounds(tmp_path: Path) -> None:
     from vsectl.config import config_from_yaml
     from vsectl.errors import ConfigError
-    from vsectl.gridsearch.grid import load_grid
+    from vsectl.science.gridsearch.grid import load_grid
 
     with pytest.raises(ConfigError, match="expands to more than"):
         config_from_yaml(laughs(7))

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 EMBEDDINGS_FORMAT = "vsectl-embeddings"
 EMBEDDINGS_VERSION = 1
@@ -40,15 +41,6 @@ MAX_RECORD_BYTES = 1 << 20  # one line of images.jsonl / captions.jsonl; longer 
 META_FIELDS = {"n_images": int, "n_captions": int, "embed_dim": int, "fingerprint": str, "images_sha256": str,
                "captions_sha256": str}
 AGAIN = "the folder is damaged: embed it again"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _map(path: Path) -> np.ndarray:

@@ -23,8 +23,9 @@ import numpy as np
 
 from vsectl.errors import ConfigError, DataError
 from vsectl.folders import staged_folder
+from vsectl.io import sha256_file
 from vsectl.locks import folder_lock
-from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings, sha256_file
+from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 
 log = logging.getLogger(__name__)
 
