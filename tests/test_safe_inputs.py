@@ -336,10 +336,10 @@ def test_checkpoint_files_are_the_same_bytes_whatever_the_process(tmp_path: Path
     code = ("import sys, torch; from vsectl.checkpoint import save_checkpoint; torch.manual_seed(0); "
             "save_checkpoint(sys.argv[1], {'w': torch.randn(3, 2), 'b': torch.zeros(2, dtype=torch.float16)}, "
             "{'epoch': 1}, {'config': 'a: 1', 'vsectl_version': '0', 'format': 'f', 'frozen': '{}'}, rng=False)")
-    for k in range(3):
+    for k in range(2):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / f"c{k}")], check=True,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
-    files = {(tmp_path / f"c{k}" / "model.safetensors").read_bytes() for k in range(3)}
+    files = {(tmp_path / f"c{k}" / "model.safetensors").read_bytes() for k in range(2)}
     assert len(files) == 1
 
 
