@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vsectl.errors import CheckpointError
 from vsectl.io import atomic_path, sha256_file, umask_mode
+from vsectl.tensorfile import save_file  # same tensors and metadata → same bytes (safetensors' own order varies)
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -259,6 +260,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         rng = None
         if "rng" in state and (path / RNG_FILE).is_file():
             rng = (load_file(str(path / RNG_FILE)), state["rng"])
+        check_finite_weights(path, model)
     except CheckpointError:
         raise
     except (OSError, ValueError, json.JSONDecodeError) as err:
@@ -266,6 +268,31 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except Exception as err:  # safetensors' SafetensorError for truncated files
         raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
     return {"model": model, "trainer_state": state, "optimizer": optimizer, "rng": rng}
+
+
+def check_finite_weights(where: Path | str, state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf: a model with them ranks nothing, and training from them cannot recover."""
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise CheckpointError(f"{where}: weight {key} holds NaN or inf values; this checkpoint cannot be used "
+                                  "(resume from or evaluate another one)")
+
+
+TRAINER_STATE_KEYS = {"epoch": int, "global_step": int, "best_rsum": (int, float), "best_epoch": int}
+LOWEST = {"best_epoch": -1}  # -1: no epoch was best yet; the other counts start at 0
+
+
+def check_trainer_state(path: Path, state: Any) -> None:
+    """The fields a resume reads from trainer_state.json, present and of their types (else one line, not a KeyError)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} is damaged (not a JSON object); resume from another checkpoint "
+                              "or start the run again")
+    for key, kind in TRAINER_STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < LOWEST.get(key, 0)):
+            what = f"{key} is missing" if key not in state else f"{key} is {str(value)[:40]!r}"
+            raise CheckpointError(f"{path / STATE_FILE} is damaged ({what}); resume from another checkpoint or "
+                                  "start the run again")
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

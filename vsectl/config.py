@@ -14,6 +14,7 @@ import yaml
 from vsectl.errors import ConfigError
 from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
+from vsectl.recipe_yaml import check_name, check_values, load_yaml_file, load_yaml_text
 from vsectl.strict import from_dict, to_dict
 
 
@@ -138,11 +139,14 @@ LENGTH_KEYS = ("train.epochs", "train.steps")  # exactly one gives a run its len
 def check(cfg: RunConfig) -> None:
     """Validate cross-field constraints; raise ConfigError naming the dotted key."""
     flat = to_dict(cfg)
+    check_name(cfg.name)  # the run's folder name
+    check_values(flatten(flat))
     for key, allowed in CHOICES.items():
         value = _lookup(flat, key)
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
-    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
+    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "model.image.mlp_hidden",
+                "model.text.word_dim", "train.log_every"]
     for key in positive:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
@@ -289,10 +293,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (pass a YAML file, e.g. recipes/tiny.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = load_yaml_file(path)
         if data is None:  # an empty file is a mistake, not a request for every default (a 2048-d region model)
             raise ConfigError(f"recipe {path} is empty; start from one in recipes/, e.g. recipes/tiny.yaml")
         if not isinstance(data, dict):
@@ -306,10 +307,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 def config_from_yaml(text: str) -> RunConfig:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = load_yaml_text(text, "config") or {}
     return from_dict(RunConfig, _drop_legacy_pool_keys(data))
 
 

@@ -149,9 +149,12 @@ def check_evaluable(data: Split, where: str, protocol: str, chosen: list[Protoco
 
 
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
-                fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE) -> Path:
-    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>`, a tie rule `-<rule>`."""
+                fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE, checkpoint: str = "best") -> Path:
+    """`eval/<protocol>-<split>.json` of the best checkpoint on the run's own data; the last checkpoint adds `-last`,
+    other data `-<fingerprint>`, a tie rule `-<rule>`."""
     name = f"{'ensemble_' if ensemble else ''}{protocol}-{split}"
+    if checkpoint != "best":
+        name += f"-{checkpoint}"
     if tie_rule != DEFAULT_TIE_RULE:
         name += f"-{tie_rule}"
     if fingerprint:
@@ -167,7 +170,8 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
     """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
     protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
         result["tie_rule"]
-    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule)
+    which = result.get("checkpoint", "best")
+    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule, which)
     if own_data and out.is_file():
         try:
             old = json.loads(out.read_text())
@@ -175,7 +179,7 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
             old = {}
         old_print = old.get("data_fingerprint")
         if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
-            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule)
+            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
             os.replace(out, kept)
             log.warning("the data under %s changed since %s was written; the old result is kept as %s",
                         result["data_root"], out, kept)

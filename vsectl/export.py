@@ -7,10 +7,9 @@ vocabulary or the transformers tokenizer) and `export.json`, which describes the
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError, VsectlError
+from vsectl.folders import check_target, staged_folder
+from vsectl.locks import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -101,32 +102,33 @@ def _copy_text_files(run_dir: Path, tmp: Path) -> dict[str, str]:
     return {"kind": "tokenizer", "path": TEXT_MODEL_DIR}
 
 
-def _prepare_out(out: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier export; return a private temporary folder beside `out`."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ConfigError(f"{out} exists and is not an ONNX export folder; choose a new or empty --out folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the export follows the user's umask like any other output
-    return tmp
+OUT_HINT = "choose a new or empty --out folder, or pass --force to replace only the export's own files and keep " \
+           "the others"
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def _earlier_export(folder: Path) -> set[str]:
+    """The entries of an export written before vsectl listed them (`.vsectl-owned.json`): what its manifest names."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS or "vsectl" not in manifest:
+        return set()
+    named = {MANIFEST}
+    for part in manifest.values():
+        if isinstance(part, dict):
+            named |= {str(part[k]) for k in ("file", "path") if isinstance(part.get(k), str)}
+    return {name for name in named if name and "/" not in name and name not in (".", "..")}
 
 
-def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best", seed: int = 0) -> dict[str, Any]:
+def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best", seed: int = 0,
+                force: bool = False) -> dict[str, Any]:
     """Write the image and text towers of `run` as ONNX files into `out` and check them with onnxruntime.
 
     Args:
         run: run directory or checkpoint folder.
         out: output folder (new, empty, or an earlier export, which is replaced whole).
+        force: write into a folder that holds other files too: the export's files are replaced, the others kept.
         fmt: the export format; only "onnx".
         which: "best" or "last" checkpoint.
         seed: seed of the random parity inputs.
@@ -143,6 +145,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
     from vsectl.models.exportable import ImageTower, TextTower
 
     out = Path(out)
+    check_target(out, OUT_HINT, _earlier_export, force)  # before the model loads; checked again under the lock
     run_dir, ckpt = resolve_checkpoint(Path(run), which)
     cfg, model, text = load_run(Path(run), which=which, device="cpu")
     towers = {"image": ImageTower(model.image).eval(), "text": TextTower(model.text).eval()}
@@ -158,8 +161,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
 
     specs = {"image": (("features", "lengths"), "set_size", image_input, CHECK_SET_SIZES),
              "text": (("tokens", "lengths"), "length", text_input, CHECK_TEXT_LENGTHS)}
-    tmp = _prepare_out(out)
-    try:
+    with folder_lock(out), staged_folder(out, OUT_HINT, legacy=_earlier_export, force=force) as tmp:
         parity: dict[str, float] = {}
         gen = torch.Generator().manual_seed(seed)
         for name, (names, axis, make_input, sizes) in specs.items():
@@ -186,9 +188,5 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
                        "text_lengths": list(CHECK_TEXT_LENGTHS), "seed": seed},
         }
         atomic_write_json(tmp / MANIFEST, manifest, indent=2, ensure_ascii=False, newline=False)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest["out"] = str(out)
     return manifest

@@ -6,6 +6,23 @@ import logging
 from typing import Any
 
 
+class LineHandler(logging.Handler):
+    """One plain line per record ("WARNING  message"), for a stderr that is not a terminal (a log file, CI, a pipe):
+    rich would wrap each message at 80 columns there, cutting one warning into several lines."""
+
+    def __init__(self, console: Any) -> None:
+        super().__init__()
+        self.console = console
+        self.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.file.write(self.format(record) + "\n")
+            self.console.file.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = None) -> None:
     """Install one rich handler on stderr. Called once, by the CLI.
 
@@ -17,7 +34,9 @@ def setup_logging(verbose: bool = False, quiet: bool = False, console: Any = Non
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=console or Console(stderr=True), show_path=False, show_time=False, markup=False)
+    console = console or Console(stderr=True)
+    handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False) \
+        if console.is_terminal else LineHandler(console)
     root = logging.getLogger("vsectl")
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -4,16 +4,28 @@ checkpoint a resume starts from."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vsectl.checkpoint import STATE_FILE, load_checkpoint, load_model_state, recover, remove_partial, restore_rng
+from vsectl.checkpoint import (
+    RNG_FILE,
+    STATE_FILE,
+    check_trainer_state,
+    load_checkpoint,
+    load_model_state,
+    recover,
+    remove_partial,
+    restore_rng,
+)
 from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
 from vsectl.optim import load_optimizer_state
+
+log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = {"train.epochs", "train.steps"}  # what a resumed run may change: extending training is safe
 
@@ -99,6 +111,10 @@ def restore_checkpoint(last: Path, model: torch.nn.Module, optimizer: torch.opti
     load_optimizer_state(optimizer, ckpt["optimizer"])
     if ckpt["rng"] is not None:
         restore_rng(*ckpt["rng"])
+    elif "rng" in ckpt["trainer_state"]:  # recorded but the file is gone: resuming works, repeating exactly does not
+        log.warning("%s has no %s: the run resumes with fresh random state, so it will not repeat an uninterrupted "
+                    "run exactly (data order, augmentation, dropout)", last, RNG_FILE)
     state = ckpt["trainer_state"]
+    check_trainer_state(last, state)
     metrics.truncate_after(state["global_step"])
     return state

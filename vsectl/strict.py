@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from vsectl.errors import ConfigError
+from vsectl.recipe_yaml import shown  # a value in a message is cut short: never a 10 MB line
 from vsectl.registry import did_you_mean
 
 
@@ -24,7 +25,7 @@ def to_dict(cfg: Any) -> dict:
 def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {shown(value)}")
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -32,10 +33,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -45,19 +46,19 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if value is None:
             return ""
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {shown(value)}")
     raise TypeError(f"unsupported config field type {tp!r} at {key}")
 
 
@@ -68,7 +69,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     """
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {shown(data)}")
     if hasattr(cls, "from_mapping"):  # a polymorphic section (pool: its `name` picks the options class)
         return cls.from_mapping(data, prefix)
     hints = typing.get_type_hints(cls)

@@ -8,6 +8,7 @@ bit-exact); the resume helpers live in `run_dir.py`, the token-state caches in `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -36,6 +37,7 @@ from vsectl.errors import DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
 from vsectl.kinds import IMAGE_KINDS, ImageInput, TextInput, text_input_for
+from vsectl.locks import folder_lock
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
@@ -46,6 +48,7 @@ from vsectl.runtime import (
     NullProgress,
     Precision,
     Progress,
+    distributed_from_env,
     env_info,
     gather_with_grad,
     init_distributed,
@@ -377,10 +380,12 @@ def train(
     Returns:
         the run directory.
     """
-    run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
-    try:
-        restore_run(run, resume)
-        return run.run_dir if is_complete(run) else fit(run)
-    finally:
-        if run.dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # one writer per run folder: a second train (or --resume) of it is refused, naming this one (main rank only)
+    with folder_lock(Path(out_root) / cfg.name) if distributed_from_env().is_main else contextlib.nullcontext():
+        run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
+        try:
+            restore_run(run, resume)
+            return run.run_dir if is_complete(run) else fit(run)
+        finally:
+            if run.dist.enabled and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

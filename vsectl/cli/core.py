@@ -106,7 +106,8 @@ def eval_cli(
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
 ) -> None:
-    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json."""
+    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json
+    (<protocol>-<split>-last.json for --checkpoint last)."""
     from vsectl.evaluation import evaluate_runs
     from vsectl.runtime import resolve_device
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +9,7 @@ import typer
 from rich.table import Table
 
 from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, err, run_guarded
+from vsectl.io import json_text
 
 CheckpointOpt = Annotated[str, typer.Option(help="best | last")]
 
@@ -101,18 +101,21 @@ def search_cli(
     device: DeviceOpt = "auto",
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the hits")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash the embeddings against meta.json and check every "
+                                                          "row first")] = False,
 ) -> None:
     """Search a collection with text or image queries: a table (stderr), --json and --sheet (stdout)."""
     from vsectl.retrieval.query import search_collection
 
     side = "captions" if captions else "images"
     results = run_guarded(search_collection, target, list(queries or []), k=k, side=side, images=list(image or []),
-                          queries_file=from_file, run=run, checkpoint=checkpoint, device=device, sheet=sheet)
+                          queries_file=from_file, run=run, checkpoint=checkpoint, device=device, sheet=sheet,
+                          verify=verify)
     for result in results:
         err.print(results_table(result))
     if sheet is not None:
         err.print(f"wrote {sheet}", highlight=False)
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in results], indent=1, ensure_ascii=False))
+        typer.echo(json_text([r.to_dict() for r in results], indent=1, ensure_ascii=False))
     elif sheet is not None:
         typer.echo(str(sheet))

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.io import atomic_path, atomic_write_json
+from vsectl.io import atomic_path, atomic_write_json, json_text
+from vsectl.locks import folder_lock
 from vsectl.retrieval.embeddings import (
     EMBEDDINGS_FORMAT,
     EMBEDDINGS_VERSION,
@@ -238,20 +240,67 @@ def _check_store(model: Any, source: Source) -> None:
                           f"({model.recipe.backbone}, {model.recipe.input_size} px)")
 
 
+PARTIAL_FORMAT = "vsectl-embed-partial"
+SHARD_FILE = re.compile(r"(images|captions)-\d{5}\.(npy|json)|\.(images|captions)-\d{5}\.(npy|json)\.\w+\.tmp")
+MERGED = {"images.npy", "captions.npy", "cap2img.npy", "images.jsonl", "captions.jsonl", "images.offsets.npy",
+          "captions.offsets.npy", META}  # files a merge killed half-way leaves beside the shards
+
+
+def _partial_settings(partial: Path) -> dict[str, Any] | None:
+    """The settings of an unfinished embed in `partial`, or None for a new one; refuses a folder that is not one."""
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{partial} is not an unfinished embed of vsectl's ({why}); nothing in it was touched: "
+                           f"move it away or choose another --out")
+
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise refuse("not a folder")
+    if not partial.exists() or not any(partial.iterdir()):
+        return None
+    try:
+        manifest = json.loads((partial / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise refuse(f"no {MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise refuse(f"{MANIFEST} is not readable JSON: {str(e)[:80]}") from None
+    legacy = isinstance(manifest, dict) and set(manifest) == {"settings"}  # written before the format key
+    if not isinstance(manifest, dict) or not (legacy or manifest.get("format") == PARTIAL_FORMAT) \
+            or not isinstance(manifest.get("settings"), dict):
+        raise refuse(f"its {MANIFEST} is another program's")
+    foreign = sorted(p.name for p in partial.iterdir() if p.name not in MERGED | {MANIFEST, SHARDS})
+    shards = partial / SHARDS
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
+        foreign.append(SHARDS)
+    elif shards.is_dir():
+        foreign += [f"{SHARDS}/{p.name}" for p in sorted(shards.iterdir()) if not SHARD_FILE.fullmatch(p.name)]
+    if foreign:
+        raise refuse(f"it also holds {', '.join(foreign[:5])}")
+    return manifest["settings"]
+
+
 def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
-    manifest = partial / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8")).get("settings")
-        if old != settings:
-            log.warning("removing unfinished shards in %s made with other settings", partial)
-            shutil.rmtree(partial)
+    """The shard folder of `partial`: kept when its settings are these, emptied of vsectl's own files otherwise."""
+    old = _partial_settings(partial)
+    if old is not None and old != settings:
+        log.warning("removing unfinished shards in %s made with other settings", partial)
+        shards = partial / SHARDS
+        for f in shards.iterdir() if shards.is_dir() else ():
+            f.unlink()
+        for name in MERGED | {MANIFEST}:
+            (partial / name).unlink(missing_ok=True)
     (partial / SHARDS).mkdir(parents=True, exist_ok=True)
-    if not manifest.is_file():
-        atomic_write_json(manifest, {"settings": settings})
+    if old != settings:
+        atomic_write_json(partial / MANIFEST, {"format": PARTIAL_FORMAT, "version": 1, "settings": settings})
     return partial / SHARDS
 
 
-def embed(
+def embed(run: str | Path | Any, out: str | Path, **options: Any) -> Path:
+    """Embed a collection into `out` (see `embed_unlocked` for the options), holding the folder's write lock: a second
+    embed into the same folder (or its `.partial`) is refused with one line naming this one."""
+    with folder_lock(Path(out)):
+        return embed_unlocked(run, out, **options)
+
+
+def embed_unlocked(
     run: str | Path | Any,
     out: str | Path,
     *,
@@ -337,15 +386,19 @@ def embed(
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": str(model.run_dir),
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,
-            "settings": settings}
+            "settings": settings, "image_root": str(source.root) if source.root is not None else None}
     try:
         meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
     except DataError:
         shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
         raise
+    except OSError as e:  # a full disk: the shards stay for the rerun; say where it was writing
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(partial)) from None
+        raise
     shutil.rmtree(shards)
     (partial / MANIFEST).unlink()
-    (partial / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
+    (partial / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
     os.replace(partial, out)  # the folder appears complete or not at all
     if meta["n_skipped"]:
         log.warning("skipped %d unreadable images (meta.json: n_skipped, skipped), first: %s", meta["n_skipped"],

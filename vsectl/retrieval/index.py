@@ -8,11 +8,12 @@ opened; there is no fallback from one kind to another.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
-import shutil
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
+from vsectl.folders import staged_folder
 from vsectl.io import sha256_file
+from vsectl.locks import folder_lock
 from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,9 @@ IVF_MIN_NPROBE = 8  # small collections have few lists: probe at least this many
 HNSW_M = 32  # graph degree
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
+HNSW_MAX_M = 512  # beyond this the graph alone outgrows any memory (faiss stores 2·M neighbours per vector)
+HNSW_MAX_EF = 1 << 16  # beam widths: far past any useful recall, and inside faiss's int
+INDEX_HINT = "move them out of the index folder, or delete it, then build again"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -116,8 +122,10 @@ class Index:
 
 
 def _ivf_params(n: int, nlist: int | None, nprobe: int | None) -> dict[str, int]:
-    nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, round(IVF_LISTS_PER_SQRT * math.sqrt(n))))
-    nprobe = nprobe or min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_SHARE)))
+    if nlist is None:
+        nlist = max(1, min(n // IVF_TRAIN_PER_LIST, round(IVF_LISTS_PER_SQRT * math.sqrt(n))))
+    if nprobe is None:
+        nprobe = min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_SHARE)))
     if not 1 <= nlist <= n:
         raise ConfigError(f"nlist must be in [1, {n}] for {n} vectors, got {nlist}")
     if not 1 <= nprobe <= nlist:
@@ -144,6 +152,33 @@ def _build_faiss(matrix: np.ndarray, kind: str, params: dict[str, Any], progress
         index.add(np.ascontiguousarray(matrix[a : a + ADD_BLOCK], dtype=np.float32))
         progress.update(vectors=min(a + ADD_BLOCK, n))
     return index
+
+
+def _earlier_index(folder: Path) -> set[str]:
+    """The files of an index folder written before vsectl listed them (`.vsectl-owned.json`)."""
+    try:
+        meta = json.loads((folder / INDEX_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return {INDEX_META, FAISS_FILE} if isinstance(meta, dict) and meta.get("format") == INDEX_FORMAT else set()
+
+
+_STRERROR = {os.strerror(code): code for code in errno.errorcode}
+
+
+def _faiss_os_error(err: RuntimeError, path: Path) -> OSError | None:
+    """faiss reports a failed write as a RuntimeError ending in the C library's message: the OSError it was."""
+    found = re.search(r"\(([^()]*)\)\s*$", str(err))
+    code = _STRERROR.get(found.group(1)) if found else None
+    return OSError(code, os.strerror(code), str(path)) if code else None
+
+
+def write_faiss(index: Any, path: Path) -> None:
+    """`faiss.write_index`, with a full disk or a file-size limit raised as the OSError it is (one line in the CLI)."""
+    try:
+        faiss_module().write_index(index, str(path))
+    except RuntimeError as err:
+        raise (_faiss_os_error(err, path) or err) from None
 
 
 def build_index(
@@ -187,43 +222,75 @@ def build_index(
     if kind == "ivf":
         params: dict[str, Any] = _ivf_params(n, nlist, nprobe)
     elif kind == "hnsw":
-        for name, value in (("M", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
+        bounds = (("--m", m, 2, HNSW_MAX_M), ("--ef-construction", ef_construction, 1, HNSW_MAX_EF),
+                  ("--ef-search", ef_search, 1, HNSW_MAX_EF))
+        for name, value, low, high in bounds:
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
         params = {"M": m, "ef_construction": ef_construction, "ef_search": ef_search}
     else:
         params = {}
     if kind != "flat":
         faiss_module()  # fail before any work when the extra is missing
     out = index_dir(emb.path, kind, side)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with folder_lock(out), staged_folder(out, INDEX_HINT, legacy=_earlier_index) as tmp:
         start = time.perf_counter()
         if kind != "flat":
-            faiss = faiss_module()
             index = _build_faiss(emb.side(side), kind, params, progress, seed)
-            faiss.write_index(index, str(tmp / FAISS_FILE))
+            write_faiss(index, tmp / FAISS_FILE)
         seconds = time.perf_counter() - start
         write_json(tmp / INDEX_META, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": kind,
-                                             "side": side, "params": params, "embeddings": _identity(emb, side),
-                                             "build_seconds": round(seconds, 3)})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                                      "side": side, "params": params, "embeddings": _identity(emb, side),
+                                      "build_seconds": round(seconds, 3)})
     log.info("%s index over %d %s built in %.1f s: %s", kind, n, side, seconds, out)
     return out
 
 
-def open_index(path: str | Path, embeddings: Embeddings | None = None) -> Index:
+INDEX_PARAMS = {"flat": {}, "ivf": {"nlist": (1, 1 << 40), "nprobe": (1, 1 << 40)},
+                "hnsw": {"M": (2, HNSW_MAX_M), "ef_construction": (1, HNSW_MAX_EF), "ef_search": (1, HNSW_MAX_EF)}}
+IDENTITY_KEYS = {"sha256": str, "rows": int, "dim": int, "bytes": int, "mtime_ns": int, "fingerprint": str}
+
+
+def _check_index_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Every field `open_index` reads, present and of its type: a damaged index.json is one line, not a KeyError."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{path / INDEX_META} is damaged ({what}); rebuild the index with `vsectl index`")
+
+    if meta.get("side") not in SIDES:
+        raise bad("side is missing" if "side" not in meta else f"side is {str(meta['side'])[:40]!r}")
+    params, built = meta.get("params"), meta.get("embeddings")
+    if not isinstance(params, dict):
+        raise bad("no params")
+    for key, (low, high) in INDEX_PARAMS[meta["kind"]].items():
+        value = params.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise bad(f"params.{key} is missing" if key not in params else f"params.{key} is {str(value)[:40]!r}")
+    if not isinstance(built, dict):
+        raise bad("no record of its embeddings")
+    for key, kind in IDENTITY_KEYS.items():
+        if not isinstance(built.get(key), kind) or isinstance(built.get(key), bool):
+            raise bad(f"embeddings.{key} is {str(built.get(key))[:40]!r}")
+
+
+def _read_faiss(path: Path, rebuild: str) -> Any:
+    faiss = faiss_module()
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {rebuild}")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        said = str(err).split("failed:", 1)[-1].strip().splitlines()[0][:160] if str(err) else ""
+        reason = "it is cut short or not a faiss file" if "read error" in said or not said else said
+        raise DataError(f"{path} is not a readable faiss index ({reason}); {rebuild}") from None
+
+
+def open_index(path: str | Path, embeddings: Embeddings | None = None, verify: bool = False) -> Index:
     """Open an index folder made by `build_index`, checking that its embeddings are the ones it was built from.
 
     Args:
         path: the index folder (EMB/index-<kind>-<side>).
         embeddings: the embeddings, if already open (default: the folder above the index).
+        verify: opening the embeddings, hash them and check every row (see `open_embeddings`).
 
     Raises:
         DataError: not an index, or its embeddings changed since it was built (rebuild it).
@@ -237,33 +304,38 @@ def open_index(path: str | Path, embeddings: Embeddings | None = None) -> Index:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{meta_path} is not valid JSON ({e}); rebuild the index") from None
-    if meta.get("format") != INDEX_FORMAT or meta.get("kind") not in INDEX_KINDS:
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("kind") not in INDEX_KINDS:
         raise DataError(f"{path} is not a vsectl index ({INDEX_META} format/kind unknown)")
-    emb = embeddings or open_embeddings(path.parent)
+    _check_index_meta(path, meta)
+    emb = embeddings or open_embeddings(path.parent, verify=verify)
     side = meta["side"]
+    rebuild = f"rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}"
     if not _unchanged(emb, side, meta["embeddings"]):
         raise DataError(f"index {path} was built from other embeddings than those now in {emb.path} (they changed "
-                        f"since); rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}")
+                        f"since); {rebuild}")
     faiss_index = None
     if meta["kind"] != "flat":
-        faiss = faiss_module()
-        faiss_index = faiss.read_index(str(path / FAISS_FILE))
-        if faiss_index.ntotal != emb.size(side):
-            raise DataError(f"index {path} holds {faiss_index.ntotal} vectors, the embeddings {emb.size(side)}; "
-                            "rebuild it")
+        faiss_index = _read_faiss(path / FAISS_FILE, rebuild)
+        if faiss_index.ntotal != emb.size(side) or faiss_index.d != emb.dim:
+            raise DataError(f"index {path} holds {faiss_index.ntotal} vectors of {faiss_index.d} dimensions, the "
+                            f"embeddings {emb.size(side)} of {emb.dim}; {rebuild}")
+        expected = faiss_module().IndexIVF if meta["kind"] == "ivf" else faiss_module().IndexHNSW
+        if not isinstance(faiss_index, expected):
+            raise DataError(f"{path / FAISS_FILE} is a {type(faiss_index).__name__}, not the {meta['kind']} index "
+                            f"{INDEX_META} describes; {rebuild}")
         if meta["kind"] == "ivf":
-            faiss_index.nprobe = int(meta["params"]["nprobe"])
+            faiss_index.nprobe = meta["params"]["nprobe"]
         else:
-            faiss_index.hnsw.efSearch = int(meta["params"]["ef_search"])
+            faiss_index.hnsw.efSearch = meta["params"]["ef_search"]
     return Index(path=path, kind=meta["kind"], side=side, embeddings=emb, params=meta["params"],
                  _faiss_index=faiss_index)
 
 
-def open_target(path: str | Path) -> Embeddings | Index:
+def open_target(path: str | Path, verify: bool = False) -> Embeddings | Index:
     """An embeddings folder (→ `Embeddings`, exact search) or an index folder (→ `Index`), whichever `path` is."""
     path = Path(path)
     if (path / INDEX_META).is_file():
-        return open_index(path)
+        return open_index(path, verify=verify)
     if (path / META).is_file() or not path.exists():
-        return open_embeddings(path)
+        return open_embeddings(path, verify=verify)
     raise DataError(f"{path} is neither an embeddings folder (meta.json) nor an index folder ({INDEX_META})")

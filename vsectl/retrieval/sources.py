@@ -39,6 +39,7 @@ class Source:
     store: Path | None = None
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    root: Path | None = None  # the folder every image file lies under (what `serve` may show), None if unknown
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -60,7 +61,8 @@ def folder_source(folder: str | Path) -> Source:
         raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of images")
     items = [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in files]
     listing = hashlib.sha256("\n".join(i["id"] for i in items).encode("utf-8")).hexdigest()
-    return Source(kind="images", path=folder, items=items, captions=[], identity={"listing_sha256": listing})
+    return Source(kind="images", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
+                  root=folder)
 
 
 def data_source(data: str | Path, split: str) -> Source:
@@ -84,7 +86,7 @@ def data_source(data: str | Path, split: str) -> Source:
         captions.extend((t, pos) for t in entry["captions"] if t.strip())  # as extract stores them
     identity = {"dataset_sha256": sha256_file(raw.root / "dataset.json"), "split": split}
     return Source(kind="data", path=raw.root, items=items, captions=captions, identity=identity, split=split,
-                  extra={"videos": videos})
+                  extra={"videos": videos}, root=Path(raw.image_root))
 
 
 def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
@@ -123,9 +125,11 @@ def store_source(store: str | Path) -> Source:
     st = store.stat()
     identity = {"store_fingerprint": attrs.get("fingerprint"), "bytes": st.st_size,
                 "sha256_head": sha256_file(store, limit=1 << 20)}
+    folders = [os.path.dirname(p) for p in paths if p]
     return Source(kind="features", path=store, items=items, captions=captions, identity=identity,
                   backbone=recipe.provenance() if recipe else None, store=store,
-                  extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe})
+                  extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe},
+                  root=Path(os.path.commonpath(folders)) if folders else None)
 
 
 def video_folder_source(folder: str | Path) -> Source:
@@ -142,7 +146,7 @@ def video_folder_source(folder: str | Path) -> Source:
     names = "\n".join(f"{i['id']}:{Path(i['path']).stat().st_size}" for i in items)
     listing = hashlib.sha256(names.encode("utf-8")).hexdigest()
     return Source(kind="videos", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
-                  extra={"videos": True})
+                  extra={"videos": True}, root=folder)
 
 
 def resolve_source(images: str | Path | None, data: str | Path | None, features: str | Path | None,
@@ -152,8 +156,11 @@ def resolve_source(images: str | Path | None, data: str | Path | None, features:
              if v is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one of --images DIR, --videos DIR, --data RAW or --features STORE")
+    from vsectl.data.splits import canonical_split
+
+    split = canonical_split(split)  # val is dev, as everywhere
     if split not in ("all", "train", "dev", "test"):
-        raise ConfigError(f"unknown split {split!r}; use all, train, dev or test")
+        raise ConfigError(f"unknown split {split!r}; use all, train, dev (or val) or test")
     kind, path = given[0]
     if kind == "images":
         return folder_source(path)

@@ -7,10 +7,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from vsectl.config import apply_overrides
 from vsectl.errors import ConfigError
+from vsectl.recipe_yaml import load_yaml_file
 from vsectl.strict import from_dict
 
 T = TypeVar("T")
@@ -21,10 +20,7 @@ def read_mapping(path: str | Path, what: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = load_yaml_file(path, what) or {}  # bounded: size, nesting, alias expansion, UTF-8
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must be a mapping of settings")
     return data

@@ -10,7 +10,9 @@ by score then row, so the first k of a longer list are the top k.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -117,12 +119,16 @@ class SearchEngine:
         check_model(model, self.emb)
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
+        root = image_root(self.emb)
+        # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
+        self.image_root = os.path.realpath(root) if root is not None else None
 
     def warm_up(self) -> None:
         """One text encode and one scan, so the first user's query does not pay for imports and cold pages."""
         vector = self.model.encode_text(["warm up"])[0]
         for side in SIDES:
-            if self.emb.size(side) and getattr(self.target, "side", side) == side:  # an index covers one side
+            covered = getattr(self.target, "side", side)  # an index covers one side (Embeddings.side is a method)
+            if self.emb.size(side) and (not isinstance(covered, str) or covered == side):
                 self.batcher.submit(vector, 1, side)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
@@ -188,20 +194,70 @@ class SearchEngine:
         return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms, "hits": rows}
 
     def image_file(self, image: int) -> Path | None:
-        """The file of the collection's image `image`, or None when unknown, missing or not a regular file."""
+        """The file of the collection's image `image` as recorded, or None when unknown or out of range."""
         if not 0 <= image < self.emb.n_images:
             return None
-        path = self.emb.image_path(image)
-        return path if path is not None and path.is_file() else None
+        return self.emb.image_path(image)
+
+    def open_image(self, image: int) -> tuple[Any, str] | None:
+        """The open file of image `image` and its content type, or None when it has none to show: unknown, missing,
+        not a regular file, of a type not served, or (resolved after opening, links included) outside the folder the
+        collection's images were embedded from."""
+        from vsectl.serving.http import IMAGE_TYPES
+
+        path = self.image_file(image)
+        kind = IMAGE_TYPES.get(path.suffix.lower()) if path is not None else None
+        if kind is None or self.image_root is None:
+            return None
+        try:  # O_NONBLOCK: a FIFO swapped in for the file must not hold the request's thread
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            real, root = _opened_path(fd, path), self.image_root
+            inside = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not inside:
+                if not inside:
+                    log.warning("image %d: %s leads outside %s; not served", image, path, root)
+                os.close(fd)
+                return None
+            return os.fdopen(fd, "rb"), kind
+        except BaseException:
+            os.close(fd)
+            raise
 
     def info(self) -> dict[str, Any]:
         meta = self.emb.meta
+        run = meta.get("run")
         return {"images": self.emb.n_images, "captions": self.emb.n_captions, "embed_dim": self.emb.dim,
-                "run": meta.get("run"), "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
+                "run": Path(run).name if run else None,  # its name: the server's file layout is not the client's
+                "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
                 "max_k": MAX_K}
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file open as `fd` (Linux: from the descriptor itself, so no later swap can fool it)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)  # elsewhere: resolve the name, and check it still is the opened file
+        st, own = os.stat(real), os.fstat(fd)
+        return real if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino) else ""
+
+
+def image_root(emb: Any) -> Path | None:
+    """The folder every image of the collection lies under: recorded at embed time, else (embeddings written before
+    it was) the common folder of the recorded image paths."""
+    recorded = emb.meta.get("image_root")
+    if isinstance(recorded, str) and recorded:
+        return Path(recorded)
+    if emb.meta.get("source", {}).get("kind") == "images" and emb.meta["source"].get("path"):
+        return Path(emb.meta["source"]["path"])
+    folders = {os.path.dirname(p) for p in (emb.image(i).get("path") for i in range(emb.n_images)) if p}
+    return Path(os.path.commonpath(sorted(folders))) if folders else None
 
 
 def _side(side: str) -> str:
