@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from vsectl.errors import ConfigError
@@ -10,12 +10,13 @@ from vsectl.errors import ConfigError
 
 def recipe_dir() -> Path:
     """The folder of the shipped recipes (`tiny.yaml`, `patterns/`, ...)."""
-    try:  # an installed wheel carries them as the data package vsectl.recipes
-        folder = Path(str(resources.files("vsectl.recipes")))
-        if folder.is_dir():
-            return folder
+    try:  # an installed wheel carries them as the data package vsectl.recipes (a namespace package: no __init__.py)
+        spec = importlib.util.find_spec("vsectl.recipes")
     except ModuleNotFoundError:
-        pass
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(location, "tiny.yaml").is_file():
+            return Path(location)
     return Path(__file__).resolve().parent.parent / "recipes"  # a source checkout (editable or on PYTHONPATH)
 
 

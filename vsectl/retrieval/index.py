@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
+from vsectl.io import sha256_file
 from vsectl.retrieval import index_build
-from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings, sha256_file
+from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 from vsectl.retrieval.index_build import faiss_module
 from vsectl.retrieval.index_plan import KIND_CHOICES, PLAN_KINDS, IndexPlan, plan_index
 
