@@ -21,8 +21,10 @@ def embed_cli(
     out: Annotated[Path, typer.Option(help="Embeddings folder to write")],
     images: Annotated[Path | None, typer.Option(help="A plain folder of images (no captions)")] = None,
     data: Annotated[Path | None, typer.Option(help="A prepared raw dataset: images and captions")] = None,
-    features: Annotated[Path | None, typer.Option(help="An extracted feature store, e.g. data/demo_feats/test.h5")]
-    = None,
+    features: Annotated[Path | None, typer.Option(help="An extracted feature store (data/demo_feats/test.h5) or a "
+                                                       "precomp <split>_ims.npy")] = None,
+    shards: Annotated[str | None, typer.Option(help="Webdataset tar shards: a folder, a glob or "
+                                                    "'shards/{00000..00099}.tar'")] = None,
     split: Annotated[str, typer.Option(help="--data: all | train | dev | test")] = "all",
     checkpoint: CheckpointOpt = "best",
     device: DeviceOpt = "auto",
@@ -30,12 +32,15 @@ def embed_cli(
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes")] = 2,
     shard_size: Annotated[int, typer.Option(help="Items per resumable shard")] = 4096,
 ) -> None:
-    """Embed a collection with a trained run; prints the embeddings folder. Resumes a killed run."""
+    """Embed a collection with a trained run; prints the embeddings folder. Resumes a killed run; under torchrun the
+    ranks share the shards and rank 0 merges."""
     from vsectl.retrieval import embed, open_embeddings
 
-    path = run_guarded(embed, run, out, images=images, data=data, features=features, split=split,
+    path = run_guarded(embed, run, out, images=images, data=data, features=features, shards=shards, split=split,
                        checkpoint=checkpoint, device=device, batch_size=batch_size, workers=workers,
                        shard_size=shard_size, progress=RichProgress(enabled=not STATE.get("quiet")))
+    if path is None:  # a torchrun rank other than 0: rank 0 merges and prints
+        return
     meta = open_embeddings(path).meta
     if STATE.get("quiet"):
         typer.echo(str(path))

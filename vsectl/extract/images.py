@@ -22,6 +22,17 @@ def make_batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
     return [list(range(a, min(a + batch_size, stop))) for a in range(start, stop, batch_size)]
 
 
+def backbone_features(backbone: Backbone, x: torch.Tensor, prec: Precision, channels_last: bool) -> np.ndarray:
+    """(b, 3, S, S) uint8 images on the backbone's device → (b, N, C) float32 feature sets."""
+    x = normalize(x, backbone.mean, backbone.std)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # inference_mode only around the forward: a mode entered in a generator would leak into the caller
+    with torch.inference_mode(), prec.autocast():
+        out = backbone(x)  # (b, N, C)
+    return out.float().cpu().numpy()
+
+
 def extract_images(
     backbone: Backbone,
     paths: Sequence[str | Path],
@@ -70,13 +81,7 @@ def extract_images(
             x = images.to(device, non_blocking=True)  # (b, 3, S, S) uint8, still pinned here
             if not ok.all():
                 x = x[ok.to(device)]
-            x = normalize(x, backbone.mean, backbone.std)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            # inference_mode only around the forward: a mode entered in a generator would leak into the caller
-            with torch.inference_mode(), prec.autocast():
-                out = backbone(x)  # (b, N, C)
-            feats = out.float().cpu().numpy()
+            feats = backbone_features(backbone, x, prec, channels_last)
         k = 0
         for i, good, reason in zip(index.tolist(), ok.tolist(), reasons, strict=True):
             if good:

@@ -41,6 +41,7 @@ MAX_SKIPPED_RECORDS = 100  # skipped images listed in meta.json; all are counted
 SOURCES = ("images", "data", "features")
 SHARDS = "shards"
 MANIFEST = "manifest.json"
+POLL_SECONDS = 1.0  # how often rank 0 looks for the other ranks' shards
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -78,7 +79,7 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
                     progress: Progress) -> None:
     from vsectl.data.features import H5Features
 
-    features = H5Features(source.store)
+    features = source.extra["open"]() if "open" in source.extra else H5Features(source.store)
     n = len(source.items)
     total = sum(min((s + 1) * size, n) - s * size for s in shards)
     rate = _Rate(progress)
@@ -93,7 +94,7 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
                 next(positions)
             rate.add(len(sets))
         _write_shard(folder, _shard_name("images", s), np.concatenate(out), {"ok": list(range(a, b)), "skipped": []})
-    features.close()
+    getattr(features, "close", lambda: None)()
 
 
 def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
@@ -218,8 +219,15 @@ def _check_store(model: Any, source: Source) -> None:
                           f"({model.recipe.backbone}, {model.recipe.input_size} px)")
 
 
-def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
+def _prepare_partial(partial: Path, settings: dict[str, Any], rank: int = 0) -> Path:
+    """The shard folder of `partial`, emptied when its shards were made with other settings (rank 0 decides; the
+    other ranks wait for its manifest)."""
     manifest = partial / MANIFEST
+    if rank != 0:
+        _wait_for([manifest])
+        if json.loads(manifest.read_text(encoding="utf-8")).get("settings") != settings:
+            raise ConfigError(f"{partial} holds shards made with other settings; delete it first")
+        return partial / SHARDS
     if manifest.is_file():
         old = json.loads(manifest.read_text(encoding="utf-8")).get("settings")
         if old != settings:
@@ -231,6 +239,40 @@ def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
     return partial / SHARDS
 
 
+def _dist() -> Any:
+    from vsectl.runtime import distributed_from_env
+
+    try:
+        return distributed_from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _wait_for(files: list[Path]) -> None:
+    """Rank 0 waits for the other ranks' shards (and they for its manifest)."""
+    last = time.monotonic()
+    while missing := [p for p in files if not p.is_file()]:
+        if time.monotonic() - last > 60:
+            log.info("waiting for %d shards from other ranks, e.g. %s", len(missing), missing[0].name)
+            last = time.monotonic()
+        time.sleep(POLL_SECONDS)
+
+
+def _shard_counts(source: Source, size: int) -> tuple[int, int]:
+    """Image and caption shards: one per tar shard (whose captions are embedded with it), else cut by `size`."""
+    if source.kind == "shards":
+        return len(source.extra["shards"]), 0
+    return math.ceil(len(source.items) / size), math.ceil(len(source.captions) / size)
+
+
+def _image_shard(source: Source, s: int) -> str:
+    if source.kind == "shards":
+        from vsectl.retrieval.tar_collection import shard_name
+
+        return shard_name(s)
+    return _shard_name("images", s)
+
+
 def embed(
     run: str | Path | Any,
     out: str | Path,
@@ -238,6 +280,7 @@ def embed(
     images: str | Path | None = None,
     data: str | Path | None = None,
     features: str | Path | None = None,
+    shards: str | Path | None = None,
     split: str = "all",
     checkpoint: str = "best",
     device: str = "auto",
@@ -248,15 +291,18 @@ def embed(
 ) -> Path:
     """Embed every image (and caption) of a collection with a trained run into an embeddings folder.
 
-    Exactly one of `images`, `data`, `features`. From files (`images`, `data`) the run's feature recipe is replayed
-    (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json.
+    Exactly one of `images`, `data`, `features`, `shards`. From files (`images`, `data`, `shards`) the run's feature
+    recipe is replayed (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json.
+    Under torchrun, rank r embeds the shards s with s % WORLD_SIZE == r and rank 0 merges (other ranks return None).
 
     Args:
         run: a run directory or checkpoint folder, or a loaded `RetrievalModel`.
         out: the embeddings folder to write (work in progress lives in `OUT.partial`).
         images: a plain folder of images (searched recursively; no captions).
         data: a raw dataset folder (made by `vsectl data prepare`): images and their captions.
-        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5.
+        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5, or a precomp
+            `<split>_ims.npy` (with its `<split>_caps.txt` beside it).
+        shards: webdataset tar shards: a folder of .tar files, a glob or a brace pattern (`shards/{00000..00099}.tar`).
         split: for `data`: "all" or one split.
         checkpoint: "best" or "last".
         device: where the towers (and the backbone) run.
@@ -266,7 +312,7 @@ def embed(
         progress: progress reporting (images/s).
 
     Returns:
-        `out`, complete.
+        `out`, complete (None on torchrun ranks other than 0).
     """
     from vsectl.retrieval.model import RetrievalModel, load
 
@@ -275,7 +321,7 @@ def embed(
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     out = Path(out)
-    source = resolve_source(images, data, features, split)
+    source = resolve_source(images, data, features, split, shards)
     model = run if isinstance(run, RetrievalModel) else load(run, checkpoint=checkpoint, device=device)
     if source.kind == "features":
         _check_store(model, source)
@@ -294,33 +340,46 @@ def embed(
     if out.exists():
         raise ConfigError(f"{out} exists and is not an embeddings folder; choose another --out")
     partial = out.with_name(out.name + ".partial")
-    shards = _prepare_partial(partial, settings)
-    n, c = len(source.items), len(source.captions)
-    n_img, n_cap = math.ceil(n / shard_size), math.ceil(c / shard_size)
-    todo = [s for s in range(n_img) if not _done(shards, _shard_name("images", s))]
-    cap_todo = [s for s in range(n_cap) if not _done(shards, _shard_name("captions", s))]
-    log.info("embedding %d images and %d captions from %s: %d + %d of %d + %d shards to do", n, c, source.path,
-             len(todo), len(cap_todo), n_img, n_cap)
+    dist = _dist()
+    folder = _prepare_partial(partial, settings, dist.rank)
+    n_img, n_cap = _shard_counts(source, shard_size)
+    todo = [s for s in range(dist.rank, n_img, dist.world_size) if not _done(folder, _image_shard(source, s))]
+    cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not _done(folder, _shard_name("captions", s))]
+    log.info("embedding %s: %d + %d of %d + %d shards to do on rank %d of %d", source.path, len(todo), len(cap_todo),
+             n_img, n_cap, dist.rank, dist.world_size)
     start = time.perf_counter()
-    if todo and source.kind == "features":
-        _feature_shards(model, source, todo, shard_size, shards, batch_size, progress)
+    if todo and source.kind == "shards":
+        from vsectl.retrieval.tar_collection import embed_tar_shards
+
+        embed_tar_shards(model, source, todo, folder, batch_size, workers, progress)
+    elif todo and source.kind == "features":
+        _feature_shards(model, source, todo, shard_size, folder, batch_size, progress)
     elif todo:
-        _image_shards(model, source, todo, shard_size, shards, batch_size, workers, progress)
+        _image_shards(model, source, todo, shard_size, folder, batch_size, workers, progress)
     if cap_todo:
-        _caption_shards(model, source, cap_todo, shard_size, shards, batch_size, progress)
+        _caption_shards(model, source, cap_todo, shard_size, folder, batch_size, progress)
+    if dist.rank != 0:
+        return None
+    _wait_for([folder / f"{_image_shard(source, s)}.json" for s in range(n_img)]
+              + [folder / f"{_shard_name('captions', s)}.json" for s in range(n_cap)])
     seconds = time.perf_counter() - start
     if todo:
-        log.info("embedded %d images in %.1f s", n, seconds)
+        log.info("embedded %d shards in %.1f s", len(todo), seconds)
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": str(model.run_dir),
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,
             "settings": settings}
     try:
-        meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
+        if source.kind == "shards":
+            from vsectl.retrieval.tar_collection import merge_tar
+
+            meta = merge_tar(partial, n_img, model.embed_dim, meta)
+        else:
+            meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
     except DataError:
         shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
         raise
-    shutil.rmtree(shards)
+    shutil.rmtree(folder)
     (partial / MANIFEST).unlink()
     (partial / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
     os.replace(partial, out)  # the folder appears complete or not at all

@@ -181,6 +181,28 @@ class RetrievalModel:
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
 
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, that image files are resized to before the backbone."""
+        return self.net.image.backbone.size if self.end_to_end else self.backbone.size
+
+    def pixel_items(self, images: torch.Tensor) -> list[np.ndarray]:
+        """(b, 3, S, S) uint8 decoded images → what `encode_items` takes: the replayed backbone's feature sets
+        (rounded through the recipe's store dtype, as `image_features` gives them), or the images themselves for an
+        end-to-end run."""
+        if self.end_to_end:
+            return list(images.numpy())
+        from vsectl.extract.images import backbone_features
+        from vsectl.runtime import Precision
+
+        recipe, backbone = self.recipe, self.backbone
+        backbone.to(device=self.device, memory_format=torch.channels_last if recipe.channels_last else
+                    torch.contiguous_format)
+        feats = backbone_features(backbone, images.to(self.device), Precision(recipe.precision, self.device),
+                                  recipe.channels_last)
+        dtype = np.float16 if recipe.dtype == "float16" else np.float32
+        return list(feats.astype(dtype).astype(np.float32))
+
     def _pixels(self, paths: Sequence[str | Path], workers: int, batches: Sequence[Sequence[int]] | None,
                 progress: Any) -> Iterator[tuple[int, np.ndarray | None, str]]:
         from vsectl.data.images import ImageFiles
