@@ -73,9 +73,12 @@ def resolve_shards(spec: str | Path | Sequence[str | Path]) -> list[Path]:
             found.extend(sorted(Path(s).glob("*.tar")))
             continue
         for name in expand_braces(s):
-            hits = sorted(glob.glob(name)) if glob.has_magic(name) else ([name] if Path(name).is_file() else [])
-            if not hits:
-                missing.append(name)
+            if glob.has_magic(name):
+                hits = sorted(glob.glob(name))  # a glob that matches nothing adds nothing
+            elif Path(name).is_file():
+                hits = [name]
+            else:
+                hits, missing = [], [*missing, name]
             found.extend(Path(h) for h in hits)
     if missing:
         raise DataError(f"{len(missing)} tar shard(s) of {specs[0]} do not exist, first: {missing[0]}")
@@ -128,6 +131,14 @@ def _sample(key: str, position: int, members: list[tuple[tarfile.TarInfo, bytes]
                   size=image[0].size if image else 0, caption=_caption(fields))
 
 
+def _check_end(tar: tarfile.TarFile) -> None:
+    """After the last member only zero blocks may follow; tarfile stops quietly at a header cut short."""
+    f = tar.fileobj
+    f.seek(tar.offset)
+    if f.read(1 << 16).strip(b"\0"):
+        raise tarfile.ReadError("the file ends inside a member's header")
+
+
 def read_shard(path: Path) -> Iterator[Sample]:
     """The samples of one shard in file order (consecutive members with the same key form a sample).
 
@@ -146,7 +157,11 @@ def read_shard(path: Path) -> Iterator[Sample]:
                     position += 1
                     members = []
                 key = k
-                members.append((info, tar.extractfile(info).read()))
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"{info.name} is cut short")
+                members.append((info, data))
+            _check_end(tar)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"tar shard {path} cannot be read ({e}); re-create or re-copy it") from None
     if members:

@@ -330,17 +330,17 @@ def embed(
     backbone = source.backbone if source.kind == "features" else model.provenance()
     settings = {"fingerprint": model.fingerprint, "source": {"kind": source.kind, "path": str(source.path),
                 **source.identity}, "shard_size": shard_size, "batch_size": batch_size, "backbone": backbone}
+    dist = _dist()
     if (out / META).is_file():
         done = open_embeddings(out)
         if done.meta.get("settings") == settings:
             log.info("%s is already embedded with these settings", out)
-            return out
+            return out if dist.rank == 0 else None
         raise ConfigError(f"{out} already holds other embeddings (run {done.meta.get('run')}, source "
                           f"{done.meta['source'].get('path')}); choose another --out or delete it")
     if out.exists():
         raise ConfigError(f"{out} exists and is not an embeddings folder; choose another --out")
     partial = out.with_name(out.name + ".partial")
-    dist = _dist()
     folder = _prepare_partial(partial, settings, dist.rank)
     n_img, n_cap = _shard_counts(source, shard_size)
     todo = [s for s in range(dist.rank, n_img, dist.world_size) if not _done(folder, _image_shard(source, s))]
