@@ -155,13 +155,16 @@ def main() -> None:
     mix_i, mix_c, report["fit"] = fitted(real)
     print("fit:", json.dumps(report["fit"]), flush=True)
     kinds: dict[int, str] = {}
+    if args.kind == "auto":  # every size gets the kind the budget picks for the largest, so they compare
+        from vsectl.retrieval.index_plan import plan_index
+
+        args.kind = plan_index(max(sizes), model.embed_dim, "auto", args.max_memory).kind
     for n in sizes:
         folder = args.work / f"drawn-{n}"
         report[f"write {n}"] = write_collection(folder, mix_i, n, run_meta)
         print(f"wrote {folder}: {report[f'write {n}']}", flush=True)
         if "build" not in args.skip:
-            kind = args.kind if n == max(sizes) or args.kind != "auto" else kinds.get(max(sizes), args.kind)
-            report[f"index {n}"] = r = build(folder, kind, args.max_memory, args.max_query_ms, args.procs)
+            report[f"index {n}"] = r = build(folder, args.kind, args.max_memory, args.max_query_ms, args.procs)
             kinds[n] = r["card"]["kind"]
             print(f"index {n}: {json.dumps({k: v for k, v in r.items() if k != 'card'})}", flush=True)
             print(f"card {n}: {json.dumps(r['card'])}", flush=True)

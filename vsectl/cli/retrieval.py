@@ -157,7 +157,9 @@ def _short(path: str | None) -> str:
 
 
 def results_table(result) -> Table:  # noqa: ANN001 - a SearchResult
-    table = Table(title=f"“{result.query}” → {result.side}", title_justify="left")
+    how = result.searched_with
+    way = "exact" if how["kind"] == "exact" else f"{how['kind']} index, recall@10 {how.get('recall@10')}"
+    table = Table(title=f"“{result.query}” → {result.side} ({way})", title_justify="left")
     for col, justify in (("rank", "right"), ("score", "right"), ("id", "left"), ("path", "left"),
                          ("caption", "left")):
         table.add_column(col, justify=justify, overflow="fold")
@@ -179,13 +181,16 @@ def search_cli(
     device: DeviceOpt = "auto",
     sheet: Annotated[Path | None, typer.Option(help="Write a contact sheet PNG of the hits")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when the folder holds an index")] = False,
 ) -> None:
-    """Search a collection with text or image queries: a table (stderr), --json and --sheet (stdout)."""
+    """Search a collection with text or image queries: a table (stderr), --json and --sheet (stdout). An embeddings
+    folder is searched through its best index when it has one (see `vsectl index --info`)."""
     from vsectl.retrieval.query import search_collection
 
     side = "captions" if captions else "images"
     results = run_guarded(search_collection, target, list(queries or []), k=k, side=side, images=list(image or []),
-                          queries_file=from_file, run=run, checkpoint=checkpoint, device=device, sheet=sheet)
+                          queries_file=from_file, run=run, checkpoint=checkpoint, device=device, sheet=sheet,
+                          exact=exact)
     for result in results:
         err.print(results_table(result))
     if sheet is not None:

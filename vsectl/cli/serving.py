@@ -45,11 +45,14 @@ def serve_cli(
     = None,
     checkpoint: Annotated[str | None, typer.Option(help="best | last [default: the embeddings' checkpoint]")] = None,
     device: DeviceOpt = "auto",
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when the folder holds an index")] = False,
 ) -> None:
-    """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL."""
+    """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL. An embeddings
+    folder is searched through its best index per side when it has one (`vsectl index`), exactly otherwise."""
     from vsectl.serving import open_server
 
-    server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device)
+    server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device,
+                         exact=exact)
     typer.echo(server.url)
     sys.stdout.flush()
     err.print(f"serving {server.engine.emb.n_images} images at {server.url} (Ctrl-C stops)", highlight=False)

@@ -39,6 +39,7 @@ MAX_LISTS = 1 << 16
 HNSW_QUANTIZER_LISTS = 4096  # from here on the coarse quantizer is an HNSW graph over the centroids
 PQ_BYTES = (128, 64, 32, 16, 8)  # code sizes tried for ivf-pq, largest (most accurate) first
 PQ_MIN_DIMS = 4  # each sub-quantizer covers at least this many dimensions
+PQ_MIN_VECTORS = 256  # each sub-quantizer's 8-bit codebook needs as many training vectors as centroids
 REFINE = 10  # ivf-pq finds k·REFINE candidates and re-scores them exactly from the embeddings file
 INDEX_SHARE = 0.75  # the index may take this share of --max-memory; the rest is for training and added blocks
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -131,6 +132,9 @@ def kind_plan(kind: str, n: int, dim: int, *, nlist: int | None = None, nprobe: 
         choices = pq_choices(dim)
         if not choices:
             raise ConfigError(f"ivf-pq needs a dimension divisible by one of {PQ_BYTES}; these vectors are {dim}-d")
+        if n < PQ_MIN_VECTORS:
+            raise ConfigError(f"ivf-pq needs at least {PQ_MIN_VECTORS} vectors to train its codebooks, these are {n}; "
+                              "use --kind ivf, hnsw or flat")
         pq_bytes = pq_bytes or choices[0]
         if pq_bytes not in choices:
             raise ConfigError(f"pq bytes must be one of {', '.join(map(str, choices))} at {dim}-d, got {pq_bytes}")
@@ -175,7 +179,7 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: str | int | Non
         ivf = _only(overrides, "nlist", "nprobe")
         candidates += [kind_plan("ivf", n, dim, **ivf), kind_plan("ivf-sq8", n, dim, **ivf)]
         candidates += [kind_plan("ivf-pq", n, dim, pq_bytes=b, **ivf) for b in pq_choices(dim)
-                       if overrides.get("pq_bytes") in (None, b)]
+                       if overrides.get("pq_bytes") in (None, b) and n >= PQ_MIN_VECTORS]
     for plan in candidates:
         if limit is None or plan.ram_bytes <= limit:
             size = "no budget given" if limit is None else f"fits {INDEX_SHARE:.0%} of {max_memory}"

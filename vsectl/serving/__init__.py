@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint: str | None = None,
-                host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True) -> Any:
+                host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
+                exact: bool = False) -> Any:
     """Open a collection and its model and bind the server (not yet serving).
 
     Args:
@@ -27,6 +28,8 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         port: TCP port; 0 picks a free one (see the returned server's `.url`).
         device: where the text tower runs.
         batching: coalesce concurrent searches into one scan of the embeddings.
+        exact: search an embeddings folder exactly even when it holds an index (by default its best index per side
+            answers, see `vsectl.retrieval.index.best_index`).
 
     Returns:
         a bound `VsectlServer`; call `.serve_forever()`, and `.server_close()` plus `.engine.close()` when done.
@@ -50,7 +53,7 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         from vsectl.retrieval import load  # torch: imported after the port is ours
 
         model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
-        server.engine = SearchEngine(opened, model, batching=batching)
+        server.engine = SearchEngine(opened, model, batching=batching, exact=exact)
         server.engine.warm_up()
     except BaseException:
         server.server_close()

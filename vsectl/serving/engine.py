@@ -108,13 +108,21 @@ class SearchEngine:
         batching: coalesce concurrent searches into one scan.
     """
 
-    def __init__(self, target: Any, model: Any, batching: bool = True) -> None:
+    def __init__(self, target: Any, model: Any, batching: bool = True, exact: bool = False) -> None:
+        from vsectl.retrieval.index import best_index
         from vsectl.retrieval.query import check_model
 
         self.target = target
         self.emb = getattr(target, "embeddings", target)
         self.model = model
         check_model(model, self.emb)
+        if target is not self.emb:  # an index folder was named: it alone answers its side
+            self.indexes = {target.side: target}
+        else:  # an embeddings folder: its best index per side, exact where it has none (or with exact=True)
+            self.indexes = {side: None if exact or not self.emb.size(side) else best_index(self.emb, side)
+                            for side in SIDES}
+        for side, index in self.indexes.items():
+            log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
 
@@ -130,10 +138,10 @@ class SearchEngine:
         from vsectl.retrieval.query import make_hits
         from vsectl.serving.scan import shared_topk
 
-        index = self.target if self.target is not self.emb else None
-        if index is not None and index.side != side:
-            raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side} "
-                              f"or serve the embeddings folder {self.emb.path}")
+        if self.target is not self.emb and self.target.side != side:
+            raise ConfigError(f"index {self.target.path} covers the {self.target.side} side; search it with "
+                              f"side={self.target.side} or serve the embeddings folder {self.emb.path}")
+        index = self.indexes.get(side)
         if index is None or index.kind == "flat":
             scores, rows = shared_topk(self.emb.side(side), vectors, k)
         else:
@@ -185,7 +193,26 @@ class SearchEngine:
             row.pop("path")  # the server's file layout is not the client's business
             rows.append(row)
         took_ms = round(1000 * (time.perf_counter() - start), 3)
-        return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms, "hits": rows}
+        return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms,
+                "searched_with": self.searched_with(side), "hits": rows}
+
+    def searched_with(self, side: str) -> dict[str, Any]:
+        """What answers searches of `side`: {"kind": "exact"} or the index's kind, folder and recall@10."""
+        index = self.indexes.get(side)
+        return {"kind": "exact"} if index is None else {**index.describe(), "path": index.path.name}
+
+    def image_member(self, image: int) -> tuple[Path, int, int, str] | None:
+        """Where image `image` lies inside a tar shard (file, offset, size, suffix), for a collection embedded from
+        tar shards; None otherwise or when the shard is gone or shorter than recorded."""
+        if not 0 <= image < self.emb.n_images:
+            return None
+        member = self.emb.image(image).get("tar")
+        if not member:
+            return None
+        tar, offset, size = Path(member["file"]), int(member["offset"]), int(member["size"])
+        if not tar.is_file() or tar.stat().st_size < offset + size:
+            return None
+        return tar, offset, size, Path(member["member"]).suffix.lower()
 
     def image_file(self, image: int) -> Path | None:
         """The file of the collection's image `image`, or None when unknown, missing or not a regular file."""
@@ -198,7 +225,8 @@ class SearchEngine:
         meta = self.emb.meta
         return {"images": self.emb.n_images, "captions": self.emb.n_captions, "embed_dim": self.emb.dim,
                 "run": meta.get("run"), "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
-                "max_k": MAX_K}
+                "max_k": MAX_K, "searched_with": {side: self.searched_with(side) for side in SIDES
+                                                  if self.emb.size(side) and side in self.indexes}}
 
     def close(self) -> None:
         self.batcher.close()

@@ -18,6 +18,7 @@ which releases the GIL) and the text encoder, not the HTTP parsing; a framework 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import re
@@ -130,13 +131,20 @@ class Handler(BaseHTTPRequestHandler):
 
     def _image(self, image: int) -> None:
         path = self.server.engine.image_file(image)
-        kind = IMAGE_TYPES.get(path.suffix.lower()) if path is not None else None
+        member = self.server.engine.image_member(image) if path is None else None
+        suffix = path.suffix.lower() if path is not None else member[3] if member is not None else ""
+        kind = IMAGE_TYPES.get(suffix)
         if kind is None:
             self._error(HTTPStatus.NOT_FOUND, f"image {image} has no file to show")
             return
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
+        with open(path if path is not None else member[0], "rb") as f:
+            if member is not None:  # an image inside a tar shard: its bytes at the recorded offset
+                f.seek(member[1])
+                size = member[2]
+                f = io.BytesIO(f.read(size))
+            else:
+                size = f.seek(0, 2)
+                f.seek(0)
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(size))
