@@ -195,3 +195,52 @@ def test_two_process_embed_killed_and_restarted_writes_the_bytes_of_one_process(
     for name in ("images.npy", "captions.npy", "cap2img.npy", "images.jsonl", "captions.jsonl"):
         assert (tmp_path / "two" / name).read_bytes() == (one / name).read_bytes(), name
     assert not (tmp_path / "two.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- training from shards
+
+
+@pytest.fixture(scope="module")
+def clipart_tar_root(tmp_path_factory) -> Path:
+    """The clip-art fixture as tar shards, one folder per split, each image with its first caption."""
+    entries = json.loads((CLIPART / "dataset.json").read_text())["images"]
+    root = tmp_path_factory.mktemp("tar_root")
+    for split, folder in (("train", "train"), ("val", "val"), ("test", "test")):
+        samples = [(f"{split}{i:04d}", {"png": (CLIPART / "images" / e["filename"]).read_bytes(),
+                                        "txt": e["sentences"][0]["raw"].encode()})
+                   for i, e in enumerate(x for x in entries if x["split"] == split)]
+        write_tar_shards(samples, root / folder, per_shard=64)
+    return root
+
+
+def test_the_data_door_opens_tar_shards_as_their_own_source_with_the_raw_images_pixels(clipart_tar_root):
+    from vsectl.data.door import open_split, subset
+    from vsectl.data.raw_images import load_raw_split
+    from vsectl.kinds import ImageInput
+
+    tar = open_split(clipart_tar_root, "dev", ImageInput.PIXELS)  # dev is read from the val/ folder
+    raw = load_raw_split(CLIPART, "dev")
+    assert tar.source == "tar-shards" and tar.n_images == raw.n_images and tar.n_captions == raw.n_images
+    assert tar.captions == [raw.captions[int(np.flatnonzero(raw.cap2img == i)[0])] for i in range(raw.n_images)]
+    for i in (0, 7, tar.n_images - 1):
+        for seed in (None, 3):
+            rng_a = None if seed is None else np.random.default_rng(seed)
+            rng_b = None if seed is None else np.random.default_rng(seed)
+            assert np.array_equal(tar.features.read(i, 32, rng_a).numpy(), raw.features.read(i, 32, rng_b).numpy())
+    assert subset(tar, 5).features.members == tar.features.members[:5]
+    assert open_split(CLIPART, "dev", ImageInput.PIXELS).source == "pixels"  # a raw folder stays a raw folder
+
+
+def test_a_backbone_run_trains_from_tar_shards(clipart_tar_root, tmp_path):
+    from vsectl.config import load_recipe
+    from vsectl.training import train
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_backbone_training import RECIPE  # the tiny backbone recipe of the raw-image tests
+
+    path = tmp_path / "bb.yaml"
+    path.write_text(RECIPE.replace(str(CLIPART), str(clipart_tar_root)))
+    cfg = load_recipe(path, ["train.epochs=1", "train.max_steps_per_epoch=2", "data.val_images=8"])
+    run = train(cfg, out_root=tmp_path, device="cpu")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records].count("train") == 2 and records[-1]["kind"] == "val"
