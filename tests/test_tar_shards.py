@@ -244,3 +244,35 @@ def test_a_backbone_run_trains_from_tar_shards(clipart_tar_root, tmp_path):
     run = train(cfg, out_root=tmp_path, device="cpu")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records].count("train") == 2 and records[-1]["kind"] == "val"
+
+
+def test_extract_from_shards_stores_what_extract_from_the_raw_folder_stores(clipart_run, clipart_tar_root, tmp_path):
+    from vsectl.data.sources import load_split
+    from vsectl.extract import extract
+
+    [path] = extract("resnet", None, tmp_path / "tar", "dev", shards=clipart_tar_root / "val", weights=clipart_run[
+        "weights"], size=64, workers=2, device="cpu", batch_size=7)
+    tar, raw = load_split(tmp_path / "tar", "dev"), load_split(clipart_run["feats"], "dev")
+    assert tar.n_images == raw.n_images == 40
+    for i in range(tar.n_images):
+        np.testing.assert_array_equal(tar.features.get(i), raw.features.get(i))
+    assert tar.captions == [raw.captions[int(np.flatnonzero(raw.cap2img == i)[0])] for i in range(raw.n_images)]
+    assert extract("resnet", None, tmp_path / "tar", "dev", shards=clipart_tar_root / "val", weights=clipart_run[
+        "weights"], size=64, workers=0, device="cpu") == [path]  # finished: reused
+
+
+def test_extract_and_embed_refuse_mixed_or_missing_inputs_in_one_line(clipart_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    def bad(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        return result.output
+
+    assert "exactly one of --data RAW" in bad("extract", "--backbone", "resnet", "--out", str(tmp_path / "x"))
+    assert "no tar shards found" in bad("embed", str(clipart_run["run"]), "--shards", str(tmp_path / "*.tar"),
+                                        "--out", str(tmp_path / "e"), "--device", "cpu")
+    assert "tar shards have no splits" in bad("extract", "--backbone", "resnet", "--shards", str(tmp_path),
+                                              "--split", "all", "--out", str(tmp_path / "x"))
