@@ -94,6 +94,7 @@ class Index:
     params: dict[str, Any]
     card: dict[str, Any] = field(default_factory=dict)
     _faiss_index: Any = field(default=None, repr=False)
+    _rows: Any = field(default=None, repr=False)  # the side's rows by positioned reads, for re-scoring
 
     def describe(self) -> dict[str, Any]:
         """What answers a search, for the page and --json: kind, folder, recall@10 from the card."""
@@ -117,12 +118,15 @@ class Index:
         refine = int(self.params.get("refine", 0))
         scores, rows = self._faiss_index.search(queries, min(k * refine, matrix.shape[0]) if refine else k)
         if refine:
-            return _rescore(matrix, queries, rows, k)
+            if self._rows is None:
+                self._rows = index_build.RowReader(self.embeddings.path / f"{self.side}.npy")
+            return _rescore(self._rows, queries, rows, k)
         return scores.astype(np.float32), rows.astype(np.int64)
 
 
-def _rescore(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each query's candidates by their exact inner product, read from the embeddings file.
+def _rescore(reader: Any, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's candidates by their exact inner product, read from the embeddings file (positioned
+    reads, not the memory map: a server's memory does not grow with the rows it has re-scored).
 
     Fewer than k candidates (a query whose probed lists were short) leave -1 rows with score -inf at the end.
     """
@@ -132,7 +136,7 @@ def _rescore(matrix: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k:
     out_i = np.full((len(queries), k), -1, dtype=np.int64)
     for q, rows in enumerate(candidates):
         rows = np.unique(rows[rows >= 0])                         # sorted: the file is read front to back
-        scores = matrix[rows] @ queries[q]                        # (c,) exact scores of the candidates
+        scores = reader.gather(rows) @ queries[q]                 # (c,) exact scores of the candidates
         top = np.argsort(-scores, kind="stable")[:k]
         s, i = sort_hits(scores[top][None], rows[top][None])
         out_s[q, : len(top)], out_i[q, : len(top)] = s[0], i[0]

@@ -68,6 +68,18 @@ class RowReader:
                 raise DataError(f"{self.path} is shorter than its header says; embed again")
         return out
 
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Scattered rows, one positioned read each: (len(rows), dim), nothing mapped (a query's candidates)."""
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        size = self.dim * 4
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, r in enumerate(rows.tolist()):
+                out[j] = np.frombuffer(os.pread(fd, size, self.offset + r * size), dtype=np.float32)
+        finally:
+            os.close(fd)
+        return out
+
     def blocks(self, a: int, b: int, size: int = ADD_BLOCK) -> Iterator[tuple[int, np.ndarray]]:
         for s in range(a, b, size):
             yield s, self.read(s, min(s + size, b))
