@@ -144,7 +144,7 @@ def _wait(files: list[Path], what: str) -> None:
 
 def prepare(partial: Path, plan: IndexPlan, identity: dict[str, Any], rank: int) -> None:
     """Keep a partial build made with the same plan and embeddings; start again otherwise (rank 0 decides)."""
-    settings = {"plan": plan.to_dict() | {"reason": ""}, "embeddings": identity}
+    settings = {"plan": plan.to_dict() | {"reason": ""}, "embeddings": identity, "part_rows": PART_ROWS}
     marker = partial / PLAN
     if rank == 0:
         if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != settings:
