@@ -11,7 +11,6 @@ sampler, per-image augmentation and DDP's equal per-rank batch counts work exact
 from __future__ import annotations
 
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from vsectl.data.images import UnreadableImage, load_rgb, resize_square, to_uint
 from vsectl.data.raw_images import RawImages, train_view
 from vsectl.data.sources import Split
 from vsectl.data.splits import canonical_split, split_file_names
-from vsectl.data.tar_shards import IMAGE_EXTS, TEXT_EXTS, _caption, image_file, read_member, split_key
+from vsectl.data.tar_shards import image_file, read_member, read_shard
 from vsectl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -40,30 +39,8 @@ def split_shards(root: Path, split: str) -> list[Path]:
 
 def index_shard(path: Path) -> list[tuple[str, int, int, str, str | None]]:
     """(key, image offset, image size, image member name, caption) per sample with an image; images are not read."""
-    out = []
-    key, image, fields = None, None, {}
-
-    def flush() -> None:
-        if key is not None and image is not None:
-            out.append((key, image.offset_data, image.size, image.name, _caption(fields)))
-
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                k, ext = split_key(info.name)
-                if k != key:
-                    flush()
-                    key, image, fields = k, None, {}
-                if ext in IMAGE_EXTS and image is None:
-                    image = info
-                elif ext in (*TEXT_EXTS, "json"):
-                    fields[ext] = tar.extractfile(info).read()
-            flush()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"tar shard {path} cannot be read ({e}); re-create or re-copy it") from None
-    return out
+    return [(s.key, s.offset, s.size, s.image_name, s.caption) for s in read_shard(path, images=False)
+            if s.image_name is not None]
 
 
 class TarImages(RawImages):

@@ -123,8 +123,8 @@ def _caption(fields: dict[str, bytes]) -> str | None:
     return None
 
 
-def _sample(key: str, position: int, members: list[tuple[tarfile.TarInfo, bytes]]) -> Sample:
-    fields = {split_key(info.name)[1]: data for info, data in members}
+def _sample(key: str, position: int, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Sample:
+    fields = {split_key(info.name)[1]: data for info, data in members if data is not None}
     image = next(((info, data) for info, data in members if split_key(info.name)[1] in IMAGE_EXTS), None)
     return Sample(key=key, position=position, image=image[1] if image else None,
                   image_name=image[0].name if image else None, offset=image[0].offset_data if image else -1,
@@ -139,8 +139,10 @@ def _check_end(tar: tarfile.TarFile) -> None:
         raise tarfile.ReadError("the file ends inside a member's header")
 
 
-def read_shard(path: Path) -> Iterator[Sample]:
+def read_shard(path: Path, images: bool = True) -> Iterator[Sample]:
     """The samples of one shard in file order (consecutive members with the same key form a sample).
+
+    With `images=False` image members are not read (their offset and size are still given): an index of the shard.
 
     Raises:
         DataError: the file is not a readable tar (a truncated shard fails at the point it ends).
@@ -151,12 +153,15 @@ def read_shard(path: Path) -> Iterator[Sample]:
             for info in tar:
                 if not info.isfile():
                     continue
-                k, _ = split_key(info.name)
+                k, ext = split_key(info.name)
                 if k != key and members:
                     yield _sample(key, position, members)
                     position += 1
                     members = []
                 key = k
+                if not images and ext in IMAGE_EXTS:
+                    members.append((info, None))
+                    continue
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"{info.name} is cut short")
@@ -234,15 +239,6 @@ def stream_batches(stream: ShardStream, workers: int) -> Iterator[ShardBatch]:
 
 
 # ------------------------------------------------------------------------------------------------ random access
-
-
-def shard_index(path: Path) -> list[Sample]:
-    """Every sample of a shard with its image's offset and size and its caption, image bytes not kept."""
-    out = []
-    for s in read_shard(path):
-        s.image = None
-        out.append(s)
-    return out
 
 
 def read_member(path: str | Path, offset: int, size: int) -> bytes:
