@@ -276,3 +276,25 @@ def test_extract_and_embed_refuse_mixed_or_missing_inputs_in_one_line(clipart_ru
                                         "--out", str(tmp_path / "e"), "--device", "cpu")
     assert "tar shards have no splits" in bad("extract", "--backbone", "resnet", "--shards", str(tmp_path),
                                               "--split", "all", "--out", str(tmp_path / "x"))
+
+
+def test_serve_shows_images_from_inside_their_tar_shards(clipart_run, clipart_shards, tmp_path):
+    import threading
+    import urllib.request
+
+    import vsectl
+    from vsectl.serving import open_server
+
+    out = vsectl.embed(clipart_run["run"], tmp_path / "emb", shards=clipart_shards, device="cpu", workers=0)
+    server = open_server(out, port=0, device="cpu")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        member = vsectl.open_embeddings(out).image(3)["tar"]
+        with urllib.request.urlopen(server.url + "image/3", timeout=60) as response:
+            body, kind = response.read(), response.headers["Content-Type"]
+        raw = Path(member["file"]).read_bytes()
+        assert kind == "image/png" and body == raw[member["offset"] : member["offset"] + member["size"]]
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.engine.close()
