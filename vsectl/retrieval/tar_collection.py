@@ -34,7 +34,7 @@ def tar_source(spec: str | Path) -> Source:
     listing = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in shards)
     identity = {"shards": len(shards), "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     return Source(kind="shards", path=shards[0].parent, items=[], captions=[], identity=identity,
-                  extra={"shards": shards, "spec": str(spec)})
+                  extra={"shards": shards, "pattern": str(spec)})
 
 
 def shard_name(s: int) -> str:
