@@ -132,8 +132,9 @@ def card_table(folder: Path) -> Table:
                       f"{c.get('processes', 1)} process(es), peak RSS {_gb(c.get('build_peak_rss_bytes'))}"),
             ("recall vs exact", "  ".join(f"{k} {v:.3f}" for k, v in recall.items())
              + f"  ({c['queries']['count']} held-out {c['queries']['source']})"),
-            ("query", f"{q['single']['median']:.2f} ms single (median of {q['single']['count']}), "
-                      f"{q['batched_per_query']:.3f} ms/query in a batch of {q['batch']}")]
+            ("query", f"{q['single']['median']:.2f} ms single (median of {q['single']['count']}"
+                      + (f"; {q['single']['cpu_median']:.2f} ms of CPU" if "cpu_median" in q["single"] else "")
+                      + f"), {q['batched_per_query']:.3f} ms/query in a batch of {q['batch']}")]
     if c.get("tuning"):
         ladder = ", ".join(f"{r['value']}: {r['recall@10']:.3f}" for r in c["tuning"]["ladder"])
         rows.append(("tuning (recall@10)", f"chose {c['tuning']['chosen']}; {ladder}"))
