@@ -14,8 +14,11 @@ from vsectl.cli.common import STATE, DeviceOpt, RichProgress, app, fail, interru
 @app.command("extract")
 def extract_cli(
     backbone: Annotated[str, typer.Option(help="efficientnet-lite0|1|2, resnet, clip, vit, siglip, detector, wsl")],
-    data: Annotated[Path, typer.Option(help="Raw dataset folder (dataset.json + manifest.json)")],
     out: Annotated[Path, typer.Option(help="Output folder (gets <split>.h5) or one .h5 file for one split")],
+    data: Annotated[Path | None, typer.Option(help="Raw dataset folder (dataset.json + manifest.json)")] = None,
+    shards: Annotated[str | None, typer.Option(help="Webdataset tar shards instead: a folder, a glob or "
+                                                    "'shards/{00000..00099}.tar' (one store, labelled --split)")]
+    = None,
     split: Annotated[str, typer.Option(help="train | dev (alias val) | test | all")] = "train",
     weights: Annotated[str | None, typer.Option(help="Weights file, model folder or cached hub id")] = None,
     size: Annotated[int | None, typer.Option(help="Square input side in pixels [default: the backbone's]")] = None,
@@ -44,9 +47,10 @@ def extract_cli(
     sampling = video_sampling(video, videos, frame_stride, max_frames, frame_pool, frames, fps)
     try:
         paths = run_guarded(
-            extract, backbone, data, out, split, weights=weights, size=size, batch_size=batch_size, workers=workers,
-            precision=precision, channels_last=channels_last, device=device, dtype=dtype, shard_size=shard_size,
-            limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling, engine=engine,
+            extract, backbone, data, out, split, shards=shards, weights=weights, size=size, batch_size=batch_size,
+            workers=workers, precision=precision, channels_last=channels_last, device=device, dtype=dtype,
+            shard_size=shard_size, limit=limit, progress=RichProgress(enabled=not STATE.get("quiet")), video=sampling,
+            engine=engine,
         )
     except KeyboardInterrupt:
         interrupted(interrupted_extract_line(out))

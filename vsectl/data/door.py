@@ -107,6 +107,27 @@ class RawImageFolder(ImageSource):
         return RawImageDataset(split, image_size), collate_raw_images
 
 
+class TarShards(RawImageFolder):
+    """Webdataset tar shards, one folder (or `<split>-*.tar` prefix) per split; images read by their offset."""
+
+    name = "tar-shards"
+
+    def claims(self, root: Path, split: str) -> bool:
+        from vsectl.data.tar_images import split_shards
+
+        return bool(split_shards(root, split))
+
+    def load(self, root: Path, split: str) -> Split:
+        from vsectl.data.tar_images import load_tar_split
+
+        return load_tar_split(root, split)
+
+    def subset(self, split: Split, n: int) -> Split:
+        from vsectl.data.tar_images import subset_tar
+
+        return subset_tar(split, n)
+
+
 IMAGE_SOURCES: Registry[ImageSource] = Registry("image source")
 
 
@@ -117,6 +138,7 @@ def register_image_source(source: ImageSource) -> ImageSource:
 
 register_image_source(FeatureStore())
 register_image_source(RawImageFolder())
+register_image_source(TarShards())
 
 
 def source_of(split: Split) -> ImageSource:

@@ -168,10 +168,11 @@ def output_paths(out: str | Path, splits: Sequence[str]) -> dict[str, Path]:
 
 def extract(
     backbone: str | Backbone,
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
     split: str = "train",
     *,
+    shards: str | Path | None = None,
     weights: str | Path | None = None,
     size: int | None = None,
     batch_size: int = 32,
@@ -190,7 +191,9 @@ def extract(
 
     Args:
         backbone: a registered backbone name or a ready-made Backbone.
-        data: the raw dataset folder (dataset.json + manifest.json).
+        data: the raw dataset folder (dataset.json + manifest.json); None with `shards`.
+        shards: webdataset tar shards instead of a raw dataset (a folder, glob or brace pattern): every sample goes
+            into one store labelled `split` (see `vsectl.extract.tar_extract`).
         out: a folder (each split goes to OUT/<split>.h5, so OUT can be `data.root`) or a `.h5` file (one split).
         split: "train", "dev", "test" or "all".
         weights, size: see `create_backbone`.
@@ -222,6 +225,12 @@ def extract(
     check_engine(engine, dev, precision)
     if precision == "bf16" and dev.type == "cpu" and not cpu_bf16_units():  # the one CPU probe training uses too
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
+    if (data is None) == (shards is None):
+        raise ConfigError("give exactly one of --data RAW (a raw dataset) or --shards TARS (webdataset tar shards)")
+    if shards is not None:
+        return _extract_tar(backbone, shards, out, split, weights=weights, size=size, batch_size=batch_size,
+                            workers=workers, precision=precision, channels_last=channels_last, device=dev,
+                            dtype=dtype, dist=dist, progress=progress or NullProgress(), video=video, engine=engine)
     raw = load_raw_dataset(data)
     modality = raw.manifest.get("modality")
     check_modality(modality, video, raw.root)
@@ -241,3 +250,17 @@ def extract(
         if result is not None:
             written.append(result)
     return written
+
+
+def _extract_tar(backbone: str | Backbone, shards: str | Path, out: str | Path, split: str, *,
+                 weights: str | Path | None, size: int | None, video: VideoSampling | None,
+                 **kwargs: object) -> list[Path]:
+    from vsectl.extract.tar_extract import extract_tar
+
+    if split == "all":
+        raise ConfigError("tar shards have no splits: give --split NAME (train, dev or test) to label the store")
+    if video is not None:
+        raise ConfigError("tar shards hold images; drop --video")
+    model = create_backbone(backbone, weights=weights, size=size)
+    path = extract_tar(model, shards, output_paths(out, [split])[split], split, **kwargs)
+    return [path] if path is not None else []

@@ -175,7 +175,7 @@ def extract_videos(
     precision: str = "fp32",
     channels_last: bool = True,
     progress: Progress | None = None,
-    engine: str | Choice = "eager",
+    engine: str | Choice = "auto",
 ) -> Iterator[tuple[int, np.ndarray | None, str, dict[str, Any]]]:
     """Decode, sample and run a backbone over video files; yield one frame-feature set per file, in input order.
 

@@ -43,6 +43,7 @@ MAX_SKIPPED_RECORDS = 100  # skipped images listed in meta.json; all are counted
 SOURCES = ("images", "videos", "data", "features")
 SHARDS = "shards"
 MANIFEST = "manifest.json"
+POLL_SECONDS = 1.0  # how often rank 0 looks for the other ranks' shards
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -99,7 +100,7 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
                     progress: Progress) -> None:
     from vsectl.data.features import H5Features
 
-    features = H5Features(source.store)
+    features = source.extra["open"]() if "open" in source.extra else H5Features(source.store)
     n = len(source.items)
     total = sum(min((s + 1) * size, n) - s * size for s in shards)
     rate = _Rate(progress)
@@ -115,7 +116,7 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
                 next(positions)
             rate.add(stop - c)
         _write_shard(folder, _shard_name("images", s), np.concatenate(out), {"ok": list(range(a, b)), "skipped": []})
-    features.close()
+    getattr(features, "close", lambda: None)()
 
 
 def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
@@ -241,7 +242,7 @@ def _check_store(model: Any, source: Source) -> None:
 
 
 PARTIAL_FORMAT = "vsectl-embed-partial"
-SHARD_FILE = re.compile(r"(images|captions)-\d{5}\.(npy|json)|\.(images|captions)-\d{5}\.(npy|json)\.\w+\.tmp")
+SHARD_FILE = re.compile(r"\.?((images|captions)-\d{5}|tar-\d{5}(-captions)?)\.(npy|json)(\.\w+\.tmp)?")
 MERGED = {"images.npy", "captions.npy", "cap2img.npy", "images.jsonl", "captions.jsonl", "images.offsets.npy",
           "captions.offsets.npy", META}  # files a merge killed half-way leaves beside the shards
 
@@ -277,8 +278,14 @@ def _partial_settings(partial: Path) -> dict[str, Any] | None:
     return manifest["settings"]
 
 
-def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
-    """The shard folder of `partial`: kept when its settings are these, emptied of vsectl's own files otherwise."""
+def _prepare_partial(partial: Path, settings: dict[str, Any], rank: int = 0) -> Path:
+    """The shard folder of `partial`: kept when its settings are these, emptied of vsectl's own files otherwise
+    (rank 0 decides; the other ranks of a torchrun job wait for its manifest)."""
+    if rank != 0:
+        _wait_for([partial / MANIFEST])
+        if _partial_settings(partial) != settings:
+            raise ConfigError(f"{partial} holds shards made with other settings; delete it first")
+        return partial / SHARDS
     old = _partial_settings(partial)
     if old is not None and old != settings:
         log.warning("removing unfinished shards in %s made with other settings", partial)
@@ -293,11 +300,48 @@ def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
     return partial / SHARDS
 
 
-def embed(run: str | Path | Any, out: str | Path, **options: Any) -> Path:
+def embed(run: str | Path | Any, out: str | Path, **options: Any) -> Path | None:
     """Embed a collection into `out` (see `embed_unlocked` for the options), holding the folder's write lock: a second
-    embed into the same folder (or its `.partial`) is refused with one line naming this one."""
+    embed into the same folder (or its `.partial`) is refused with one line naming this one. Under torchrun, rank 0
+    holds the lock for the whole job; the other ranks write only their own shards into its `.partial`."""
+    if _dist().rank != 0:
+        return embed_unlocked(run, out, **options)
     with folder_lock(Path(out)):
         return embed_unlocked(run, out, **options)
+
+
+def _dist() -> Any:
+    from vsectl.runtime import distributed_from_env
+
+    try:
+        return distributed_from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _wait_for(files: list[Path]) -> None:
+    """Rank 0 waits for the other ranks' shards (and they for its manifest)."""
+    last = time.monotonic()
+    while missing := [p for p in files if not p.is_file()]:
+        if time.monotonic() - last > 60:
+            log.info("waiting for %d shards from other ranks, e.g. %s", len(missing), missing[0].name)
+            last = time.monotonic()
+        time.sleep(POLL_SECONDS)
+
+
+def _shard_counts(source: Source, size: int) -> tuple[int, int]:
+    """Image and caption shards: one per tar shard (whose captions are embedded with it), else cut by `size`."""
+    if source.kind == "shards":
+        return len(source.extra["shards"]), 0
+    return math.ceil(len(source.items) / size), math.ceil(len(source.captions) / size)
+
+
+def _image_shard(source: Source, s: int) -> str:
+    if source.kind == "shards":
+        from vsectl.retrieval.tar_collection import shard_name
+
+        return shard_name(s)
+    return _shard_name("images", s)
 
 
 def embed_unlocked(
@@ -307,6 +351,7 @@ def embed_unlocked(
     images: str | Path | None = None,
     data: str | Path | None = None,
     features: str | Path | None = None,
+    shards: str | Path | None = None,
     split: str = "all",
     checkpoint: str = "best",
     device: str = "auto",
@@ -315,18 +360,22 @@ def embed_unlocked(
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: Progress | None = None,
     videos: str | Path | None = None,
-) -> Path:
+) -> Path | None:
     """Embed every image (and caption) of a collection with a trained run into an embeddings folder.
 
-    Exactly one of `images`, `videos`, `data`, `features`. From files (`images`, `videos`, `data`) the run's feature
-    recipe is replayed (see `vsectl.retrieval.recipe`); unreadable files are skipped and counted in meta.json.
+    Exactly one of `images`, `videos`, `data`, `features`, `shards`. From files (`images`, `videos`, `data`,
+    `shards`) the run's feature recipe is replayed (see `vsectl.retrieval.recipe`); unreadable files are skipped and
+    counted in meta.json. Under torchrun, rank r embeds the shards s with s % WORLD_SIZE == r and rank 0 merges (other
+    ranks return None).
 
     Args:
         run: a run directory or checkpoint folder, or a loaded `RetrievalModel`.
         out: the embeddings folder to write (work in progress lives in `OUT.partial`).
         images: a plain folder of images (searched recursively; no captions).
         data: a raw dataset folder (made by `vsectl data prepare`): images and their captions.
-        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5.
+        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5, or a precomp
+            `<split>_ims.npy` (with its `<split>_caps.txt` beside it).
+        shards: webdataset tar shards: a folder of .tar files, a glob or a brace pattern (`shards/{00000..00099}.tar`).
         split: for `data`: "all" or one split.
         checkpoint: "best" or "last".
         device: where the towers (and the backbone) run.
@@ -338,7 +387,7 @@ def embed_unlocked(
             from video files (`extract --videos`): each video is sampled and pooled as those were.
 
     Returns:
-        `out`, complete.
+        `out`, complete (None on torchrun ranks other than 0).
     """
     from vsectl.retrieval.model import RetrievalModel, load
 
@@ -347,7 +396,7 @@ def embed_unlocked(
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     out = Path(out)
-    source = resolve_source(images, data, features, split, videos=videos)
+    source = resolve_source(images, data, features, split, videos=videos, shards=shards)
     model = run if isinstance(run, RetrievalModel) else load(run, checkpoint=checkpoint, device=device)
     if source.kind == "features":
         _check_store(model, source)
@@ -356,39 +405,52 @@ def embed_unlocked(
     backbone = source.backbone if source.kind == "features" else model.provenance()
     settings = {"fingerprint": model.fingerprint, "source": {"kind": source.kind, "path": str(source.path),
                 **source.identity}, "shard_size": shard_size, "batch_size": batch_size, "backbone": backbone}
+    dist = _dist()
     if (out / META).is_file():
         done = open_embeddings(out)
         if done.meta.get("settings") == settings:
             log.info("%s is already embedded with these settings", out)
-            return out
+            return out if dist.rank == 0 else None
         raise ConfigError(f"{out} already holds other embeddings (run {done.meta.get('run')}, source "
                           f"{done.meta['source'].get('path')}); choose another --out or delete it")
     if out.exists():
         raise ConfigError(f"{out} exists and is not an embeddings folder; choose another --out")
     partial = out.with_name(out.name + ".partial")
-    shards = _prepare_partial(partial, settings)
-    n, c = len(source.items), len(source.captions)
-    n_img, n_cap = math.ceil(n / shard_size), math.ceil(c / shard_size)
-    todo = [s for s in range(n_img) if not _done(shards, _shard_name("images", s))]
-    cap_todo = [s for s in range(n_cap) if not _done(shards, _shard_name("captions", s))]
-    log.info("embedding %d images and %d captions from %s: %d + %d of %d + %d shards to do", n, c, source.path,
-             len(todo), len(cap_todo), n_img, n_cap)
+    folder = _prepare_partial(partial, settings, dist.rank)
+    n_img, n_cap = _shard_counts(source, shard_size)
+    todo = [s for s in range(dist.rank, n_img, dist.world_size) if not _done(folder, _image_shard(source, s))]
+    cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not _done(folder, _shard_name("captions", s))]
+    log.info("embedding %s: %d + %d of %d + %d shards to do on rank %d of %d", source.path, len(todo), len(cap_todo),
+             n_img, n_cap, dist.rank, dist.world_size)
     start = time.perf_counter()
-    if todo and source.kind == "features":
-        _feature_shards(model, source, todo, shard_size, shards, batch_size, progress)
+    if todo and source.kind == "shards":
+        from vsectl.retrieval.tar_collection import embed_tar_shards
+
+        embed_tar_shards(model, source, todo, folder, batch_size, workers, progress)
+    elif todo and source.kind == "features":
+        _feature_shards(model, source, todo, shard_size, folder, batch_size, progress)
     elif todo:
-        _image_shards(model, source, todo, shard_size, shards, batch_size, workers, progress)
+        _image_shards(model, source, todo, shard_size, folder, batch_size, workers, progress)
     if cap_todo:
-        _caption_shards(model, source, cap_todo, shard_size, shards, batch_size, progress)
+        _caption_shards(model, source, cap_todo, shard_size, folder, batch_size, progress)
+    if dist.rank != 0:
+        return None
+    _wait_for([folder / f"{_image_shard(source, s)}.json" for s in range(n_img)]
+              + [folder / f"{_shard_name('captions', s)}.json" for s in range(n_cap)])
     seconds = time.perf_counter() - start
     if todo:
-        log.info("embedded %d images in %.1f s", n, seconds)
+        log.info("embedded %d shards in %.1f s", len(todo), seconds)
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": str(model.run_dir),
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,
             "settings": settings, "image_root": str(source.root) if source.root is not None else None}
     try:
-        meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
+        if source.kind == "shards":
+            from vsectl.retrieval.tar_collection import merge_tar
+
+            meta = merge_tar(partial, n_img, model.embed_dim, meta)
+        else:
+            meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
     except DataError:
         shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
         raise
@@ -396,7 +458,7 @@ def embed_unlocked(
         if e.filename is None and e.errno is not None:
             raise OSError(e.errno, e.strerror, str(partial)) from None
         raise
-    shutil.rmtree(shards)
+    shutil.rmtree(folder)
     (partial / MANIFEST).unlink()
     (partial / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
     os.replace(partial, out)  # the folder appears complete or not at all

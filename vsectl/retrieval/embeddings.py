@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import DataError
-from vsectl.io import sha256_file
+from vsectl.io import json_text, sha256_file
 
 EMBEDDINGS_FORMAT = "vsectl-embeddings"
 EMBEDDINGS_VERSION = 1
@@ -168,8 +168,8 @@ def _check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
             raise DataError(f"{meta_path}: {key} is {str(value)[:40]!r}, not a valid {kind.__name__}; {AGAIN}")
     if meta["embed_dim"] < 1:
         raise DataError(f"{meta_path}: embed_dim is {meta['embed_dim']}; {AGAIN}")
-    for key in ("run", "checkpoint"):
-        if not isinstance(meta.get(key, ""), str):
+    for key in ("run", "checkpoint"):  # None: vectors made without a run (`write_vectors`)
+        if meta.get(key) is not None and not isinstance(meta[key], str):
             raise DataError(f"{meta_path}: {key} is not text; {AGAIN}")
     if not isinstance(meta.get("source", {}), dict):
         raise DataError(f"{meta_path}: source is not an object; {AGAIN}")
@@ -319,3 +319,45 @@ class JsonLinesWriter:
         self._file.close()
         offsets = self.path.with_name(self.path.name.replace(".jsonl", ".offsets.npy"))
         np.save(offsets, np.asarray(self.offsets, dtype=np.int64))
+
+
+def write_vectors(out: Path, images: Any, n_images: int, dim: int, *, captions: np.ndarray | None = None,
+                  cap2img: np.ndarray | None = None, run_meta: dict[str, Any] | None = None,
+                  ids: Any = None) -> Path:
+    """An embeddings folder of given vectors (benchmarks, tests, vectors made elsewhere), streamed block by block.
+
+    Args:
+        out: the folder to create (it must not exist).
+        images: an iterable of (b, dim) float32 blocks, n_images rows in all.
+        n_images, dim: the image matrix's shape.
+        captions, cap2img: optional (C, dim) caption vectors and their (C,) image indices.
+        run_meta: run / checkpoint / fingerprint recorded in meta.json (a model's, for text queries).
+        ids: optional callable row → id (default: the row number).
+    """
+    out.mkdir(parents=True)
+    writer = NpyAppender(out / "images.npy", (n_images, dim))
+    records = JsonLinesWriter(out / "images.jsonl")
+    for block in images:
+        for i in range(writer.rows, writer.rows + len(block)):
+            records.write({"id": ids(i) if ids else str(i), "path": None, "caption": None})
+        writer.append(block)
+    images_sha = writer.close()
+    records.close()
+    captions = np.zeros((0, dim), np.float32) if captions is None else captions
+    cap2img = np.zeros(0, np.int64) if cap2img is None else cap2img
+    caps = NpyAppender(out / "captions.npy", (len(captions), dim))
+    caps.append(captions)
+    captions_sha = caps.close()
+    index = NpyAppender(out / "cap2img.npy", (len(cap2img),), dtype=np.int64)
+    index.append(cap2img)
+    index.close()
+    texts = JsonLinesWriter(out / "captions.jsonl")
+    for j, i in enumerate(cap2img.tolist()):
+        texts.write({"text": f"caption {j}", "image": int(i)})
+    texts.close()
+    meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": None, "checkpoint": None,
+            "fingerprint": "vectors", **(run_meta or {}), "embed_dim": dim, "source": {"kind": "vectors"},
+            "n_images": n_images, "n_captions": len(captions), "n_skipped": 0, "skipped": [],
+            "images_sha256": images_sha, "captions_sha256": captions_sha}
+    (out / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")
+    return out

@@ -75,6 +75,7 @@ class RetrievalModel:
         self.feat_dim = int(config.model.image.feat_dim)
         self._processor = text.processor(augment=False)
         self._backbone: Any = None
+        self._engine: Any = None  # the extraction engine chosen for pixel_items (vsectl.extract.engines.Choice)
 
     def __repr__(self) -> str:
         return f"RetrievalModel({str(self.run_dir)!r}, checkpoint={self.checkpoint!r}, fingerprint={self.fingerprint})"
@@ -189,6 +190,33 @@ class RetrievalModel:
             emb, _ = self.net.encode_image(pixels.to(self.device), None)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
+
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, that image files are resized to before the backbone."""
+        return self.net.image.backbone.size if self.end_to_end else self.backbone.size
+
+    def pixel_items(self, images: torch.Tensor, n_images: int = 0) -> list[np.ndarray]:
+        """(b, 3, S, S) uint8 decoded images → what `encode_items` takes: the replayed backbone's feature sets
+        (rounded through the recipe's store dtype, as `image_features` gives them), or the images themselves for an
+        end-to-end run.
+
+        Args:
+            images: one batch of decoded images.
+            n_images: about how many images the whole job will run (the first call chooses the extraction engine
+                for the job, as `vsectl extract` does: timing the candidates pays only on long jobs).
+        """
+        if self.end_to_end:
+            return list(images.numpy())
+        if self._engine is None:
+            from vsectl.extract.engines import choose_engine
+
+            recipe = self.recipe
+            self._engine = choose_engine(self.backbone, device=self.device, precision=recipe.precision,
+                                         channels_last=recipe.channels_last, n_images=n_images)
+        feats = self._engine.engine.run(images)  # (b, N, C)
+        dtype = np.float16 if self.recipe.dtype == "float16" else np.float32
+        return list(feats.astype(dtype).astype(np.float32))
 
     def _pixels(self, paths: Sequence[str | Path], workers: int, batches: Sequence[Sequence[int]] | None,
                 progress: Any) -> Iterator[tuple[int, np.ndarray | None, str]]:

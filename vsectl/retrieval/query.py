@@ -53,9 +53,11 @@ class SearchResult:
     query: str
     side: str
     hits: list[Hit] = field(default_factory=list)
+    searched_with: dict[str, Any] = field(default_factory=lambda: {"kind": "exact"})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "side": self.side, "hits": [asdict(h) for h in self.hits]}
+        return {"query": self.query, "side": self.side, "searched_with": self.searched_with,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 def check_k(k: int, n: int, side: str) -> None:
@@ -182,7 +184,8 @@ def search(
         from vsectl.retrieval.exact import topk
 
         scores, rows = topk(emb.side(side), vectors, k)
-    return [SearchResult(query=name, side=side, hits=make_hits(emb, side, s, r))
+    how = index.describe() if index is not None else {"kind": "exact"}
+    return [SearchResult(query=name, side=side, hits=make_hits(emb, side, s, r), searched_with=how)
             for name, s, r in zip(names, scores, rows, strict=True)]
 
 
@@ -232,8 +235,11 @@ def search_collection(
     device: str = "auto",
     sheet: str | Path | None = None,
     verify: bool = False,
+    exact: bool = False,
 ) -> list[SearchResult]:
     """Everything `vsectl search` does: open the target, load the run, encode text and image queries, search, draw.
+
+    An embeddings folder is searched through its best index for `side` when it has one (`exact` forces exact search).
 
     Args:
         target: an embeddings or index folder (or an opened one).
@@ -248,6 +254,7 @@ def search_collection(
         device: where the model runs.
         sheet: also write a contact sheet PNG here (a new file, or a sheet vsectl wrote before).
         verify: hash the embeddings against meta.json and check every row for NaN/inf before searching.
+        exact: search an embeddings folder exactly even when it holds an index.
 
     Returns:
         One result per query: the texts first, then the images.
@@ -287,6 +294,10 @@ def search_collection(
     if images:
         vectors.append(model.encode_images([Path(p) for p in images]))
     labels = texts + [f"image:{Path(p).name}" for p in images]
+    if not exact and not isinstance(target, Index):
+        from vsectl.retrieval.index import best_index
+
+        target = best_index(emb, side) or target
     results = search(target, np.concatenate(vectors), k=k, side=side, labels=labels)
     if sheet is not None:
         from vsectl.retrieval.sheet import contact_sheet

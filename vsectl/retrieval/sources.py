@@ -107,6 +107,26 @@ def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
     return [by_id.get(i) for i in ids]
 
 
+def precomp_source(ims: Path) -> Source:
+    """SCAN precomp features (`<split>_ims.npy` with `<split>_caps.txt`, optional `_ids.txt`), as training reads them.
+
+    No backbone is recorded with such files, so only their width is checked against the run.
+    """
+    from vsectl.data.sources import load_split
+
+    name = ims.name
+    if not name.endswith("_ims.npy"):
+        raise DataError(f"{ims} is not a precomp feature file (<split>_ims.npy with <split>_caps.txt beside it)")
+    split = load_split(ims.parent, name[: -len("_ims.npy")])
+    items = [{"id": i, "path": None} for i in split.image_ids]
+    captions = [(t, int(j)) for t, j in zip(split.captions, split.cap2img.tolist(), strict=True)]
+    st = ims.stat()
+    identity = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "captions_sha256": hashlib.sha256(
+        "\n".join(split.captions).encode("utf-8")).hexdigest()}
+    return Source(kind="features", path=ims, items=items, captions=captions, identity=identity, store=ims,
+                  extra={"feat_dim": split.features.feat_dim, "recipe": None, "open": lambda: split.features})
+
+
 def store_source(store: str | Path) -> Source:
     """An extracted (or imported) feature store; image paths come from the raw dataset it was extracted from."""
     from vsectl.data.store import read_store_attrs, read_store_captions
@@ -114,6 +134,8 @@ def store_source(store: str | Path) -> Source:
     from vsectl.retrieval.recipe import FeatureRecipe
 
     store = Path(store).resolve()
+    if store.suffix == ".npy":
+        return precomp_source(store)
     if store.is_dir():
         raise DataError(f"{store} is a folder; --features takes one store file, e.g. {store / 'test.h5'}")
     attrs = read_store_attrs(store)
@@ -150,12 +172,13 @@ def video_folder_source(folder: str | Path) -> Source:
 
 
 def resolve_source(images: str | Path | None, data: str | Path | None, features: str | Path | None,
-                   split: str, videos: str | Path | None = None) -> Source:
-    """The one source among --images / --videos / --data / --features."""
-    given = [(k, v) for k, v in (("images", images), ("videos", videos), ("data", data), ("features", features))
-             if v is not None]
+                   split: str, videos: str | Path | None = None, shards: str | Path | None = None) -> Source:
+    """The one source among --images / --videos / --data / --features / --shards."""
+    given = [(k, v) for k, v in (("images", images), ("videos", videos), ("data", data), ("features", features),
+                                 ("shards", shards)) if v is not None]
     if len(given) != 1:
-        raise ConfigError("give exactly one of --images DIR, --videos DIR, --data RAW or --features STORE")
+        raise ConfigError("give exactly one of --images DIR, --videos DIR, --data RAW, --features STORE or "
+                          "--shards TARS")
     from vsectl.data.splits import canonical_split
 
     split = canonical_split(split)  # val is dev, as everywhere
@@ -168,4 +191,8 @@ def resolve_source(images: str | Path | None, data: str | Path | None, features:
         return video_folder_source(path)
     if kind == "data":
         return data_source(path, split)
+    if kind == "shards":
+        from vsectl.retrieval.tar_collection import tar_source
+
+        return tar_source(path)
     return store_source(path)
