@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
+from vsectl.noise_config import NoiseConfig, check_noise
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
 from vsectl.registry import did_you_mean
 
@@ -77,6 +78,7 @@ class DataConfig:
     batch_size: int = 128           # global batch size
     num_workers: int = 2            # DataLoader workers (0 = main process)
     drop_last: bool = True
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noisy correspondence in the training pairs
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def check(cfg: RunConfig) -> None:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
     _check_length(cfg.train)
+    check_noise(cfg.data.noise, cfg.data.train_split)
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
