@@ -41,7 +41,12 @@ def main() -> None:
     parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     parser.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every cell")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)  # on shared cores one thread wastes less time waiting for the other
     from vsectl.config import load_recipe
     from vsectl.evaluation import evaluate_runs, result_path
     from vsectl.logs import setup_logging
