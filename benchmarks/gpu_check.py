@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from vsectl.config import load_recipe  # noqa: E402
 from vsectl.losses import ContrastiveLoss  # noqa: E402
-from vsectl.models.gpo import GPO  # noqa: E402
+from vsectl.models.pooling.gpo import GPO  # noqa: E402
 from vsectl.models.vse import create_model  # noqa: E402
 
 

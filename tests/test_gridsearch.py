@@ -11,10 +11,10 @@ import pytest
 from scipy.stats import ttest_rel
 from typer.testing import CliRunner
 
-from vsectl import gridsearch as gs
 from vsectl.cli import app
 from vsectl.config import load_recipe
 from vsectl.errors import ConfigError
+from vsectl.science import gridsearch as gs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"

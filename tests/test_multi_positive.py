@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from vsectl.coco_protocols import coco5k_sets, evaluate_sets
-from vsectl.metrics import TIE_RULES, evaluate_protocol
+from vsectl.metrics import TIE_RULES
 from vsectl.multi_positive import PositiveSets, positive_stats, query_metrics, truncated_ties
+from vsectl.protocols import evaluate_protocol
 from vsectl.top_lists import full_lists, top_lists
 
 

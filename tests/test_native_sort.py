@@ -176,7 +176,7 @@ def test_bad_lengths_are_refused() -> None:
 
 
 def test_gpo_is_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vsectl.models.gpo import GPO
+    from vsectl.models.pooling.gpo import GPO
 
     pool = GPO(d_pe=8, d_hidden=8)
     feats = torch.randn(8, 10, 32)

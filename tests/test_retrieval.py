@@ -98,7 +98,8 @@ def test_search_ranks_equal_eval_ranks_both_directions(clipart_run, model, test_
     from vsectl.builders import load_run
     from vsectl.data.sources import load_split
     from vsectl.evaluation import encode_split, evaluate_runs
-    from vsectl.metrics import rank_retrieval, recall_metrics
+    from vsectl.metrics import recall_metrics
+    from vsectl.ranking import rank_retrieval
 
     indexes = []
     for side in ("images", "captions"):

@@ -11,7 +11,6 @@ each checkpoint's model file names it, with its sha256, in the `frozen` metadata
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vsectl.errors import CheckpointError
-from vsectl.io import atomic_path, umask_mode
+from vsectl.io import atomic_path, sha256_file, umask_mode
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -210,14 +209,6 @@ def read_metadata(path: Path) -> dict[str, str]:
 # a frozen part, stored once per run
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def split_frozen(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(trainable, frozen) halves of a state dict: keys under any of `prefixes` are frozen."""
@@ -233,7 +224,7 @@ def save_frozen(path: Path, tensors: dict[str, torch.Tensor], prefixes: tuple[st
         with atomic_path(path) as tmp:
             save_file(_plain(tensors), str(tmp))
     relative = os.path.relpath(path, Path(checkpoints) / "last")
-    return json.dumps({"file": relative, "sha256": file_sha256(path), "prefixes": list(prefixes)})
+    return json.dumps({"file": relative, "sha256": sha256_file(path), "prefixes": list(prefixes)})
 
 
 def _merge_frozen(ckpt: Path, model: dict[str, torch.Tensor], entry: str, device: str) -> dict[str, torch.Tensor]:
@@ -242,7 +233,7 @@ def _merge_frozen(ckpt: Path, model: dict[str, torch.Tensor], entry: str, device
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ckpt} keeps its frozen weights in {path}, which is missing; copy the "
                               "whole run directory, not only the checkpoint folder")
-    if file_sha256(path) != ref["sha256"]:
+    if sha256_file(path) != ref["sha256"]:
         raise CheckpointError(f"{path} does not hold the frozen weights checkpoint {ckpt} was saved with (sha256 "
                               "differs); restore that file from the original run")
     return {**load_file(str(path), device=device), **model}

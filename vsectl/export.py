@@ -139,7 +139,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
     _, onnxruntime = require_onnx()
     from vsectl import __version__
     from vsectl.builders import load_run, resolve_checkpoint
-    from vsectl.data.raw import sha256_file, write_json_atomic
+    from vsectl.io import atomic_write_json, sha256_file
     from vsectl.models.exportable import ImageTower, TextTower
 
     out = Path(out)
@@ -185,7 +185,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
             "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE, "set_sizes": list(CHECK_SET_SIZES),
                        "text_lengths": list(CHECK_TEXT_LENGTHS), "seed": seed},
         }
-        write_json_atomic(tmp / MANIFEST, manifest, indent=2)
+        atomic_write_json(tmp / MANIFEST, manifest, indent=2, ensure_ascii=False, newline=False)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

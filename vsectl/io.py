@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the target.
+"""Atomic file writes (a temporary file in the same folder, fsync, then rename over the target) and file hashes.
 
 Every file vsectl writes whole goes through here, so a kill never leaves half a file under the final name and the
 result gets the mode a plain `open()` would give it (0o666 less the umask: 0644 under umask 022), not the 0600 of a
@@ -63,7 +63,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True) -> str:
-    """Write `obj` as JSON (a newline after indented JSON) atomically; return the sha256 of the bytes written."""
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True,
+                      newline: bool | None = None) -> str:
+    """Write `obj` as JSON atomically; return the sha256 of the bytes written.
+
+    `newline` ends the file with one (default: after indented JSON only); `ensure_ascii=False` writes UTF-8 as is.
+    """
     text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=ensure_ascii)
-    return atomic_write_bytes(path, (text + "\n" if indent is not None else text).encode("utf-8"))
+    end = "\n" if (indent is not None if newline is None else newline) else ""
+    return atomic_write_bytes(Path(path), (text + end).encode("utf-8"))
+
+
+HASH_BLOCK = 1 << 20  # bytes per read while hashing a file
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file's bytes (of its first `limit` bytes when given), read in blocks."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(HASH_BLOCK if left is None else min(HASH_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()

@@ -1,9 +1,10 @@
 """Per-pair training loss of a fixed sample of clean and noisy training pairs, logged after every epoch.
 
 Robust methods for noisy correspondence split the training pairs by their loss (noisy pairs keep a high loss for
-longer). Each epoch the sampled pairs are encoded in eval mode, without augmentation (a raw-image run uses one fixed
-crop per image), cut into batches of `data.batch_size` in a fixed random order, and each pair's share of the training
-criterion within its batch is written to `pair_losses.jsonl` (one record per epoch; a resume drops later records).
+longer). Each epoch the sampled pairs are encoded in eval mode without dropping set elements (a pixel-reading run
+uses one fixed training crop per image: epoch 0's), cut into batches of `data.batch_size` in a fixed random order,
+and each pair's share of the training criterion within its batch is written to `pair_losses.jsonl` (one record per
+epoch; a resume drops later records).
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from vsectl.data.datasets import PairDataset, collate_pairs
-from vsectl.data.raw_images import RawImages, RawPairDataset, collate_raw_pairs
+from vsectl.data.door import pair_dataset
 from vsectl.data.sources import Split
-from vsectl.data.text_input import TextInput
+from vsectl.kinds import TextInput
 from vsectl.losses import ContrastiveLoss
 from vsectl.run_dir import MetricsLog
 from vsectl.runtime import Precision
+from vsectl.text_cache import CachedTextStates
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,7 @@ def pair_losses(model: torch.nn.Module, split: Split, sample: PairSample, source
         hardest: the criterion's mode this epoch (hardest negative or sum over negatives).
         image_size: the backbone's input side for raw-image runs (None for feature runs).
     """
-    raw = isinstance(split.features, RawImages)
-    dataset = RawPairDataset(split, source, image_size, 0, text_input=text_input) if raw \
-        else PairDataset(split, source, 0.0, 0, text_input=text_input)
-    collate = collate_raw_pairs if raw else collate_pairs
+    dataset, collate = pair_dataset(split, source, 0, text_input, 0.0, image_size)  # epoch 0's draws, no drop
     loader = DataLoader(Subset(dataset, sample.captions.tolist()), batch_size=batch_size,
                         collate_fn=functools.partial(collate, pad_id=pad_id, text_input=text_input))
     was_training = model.training
@@ -156,13 +154,22 @@ class PairLossTracker:
         self.out.write(epoch, global_step, hardest, self.sample, losses)
 
 
-def pair_loss_tracker(run_dir: Path, split: Split, noisy: np.ndarray, per_kind: int, seed: int, source: Any,
-                      text_input: TextInput, criterion: ContrastiveLoss, batch_size: int, pad_id: int,
-                      image_size: int | None, global_step: int, enabled: bool = True) -> PairLossTracker | None:
-    """A tracker over a fresh sample (None when `per_kind` is 0); records after `global_step` (a resume) are dropped."""
+def pair_loss_tracker(run_dir: Path, split: Split, noisy: np.ndarray, per_kind: int, seed: int,
+                      state_cache: Path | None, text: Any, criterion: ContrastiveLoss, batch_size: int,
+                      image_size: int | None, global_step: int) -> PairLossTracker | None:
+    """A tracker over a fresh sample (None when `per_kind` is 0); records after `global_step` (a resume) are dropped.
+
+    Args:
+        state_cache: the training captions' cached token states, or None to encode token ids with `text`.
+        text: the run's text side (its unaugmented processor and pad id).
+    """
     if per_kind <= 0:
         return None
-    out = PairLossLog(run_dir, enabled)
+    out = PairLossLog(run_dir)
     out.resume_at(global_step)
+    if state_cache is not None:
+        source, text_input = CachedTextStates(state_cache, augment=False), TextInput.STATES
+    else:
+        source, text_input = text.processor(augment=False), TextInput.IDS
     return PairLossTracker(PairSample.draw(noisy, per_kind, seed), split, source, text_input, criterion, batch_size,
-                           pad_id, image_size, out)
+                           text.pad_id, image_size, out)

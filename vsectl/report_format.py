@@ -110,7 +110,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path]
 
 def draw_metric(report: dict[str, Any], metric: str, x_key: str, protocol: str | None = None) -> Any:
     """Mean ± std of `metric` against the group setting `x_key`, one line per combination of the other settings."""
-    from vsectl.plots import new_figure
+    from vsectl.science.plots import new_figure
 
     tables = [t for t in report["tables"] if (protocol is None or t["protocol"] == protocol)]
     if not tables:
@@ -145,7 +145,7 @@ def draw_metric(report: dict[str, Any], metric: str, x_key: str, protocol: str |
 
 def write_metric_figure(report: dict[str, Any], path: str | Path, metric: str, x_key: str,
                         protocol: str | None = None) -> Path:
-    from vsectl.plots import figure_format, paper_style, save_figure
+    from vsectl.science.plots import figure_format, paper_style, save_figure
 
     figure_format(path)
     with paper_style():

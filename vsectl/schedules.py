@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from vsectl.config import RunConfig
+from vsectl.kinds import IMAGE_KINDS
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def loss_scale(cfg: RunConfig, epoch: int, step: int, steps_per_epoch: int) -> f
         step: 0-based step within the epoch.
         steps_per_epoch: n, the steps of a full epoch.
     """
-    if cfg.model.image.encoder != "backbone" or not cfg.train.loss_scale_warmup:
+    if not IMAGE_KINDS.get(cfg.model.image.encoder).trains_backbone or not cfg.train.loss_scale_warmup:
         return 1.0
     if epoch != cfg.train.embedding_warmup_epochs or steps_per_epoch <= 0:
         return 1.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vsectl.ranking import _similarity_chunk
+from vsectl.ranking import similarity_chunk
 
 DIRECTIONS = ("i2t", "t2i")  # image queries over captions, caption queries over images
 LIST_MARGIN = 8  # places kept beyond the needed depth, so a tie group at the depth rarely reaches the list's end
@@ -99,7 +99,7 @@ def top_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth_i2t: int
     for r0 in range(0, n_img, chunk_size):
         r1 = min(r0 + chunk_size, n_img)
         sims = buf[: r1 - r0]
-        _similarity_chunk(imgs, caps, r0, r1, out=sims)  # (b, C)
+        similarity_chunk(imgs, caps, r0, r1, out=sims)  # (b, C)
         if not bool(torch.isfinite(sims.sum())):  # a NaN or inf anywhere makes the sum one (15× cheaper than isfinite)
             raise ValueError("the similarities overflow: embeddings must be of moderate size (unit vectors)")
         torch.topk(sims, l_i2t, dim=1, out=(i2t_v[r0:r1], i2t_i[r0:r1]))

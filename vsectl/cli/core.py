@@ -22,6 +22,7 @@ from vsectl.cli.common import (
     interrupted,
     run_guarded,
 )
+from vsectl.protocols import GROUPS, PROTOCOLS, choices
 
 
 @app.command("train")
@@ -61,12 +62,24 @@ def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], ou
     return f"{kept}; resume with: {command}"
 
 
-def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "") -> Table:
+def protocol_help() -> str:
+    """`--protocol`'s help, from the registered protocols."""
+    listed = "; ".join(f"{p.name}: {p.help}" for _, p in PROTOCOLS.items())
+    return f"{choices()} ({listed}; " + "; ".join(f"{g} = {' + '.join(n)}" for g, n in GROUPS.items()) + ")"
+
+
+COLUMN_TITLES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "medr", "meanr": "meanr", "r_precision": "R-P",
+                 "map_at_r": "mAP@R"}
+
+
+def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "",
+                  columns: tuple[str, ...] = ("r1", "r5", "r10", "medr", "meanr")) -> Table:
+    """One row per direction with the protocol's `columns` (metric keys `<direction>_<column>`)."""
     table = Table(title=title, title_justify="left")
-    for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
+    for col in ("direction", *(COLUMN_TITLES.get(c, c) for c in columns)):
         table.add_column(col, justify="right")
     for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
-        table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
+        table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in columns))
     table.caption = f"rsum {metrics['rsum']:.1f}" + (f" · {ties}" if ties else "")
     return table
 
@@ -84,7 +97,7 @@ def ties_caption(result: dict) -> str:
 def eval_cli(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run directories or checkpoint folders")] = None,
     run: Annotated[list[Path] | None, typer.Option("--run", help="More runs: an ensemble (repeatable)")] = None,
-    protocol: Annotated[str, typer.Option(help="f30k | coco1k | coco5k | dev1k | all")] = "f30k",
+    protocol: Annotated[str, typer.Option(help=protocol_help())] = "f30k",
     split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's); val = dev")] = None,
     data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
@@ -106,7 +119,8 @@ def eval_cli(
     for name, result in results.items():
         modality = result.get("modality", "image")
         title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
-        err.print(metrics_table(title, result["metrics"], modality, ties_caption(result)))
+        columns = PROTOCOLS.get(name).columns
+        err.print(metrics_table(title, result["metrics"], modality, ties_caption(result), columns))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vsectl.data.raw import DATASET_JSON, is_raw_dataset, load_raw_dataset, sha256_file
+from vsectl.data.raw import DATASET_JSON, is_raw_dataset, load_raw_dataset
 from vsectl.data.store import open_store
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress

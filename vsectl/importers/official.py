@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from vsectl.importers.official_grid import (
 )
 from vsectl.importers.official_opt import build_config, check_fields, is_grid, opt_record, protocol_for
 from vsectl.importers.safe_load import load_torch_pickle
-from vsectl.io import atomic_write_json
+from vsectl.io import atomic_write_json, sha256_file
 from vsectl.optim import create_run_optimizer
 
 log = logging.getLogger(__name__)
@@ -157,14 +156,6 @@ def _gpo_sizes(state: dict[str, torch.Tensor], source: Path, side: str) -> tuple
         raise CheckpointError(f"{source}: the {side} encoder has no GPO (gpool.gru.weight_ih_l0); only VSE∞ "
                               "checkpoints with GPO pooling import")
     return int(w.shape[1]), int(w.shape[0]) // 3                    # GRU input (d_pe), hidden (3·H gates)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _text_files(ckpt: OfficialCheckpoint, tmp: Path, source: Path, vocab: Path | None,

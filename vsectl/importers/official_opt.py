@@ -16,12 +16,13 @@ from vsectl.config import (
     LossConfig,
     LRMultConfig,
     ModelConfig,
-    PoolConfig,
     RunConfig,
     TextConfig,
     TrainConfig,
+    pool_options,
 )
 from vsectl.errors import CheckpointError, ConfigError
+from vsectl.pool_options import PoolOptions
 
 # argparse defaults of the official code, used (and recorded as such) when an option is absent from a checkpoint
 OFFICIAL_DEFAULTS: dict[str, Any] = {
@@ -166,9 +167,9 @@ def build_config(
                               "vsectl's BiGRU text encoder has one layer")
     grid = is_grid(opt)
 
-    def pool(side: str) -> PoolConfig:
+    def pool(side: str) -> PoolOptions:
         d_pe, d_hidden = gpo_sizes[side]
-        return PoolConfig(name="gpo", d_pe=d_pe, d_hidden=d_hidden, temperature=0.1)
+        return pool_options("gpo", d_pe=d_pe, d_hidden=d_hidden, temperature=0.1)
 
     if branch == "bigru":
         text = TextConfig(encoder="bigru", word_dim=int(_value(opt, "word_dim")), vocab_min_count=4,

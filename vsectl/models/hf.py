@@ -16,7 +16,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 def not_found_message(backbone: str, weights: str) -> str:
-    from vsectl.hub import hub_cache
+    from vsectl.models.hub import hub_cache
 
     return (
         f"{backbone} weights '{weights}' not found locally (not a folder, not in the Hugging Face cache "
@@ -40,7 +40,7 @@ def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
         raise ConfigError(f"{backbone} weights {path} is a file; pass the model folder (config.json + weights)")
     from huggingface_hub import snapshot_download
 
-    from vsectl.hub import hub_cache
+    from vsectl.models.hub import hub_cache
 
     try:
         folder = snapshot_download(str(weights), local_files_only=True, cache_dir=str(hub_cache()))

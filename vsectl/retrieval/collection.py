@@ -76,7 +76,7 @@ class _Rate:
 
 def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
                     progress: Progress) -> None:
-    from vsectl.data.sources import H5Features
+    from vsectl.data.features import H5Features
 
     features = H5Features(source.store)
     n = len(source.items)

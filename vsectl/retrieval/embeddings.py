@@ -36,15 +36,6 @@ SIDES = ("images", "captions")
 HASH_BLOCK = 1 << 24  # 16 MiB per read while hashing
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _map(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path} is missing; the embeddings folder is incomplete: run `vsectl embed` again")

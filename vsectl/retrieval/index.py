@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings, sha256_file
+from vsectl.io import sha256_file
+from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from vsectl.builders import load_run, resolve_checkpoint
 from vsectl.checkpoint import MODEL_FILE, recover
 from vsectl.data.datasets import collate_tokens
 from vsectl.errors import ConfigError, DataError
-from vsectl.retrieval.embeddings import sha256_file
+from vsectl.io import sha256_file
+from vsectl.kinds import IMAGE_KINDS, ImageInput
 from vsectl.retrieval.recipe import FeatureRecipe, feature_recipe
 from vsectl.runtime import resolve_device
 
@@ -152,8 +153,8 @@ class RetrievalModel:
 
     @property
     def end_to_end(self) -> bool:
-        """The run trained its own backbone (`model.image.encoder: backbone`): its tower takes pixels, not sets."""
-        return self.config.model.image.encoder == "backbone"
+        """The run trained its own backbone (its image kind reads pixels): its tower takes pixels, not sets."""
+        return IMAGE_KINDS.get(self.config.model.image.encoder).reads is ImageInput.PIXELS
 
     def provenance(self) -> dict[str, Any] | None:
         """How this model turns image files into embeddings, as recorded in an embeddings folder's meta.json."""

@@ -65,7 +65,8 @@ def folder_source(folder: str | Path) -> Source:
 
 def data_source(data: str | Path, split: str) -> Source:
     """A prepared raw dataset (dataset.json + manifest.json): its images and captions, one split or all."""
-    from vsectl.data.raw import load_raw_dataset, sha256_file
+    from vsectl.data.raw import load_raw_dataset
+    from vsectl.io import sha256_file
 
     raw = load_raw_dataset(data)
     if raw.manifest.get("modality") == "video":
@@ -104,8 +105,8 @@ def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
 
 def store_source(store: str | Path) -> Source:
     """An extracted (or imported) feature store; image paths come from the raw dataset it was extracted from."""
-    from vsectl.data.raw import sha256_file
     from vsectl.data.store import read_store_attrs, read_store_captions
+    from vsectl.io import sha256_file
     from vsectl.retrieval.recipe import FeatureRecipe
 
     store = Path(store).resolve()

@@ -6,9 +6,15 @@ file: `grid.py` (cells and their overrides), `runner.py` (train + eval per cell,
 the paired test), `report.py` (tables), `figures.py` (the rsum figure), `command.py` (the whole command).
 """
 
-from vsectl.gridsearch.command import DEFAULT_RECIPE, QUICK_OVERRIDES, default_recipe, ensure_toy_data, gridsearch
-from vsectl.gridsearch.figures import draw_grid_figure, write_grid_figures
-from vsectl.gridsearch.grid import (
+from vsectl.science.gridsearch.command import (
+    DEFAULT_RECIPE,
+    QUICK_OVERRIDES,
+    default_recipe,
+    ensure_toy_data,
+    gridsearch,
+)
+from vsectl.science.gridsearch.figures import draw_grid_figure, write_grid_figures
+from vsectl.science.gridsearch.grid import (
     BRANCHES,
     FIXED_POOLS,
     GPO,
@@ -23,8 +29,8 @@ from vsectl.gridsearch.grid import (
     pool_choices,
     resolve_grid,
 )
-from vsectl.gridsearch.report import results_csv, results_markdown, write_results
-from vsectl.gridsearch.runner import (
+from vsectl.science.gridsearch.report import results_csv, results_markdown, write_results
+from vsectl.science.gridsearch.runner import (
     check_buildable,
     check_existing,
     eval_path,
@@ -33,7 +39,7 @@ from vsectl.gridsearch.runner import (
     run_cell,
     run_sweep,
 )
-from vsectl.gridsearch.stats import ALPHA, METRICS, paired_test, summarise, verdict
+from vsectl.science.gridsearch.stats import ALPHA, METRICS, paired_test, summarise, verdict
 
 __all__ = [
     "ALPHA", "BRANCHES", "DEFAULT_RECIPE", "FIXED_POOLS", "GPO", "METRICS", "QUICK_GRID", "QUICK_OVERRIDES", "Cell",

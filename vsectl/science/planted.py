@@ -1,7 +1,7 @@
 """The planted-pooling benchmark: does GPO find a pooling that is known by construction? (ours; the paper has none)
 
-For every planted pooling (a `vsectl.patterns` pattern) a feature store is generated (`vsectl.planted_data`), the
-ordinary pooling grid search runs on it (visual max, K-max for several K, mean, and GPO; `vsectl.gridsearch`, hence
+For every planted pooling (a `science.patterns` pattern) a feature store is generated (`science.planted_data`), the
+ordinary pooling grid search runs on it (visual max, K-max for several K, mean, and GPO; `science.gridsearch`, hence
 `train()`), and the runs are then scored on three questions: does the grid peak at the planted K, does GPO reach the
 best fixed cell, and how close is GPO's θ(N) to the planted θ, at the training set sizes and at sizes never seen. Every
 choice is explained in docs/planted.md.
@@ -21,16 +21,17 @@ from typing import Any
 
 import yaml
 
-from vsectl.config import apply_overrides, from_dict, to_dict
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
-from vsectl.patterns import pattern_weights
-from vsectl.planted_data import MANIFEST, PlantedSplit, make_planted_data
 from vsectl.runtime import NullProgress, Progress
+from vsectl.science.experiment import load_experiment, recipe_dir
+from vsectl.science.patterns import pattern_weights
+from vsectl.science.planted_data import MANIFEST, PlantedSplit, make_planted_data
+from vsectl.strict import to_dict
 
 log = logging.getLogger(__name__)
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "planted"
+RECIPES = recipe_dir() / "planted"  # the shipped recipes: package data of a wheel, recipes/ of a checkout
 UNSEEN = ("smaller", "larger")   # the test splits with set sizes outside the training range
 UNSEEN_FILE = "planted_unseen.json"  # per run: metrics on the unseen-size splits (cached for reruns)
 BUCKETS = ("seen", *UNSEEN)
@@ -113,11 +114,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 def load_bench_config(path: str | Path | None = None, overrides: list[str] | None = None) -> BenchConfig:
     """Read a benchmark recipe (default `recipes/planted/default.yaml`), apply dotted overrides, validate."""
-    path = Path(path) if path is not None else RECIPES / "default.yaml"
-    if not path.is_file():
-        raise ConfigError(f"bench-pooling recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(BenchConfig, apply_overrides(data, overrides or []))
+    return load_experiment(BenchConfig, path if path is not None else RECIPES / "default.yaml", overrides,
+                           "bench-pooling recipe")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,8 +200,8 @@ def unseen_metrics(run: Path) -> dict[str, dict[str, float]]:
 
 def run_planting(cfg: BenchConfig, pattern: str, out: Path, progress: Progress) -> list[dict]:
     """Generate, grid-search and score one planting. Returns one record per (cell, seed)."""
-    from vsectl.gridsearch import GridSpec, gridsearch
-    from vsectl.plots import weight_curves
+    from vsectl.science.gridsearch import GridSpec, gridsearch
+    from vsectl.science.plots import weight_curves
 
     root = out / "data" / slug(pattern)
     ensure_data(cfg, pattern, root)
@@ -341,7 +339,7 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, progress: Progress | None =
     from vsectl.errors import VsectlError
 
     try:
-        from vsectl.planted_plot import plot_bench
+        from vsectl.science.planted_plot import plot_bench
 
         result["paths"] += [str(p) for p in plot_bench(result, out / "planted")]
     except VsectlError as e:  # the tables are the result; the picture is a convenience

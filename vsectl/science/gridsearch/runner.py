@@ -9,11 +9,12 @@ import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from vsectl.config import RunConfig, changed_keys, from_dict, to_dict
+from vsectl.config import RunConfig, changed_keys
 from vsectl.data.splits import canonical_split
 from vsectl.errors import ConfigError
-from vsectl.gridsearch.grid import Cell, cell_config
 from vsectl.runtime import NullProgress, Progress, usable_cpus
+from vsectl.science.gridsearch.grid import Cell, cell_config
+from vsectl.strict import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 

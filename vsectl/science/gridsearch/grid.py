@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vsectl.config import RunConfig, apply_overrides, from_dict, to_dict
+from vsectl.config import RunConfig, apply_overrides
 from vsectl.errors import ConfigError
 from vsectl.registry import did_you_mean
+from vsectl.science.experiment import read_mapping
+from vsectl.strict import from_dict, to_dict
 
 BRANCHES = ("image", "text", "both")
 FIXED_POOLS = ("max", "kmax", "mean")  # θ fixed by the set size: the "fixed pooling" side of the verdict
@@ -104,12 +104,7 @@ def parse_list(value: str | Sequence | int, what: str, cast: type = str) -> tupl
 
 def load_grid(path: str | Path) -> GridSpec:
     """Read a grid YAML with keys pool, k, branch, seeds, gpo (lists or comma-separated strings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"grid file {path} must be a mapping with keys pool, k, branch, seeds, gpo")
+    data = read_mapping(path, "grid file")
     known = ("pool", "k", "branch", "seeds", "gpo")
     for key in data:
         if key not in known:

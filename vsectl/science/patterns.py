@@ -23,14 +23,15 @@ import torch
 import yaml
 from torch import nn
 
-from vsectl.config import apply_overrides, from_dict, pool_options, to_dict
+from vsectl.config import pool_options
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json, atomic_write_text
-from vsectl.models.gpo import sort_features
 from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling.base import sort_features
 from vsectl.pool_options import options_class
-from vsectl.recipe_files import recipe_dir
 from vsectl.runtime import NullProgress, Progress
+from vsectl.science.experiment import load_experiment, recipe_dir
+from vsectl.strict import from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,8 @@ class PatternsConfig:
 
 def load_patterns_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PatternsConfig:
     """Read a patterns recipe (default: `recipes/patterns/default.yaml`), apply dotted overrides, validate strictly."""
-    path = Path(path) if path is not None else RECIPES / "default.yaml"
-    if not path.is_file():
-        raise ConfigError(f"patterns recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    return from_dict(PatternsConfig, apply_overrides(data, overrides or []))
+    return load_experiment(PatternsConfig, path if path is not None else RECIPES / "default.yaml", overrides,
+                           "patterns recipe")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

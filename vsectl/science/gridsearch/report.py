@@ -8,9 +8,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from vsectl.gridsearch.figures import FIGURE_STEM, figure_title, write_grid_figures
-from vsectl.gridsearch.stats import _fmt, summarise, verdict
 from vsectl.io import atomic_write_json, atomic_write_text
+from vsectl.science.gridsearch.figures import FIGURE_STEM, figure_title, write_grid_figures
+from vsectl.science.gridsearch.stats import _fmt, summarise, verdict
 
 log = logging.getLogger(__name__)
 

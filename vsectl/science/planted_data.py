@@ -2,7 +2,7 @@
 
 Every set element is x ~ N(0, I) in `feat_dim` dimensions. A fixed random projection P with orthonormal rows gives
 z = P x in `caption_dims` dimensions; the set's target is y_j = Σ_k θ*_k(N) · sort_k(z_j), with θ* a pattern of
-`vsectl.patterns` (M-K = mean of the top K, A = mean, T-P% = mean of the top P %). The caption is y plus Gaussian
+`science.patterns` (M-K = mean of the top K, A = mean, T-P% = mean of the top P %). The caption is y plus Gaussian
 noise, quantised per dimension into `bins` equally filled levels: one word `d<j>q<level>` per dimension. Retrieval can
 only succeed as far as the image side reproduces the planted pooling. Choices are explained in docs/planted.md.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from vsectl.data.store import StoreWriter
 from vsectl.errors import ConfigError
 from vsectl.io import atomic_write_json
-from vsectl.patterns import pattern_weights
+from vsectl.science.patterns import pattern_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def make_planted_data(
 
     Args:
         root: output folder (created).
-        pattern: the planted pooling, a `vsectl.patterns` pattern name (M-1, M-4, A, T-25%, …).
+        pattern: the planted pooling, a `vsectl.science.patterns` pattern name (M-1, M-4, A, T-25%, …).
         splits: the splits to write, training split first.
         feat_dim: D of every set element.
         caption_dims: d, the projected dimensions a caption describes.

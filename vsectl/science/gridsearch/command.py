@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vsectl.config import RunConfig
-from vsectl.gridsearch.grid import GridSpec, expand_grid
-from vsectl.gridsearch.report import write_results
-from vsectl.gridsearch.runner import run_sweep
-from vsectl.recipe_files import shipped_recipe
 from vsectl.runtime import Progress
+from vsectl.science.experiment import shipped_recipe
+from vsectl.science.gridsearch.grid import GridSpec, expand_grid
+from vsectl.science.gridsearch.report import write_results
+from vsectl.science.gridsearch.runner import run_sweep
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from vsectl.gridsearch.stats import _fmt
-from vsectl.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
+from vsectl.science.gridsearch.stats import _fmt
+from vsectl.science.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
 
 FIGURE_STEM = "rsum"       # <out>/rsum.pdf, rsum.svg, rsum.png
 COLUMN_WIDTH = 3.3         # inches: one column of a two-column paper

@@ -8,8 +8,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from vsectl.patterns import pattern_weights
-from vsectl.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
+from vsectl.science.patterns import pattern_weights
+from vsectl.science.plots import FIGURE_FORMATS, new_figure, paper_style, save_figure
 
 SIZES_COLORS = ("C0", "C1", "C2")
 
