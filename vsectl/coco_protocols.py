@@ -7,26 +7,24 @@ deep as its largest R (or K) needs, and the positives of every annotation set ar
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vsectl.coco_annotations import CocoIds, annotation_dir, load_annotation, load_plausible
+from vsectl.coco_annotations import annotation_dir, load_annotation, load_plausible, split_ids
 from vsectl.metrics import TIE_RULES
 from vsectl.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
+from vsectl.positives import GroundTruth
 from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, top_lists
 
 RECALL_KS = (1, 5, 10)
 LIST_DEPTH_LIMIT = 1024  # sets needing deeper lists than this (plausible match) are ranked in full instead
-# protocol → {annotation set: the per-query metrics it reports}
-PROTOCOL_METRICS = {
-    "eccv": {"eccv": ("map_at_r", "r_precision", "r@1"), "coco5k": ("r@1", "r@5", "r@10")},
-    "cxc": {"cxc": ("r@1", "r@5", "r@10"), "coco5k": ("r@1", "r@5", "r@10")},
-}
-PLAUSIBLE_METRICS = ("r_precision",)
+BESIDE = {"coco5k": ("r@1", "r@5", "r@10"), "pcm": ("r_precision",)}  # reported with every annotated protocol
 
 
 def coco5k_sets(cap2img: np.ndarray) -> tuple[PositiveSets, PositiveSets]:
@@ -63,80 +61,126 @@ def _relabel(stats: PositiveStats, positions: torch.Tensor) -> PositiveStats:
                          stats.index_in_tie)
 
 
-def _summary(per_query: dict[str, torch.Tensor], wanted: Sequence[str], direction: str, prefix: str
-             ) -> dict[str, float]:
-    return {f"{prefix}{direction}_{name.replace('@', '')}": float(100.0 * per_query[name].mean()) for name in wanted}
-
-
-def evaluate_sets(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]],
-                  tie_rule: str, chunk_size: int = 1024) -> dict[str, Any]:
-    """Score several annotation sets from one pass over the similarities.
-
-    Args:
-        pairs: one (img (N, E_m), cap (C, E_m)) pair per model (an ensemble sums their similarities).
-        sets: annotation name → (i2t sets, t2i sets) on the split's indices.
-        wanted: annotation name → metrics of `query_metrics` to report ("r@1", "r_precision", ...).
-        tie_rule: one of ``TIE_RULES``.
-
-    Returns:
-        {"metrics": {"<name>_<dir>_<metric>": percent}, "n_queries": {"<name>_<dir>": Q}, "ties": {"<name>_<dir>":
-        queries with a positive tied exactly with another candidate}}.
-    """
-    if tie_rule not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
+def needed_depths(sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]]
+                  ) -> dict[str, int]:
+    """Places the top lists of each direction must hold: the largest R, or K, of the sets they serve."""
     ks = [int(m[2:]) for names in wanted.values() for m in names if m.startswith("r@")]
     depth = {}
     for d, direction in enumerate(DIRECTIONS):
         needs = [max(s[d].max_relevant(), *ks) for s in sets.values() if s[d].max_relevant() <= LIST_DEPTH_LIMIT]
         depth[direction] = max(needs, default=0)
-    lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
-                     strict=True)) if any(depth.values()) else {}
+    return depth
+
+
+def evaluate_sets(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]],
+                  tie_rule: str, chunk_size: int = 1024, lists: dict[str, TopLists] | None = None) -> dict[str, Any]:
+    """Score several annotation sets from one pass over the similarities.
+
+    Args:
+        pairs: one (img (N, E_m), cap (C, E_m)) pair per model (an ensemble sums their similarities).
+        sets: annotation name → (i2t sets, t2i sets) on the split's indices.
+        wanted: annotation name → measures of `query_metrics` to report ("r@1", "r_precision", ...).
+        tie_rule: one of ``TIE_RULES``.
+        lists: top lists at least `needed_depths` deep (computed here when None).
+
+    Returns:
+        {"metrics": {name: {"<dir>_<measure>": percent}}, "n_queries": {name: {dir: Q}}, "ties": {name: {dir:
+        queries with a positive tied exactly with a candidate that is not one}}}; a measure "r@K" is named "rK".
+    """
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
+    depth = needed_depths(sets, wanted)
+    if lists is None and any(depth.values()):
+        lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
+                         strict=True))
     out: dict[str, Any] = {"metrics": {}, "n_queries": {}, "ties": {}}
     for name, both in sets.items():
+        out["metrics"][name], out["n_queries"][name], out["ties"][name] = {}, {}, {}
         for d, direction in enumerate(DIRECTIONS):
             s = both[d]
             deep = s.max_relevant() > LIST_DEPTH_LIMIT
             stats = _stats(None if deep else lists[direction], pairs, direction, s, depth[direction])
-            metric_ks = sorted({int(m[2:]) for m in wanted[name] if m.startswith("r@")})
-            per_query = query_metrics(stats, s, metric_ks, tie_rule)
-            out["metrics"].update(_summary(per_query, wanted[name], direction, f"{name}_"))
-            out["n_queries"][f"{name}_{direction}"] = s.n_queries
-            tied = stats.owner[stats.equal > stats.tied_pos]  # a positive tied with a non-positive
-            out["ties"][f"{name}_{direction}"] = int(torch.unique(tied).numel())
+            ks = sorted({int(m[2:]) for m in wanted[name] if m.startswith("r@")})
+            per_query = query_metrics(stats, s, ks, tie_rule)
+            out["metrics"][name].update({f"{direction}_{m.replace('@', '')}": float(100.0 * per_query[m].mean())
+                                         for m in wanted[name]})
+            out["n_queries"][name][direction] = s.n_queries
+            tied = stats.owner[stats.equal > stats.tied_pos]
+            out["ties"][name][direction] = int(torch.unique(tied).numel())
     return out
 
 
-def evaluate_coco_protocols(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], cap2img: np.ndarray, ids: CocoIds,
-                            protocols: Sequence[str], tie_rule: str, pm_dir: Path | None = None,
-                            chunk_size: int = 1024) -> dict[str, dict[str, Any]]:
-    """ECCV Caption and/or CxC results (one similarity pass for all), each with the COCO 5K R@K beside it.
+@dataclass(frozen=True)
+class AnnotatedTruth(GroundTruth):
+    """A split's own ground truth plus annotation sets with several positives per query.
 
-    Returns:
-        protocol → {"protocol", "tie_rule", "metrics", "n_queries", "ties", "id_source"}; with `pm_dir`, every result
-        also carries the plausible-match R-Precision ("pm_i2t_r_precision", "pm_t2i_r_precision").
+    Attributes:
+        sets: annotation name → (image queries' positives, caption queries' positives), with each query's R.
+        id_source: how the split's COCO ids were found.
     """
-    unknown = [p for p in protocols if p not in PROTOCOL_METRICS]
-    if unknown:
-        raise ValueError(f"unknown protocol {unknown[0]!r}; use {', '.join(PROTOCOL_METRICS)}")
+
+    sets: dict[str, tuple[PositiveSets, PositiveSets]] = field(default_factory=dict)
+    id_source: str = ""
+
+
+def annotated_truth(split: Any, annotation: str, caption_ids: Path | None = None, image_ids: Path | None = None,
+                    pm_dir: Path | None = None) -> AnnotatedTruth:
+    """The truth of an annotated protocol on `split`: `annotation`'s sets, the split's own ("coco5k") and, with
+    `pm_dir`, the plausible matches ("pcm"). Raises ConfigError when the split is not COCO 5K or the extra is missing.
+    """
     folder = annotation_dir()
-    wanted: dict[str, list[str]] = {}
-    for p in protocols:
-        for name, metrics in PROTOCOL_METRICS[p].items():
-            wanted.setdefault(name, [])
-            wanted[name] += [m for m in metrics if m not in wanted[name]]
-    sets = {name: coco5k_sets(cap2img) if name == "coco5k" else load_annotation(name, ids, folder) for name in wanted}
+    ids = split_ids(split.n_images, split.cap2img, split.image_ids, caption_ids, image_ids, folder)
+    sets = {annotation: load_annotation(annotation, ids, folder), "coco5k": coco5k_sets(split.cap2img)}
     if pm_dir is not None:
-        sets["pm"], wanted["pm"] = load_plausible(pm_dir, ids), list(PLAUSIBLE_METRICS)
-    scored = evaluate_sets(pairs, sets, wanted, tie_rule, chunk_size)
-    results = {}
-    for p in protocols:
-        names = [*PROTOCOL_METRICS[p], *(["pm"] if pm_dir is not None else [])]
-        keep = {k: v for k, v in scored["metrics"].items() if k.split("_", 1)[0] in names}
-        for name in names:
-            if name in ("cxc", "coco5k"):
-                keep[f"{name}_rsum"] = sum(keep[f"{name}_{d}_r{k}"] for d in DIRECTIONS for k in RECALL_KS)
-        results[p] = {"protocol": p, "tie_rule": tie_rule, "metrics": keep, "id_source": ids.source,
-                      "n_queries": {k: v for k, v in scored["n_queries"].items() if k.split("_", 1)[0] in names},
-                      "ties": {k: v for k, v in scored["ties"].items() if k.split("_", 1)[0] in names}}
-    return results
+        sets["pcm"] = load_plausible(pm_dir, ids)
+    base = GroundTruth.from_cap2img(split.cap2img)
+    return AnnotatedTruth(**{f.name: getattr(base, f.name) for f in fields(GroundTruth)}, sets=sets,
+                          id_source=ids.source)
+
+
+_LAST_PASS: dict[str, Any] = {}  # the last top lists: eccv and cxc on the same embeddings share one pass
+
+
+def shared_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth: dict[str, int], chunk_size: int
+                 ) -> dict[str, TopLists]:
+    """Top lists at least `depth` deep; the last pass is reused when it was made from these very tensors, unchanged
+    (weak references and version counters, so a freed tensor's memory never passes for it) and deep enough."""
+    tensors = [t for p in pairs for t in p]
+    last = _LAST_PASS.get("pass")
+    if last is not None and len(last["refs"]) == len(tensors) and last["chunk"] == chunk_size \
+            and all(r() is t and t._version == v for r, t, v in zip(last["refs"], tensors, last["versions"],
+                                                                     strict=True)) \
+            and all(last["depth"][d] >= depth[d] for d in DIRECTIONS):
+        return last["lists"]
+    lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
+                     strict=True))
+    _LAST_PASS["pass"] = {"refs": [weakref.ref(t) for t in tensors], "versions": [t._version for t in tensors],
+                          "chunk": chunk_size, "depth": dict(depth), "lists": lists}
+    return lists
+
+
+def evaluate_annotated(img_embs: Sequence[torch.Tensor], cap_embs: Sequence[torch.Tensor], gt: AnnotatedTruth,
+                       annotation: str, measures: Sequence[str], chunk_size: int, tie_rule: str) -> dict[str, Any]:
+    """An annotated protocol's result: its measures per direction ("i2t_map_at_r", ...; "rsum" when they are R@1/5/10),
+    the COCO 5K R@K beside them ("i2t_coco5k_r1", ..., "coco5k_rsum") and, with plausible matches, their R-Precision
+    ("i2t_pcm_r_precision")."""
+    if not isinstance(gt, AnnotatedTruth):
+        raise ValueError("an annotated protocol needs the ground truth its own `ground_truth` builds")
+    pairs = list(zip(img_embs, cap_embs, strict=True))
+    wanted = {annotation: list(measures), **{k: list(v) for k, v in BESIDE.items() if k in gt.sets}}
+    sets = {k: gt.sets[k] for k in wanted}
+    lists = shared_lists(pairs, needed_depths(sets, wanted), chunk_size)
+    scored = evaluate_sets(pairs, sets, wanted, tie_rule, chunk_size, lists)
+    metrics = dict(scored["metrics"][annotation])
+    for name in wanted:
+        if name != annotation:
+            metrics.update({f"{k[:3]}_{name}{k[3:]}": v for k, v in scored["metrics"][name].items()})
+    for prefix, src in (("", scored["metrics"][annotation]), ("coco5k_", scored["metrics"]["coco5k"])):
+        if all(f"{d}_r{k}" in src for d in DIRECTIONS for k in RECALL_KS):
+            metrics[f"{prefix}rsum"] = sum(src[f"{d}_r{k}"] for d in DIRECTIONS for k in RECALL_KS)
+    ties = {f"{d}_queries_with_ties": scored["ties"][annotation][d] for d in DIRECTIONS}
+    ties.update({f"{name}_{d}_queries_with_ties": scored["ties"][name][d] for name in wanted if name != annotation
+                 for d in DIRECTIONS})
+    return {"n_images": gt.n_images, "n_captions": gt.n_captions, "metrics": metrics, "ties": ties,
+            "n_queries": {d: scored["n_queries"][annotation][d] for d in DIRECTIONS}, "id_source": gt.id_source}
