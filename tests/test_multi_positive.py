@@ -164,3 +164,15 @@ def test_lists_refuse_nan_embeddings():
     img[1, 0] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         top_lists([(img, cap)], 2, 2)
+
+
+def test_both_membership_lookups_agree(monkeypatch):
+    """The padded table (few positives per query) and the sorted-key lookup (many) find the same positives."""
+    from vsectl import multi_positive
+
+    scores, sets = tied_problem(7, n_queries=30, n_cand=9)
+    values, indices = torch.sort(scores, dim=1, descending=True)
+    table = multi_positive.membership(indices[sets.queries], sets, 9)
+    monkeypatch.setattr(multi_positive, "MEMBERSHIP_BLOCK", 0)
+    keys = multi_positive.membership(indices[sets.queries], sets, 9)
+    assert torch.equal(table, keys) and table.any()

@@ -9,6 +9,7 @@ The package is only read from, never imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -43,7 +44,18 @@ def annotation_dir() -> Path:
 
 
 def read_pairs(path: Path) -> dict[int, list[int]]:
-    """{COCO id: [COCO ids]} from one annotation JSON (keys are strings there)."""
+    """{COCO id: [COCO ids]} from one annotation JSON (keys are strings there); parsed once per file version."""
+    path = Path(path)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    return _read_pairs(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_pairs(path: str, mtime_ns: int, size: int) -> dict[int, list[int]]:
+    """The parsed file; the cache key holds its modification time and size, so a changed file is read again."""
     try:
         data = json.loads(Path(path).read_text())
         return {int(k): [int(v) for v in vs] for k, vs in data.items()}

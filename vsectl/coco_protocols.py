@@ -7,6 +7,7 @@ deep as its largest R (or K) needs, and the positives of every annotation set ar
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -20,7 +21,7 @@ from vsectl.coco_annotations import annotation_dir, load_annotation, load_plausi
 from vsectl.metrics import TIE_RULES
 from vsectl.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
 from vsectl.positives import GroundTruth
-from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, top_lists
+from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, list_length, top_lists
 
 RECALL_KS = (1, 5, 10)
 LIST_DEPTH_LIMIT = 1024  # sets needing deeper lists than this (plausible match) are ranked in full instead
@@ -28,24 +29,37 @@ BESIDE = {"coco5k": ("r@1", "r@5", "r@10"), "pcm": ("r_precision",)}  # reported
 
 
 def coco5k_sets(cap2img: np.ndarray) -> tuple[PositiveSets, PositiveSets]:
-    """The split's own ground truth: an image's captions, a caption's image."""
-    cap2img = np.asarray(cap2img, dtype=np.int64)
-    by_image: dict[int, list[int]] = {}
-    for k, j in enumerate(cap2img.tolist()):
-        by_image.setdefault(j, []).append(k)
-    return PositiveSets.from_lists(by_image), PositiveSets.from_lists({k: [j] for k, j in enumerate(cap2img.tolist())})
+    """The split's own ground truth: an image's captions (every image has one), a caption's image."""
+    c2i = torch.as_tensor(np.asarray(cap2img, dtype=np.int64))
+    n_img, n_cap = int(c2i.max()) + 1, c2i.numel()
+    counts = torch.bincount(c2i, minlength=n_img)
+    if bool((counts == 0).any()):
+        raise ValueError(f"{int((counts == 0).sum())} images have no caption")
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    i2t = PositiveSets(torch.arange(n_img), offsets, torch.argsort(c2i, stable=True), counts)
+    t2i = PositiveSets(torch.arange(n_cap), torch.arange(n_cap + 1), c2i.clone(), torch.ones(n_cap, dtype=torch.int64))
+    return i2t, t2i
 
 
 def _stats(lists: TopLists | None, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str,
            sets: PositiveSets, depth: int) -> PositiveStats:
-    """Positive statistics of one set: from the top lists where they are deep enough, else from full rankings."""
+    """Positive statistics of one set: from the top lists where they are deep enough, else from full rankings.
+
+    The lists are cut to the set's own `depth` (plus the margin): a set that needs fewer places reads fewer.
+    """
     if lists is not None:
-        values, indices = lists.values[sets.queries], lists.indices[sets.queries]
-        redo = truncated_ties(values, depth, lists.complete).nonzero().squeeze(1)
-        keep = torch.ones(sets.n_queries, dtype=torch.bool)
-        keep[redo] = False
-        kept = keep.nonzero().squeeze(1)
-        parts = [_relabel(positive_stats(values[kept], indices[kept], sets.select(kept), lists.n_candidates), kept)]
+        width = min(lists.values.shape[1], list_length(depth, lists.n_candidates))
+        values, indices = lists.values[:, :width][sets.queries], lists.indices[:, :width][sets.queries]
+        complete = width == lists.n_candidates
+        redo = truncated_ties(values, depth, complete).nonzero().squeeze(1)
+        if redo.numel() == 0:
+            parts = [positive_stats(values, indices, sets, lists.n_candidates)]
+        else:
+            keep = torch.ones(sets.n_queries, dtype=torch.bool)
+            keep[redo] = False
+            kept = keep.nonzero().squeeze(1)
+            parts = [_relabel(positive_stats(values[kept], indices[kept], sets.select(kept), lists.n_candidates),
+                              kept)]
     else:
         redo, parts = torch.arange(sets.n_queries), []
     if redo.numel():
@@ -100,8 +114,8 @@ def evaluate_sets(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
         for d, direction in enumerate(DIRECTIONS):
             s = both[d]
             deep = s.max_relevant() > LIST_DEPTH_LIMIT
-            stats = _stats(None if deep else lists[direction], pairs, direction, s, depth[direction])
             ks = sorted({int(m[2:]) for m in wanted[name] if m.startswith("r@")})
+            stats = _stats(None if deep else lists[direction], pairs, direction, s, max(s.max_relevant(), *ks, 1))
             per_query = query_metrics(stats, s, ks, tie_rule)
             out["metrics"][name].update({f"{direction}_{m.replace('@', '')}": float(100.0 * per_query[m].mean())
                                          for m in wanted[name]})
@@ -142,22 +156,32 @@ def annotated_truth(split: Any, annotation: str, caption_ids: Path | None = None
 _LAST_PASS: dict[str, Any] = {}  # the last top lists: eccv and cxc on the same embeddings share one pass
 
 
-def shared_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth: dict[str, int], chunk_size: int
-                 ) -> dict[str, TopLists]:
-    """Top lists at least `depth` deep; the last pass is reused when it was made from these very tensors, unchanged
-    (weak references and version counters, so a freed tensor's memory never passes for it) and deep enough."""
+def shared_pass(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth: dict[str, int], chunk_size: int
+                ) -> dict[str, Any]:
+    """Top lists at least `depth` deep ({"lists", "scored": scores already computed from them}); the last pass is
+    reused when it was made from these very tensors, unchanged (weak references and version counters, so a freed
+    tensor's memory never passes for it) and deep enough."""
     tensors = [t for p in pairs for t in p]
     last = _LAST_PASS.get("pass")
     if last is not None and len(last["refs"]) == len(tensors) and last["chunk"] == chunk_size \
             and all(r() is t and t._version == v for r, t, v in zip(last["refs"], tensors, last["versions"],
                                                                      strict=True)) \
             and all(last["depth"][d] >= depth[d] for d in DIRECTIONS):
-        return last["lists"]
+        return last
     lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
                      strict=True))
     _LAST_PASS["pass"] = {"refs": [weakref.ref(t) for t in tensors], "versions": [t._version for t in tensors],
-                          "chunk": chunk_size, "depth": dict(depth), "lists": lists}
-    return lists
+                          "chunk": chunk_size, "depth": dict(depth), "lists": lists, "scored": {}}
+    return _LAST_PASS["pass"]
+
+
+def _set_key(name: str, both: tuple[PositiveSets, PositiveSets], measures: Sequence[str], tie_rule: str) -> tuple:
+    """Identifies a set's scores: its name, content, measures and tie rule (the split's own set recurs per protocol)."""
+    digest = hashlib.sha256()
+    for s in both:
+        for t in (s.queries, s.offsets, s.targets, s.n_relevant):
+            digest.update(t.numpy().tobytes())
+    return name, digest.hexdigest(), tuple(measures), tie_rule
 
 
 def evaluate_annotated(img_embs: Sequence[torch.Tensor], cap_embs: Sequence[torch.Tensor], gt: AnnotatedTruth,
@@ -170,8 +194,14 @@ def evaluate_annotated(img_embs: Sequence[torch.Tensor], cap_embs: Sequence[torc
     pairs = list(zip(img_embs, cap_embs, strict=True))
     wanted = {annotation: list(measures), **{k: list(v) for k, v in BESIDE.items() if k in gt.sets}}
     sets = {k: gt.sets[k] for k in wanted}
-    lists = shared_lists(pairs, needed_depths(sets, wanted), chunk_size)
-    scored = evaluate_sets(pairs, sets, wanted, tie_rule, chunk_size, lists)
+    shared = shared_pass(pairs, needed_depths(sets, wanted), chunk_size)
+    keys = {name: _set_key(name, sets[name], wanted[name], tie_rule) for name in sets}
+    todo = [name for name in sets if keys[name] not in shared["scored"]]
+    fresh = evaluate_sets(pairs, {n: sets[n] for n in todo}, {n: wanted[n] for n in todo}, tie_rule, chunk_size,
+                          shared["lists"])
+    for name in todo:
+        shared["scored"][keys[name]] = {part: fresh[part][name] for part in fresh}
+    scored = {part: {name: shared["scored"][keys[name]][part] for name in sets} for part in fresh}
     metrics = dict(scored["metrics"][annotation])
     for name in wanted:
         if name != annotation:

@@ -16,6 +16,8 @@ import torch
 
 from vsectl.metrics import TIE_RULES, _first_own_before
 
+MEMBERSHIP_BLOCK = 1 << 25  # (list entries × widest positive set) compared at once before keys are looked up instead
+
 
 @dataclass(frozen=True)
 class PositiveSets:
@@ -69,9 +71,10 @@ class PositiveSets:
     def select(self, positions: torch.Tensor) -> PositiveSets:
         """The sets of the queries at `positions` (ascending positions into `queries`)."""
         counts = self.offsets.diff()[positions]
-        keep = torch.isin(self.owners(), positions)
-        return PositiveSets(queries=self.queries[positions], offsets=torch.cat([torch.zeros(1, dtype=torch.int64),
-                            counts.cumsum(0)]), targets=self.targets[keep], n_relevant=self.n_relevant[positions])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        take = torch.arange(int(offsets[-1])) + torch.repeat_interleave(self.offsets[positions] - offsets[:-1], counts)
+        return PositiveSets(queries=self.queries[positions], offsets=offsets, targets=self.targets[take],
+                            n_relevant=self.n_relevant[positions])
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,27 @@ class PositiveStats:
         return PositiveStats(*(torch.cat([getattr(p, f) for p in parts]) for f in PositiveStats.__dataclass_fields__))
 
 
+def membership(indices: torch.Tensor, sets: PositiveSets, n_candidates: int) -> torch.Tensor:
+    """(Q, L) bool: whether each listed candidate is a positive of its row's query.
+
+    Few positives per query (the usual case) compare against a padded (Q, P_max) table; many are looked up in the
+    sorted (query, candidate) keys instead.
+    """
+    q, length = indices.shape
+    counts = sets.offsets.diff()
+    widest = int(counts.max()) if counts.numel() else 0
+    if widest == 0:
+        return torch.zeros(q, length, dtype=torch.bool)
+    owners = sets.owners()
+    if q * length * widest <= MEMBERSHIP_BLOCK:
+        table = torch.full((q, widest), -1, dtype=torch.int64)
+        table[owners, torch.arange(owners.numel()) - sets.offsets[owners]] = sets.targets
+        return (indices[:, :, None] == table[:, None, :]).any(2)
+    keys = torch.sort(owners * n_candidates + sets.targets).values  # (P,)
+    listed = torch.arange(q)[:, None] * n_candidates + indices  # (Q, L)
+    return keys[torch.searchsorted(keys, listed).clamp_(max=keys.numel() - 1)] == listed
+
+
 def positive_stats(values: torch.Tensor, indices: torch.Tensor, sets: PositiveSets, n_candidates: int
                    ) -> PositiveStats:
     """Locate each query's positives in its ranked list.
@@ -111,14 +135,27 @@ def positive_stats(values: torch.Tensor, indices: torch.Tensor, sets: PositiveSe
 
     Every candidate scoring higher than a listed one must be listed (a top-L list, or the whole ranking); a tie group
     cut by the end of the list gives too small an E, which callers rule out where it matters (`truncated_ties`).
+    Rows without an exact tie (the usual case) take a shortcut: every group is one entry.
     """
     q, length = values.shape
-    if q == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return PositiveStats(empty, empty, empty, empty, empty, empty)
-    keys = sets.owners() * n_candidates + sets.targets  # (P,)
-    row = torch.arange(q)[:, None]
-    is_pos = torch.isin(row * n_candidates + indices, keys)  # (Q, L)
+    is_pos = membership(indices, sets, n_candidates)  # (Q, L)
+    inclusive = is_pos.long().cumsum(1)
+    before = inclusive - is_pos.long()  # positives strictly before each entry
+    tied_rows = (values[:, 1:] == values[:, :-1]).any(1) if length > 1 else torch.zeros(q, dtype=torch.bool)
+    r, c = (is_pos & ~tied_rows[:, None]).nonzero(as_tuple=True)
+    ones = torch.ones_like(r)
+    parts = [PositiveStats(owner=r, greater=c, equal=ones, tied_pos=ones, pos_above=before[r, c],
+                           index_in_tie=torch.zeros_like(r))]
+    rows = tied_rows.nonzero().squeeze(1)
+    if rows.numel():
+        parts.append(_tied_stats(values[rows], is_pos[rows], inclusive[rows], before[rows], rows))
+    return PositiveStats.cat(parts)
+
+
+def _tied_stats(values: torch.Tensor, is_pos: torch.Tensor, inclusive: torch.Tensor, before: torch.Tensor,
+                rows: torch.Tensor) -> PositiveStats:
+    """`positive_stats` of rows with exact ties: tie groups from runs of equal values (`rows`: their row numbers)."""
+    q, length = values.shape
     col = torch.arange(length).expand(q, length)
     new_group = torch.ones_like(is_pos)
     new_group[:, 1:] = values[:, 1:] != values[:, :-1]
@@ -126,12 +163,10 @@ def positive_stats(values: torch.Tensor, indices: torch.Tensor, sets: PositiveSe
     last_group = torch.ones_like(is_pos)
     last_group[:, :-1] = new_group[:, 1:]
     end = torch.cummin(torch.where(last_group, col, length).flip(1), dim=1).values.flip(1)  # (Q, L) last index
-    inclusive = is_pos.long().cumsum(1)
-    before = inclusive - is_pos.long()  # positives strictly before each entry
     above = before.gather(1, start)  # positives in earlier groups
     tied = inclusive.gather(1, end) - above
     r, c = is_pos.nonzero(as_tuple=True)
-    return PositiveStats(owner=r, greater=start[r, c], equal=(end - start + 1)[r, c], tied_pos=tied[r, c],
+    return PositiveStats(owner=rows[r], greater=start[r, c], equal=(end - start + 1)[r, c], tied_pos=tied[r, c],
                          pos_above=above[r, c], index_in_tie=(before - above)[r, c])
 
 
