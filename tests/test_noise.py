@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_error_line
+from typer.testing import CliRunner
 
+from vsectl.cli import app
 from vsectl.config import load_recipe
 from vsectl.data.sources import load_split
 from vsectl.errors import ConfigError, DataError
@@ -20,6 +23,7 @@ from vsectl.pair_loss import PairSample, read_pair_losses, separation
 from vsectl.training import setup_run, train
 
 REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
 TINY = REPO / "recipes" / "tiny.yaml"
 
 
@@ -92,6 +96,14 @@ def test_noise_settings_that_cannot_be_meant_are_refused(overrides, match):
         load_recipe(TINY, overrides)
 
 
+def verify_failure(data: Path, target: Path) -> str:
+    """`data verify DATA --noise TARGET` prints its report, then fails with exit code 2 and one error line."""
+    result = runner.invoke(app, ["-q", "data", "verify", str(data), "--noise", str(target)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines[-1].startswith("error: ") and "Traceback" not in result.output
+    return lines[-1]
+
+
 def noisy_cfg(toy_root: Path, *extra: str):
     return load_recipe(TINY, [f"data.root={toy_root}", "train.deterministic=true", "data.noise.ratio=0.4",
                               "data.noise.log_pairs=20", *extra])
@@ -109,7 +121,7 @@ def test_a_noisy_run_trains_on_the_recorded_pairs_and_keeps_dev_clean(toy_root, 
     assert np.array_equal(run.val_split.cap2img, load_split(toy_root, "dev").subset_images(30).cap2img)
 
 
-def test_pair_losses_are_logged_per_epoch_and_a_changed_index_is_refused_on_resume(toy_root, tmp_path):
+def test_a_noisy_run_logs_pair_losses_verifies_and_refuses_a_changed_index(toy_root, tmp_path):
     cfg = noisy_cfg(toy_root)
     run_dir = train(cfg, out_root=tmp_path, device="cpu")
     records = read_pair_losses(run_dir)
@@ -117,6 +129,12 @@ def test_pair_losses_are_logged_per_epoch_and_a_changed_index_is_refused_on_resu
     assert sum(records[0]["noisy"]) == 20 and len(records[0]["loss"]) == 40
     assert all(np.isfinite(r["loss"]).all() for r in records)
     assert [s["epoch"] for s in separation(records)] == [0, 1]
+    for target in (run_dir, run_dir / "noise_index.npy"):  # the run's record and its index file both check out
+        result = runner.invoke(app, ["-q", "data", "verify", str(toy_root), "--noise", str(target), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["noise"]["n_noisy"] == int(0.4 * load_split(toy_root, "train").n_captions)
+    result = runner.invoke(app, ["-q", "plot-pair-loss", str(run_dir)])
+    assert result.exit_code == 0 and Path(result.stdout.strip()).stat().st_size > 1000
     longer = load_recipe(TINY, [f"data.root={toy_root}", "train.deterministic=true", "data.noise.ratio=0.4",
                                 "data.noise.log_pairs=20", "train.epochs=3"])
     train(longer, out_root=tmp_path, device="cpu", resume=True)
@@ -125,6 +143,12 @@ def test_pair_losses_are_logged_per_epoch_and_a_changed_index_is_refused_on_resu
     (run_dir / "noise.json").write_text(json.dumps({**record, "fingerprint": "0" * 64}))
     with pytest.raises(DataError, match="records other noisy pairs"):
         train(longer, out_root=tmp_path, device="cpu", resume=True)
+    assert "records fingerprint 000000000000" in verify_failure(toy_root, run_dir)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace("ratio: 0.4", "ratio: 0.0"))
+    assert "trained without data.noise" in verify_failure(toy_root, clean)
+    assert "has no pair_losses.jsonl" in one_error_line(runner.invoke(app, ["-q", "plot-pair-loss", str(clean)]))
 
 
 def test_per_pair_losses_sum_to_the_batch_loss_and_match_a_double_loop():
