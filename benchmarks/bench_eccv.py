@@ -18,16 +18,14 @@ them) beside wall seconds; the ratio is of medians over rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import LoadMeter, describe, machine
+from common import LoadMeter, describe, machine, timed_interleaved_cpu, write_report
 
 from vsectl import coco_protocols
 from vsectl.protocols import PROTOCOLS, evaluate_protocol, expand
@@ -89,15 +87,8 @@ def main() -> None:
         runs["seams-path"] = lambda: evaluate_protocol([img], [cap], union, "coco5k")
     first = {name: fn() for name, fn in runs.items()}
     same_r1 = first["eccv+cxc"]["eccv"]["metrics"]["i2t_coco5k_r1"] == first["coco5k"]["metrics"]["i2t_r1"]
-    cpu: dict[str, list[float]] = {name: [] for name in runs}
-    wall: dict[str, list[float]] = {name: [] for name in runs}
     meter = LoadMeter()
-    for _ in range(args.reps):
-        for name, fn in runs.items():
-            c0, w0 = time.process_time(), time.perf_counter()
-            fn()
-            cpu[name].append(time.process_time() - c0)
-            wall[name].append(time.perf_counter() - w0)
+    cpu, wall = timed_interleaved_cpu(runs, args.reps)
     load = meter.read()
     report = {"machine": machine(), "images": 5000, "captions": 25_000, "dim": args.dim, "reps": args.reps,
               "load": load, "coco5k_r1_beside_equals_coco5k": same_r1, "target_ratio": TARGET,
@@ -105,8 +96,7 @@ def main() -> None:
               "wall_s": {n: statistics.median(v) for n, v in wall.items()}}
     report["cpu_ratio_to_coco5k"] = {n: report["cpu_s"][n] / report["cpu_s"]["coco5k"] for n in runs}
     report["met"] = report["cpu_ratio_to_coco5k"]["eccv+cxc"] <= TARGET
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     print(describe(report["machine"]))
     print(f"5000 images × 25000 captions, {args.dim}-d, {args.reps} interleaved rounds; other processes used "
           f"{load['others_cores']:.2f} of the cores; COCO 5K R@1 beside ECCV equals coco5k's: {same_r1}")
