@@ -53,8 +53,9 @@ class GroundTruth:
         """One correct image per caption; each image's correct captions are its own."""
         cap2img = torch.as_tensor(cap2img).long().cpu()
         n_img = int(cap2img.max()) + 1 if cap2img.numel() else 0
-        captions = torch.arange(cap2img.numel())
-        i2t_ptr, i2t_idx = _csr(n_img, cap2img, captions)
+        i2t_ptr = torch.zeros(n_img + 1, dtype=torch.int64)
+        i2t_ptr[1:] = torch.bincount(cap2img, minlength=n_img).cumsum(0)
+        i2t_idx = torch.argsort(cap2img, stable=True)  # each image's captions, ascending
         return cls(n_img, cap2img.numel(), i2t_ptr, i2t_idx, torch.arange(cap2img.numel() + 1), cap2img.clone(),
                    cap2img)
 
