@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vsectl.cli.common import app, err, run_guarded
+from vsectl.cli.common import STATE, app, err, run_guarded
 
 
 @app.command("plot-pair-loss")
@@ -26,5 +26,6 @@ def plot_pair_loss_cli(
     except ValueError:
         fail(f"--epochs must be comma-separated integers, got '{epochs}'")
     path = run_guarded(write_pair_loss_figure, run, out, chosen)
-    err.print(f"wrote {path}", highlight=False)
+    if not STATE.get("quiet"):
+        err.print(f"wrote {path}", highlight=False)
     typer.echo(str(path))

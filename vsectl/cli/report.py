@@ -68,7 +68,7 @@ def report_cli(
             first = parse_list(protocol)
             paths["figure"] = run_guarded(write_metric_figure, report, out / f"{plot}.png", plot, x,
                                           first[0] if first else None)
-        for path in paths.values():
+        for path in paths.values() if not STATE.get("quiet") else ():
             err.print(f"wrote {path}", highlight=False)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
