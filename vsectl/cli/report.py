@@ -19,9 +19,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     out = []
     for t in report["tables"]:
         table = Table(title=table_title(t), title_justify="left")
-        table.add_column("group")
+        table.add_column("group", overflow="fold", ratio=2)  # labels are long; wrap them rather than cut them
         for m in t["metrics"]:
-            table.add_column(m, justify="right")
+            table.add_column(m, justify="right", ratio=1)
         for row in t["rows"]:
             table.add_row(row["group"], *(fmt_stat(row[m]) for m in t["metrics"]))
         for d in t["differences"]:
