@@ -53,7 +53,8 @@ def top(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> np.ndarray:
                       for s in range(0, queries.shape[0], 2000)]).numpy()
 
 
-def reference_scores(img: torch.Tensor, cap: torch.Tensor, image_ids: np.ndarray, caption_ids: np.ndarray) -> dict:
+def reference_scores(img: torch.Tensor, cap: torch.Tensor, image_ids: np.ndarray, caption_ids: np.ndarray,
+                     pm_dir: Path) -> dict:
     """eccv_caption.Metrics on the top-60 caption and top-25 image lists of the same similarities."""
     from eccv_caption import Metrics
 
@@ -61,26 +62,42 @@ def reference_scores(img: torch.Tensor, cap: torch.Tensor, image_ids: np.ndarray
     t2i = {int(caption_ids[k]): image_ids[row].tolist() for k, row in enumerate(top(cap, img, 25))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Metrics().compute_all_metrics(i2t, t2i, target_metrics=(
+        metrics = Metrics(extra_file_dir=str(pm_dir))
+        out = metrics.compute_all_metrics(i2t, t2i, target_metrics=(
             "eccv_r1", "eccv_map_at_r", "eccv_rprecision", "coco_5k_recalls", "cxc_recalls"), Ks=(1, 5, 10))
+        # asked through compute_all_metrics, the package files PMRP under the bare keys 'i2t' and 't2i'
+        return {**out, "pmrp": metrics.pmrp({"i2t": i2t, "t2i": t2i}, "all")}
 
 
-def test_every_metric_equals_the_packages_reference_on_the_full_coco_5k_shape():
+def plausible_files(folder: Path, image_ids: np.ndarray, caption_ids: np.ndarray, seed: int = 0) -> Path:
+    """Made-up plausible matches in the package's layout: up to 25 captions per image, up to 20 images per caption
+    (the real files are not in the package), on a subset of the queries."""
+    rng = np.random.default_rng(seed)
+    i2t = {str(i): rng.choice(caption_ids, rng.integers(1, 26), replace=False).tolist() for i in image_ids[::3]}
+    t2i = {str(c): rng.choice(image_ids, rng.integers(1, 21), replace=False).tolist() for c in caption_ids[::7]}
+    for name, pairs in (("image_to_caption", i2t), ("caption_to_image", t2i)):
+        (folder / f"pm_{name}.json").write_text(json.dumps({k: [int(x) for x in v] for k, v in pairs.items()}))
+    return folder
+
+
+def test_every_metric_equals_the_packages_reference_on_the_full_coco_5k_shape(tmp_path):
     """Seeded 5,000 × 25,000 float64 embeddings (no exact ties), captions near their image so ranks spread."""
     g = torch.Generator().manual_seed(0)
     img = torch.randn(5000, 16, generator=g, dtype=torch.float64)
     cap2img = np.arange(25_000) // 5
     cap = img[torch.from_numpy(cap2img)] + 1.2 * torch.randn(25_000, 16, generator=g, dtype=torch.float64)
     ids = standard_ids()
+    pm_dir = plausible_files(tmp_path, ids.image_ids, ids.caption_ids)
     split = FakeSplit(cap2img, [str(i) for i in range(5000)])
     got = {}
     for p in expand("extended"):
+        p = p.with_annotations(pm_dir=pm_dir)
         got[p.name] = evaluate_protocol([img], [cap], p.ground_truth(split, Path(".")), p)["metrics"]
-    ref = reference_scores(img, cap, ids.image_ids, ids.caption_ids)
+    ref = reference_scores(img, cap, ids.image_ids, ids.caption_ids, pm_dir)
     pairs = [("eccv", "map_at_r", "eccv_map_at_r"), ("eccv", "r_precision", "eccv_rprecision"),
              ("eccv", "r1", "eccv_r1"), ("cxc", "r1", "cxc_r1"), ("cxc", "r5", "cxc_r5"), ("cxc", "r10", "cxc_r10"),
              ("eccv", "coco5k_r1", "coco_5k_r1"), ("cxc", "coco5k_r5", "coco_5k_r5"),
-             ("cxc", "coco5k_r10", "coco_5k_r10")]
+             ("cxc", "coco5k_r10", "coco_5k_r10"), ("eccv", "pcm_r_precision", "pmrp")]
     for protocol, ours, theirs in pairs:
         for d in ("i2t", "t2i"):
             assert got[protocol][f"{d}_{ours}"] / 100 == pytest.approx(float(ref[theirs][d]), abs=1e-9), (ours, d)

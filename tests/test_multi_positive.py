@@ -94,8 +94,8 @@ def brute_sets(sims: torch.Tensor, sets: PositiveSets, ks: list[int], rule: str)
 
 
 @pytest.mark.parametrize("rule", ["optimistic", "pessimistic"])
-@pytest.mark.parametrize("chunk_size", [1, 7, 30, 64])
-def test_one_pass_lists_match_brute_force_with_ties_past_the_list_depth(rule, chunk_size):
+@pytest.mark.parametrize(("chunk_size", "deep"), [(1, 1000), (7, 1000), (30, 1000), (64, 1000), (7, 1)])
+def test_one_pass_lists_match_brute_force_with_ties_past_the_list_depth(rule, chunk_size, deep, monkeypatch):
     """Integer embeddings make large tie groups: several cross the end of the top lists and are ranked again in full;
     chunk sizes that do not divide the 30 images give the same numbers."""
     g = torch.Generator().manual_seed(3)
@@ -107,6 +107,9 @@ def test_one_pass_lists_match_brute_force_with_ties_past_the_list_depth(rule, ch
         return torch.randperm(n, generator=g)[: int(torch.randint(1, most, (1,), generator=g))].tolist()
 
     i2t, t2i = {q: draw(70, 4) for q in range(30)}, {q: draw(30, 3) for q in range(70)}
+    from vsectl import coco_protocols
+
+    monkeypatch.setattr(coco_protocols, "LIST_DEPTH_LIMIT", deep)  # 1: every set deeper than it is ranked in full
     sets = {"x": (PositiveSets.from_lists(i2t), PositiveSets.from_lists(t2i))}
     wanted = {"x": ["map_at_r", "r_precision", "r@1", "r@5"]}
     out = evaluate_sets([(img, cap)], sets, wanted, rule, chunk_size=chunk_size)
