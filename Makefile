@@ -53,7 +53,8 @@ demo: setup compiler
 	$(VSECTL) train recipes/demo.yaml --out runs
 	$(VSECTL) plot-weights runs/demo --sizes 10,25,49,70
 	$(VSECTL) eval runs/demo --protocol f30k --split test --ties expected
-	@echo "results: runs/demo/eval/f30k-test-expected.json, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
+	$(VSECTL) report runs/demo --out runs/demo/report
+	@echo "results: runs/demo/eval/f30k-test-expected.json, runs/demo/report/report.md, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -66,6 +66,21 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: i
     return times
 
 
+def timed_interleaved_cpu(fns: dict[str, Callable[[], object]], reps: int) -> tuple[dict[str, list[float]],
+                                                                                   dict[str, list[float]]]:
+    """CPU seconds of this process (all its threads) and wall seconds of each function, `reps` round-robin rounds:
+    on shared cores the CPU time is the measure that other processes' load does not inflate."""
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return cpu, wall
+
+
 def fmt_rate(r: dict[str, Any], unit: str = "", digits: int = 1) -> str:
     """'123.4 [120.1–125.0] unit' from a `rate_summary`."""
     return f"{r['median']:.{digits}f} [{r['min']:.{digits}f}–{r['max']:.{digits}f}]{(' ' + unit) if unit else ''}"

@@ -13,6 +13,7 @@ import yaml
 
 from vsectl.errors import ConfigError
 from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS
+from vsectl.noise_config import NoiseConfig, check_noise
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
 from vsectl.recipe_yaml import check_name, check_values, load_yaml_file, load_yaml_text
 from vsectl.strict import from_dict, to_dict
@@ -74,6 +75,7 @@ class DataConfig:
     batch_size: int = 128           # global batch size
     num_workers: int = 2            # DataLoader workers (0 = main process)
     drop_last: bool = True
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noisy correspondence in the training pairs
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,7 @@ def check(cfg: RunConfig) -> None:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
     _check_length(cfg.train)
+    check_noise(cfg.data.noise, cfg.data.train_split)
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:

@@ -199,6 +199,7 @@ def evaluate_runs(
     progress: Progress | None = None,
     write: bool = True,
     tie_rule: str = DEFAULT_TIE_RULE,
+    annotations: dict[str, str | Path | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one run, or an ensemble of runs (similarity matrices averaged), under one or all protocols.
 
@@ -211,6 +212,8 @@ def evaluate_runs(
         precision: autocast for encoding (similarities and ranking stay fp32).
         tie_rule: optimistic (a competitor scoring exactly the ground truth's score never counts), pessimistic (it
             always counts) or expected (the expectation over a random order of the tied items).
+        annotations: extra annotation files for protocols that read them (`Protocol.annotation_options`, e.g.
+            caption_ids, image_ids, pm_dir of eccv and cxc); a protocol that reads none refuses them.
         write: write `eval/<protocol>-<split>.json` (ensembles: `eval/ensemble_<protocol>-<split>.json`) in the first
             run; a data root other than the run's own adds the data fingerprint to the name.
 
@@ -219,7 +222,7 @@ def evaluate_runs(
         fingerprint).
     """
     device = torch.device(device)
-    chosen = expand(protocol)
+    chosen = [p.with_annotations(**(annotations or {})) for p in expand(protocol)]
     if tie_rule not in TIE_RULES:
         raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     split_name = canonical_split(split or chosen[0].default_split)
@@ -235,6 +238,7 @@ def evaluate_runs(
         if p.images is not None and split_name != canonical_split(p.default_split):
             log.warning("protocol %s is defined on '%s' (%d images); '%s' gives non-comparable numbers", p.name,
                         p.default_split, p.images, split_name)
+    gts = {p.name: p.ground_truth(members[0][5], Path(members[0][4])) for p in chosen}  # before any encoding
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for _, _, model, text, root, data in members:
         if text.vocab is not None:
@@ -246,8 +250,7 @@ def evaluate_runs(
     results = {}
     for p in chosen:
         name = p.name
-        gt = p.ground_truth(data, Path(root))
-        result = evaluate_protocol([e[0] for e in pairs], [e[1] for e in pairs], gt, p, tie_rule=tie_rule)
+        result = evaluate_protocol([e[0] for e in pairs], [e[1] for e in pairs], gts[name], p, tie_rule=tie_rule)
         result.update({"split": split_name, "runs": [str(m[0]) for m in members], "checkpoint": which,
                        "modality": first_cfg.data.modality, "data_root": str(Path(root).expanduser().resolve()),
                        "data_fingerprint": fingerprint})

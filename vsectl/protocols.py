@@ -45,6 +45,16 @@ class Protocol:
             columns
         self.block = block
 
+    annotation_options: tuple[str, ...] = ()  # extra annotation files the protocol reads (see `with_annotations`)
+
+    def with_annotations(self, **paths: Path | None) -> Protocol:
+        """This protocol reading extra annotation files (`vsectl eval --caption-ids …`); the base takes none."""
+        given = sorted(k for k, v in paths.items() if v is not None)
+        if given:
+            raise ConfigError(f"protocol {self.name} reads no extra annotation files ({', '.join(given)}); they are "
+                              f"for {', '.join(n for n, p in PROTOCOLS.items() if p.annotation_options)}")
+        return self
+
     def ground_truth(self, split: Any, root: Path) -> GroundTruth:
         """The correct candidates of every query of `split` (a `vsectl.data.sources.Split`; its `root` folder holds
         any extra annotations). Default: a caption's image, and an image's own captions."""
@@ -111,6 +121,13 @@ register_protocol(FirstImages("dev1k", "the first 1,000 dev images (model select
                               default_split="dev"))
 
 
+def register_group(name: str, members: tuple[str, ...]) -> None:
+    """A `--protocol` name that stands for several registered protocols."""
+    if name in PROTOCOLS or name in GROUPS:
+        raise ValueError(f"'{name}' is already a protocol or a group")
+    GROUPS[name] = members
+
+
 def expand(name: str) -> list[Protocol]:
     """The protocols a `--protocol` value names (a protocol, or a group such as `all`)."""
     if name in GROUPS:
@@ -172,3 +189,6 @@ def evaluate_protocol(
                          f"{protocol.default_split!r}), got {n_img} images")
     return {"protocol": protocol.name, "tie_rule": tie_rule,
             **protocol.evaluate(list(img_embs), list(cap_embs), gt, chunk_size, tie_rule)}
+
+
+from vsectl import annotated_protocols  # noqa: E402, F401  (registers eccv, cxc and the group extended)

@@ -41,7 +41,9 @@ from vsectl.locks import folder_lock
 from vsectl.losses import ContrastiveLoss
 from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
+from vsectl.noise import NoisyPairs, apply_noise
 from vsectl.optim import create_run_optimizer
+from vsectl.pair_loss import pair_loss_tracker
 from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
 from vsectl.runtime import (
     Distributed,
@@ -241,6 +243,7 @@ class TrainingRun:
     caches: dict[str, Path] = field(default_factory=dict)
     text_cache_dir: Path | None = None  # a folder of state caches shared by several runs (a sweep)
     length: RunLength | None = None  # train.epochs / train.steps resolved against the training split
+    noise: NoisyPairs | None = None  # data.noise: the training pairs' noisy pairing (train_split already has it)
 
 
 def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress,
@@ -254,6 +257,7 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     seed_everything(cfg.seed, cfg.train.deterministic)
 
     train_split, dev_split = load_data(cfg)
+    train_split, noise = apply_noise(cfg.data.noise, train_split, run_dir, resume, write=dist.is_main)
     length = run_length(cfg, steps_in_epoch(cfg, train_split.n_captions))  # the config itself stays as written
     if dist.is_main:
         announce_length(cfg, length)
@@ -272,7 +276,8 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
                        criterion=ContrastiveLoss(margin=cfg.loss.margin),
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
                        last=last, text_input=text_input_for(cfg.model.text.cache_states),
-                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length)
+                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length,
+                       noise=noise)
 
 
 def restore_run(run: TrainingRun, resume: bool) -> None:
@@ -330,6 +335,9 @@ def fit(run: TrainingRun) -> Path:
         meta[FROZEN_KEY] = save_frozen(run_dir / FROZEN_FILE, frozen_state, frozen, run_dir / "checkpoints")
     state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
+    pairs = None if run.noise is None or not dist.is_main else pair_loss_tracker(
+        run_dir, run.train_split, run.noise.noisy, cfg.data.noise.log_pairs, cfg.data.noise.seed, run.caches.get(
+            "train"), run.text, run.criterion, cfg.data.batch_size, image_size, state["global_step"])
     for epoch in range(state["epoch"], _epochs(run)):
         set_learning_rates(run.optimizer, cfg, epoch, run.length)
         if kind.trains_backbone and backbone_fixed_blocks(cfg, epoch) != fixed:
@@ -350,6 +358,8 @@ def fit(run: TrainingRun) -> Path:
         if is_best:
             best_rsum, best_epoch = val["rsum"], epoch
         run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+        if pairs is not None:
+            pairs.record(model, epoch, global_step, use_hardest_negative(cfg, epoch), run.device, run.precision)
         log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f)%s", epoch, val["rsum"], val["i2t_r1"],
                  val["t2i_r1"], " best" if is_best else "")
         state = {"epoch": epoch + 1, "global_step": global_step, "best_rsum": best_rsum, "best_epoch": best_epoch,

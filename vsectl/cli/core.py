@@ -69,7 +69,8 @@ def protocol_help() -> str:
 
 
 COLUMN_TITLES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "medr", "meanr": "meanr", "r_precision": "R-P",
-                 "map_at_r": "mAP@R"}
+                 "map_at_r": "mAP@R", "coco5k_r1": "COCO R@1", "coco5k_r5": "COCO R@5", "coco5k_r10": "COCO R@10",
+                 "pcm_r_precision": "PCM R-P"}
 
 
 def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "",
@@ -80,7 +81,8 @@ def metrics_table(title: str, metrics: dict[str, float], modality: str = "image"
         table.add_column(col, justify="right")
     for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
         table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in columns))
-    table.caption = f"rsum {metrics['rsum']:.1f}" + (f" · {ties}" if ties else "")
+    sums = [f"{k.replace('_', ' ')} {metrics[k]:.1f}" for k in ("rsum", "coco5k_rsum") if k in metrics]
+    table.caption = " · ".join(sums + ([ties] if ties else []))
     return table
 
 
@@ -105,6 +107,12 @@ def eval_cli(
                                            "(always count) | expected (random order)")] = "optimistic",
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+    caption_ids: Annotated[Path | None, typer.Option(help="eccv/cxc: the split's COCO caption ids, one per line in "
+                                                          "its caption order (default: its order is known)")] = None,
+    image_ids: Annotated[Path | None, typer.Option(help="eccv/cxc: the split's COCO image ids, one per line")] = None,
+    pcm: Annotated[Path | None, typer.Option(help="eccv/cxc: a folder with pm_image_to_caption.json and "
+                                                  "pm_caption_to_image.json (adds plausible-match R-Precision)")]
+    = None,
 ) -> None:
     """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json
     (<protocol>-<split>-last.json for --checkpoint last)."""
@@ -115,12 +123,14 @@ def eval_cli(
     if not members:
         fail("give a run directory, e.g. vsectl eval runs/tiny")
     dev = run_guarded(resolve_device, device)
+    files = {k: v for k, v in (("caption_ids", caption_ids), ("image_ids", image_ids), ("pm_dir", pcm)) if v}
     results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
-                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties)
+                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties,
+                          annotations=files)
     for name, result in results.items():
         modality = result.get("modality", "image")
         title = f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions"
-        columns = PROTOCOLS.get(name).columns
+        columns = tuple(c for c in (*PROTOCOLS.get(name).columns, "pcm_r_precision") if f"i2t_{c}" in result["metrics"])
         err.print(metrics_table(title, result["metrics"], modality, ties_caption(result), columns))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)

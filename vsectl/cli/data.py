@@ -199,6 +199,8 @@ def _verify_table(report: dict) -> None:  # rich table on stderr
 def verify_cli(
     path: Annotated[Path, typer.Argument(help="Data root (precomp or stores), a .h5 store, or a raw dataset folder")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    noise: Annotated[Path | None, typer.Option(help="Also check a noise index (.npy) or a noisy run's recorded "
+                                                    "pairs against PATH's training split")] = None,
 ) -> None:
     """Check counts, captions, NaN/inf features, split overlap and images; exit 2 if a problem is found."""
     import json
@@ -207,7 +209,33 @@ def verify_cli(
 
     report = run_guarded(verify_path, path, progress=_progress())
     _verify_table(report)
+    if noise is not None:
+        report["noise"] = _verify_noise(path, noise)
+        report["problems"] += [f"noise: {p}" for p in report["noise"]["problems"]]
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     if report["problems"]:
         fail(f"{len(report['problems'])} problem(s) in {path}; first: {report['problems'][0]}")
+
+
+def _verify_noise(path: Path, target: Path) -> dict:
+    """Check the noisy pairs of `target` against `path` and print them as a table (stderr)."""
+    from rich.table import Table
+
+    from vsectl.cli.common import err
+    from vsectl.noise_verify import verify_noise
+
+    report = run_guarded(verify_noise, path, target)
+    table = Table(title=f"noisy pairs: {target} ({report['kind']})", title_justify="left", show_header=False)
+    shown = {"source": "source", "layout": "layout", "split": "split", "n_captions": "captions",
+             "n_noisy": "paired with a wrong image", "ratio": "ratio", "noisy_images": "images of the noisy captions",
+             "fingerprint": "fingerprint", "recorded_fingerprint": "fingerprint recorded by the run"}
+    for key, label in shown.items():
+        if key in report:
+            value = report[key]
+            table.add_row(label, f"{value:.4f}" if key == "ratio" else str(value)[:16] if "fingerprint" in key
+                          else str(value))
+    err.print(table)
+    for problem in report["problems"]:
+        err.print(f"[red]problem:[/red] noise: {problem}", highlight=False)
+    return report
