@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from common import RESULTS, LoadMeter, describe, machine, read_json, render_targets, target, write_report
 
-from vsectl.builders import TextSide
+from vsectl.builders import VocabSide
 from vsectl.config import load_recipe
-from vsectl.data.sources import NpyFeatures, load_split
+from vsectl.data.features import NpyFeatures
+from vsectl.data.sources import load_split
 from vsectl.data.store import StoreWriter
 from vsectl.data.vocab import SPECIALS, Vocab
 from vsectl.runtime import bf16_pays
@@ -232,7 +233,7 @@ def run_epoch(root: Path, vocab: Vocab, max_batches: int | None, features_cls: t
     split = load_split(root, "train")
     if features_cls is not None:
         split.features = features_cls(split.features.path, split.features.row_stride)
-    text = TextSide(vocab=vocab, tokenizer=None, body=None)
+    text = VocabSide(vocab=vocab)
     baseline = tree_memory_mb(os.getpid())
     sampler = MemorySampler(os.getpid())
     sampler.start()

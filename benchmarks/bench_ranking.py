@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vsectl.metrics import METRIC_KEYS, rank_retrieval, recall_metrics
+from vsectl.metrics import METRIC_KEYS, recall_metrics
+from vsectl.ranking import rank_retrieval
 
 SIZES = {"coco5k": 5000, "f30k": 1000}  # images; both protocols have 5 captions per image
 CAPS_PER_IMAGE = 5

@@ -108,14 +108,14 @@ def raw_dataset(folder: Path, n: int, rng: np.random.Generator) -> Path:
 
 def demo_tower(recipe: Any) -> Any:
     """A RetrievalModel with the demo's image tower (random weights) and a one-word BiGRU text side."""
-    from vsectl.builders import TextSide, build_model
+    from vsectl.builders import VocabSide, build_model
     from vsectl.config import load_recipe
     from vsectl.data.vocab import build_vocab
     from vsectl.retrieval.model import RetrievalModel
 
     cfg = load_recipe(Path("recipes/demo.yaml"), ["model.text.encoder=bigru", "model.text.word_dim=32",
                                                   "model.text.cache_states=false", "model.text.freeze_body=false"])
-    text = TextSide(vocab=build_vocab(["a picture"], min_count=1), tokenizer=None, body=None)
+    text = VocabSide(vocab=build_vocab(["a picture"], min_count=1))
     net = build_model(cfg, text).eval()
     return RetrievalModel(run_dir=Path("benchmark"), checkpoint="random", config=cfg, net=net, text=text,
                           device=torch.device("cpu"), fingerprint="benchmark", recipe=recipe)

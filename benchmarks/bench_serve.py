@@ -45,8 +45,8 @@ QUERIES = ["a red apple", "a dog on the grass", "two people next to a car", "a s
 def bench_onnx(reps: int, batch: int = 128) -> dict[str, Any]:
     from vsectl.export import _export_graph, _session, require_onnx
     from vsectl.models.exportable import ImageTower, TextTower
-    from vsectl.models.gpo import GPO
     from vsectl.models.image_encoders import RegionEncoder
+    from vsectl.models.pooling.gpo import GPO
     from vsectl.models.text_encoders import BiGRUTextEncoder
 
     _, ort = require_onnx()

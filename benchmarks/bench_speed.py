@@ -5,7 +5,7 @@ p = 0.2 drop, BiGRU text (vocabulary 8,500, 8–20 tokens), GPO both sides, E = 
 
 - baseline: today's code before this work: packed BiGRU text, packed GPO generator, torch.sort for GPO's
   per-dimension sort, for-loop AdamW, the region encoder's fc and MLP over every padded row;
-- new: the text BiGRU on the path `Precision.rnn_path` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
+- new: the text BiGRU on the path `rnn_path_for(device)` picks (stepped on a CPU: vsectl.models.gru_cpu), the native
   GPO sort (vsectl.native.sortsets), the GPO generator's forward direction once, fused AdamW, the region products
   over the valid rows only; at fp32 and at bf16; and the same with today's GPO sort and weighted sum, and with
   the text BiGRU packed, to show what each choice is worth;
@@ -47,9 +47,9 @@ from bench_training import (
 from common import RESULTS, LoadMeter, describe, gemm_report, machine, render_targets, summary, target, write_report
 
 from vsectl.config import load_recipe
-from vsectl.models.gpo import GPO
 from vsectl.models.image_encoders import RegionEncoder
 from vsectl.models.pooling.base import torch_sort_features
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.rnn import packed_bigru, set_rnn_path
 from vsectl.models.vse import VSEModel, create_model, param_groups
 from vsectl.optim import create_adamw

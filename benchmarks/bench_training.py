@@ -51,11 +51,14 @@ from torch import nn
 
 from vsectl.config import RunConfig, load_recipe
 from vsectl.data.datasets import collate_pairs, drop_regions
+from vsectl.kinds import REGION_DROP
 from vsectl.losses import ContrastiveLoss
-from vsectl.models.gpo import GPO, MASK_VALUE, length_mask
+from vsectl.models.pooling.base import MASK_VALUE, length_mask
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.vse import VSEModel, create_model, param_groups
+from vsectl.run_dir import MetricsLog
 from vsectl.runtime import NullProgress, Precision
-from vsectl.training import REGION_DROP, MetricsLog, train_one_epoch
+from vsectl.training import train_one_epoch
 
 REGIONS, FEAT_DIM = 36, 2048       # BUTD precomputed regions
 VOCAB = 8500                       # F30K's SCAN vocabulary is 8,482 ids with <mask>

@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,21 @@ def timed_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: i
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def timed_interleaved_cpu(fns: dict[str, Callable[[], object]], reps: int) -> tuple[dict[str, list[float]],
+                                                                                   dict[str, list[float]]]:
+    """CPU seconds of this process (all its threads) and wall seconds of each function, `reps` round-robin rounds:
+    on shared cores the CPU time is the measure that other processes' load does not inflate."""
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+    return cpu, wall
 
 
 def fmt_rate(r: dict[str, Any], unit: str = "", digits: int = 1) -> str:
@@ -157,6 +173,19 @@ class LoadMeter:
         own_s = _own_cpu_s() - self.own0
         return {"wall_s": wall, "busy_cores": busy_s / max(wall, 1e-9), "own_cores": own_s / max(wall, 1e-9),
                 "others_cores": max(busy_s - own_s, 0.0) / max(wall, 1e-9)}
+
+
+def begin(threads: int) -> tuple[tuple[float, float, float], LoadMeter, dict[str, Any], float]:
+    """Start a benchmark run: torch threads (0 keeps torch's default), the machine on stderr.
+
+    Returns:
+        the load average before, a LoadMeter started now, the machine's description and the start time.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    load_before, meter, m = os.getloadavg(), LoadMeter(), machine()
+    print(describe(m), file=sys.stderr)
+    return load_before, meter, m, time.perf_counter()
 
 
 def others_busy_cores(seconds: float = 10.0) -> float:

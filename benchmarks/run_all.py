@@ -25,6 +25,7 @@ SCRIPTS = {  # name → script; run in this order
     "training": "bench_training.py",
     "data": "bench_data.py",
     "extract": "bench_extract.py",
+    "embed": "bench_embed.py",
     "backbone": "bench_backbone.py",
     "retrieval": "bench_retrieval.py",
     "serve": "bench_serve.py",

@@ -175,7 +175,7 @@ CASES = [
     Case("COCO protocols on a split that is not COCO testall", lambda w, t: [
         "eval", str(w.run), "--protocol", "all", "--split", "test", "--device", "cpu"], "use --protocol f30k"),
     Case("coco5k on a 10-image split", lambda w, t: ["eval", str(w.run), "--protocol", "coco5k", "--split", "test",
-                                                      "--device", "cpu"], "needs the 5,000-image COCO testall split"),
+                                                      "--device", "cpu"], "needs the 5,000-image testall split"),
     Case("eval on a data root that does not exist", lambda w, t: ["eval", str(w.run), "--data-root",
                                                                    str(t / "nowhere"), "--device", "cpu"],
          "set data.root (--data-root FOLDER)"),

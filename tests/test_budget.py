@@ -11,8 +11,8 @@ import pytest
 
 from vsectl.config import config_from_yaml, config_to_yaml, load_recipe
 from vsectl.errors import ConfigError
-from vsectl.schedules import group_lr, run_length
-from vsectl.training import announce_length, train
+from vsectl.schedules import announce_length, group_lr, run_length
+from vsectl.training import train
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"

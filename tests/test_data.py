@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from vsectl.data import sources
-from vsectl.data.captions import word_tokenize
 from vsectl.data.datasets import (
     CaptionDataset,
     EpochBatchSampler,
@@ -26,8 +25,10 @@ from vsectl.data.datasets import (
     collate_pairs,
     collate_tokens,
 )
-from vsectl.data.sources import FeatureSource, H5Features, NpyFeatures, Split, check_finite, load_split
+from vsectl.data.features import FeatureSource, H5Features, NpyFeatures
+from vsectl.data.sources import Split, check_finite, load_split
 from vsectl.data.store import StoreWriter, read_store_attrs, read_store_captions, write_store
+from vsectl.data.tokenize import word_tokenize
 from vsectl.data.toy import CONCEPTS, make_toy_dataset
 from vsectl.data.vocab import Vocab
 from vsectl.errors import DataError
@@ -524,7 +525,7 @@ def test_toy_dataset_is_deterministic(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_npy_features_read_with_pread_equal_the_array_and_catch_truncation(tmp_path, dtype):
-    from vsectl.data.sources import NpyFeatures
+    from vsectl.data.features import NpyFeatures
 
     arr = np.random.default_rng(0).normal(size=(10, 3, 4)).astype(dtype)
     np.save(tmp_path / "x_ims.npy", arr)

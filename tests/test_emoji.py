@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 from vsectl.cli import app
 from vsectl.data import emoji as em
 from vsectl.data.emoji import sources
-from vsectl.data.raw import load_raw_dataset, sha256_file
+from vsectl.data.raw import load_raw_dataset
 from vsectl.data.verify import verify_path
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "emoji_mini"
 runner = CliRunner()

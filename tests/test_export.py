@@ -160,8 +160,8 @@ def test_export_cli_writes_both_towers_and_a_manifest_with_parity(tiny_run, tmp_
     result = runner.invoke(app, ["export", str(tiny_run), "--format", "onnx", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
-    assert sorted(p.name for p in out.iterdir()) == ["client.py", "export.json", "image.onnx", "text.onnx",
-                                                     "vocab.json"]  # toy precomp features: no backbone to export
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "client.py", "export.json", "image.onnx", "text.onnx", "vocab.json"]  # toy precomp features: no backbone
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["embed_dim"] == 64 and manifest["image"]["inputs"]["features"] == ["batch", "set_size", 32]
     assert 0 <= manifest["parity"]["max_abs_diff"]["image"] <= 1e-4
@@ -186,7 +186,7 @@ def test_export_of_a_transformers_run_carries_its_tokenizer(toy_root, tiny_bert_
 
 @pytest.mark.parametrize("args, message", [
     (["--format", "tflite"], "unknown export format 'tflite'"),
-    (["--out", "{busy}"], "is not an ONNX export folder"),
+    (["--out", "{busy}"], "holds files vsectl did not write (notes.txt)"),
 ])
 def test_export_user_mistakes_are_one_line_and_exit_2(tiny_run, tmp_path, args, message):
     busy = tmp_path / "busy"

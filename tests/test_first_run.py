@@ -45,7 +45,7 @@ def option_default(command: str, option: str) -> object:
 def test_every_command_and_function_defaults_to_one_tie_rule():
     from vsectl import evaluation, metrics
     from vsectl.config import load_recipe
-    from vsectl.gridsearch import gridsearch
+    from vsectl.science.gridsearch import gridsearch
     from vsectl.tie_rules import DEFAULT_TIE_RULE
 
     assert DEFAULT_TIE_RULE == "expected"
@@ -238,7 +238,7 @@ def test_embed_of_the_raw_dataset_reuses_the_stored_features_instead_of_the_back
 
 
 def test_stored_features_of_another_recipe_are_not_reused(clipart_run, tmp_path: Path):
-    from vsectl.data.raw import sha256_file
+    from vsectl.io import sha256_file
     from vsectl.retrieval import stored
     from vsectl.retrieval.recipe import store_recipe
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from vsectl.models.gpo import GPO, MASK_VALUE, positional_encoding
+from vsectl.models.pooling.base import MASK_VALUE, positional_encoding
+from vsectl.models.pooling.gpo import GPO
 
 
 def reference_pe(length: int, d_pe: int) -> torch.Tensor:

@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from vsectl.config import PoolConfig, load_recipe
+from vsectl.config import load_recipe, pool_options
 from vsectl.errors import ConfigError
-from vsectl.models.gpo_variants import MLPGPO, FeatInGPO, IndexBiGRUGPO, InterpGPO, PerDimGPO, TransformerGPO
 from vsectl.models.pooling import POOLERS, create_pooler
+from vsectl.models.pooling.gpo_featin import FeatInGPO
+from vsectl.models.pooling.gpo_index_bigru import IndexBiGRUGPO
+from vsectl.models.pooling.gpo_interp import InterpGPO
+from vsectl.models.pooling.gpo_mlp import MLPGPO
+from vsectl.models.pooling.gpo_perdim import PerDimGPO
+from vsectl.models.pooling.gpo_transformer import TransformerGPO
 from vsectl.pool_options import options_class
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +30,7 @@ def make(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     sizes = dict(d_pe=8, d_hidden=8, in_dim=D, transformer_heads=2, transformer_ffn=16)
     takes = options_class(name)().keys()  # each pooler's options take only its own keys
-    pool = create_pooler(PoolConfig(name=name, **{k: v for k, v in sizes.items() if k in takes}))
+    pool = create_pooler(pool_options(name=name, **{k: v for k, v in sizes.items() if k in takes}))
     if name == "gpo_interp":  # the uniform initial knots would make several properties trivially true
         with torch.no_grad():
             pool.knots.copy_(torch.randn(pool.knots.shape))
@@ -162,7 +167,7 @@ def test_perdim_gives_one_theta_per_dimension_and_checks_its_size():
     with pytest.raises(ConfigError, match="in_dim"):
         pool(torch.randn(2, 3, D + 1), torch.tensor([3, 2]))
     with pytest.raises(ConfigError, match="in_dim"):
-        create_pooler(PoolConfig(name="gpo_perdim"))
+        create_pooler(pool_options(name="gpo_perdim"))
 
 
 def test_transformer_heads_must_divide_the_width():

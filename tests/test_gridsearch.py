@@ -11,10 +11,10 @@ import pytest
 from scipy.stats import ttest_rel
 from typer.testing import CliRunner
 
-from vsectl import gridsearch as gs
 from vsectl.cli import app
 from vsectl.config import load_recipe
 from vsectl.errors import ConfigError
+from vsectl.science import gridsearch as gs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -137,7 +137,7 @@ def test_a_smoke_run_says_so_in_its_title_tables_verdict_and_figure(tmp_path):
     assert markdown.startswith("# Pooling grid search (smoke run)") and "they are not results" in markdown
     assert written["verdict"]["text"].startswith("smoke run (--quick), not a result: ")
     assert json.loads((tmp_path / "results.json").read_text())["verdict"]["text"].startswith("smoke run")
-    from vsectl.gridsearch.figures import figure_title
+    from vsectl.science.gridsearch.figures import figure_title
 
     assert figure_title(meta).startswith("smoke run, not a result: demo, test split: rsum (expected ties)")
     full = gs.write_results(tmp_path / "full", recs, "image", {**meta, "quick": False})

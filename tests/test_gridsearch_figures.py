@@ -11,17 +11,17 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from vsectl.gridsearch.figures import (  # noqa: E402
+from vsectl.science.gridsearch.figures import (  # noqa: E402
     draw_branch_figure,
     draw_heatmap_figure,
     figure_title,
     write_grid_figures,
 )
-from vsectl.gridsearch.report import write_results  # noqa: E402
-from vsectl.gridsearch.stats import summarise  # noqa: E402
-from vsectl.patterns import pattern_weights  # noqa: E402
-from vsectl.planted_plot import plot_bench  # noqa: E402
-from vsectl.plots import WeightCurves, draw_weight_curves, paper_style  # noqa: E402
+from vsectl.science.gridsearch.report import write_results  # noqa: E402
+from vsectl.science.gridsearch.stats import summarise  # noqa: E402
+from vsectl.science.patterns import pattern_weights  # noqa: E402
+from vsectl.science.planted_plot import plot_bench  # noqa: E402
+from vsectl.science.plots import WeightCurves, draw_weight_curves, paper_style  # noqa: E402
 
 FIXED = ["max (K=1)", "K=2", "K=5", "K=10", "K=20", "mean (K=N)"]
 LONG = [*FIXED, "gem", "gpo_transformer", "gpo_index_bigru"]

@@ -11,9 +11,9 @@ import pytest
 from scipy.stats import t as student_t
 from scipy.stats import ttest_1samp, ttest_rel
 
-from vsectl.gridsearch import expand_grid, load_grid, results_markdown, summarise
-from vsectl.gridsearch.runner import best_dev
-from vsectl.gridsearch.stats import detectable_difference, paired_power, paired_test, power_statement, verdict
+from vsectl.science.gridsearch import expand_grid, load_grid, results_markdown, summarise
+from vsectl.science.gridsearch.runner import best_dev
+from vsectl.science.gridsearch.stats import detectable_difference, paired_power, paired_test, power_statement, verdict
 
 REPO = Path(__file__).resolve().parent.parent
 

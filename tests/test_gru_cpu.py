@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from vsectl.models.gpo import GPO
 from vsectl.models.gru_cpu import PackedLayout, stepped_bigru
-from vsectl.models.rnn import bigru, packed_bigru, set_rnn_path
+from vsectl.models.pooling.gpo import GPO
+from vsectl.models.rnn import bigru, packed_bigru, rnn_path_for, set_rnn_path
 from vsectl.models.text_encoders import BiGRUTextEncoder
-from vsectl.runtime import Precision
 
 LENGTHS = torch.tensor([3, 7, 1, 7, 5, 2, 7, 4])  # unsorted, repeated, 1 and the full length
 
@@ -122,9 +121,8 @@ def test_text_encoder_stepped_equals_packed_with_the_same_state_dict() -> None:
         assert torch.allclose(g, results[1][1][name], atol=1e-5), name
 
 
-def test_the_path_is_chosen_once_by_the_precision_and_refuses_unknown_names() -> None:
-    cpu = torch.device("cpu")
-    assert Precision("fp32", cpu).rnn_path == Precision("bf16", cpu).rnn_path == "stepped"
+def test_the_path_is_chosen_once_by_the_device_and_refuses_unknown_names() -> None:
+    assert rnn_path_for(torch.device("cpu")) == "stepped"
     enc = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
     set_rnn_path(enc, "stepped")
     assert enc["text"].rnn_path == "stepped"

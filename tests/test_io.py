@@ -12,7 +12,6 @@ import torch
 
 from vsectl.checkpoint import save_checkpoint
 from vsectl.config import load_recipe, save_config
-from vsectl.data.raw import write_json_atomic
 from vsectl.data.store import StoreWriter
 from vsectl.io import atomic_path, atomic_write_json, atomic_write_text, umask_mode
 
@@ -34,7 +33,7 @@ def test_every_writer_gives_the_umask_mode(tmp_path: Path, umask: int) -> None:
     save_config(load_recipe(None), tmp_path / "config.yaml")
     atomic_write_json(tmp_path / "eval.json", {"rsum": 1.0})
     atomic_write_text(tmp_path / "results.md", "x\n")
-    write_json_atomic(tmp_path / "dataset.json", {"images": []})
+    atomic_write_json(tmp_path / "dataset.json", {"images": []}, indent=None, ensure_ascii=False)
     save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(2)}, {"epoch": 1}, {"config": ""},
                     optimizer_state={"state": {}, "param_groups": []})
     with StoreWriter(tmp_path / "train.h5", feat_dim=2) as writer:

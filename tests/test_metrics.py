@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsectl import metrics, ranking
-from vsectl.metrics import METRIC_KEYS, evaluate_protocol, rank_retrieval, recall_metrics, subset
+from vsectl import ranking
+from vsectl.metrics import METRIC_KEYS, recall_metrics, subset
+from vsectl.protocols import PROTOCOLS, evaluate_protocol
+from vsectl.ranking import rank_retrieval
 
 
 def loop_ranks(sims: torch.Tensor, cap2img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +222,8 @@ def test_subset_reindexes_captions_to_the_selected_images():
 
 def test_coco1k_is_the_mean_over_contiguous_folds(monkeypatch):
     """Spec §10.1: coco1k ranks 5 contiguous folds of images with their captions and averages every metric."""
-    monkeypatch.setattr(metrics, "COCO_5K_IMAGES", 15)
-    monkeypatch.setattr(metrics, "COCO_FOLD_SIZE", 3)
+    monkeypatch.setattr(PROTOCOLS.get("coco1k"), "images", 15)
+    monkeypatch.setattr(PROTOCOLS.get("coco1k"), "block", 3)
     counts = [1, 2, 3, 2, 1, 4, 3, 2, 1, 1, 5, 2, 3, 2, 1]
     img, cap, cap2img = random_split(counts, seed=7)
     result = evaluate_protocol([img], [cap], cap2img, "coco1k", chunk_size=2)
@@ -250,7 +252,7 @@ def test_coco5k_rejects_a_split_without_5000_images():
 
 def test_dev1k_ranks_only_the_first_images(monkeypatch):
     """Spec §10.1: dev1k keeps the first DEV_IMAGES images and only their captions."""
-    monkeypatch.setattr(metrics, "DEV_IMAGES", 4)
+    monkeypatch.setattr(PROTOCOLS.get("dev1k"), "block", 4)
     img, cap, cap2img = random_split([2, 3, 1, 2, 5, 4], seed=8)
     result = evaluate_protocol([img], [cap], cap2img, "dev1k", chunk_size=3)
     caps = [j for j in range(cap2img.numel()) if cap2img[j].item() < 4]

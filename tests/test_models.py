@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from vsectl.config import ImageConfig, LRMultConfig, ModelConfig, PoolConfig, TextConfig
-from vsectl.data.text_input import TextInput
+from vsectl.config import ImageConfig, LRMultConfig, ModelConfig, TextConfig, pool_options
+from vsectl.kinds import TextInput
 from vsectl.models.image_encoders import GridEncoder, RegionEncoder, grid_size_augment, l2_normalize
 from vsectl.models.pooling import MaxPool, MeanPool
 from vsectl.models.text_encoders import BiGRUTextEncoder, load_pretrained_text
@@ -116,7 +116,7 @@ def test_bigru_encoder_ignores_padding_and_averages_directions_txt3():
 
 def test_transformer_text_encoder_from_a_local_tiny_bert_txt5_txt6(tiny_bert_dir):
     cfg = ModelConfig(embed_dim=12, image=ImageConfig(feat_dim=8, mlp_hidden=4),
-                      text=TextConfig(encoder="transformers", pretrained=str(tiny_bert_dir), pool=PoolConfig(d_pe=8)))
+                      text=TextConfig(encoder="transformers", pretrained=str(tiny_bert_dir), pool=pool_options(d_pe=8)))
     model = create_model(cfg)
     _, tokenizer = load_pretrained_text(str(tiny_bert_dir))
     ids = [tokenizer("a dog on the grass")["input_ids"], tokenizer("a red ball")["input_ids"]]

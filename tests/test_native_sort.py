@@ -82,6 +82,19 @@ def test_values_and_gradient_equal_the_reference(shape: tuple[int, int, int]) ->
     assert torch.equal(x.grad.double(), reference_grad(grad, src, rows))
 
 
+@pytest.mark.parametrize("shape", [(3, 36, 70), (5, 7, 1), (2, 20, 130), (4, 1, 9), (2, 97, 3)])
+def test_inference_values_only_network_equals_the_reference(shape: tuple[int, int, int]) -> None:
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    batch, rows, dim = shape
+    feats = torch.randn(batch, rows, dim, generator=g)
+    lengths = torch.randint(1, rows + 1, (batch,), generator=g)
+    lengths[-1] = rows
+    feats[torch.arange(rows)[None, :].expand(batch, -1) >= lengths[:, None]] = 1e9     # padding is never read
+    with torch.inference_mode():
+        ranked = sortsets.sort_sets(feats, lengths)                                   # no source rows kept
+    assert torch.equal(ranked.double(), reference_sort(feats, lengths)[0])
+
+
 def test_same_as_torch_sort_in_sort_features() -> None:
     feats = torch.randn(16, 36, 256)
     lengths = torch.randint(5, 37, (16,))
@@ -176,7 +189,7 @@ def test_bad_lengths_are_refused() -> None:
 
 
 def test_gpo_is_the_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vsectl.models.gpo import GPO
+    from vsectl.models.pooling.gpo import GPO
 
     pool = GPO(d_pe=8, d_hidden=8)
     feats = torch.randn(8, 10, 32)

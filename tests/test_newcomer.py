@@ -125,7 +125,7 @@ def test_fingerprint_follows_the_data_not_the_folder(toy: Path, tmp_path: Path) 
 
 
 def test_gridsearch_reads_only_the_result_of_its_cells_split_and_data(tmp_path: Path) -> None:
-    from vsectl import gridsearch as gs
+    from vsectl.science import gridsearch as gs
 
     run = tmp_path / "cell"
     (run / "eval").mkdir(parents=True)

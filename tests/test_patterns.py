@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vsectl.cli import app
 from vsectl.errors import ConfigError
-from vsectl.patterns import (
+from vsectl.science.patterns import (
     RECIPES,
     PatternsConfig,
     buckets,

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from vsectl.cli import app
 from vsectl.data.sources import load_split
 from vsectl.errors import ConfigError
-from vsectl.planted import BenchConfig, cell_pattern, gpo_theta_rmse, load_bench_config, summarise_planting
-from vsectl.planted_data import PlantedSplit, caption_words, make_planted_data, planted_target, projection
+from vsectl.science.planted import BenchConfig, cell_pattern, gpo_theta_rmse, load_bench_config, summarise_planting
+from vsectl.science.planted_data import PlantedSplit, caption_words, make_planted_data, planted_target, projection
 
 runner = CliRunner()
 

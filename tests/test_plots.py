@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from vsectl.cli import app
 from vsectl.cli.science import sparkline
 from vsectl.config import load_recipe
-from vsectl.plots import MissingExtraError, WeightCurves, draw_weight_curves, new_figure, spread, weight_curves
+from vsectl.science.plots import MissingExtraError, WeightCurves, draw_weight_curves, new_figure, spread, weight_curves
 from vsectl.training import train
 
 REPO = Path(__file__).resolve().parent.parent

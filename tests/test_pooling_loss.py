@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vsectl.config import PoolConfig
+from vsectl.config import pool_options
 from vsectl.errors import ConfigError
 from vsectl.losses import ContrastiveLoss
-from vsectl.models.gpo import GPO
-from vsectl.models.pooling import POOLERS, GeMPool, KMaxPool, MaxPool, MeanPool, create_pooler
+from vsectl.models.pooling import POOLERS, GeMPool, MaxKPool, MaxPool, MeanPool, create_pooler
+from vsectl.models.pooling.gpo import GPO
 
 
 def sets(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,15 +44,15 @@ def test_max_pool_is_the_masked_max():
 @pytest.mark.parametrize("k", [1, 2, 3, 10])
 def test_kmax_pool_matches_per_dimension_topk_mean_with_k_clipped(k):
     feats, lengths = sets()
-    pooled, _ = KMaxPool(k=k)(feats, lengths)
+    pooled, _ = MaxKPool(k=k)(feats, lengths)
     for b, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(pooled[b], per_dim_topk_mean(feats[b, :n], k))
 
 
 def test_kmax_with_k1_is_max_and_k_large_is_mean():
     feats, lengths = sets()
-    torch.testing.assert_close(KMaxPool(k=1)(feats, lengths)[0], MaxPool()(feats, lengths)[0])
-    torch.testing.assert_close(KMaxPool(k=99)(feats, lengths)[0], MeanPool()(feats, lengths)[0])
+    torch.testing.assert_close(MaxKPool(k=1)(feats, lengths)[0], MaxPool()(feats, lengths)[0])
+    torch.testing.assert_close(MaxKPool(k=99)(feats, lengths)[0], MeanPool()(feats, lengths)[0])
 
 
 def test_gem_pool_matches_generalised_mean_and_learns_p():
@@ -71,10 +71,10 @@ def test_gem_pool_matches_generalised_mean_and_learns_p():
 
 def test_registry_builds_each_pooler_and_rejects_unknown_names_with_suggestion():
     assert set(POOLERS.names()) >= {"gpo", "mean", "max", "kmax", "gem"}
-    assert isinstance(create_pooler(PoolConfig(name="gpo", d_pe=8, d_hidden=4)), GPO)
-    assert create_pooler(PoolConfig(name="kmax", k=5)).k == 5
+    assert isinstance(create_pooler(pool_options(name="gpo", d_pe=8, d_hidden=4)), GPO)
+    assert create_pooler(pool_options(name="kmax", k=5)).k == 5
     with pytest.raises(ConfigError, match="did you mean 'gpo'"):
-        create_pooler(PoolConfig(name="gp0"))
+        create_pooler(pool_options(name="gp0"))
 
 
 def loss_reference(img: torch.Tensor, cap: torch.Tensor, margin: float, hardest: bool) -> float:

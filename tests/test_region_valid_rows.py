@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from vsectl.models.gpo import GPO, length_mask
 from vsectl.models.image_encoders import RegionEncoder
+from vsectl.models.pooling.base import length_mask
+from vsectl.models.pooling.gpo import GPO
 
 LENGTHS = torch.tensor([5, 2, 3, 1])
 

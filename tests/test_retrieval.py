@@ -98,7 +98,8 @@ def test_search_ranks_equal_eval_ranks_both_directions(clipart_run, model, test_
     from vsectl.builders import load_run
     from vsectl.data.sources import load_split
     from vsectl.evaluation import encode_split, evaluate_runs
-    from vsectl.metrics import rank_retrieval, recall_metrics
+    from vsectl.metrics import recall_metrics
+    from vsectl.ranking import rank_retrieval
 
     indexes = []
     for side in ("images", "captions"):
@@ -403,3 +404,23 @@ def test_a_run_that_trains_its_own_backbone_embeds_image_files(clipart_run, tmp_
     line = _bad("embed", str(run), "--features", str(clipart_run["feats"] / "test.h5"), "--out", str(tmp_path / "f"),
                 "--device", "cpu")
     assert "trains its own image backbone" in line
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (3, 1, 5, 2)])
+def test_store_blocks_pad_like_one_set_at_a_time(sizes, tmp_path):
+    from vsectl.data.features import H5Features
+    from vsectl.data.store import write_store
+    from vsectl.retrieval.collection import padded_block
+    from vsectl.retrieval.model import _pad_sets
+
+    g = np.random.default_rng(0)
+    sets = [g.standard_normal((n, 6)).astype(np.float32) for n in (2, *sizes, 7)]
+    store = write_store(tmp_path / "s.h5", [(str(i), s) for i, s in enumerate(sets)], [], [], feat_dim=6,
+                        dtype="float16")
+    features = H5Features(store)
+    rows, lengths = features.block(1, 1 + len(sizes))                     # one read for the middle sets
+    feats, got_lengths = padded_block(rows, lengths, 6)
+    want, want_lengths = _pad_sets([features.get(i) for i in range(1, 1 + len(sizes))])
+    assert torch.equal(feats, want) and torch.equal(got_lengths, want_lengths)
+    with pytest.raises(IndexError):
+        features.block(3, len(sets) + 1)

@@ -356,3 +356,85 @@ def test_json_similar_answer_names_its_query_image(server, collection):
     emb = open_embeddings(collection["emb"])
     assert status == 200 and answer["query_image"] == {"index": 4, "id": emb.image(4)["id"],
                                                        "caption": emb.image(4)["caption"], "image_url": "/image/4"}
+
+
+# ---------------------------------------------------------------------------------------------- served through an index
+
+
+@pytest.fixture(scope="module")
+def indexed(collection, tmp_path_factory) -> Path:
+    """A copy of the collection with an ivf index over its images (3 lists, nprobe tuned to recall 1)."""
+    pytest.importorskip("faiss")
+    from vsectl.retrieval import build_index
+
+    emb = tmp_path_factory.mktemp("indexed") / "emb"
+    shutil.copytree(collection["emb"], emb)
+    build_index(emb, kind="ivf")
+    return emb
+
+
+def test_an_embeddings_folder_is_served_through_its_index_and_says_so(indexed, collection):
+    import vsectl
+
+    proc, url = start_serve(str(indexed))
+    exact_proc, exact_url = start_serve(str(indexed), "--exact")
+    try:
+        status, answer = get_json(url, "/api/search?q=a+bird&k=5")
+        assert status == 200 and answer["searched_with"]["kind"] == "ivf"
+        assert answer["searched_with"]["path"] == "index-ivf-images" and answer["searched_with"]["recall@10"] == 1.0
+        index = vsectl.open_index(indexed / "index-ivf-images")
+        model = vsectl.load(collection["run"], device="cpu")
+        expected = vsectl.search(index, "a bird", k=5, model=model)[0]
+        assert [h["index"] for h in answer["hits"]] == [h.index for h in expected.hits]
+        status, answer = get_json(url, "/api/search?q=a+bird&k=5&side=captions")  # no caption index: exact
+        assert status == 200 and answer["searched_with"] == {"kind": "exact"}
+        status, info = get_json(url, "/api/info")
+        assert info["searched_with"]["images"]["kind"] == "ivf"
+        status, answer = get_json(exact_url, "/api/search?q=a+bird&k=5")
+        assert answer["searched_with"] == {"kind": "exact"}
+    finally:
+        for p in (proc, exact_proc):
+            p.terminate()
+            p.wait(10)
+
+
+def test_search_json_says_which_index_answered(indexed):
+    from typer.testing import CliRunner
+
+    from vsectl.cli import app
+
+    for extra, kind in (([], "ivf"), (["--exact"], "exact")):
+        result = CliRunner().invoke(app, ["-q", "search", str(indexed), "a bird", "-k", "3", "--json", "--device",
+                                          "cpu", *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)[0]["searched_with"]["kind"] == kind
+
+
+def test_the_page_searches_through_the_index_and_shows_it(indexed, tmp_path):
+    from cdp import Browser, find_chromium
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium is not installed (make test installs Debian's chromium; here that failed or was not run)")
+    proc, url = start_serve(str(indexed))
+    try:
+        with Browser(chromium) as browser:
+            browser.navigate(url)
+            info = browser.wait_for("(() => { const t = document.getElementById('info').textContent;"
+                                    " return t.includes('index') && t; })()")
+            assert "images: ivf index, recall@10 1.000" in info and "captions: exact search" in info
+            browser.evaluate("document.getElementById('q').focus()")
+            browser.type_text("a bird")
+            browser.press_enter()
+            status = browser.wait_for("(() => { const s = document.getElementById('status').textContent;"
+                                      " return document.querySelectorAll('#results .hit').length === 10"
+                                      " && s.includes('index') && s; })()")
+            assert "ivf index, recall@10 1.000" in status
+            shown = browser.evaluate("[...document.querySelectorAll('#results .hit')].map(h => h.dataset.image)")
+            if os.environ.get("VSECTL_SCREENSHOT_DIR"):
+                browser.screenshot(Path(os.environ["VSECTL_SCREENSHOT_DIR"]) / "serve_index.png")
+        _, answer = get_json(url, "/api/search?q=a+bird&k=10")
+        assert shown == [str(h["image"]) for h in answer["hits"]]
+    finally:
+        proc.terminate()
+        proc.wait(10)

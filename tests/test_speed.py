@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.gpo import GPO
+from vsectl.models.pooling.gpo import GPO
 from vsectl.models.pooling.gpo_index_bigru import IndexBiGRUGPO
 from vsectl.models.rnn import dense_bigru, packed_bigru, reverse_index
 from vsectl.models.text_encoders import BiGRUTextEncoder
@@ -221,14 +221,13 @@ def test_usable_cpus_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -
     assert env_info()["usable_cpus"] == 1
 
 
-def test_the_rnn_path_is_decided_by_the_precision_and_set_on_the_model() -> None:
-    from vsectl.models.rnn import set_rnn_path
-    from vsectl.runtime import Precision
+def test_the_rnn_path_is_decided_by_the_device_and_set_on_the_model() -> None:
+    from vsectl.models.rnn import rnn_path_for, set_rnn_path
 
     cpu = torch.device("cpu")
-    assert Precision("bf16", cpu).rnn_path == Precision("fp32", cpu).rnn_path == "stepped"
+    assert rnn_path_for(cpu) == "stepped" and rnn_path_for(torch.device("cuda")) == "packed"
     model = nn.ModuleDict({"text": BiGRUTextEncoder(10, 4, 4, GPO()), "other": nn.Linear(2, 2)})
-    set_rnn_path(model, Precision("fp32", cpu).rnn_path)
+    set_rnn_path(model, rnn_path_for(cpu))
     assert model["text"].rnn_path == "stepped"
 
 

@@ -19,8 +19,8 @@ from vsectl.data.captions import (
     VocabTextProcessor,
     augment_actions,
     load_karpathy,
-    word_tokenize,
 )
+from vsectl.data.tokenize import word_tokenize
 from vsectl.data.vocab import SPECIALS, Vocab, build_vocab
 from vsectl.errors import DataError
 

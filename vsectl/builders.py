@@ -1,4 +1,7 @@
-"""Assemble a run's model and text processing from its config and run directory (shared by train and eval)."""
+"""Assemble a run's model and text processing from its config and run directory (shared by train and eval).
+
+The text sides of the text kinds live here: `VocabSide` (BiGRU) and `PretrainedSide` (transformers).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +13,11 @@ from typing import Any
 import torch
 
 from vsectl.checkpoint import load_checkpoint, load_model_state, read_metadata
-from vsectl.config import RunConfig, config_from_yaml
+from vsectl.config import RunConfig, TextConfig, config_from_yaml
 from vsectl.data.captions import HFTextProcessor, VocabTextProcessor
 from vsectl.data.vocab import Vocab, build_vocab
 from vsectl.errors import CheckpointError, ConfigError
+from vsectl.kinds import TEXT_KINDS, resolve
 from vsectl.losses import create_loss
 from vsectl.models.text_encoders import load_pretrained_text, text_body_from_folder
 from vsectl.models.vse import VSEModel, create_model
@@ -27,16 +31,31 @@ TEXT_MODEL_DIR = "text_model"  # transformers config + tokenizer files, so eval 
 
 @dataclass
 class TextSide:
-    """What the data side needs to turn captions into ids, and what the model side needs to build the encoder."""
+    """A run's text processing: what the data side needs to turn captions into ids, and what the text tower is built
+    from. Each text kind (`vsectl.kinds.TEXT_KINDS`) names its subclass, which prepares a new run's side, saves what
+    eval needs into the run directory and loads it back.
+    """
 
-    vocab: Vocab | None
-    tokenizer: Any
-    body: torch.nn.Module | None
+    vocab: Vocab | None = None
+    tokenizer: Any = None
+    body: torch.nn.Module | None = None
 
-    def processor(self, augment: bool) -> VocabTextProcessor | HFTextProcessor:
-        if self.vocab is not None:
-            return VocabTextProcessor(self.vocab, augment=augment)
-        return HFTextProcessor(self.tokenizer, augment=augment)
+    @classmethod
+    def prepare(cls, cfg: TextConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
+        """The side of a new run from its training + dev `captions`; with `write`, saved into `run_dir`."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, cfg: TextConfig, run_dir: Path) -> TextSide:
+        """The side of an existing run, from its directory (a body's weights come from the checkpoint)."""
+        raise NotImplementedError
+
+    def processor(self, augment: bool) -> Any:
+        """Captions → token ids (`encode(caption, rng)`), with the token-level size augmentation when `augment`."""
+        raise NotImplementedError
+
+    def init_weights(self, encoder: torch.nn.Module, cfg: TextConfig, seed: int) -> None:
+        """Start a new run's tower from what the recipe names (GloVe words); nothing by default."""
 
     @property
     def vocab_size(self) -> int | None:
@@ -44,59 +63,91 @@ class TextSide:
 
     @property
     def pad_id(self) -> int:
-        if self.vocab is not None:
-            return 0
-        return int(self.tokenizer.pad_token_id or 0)
+        return 0
 
 
-def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
-    """Create the text side of a new run and save what eval will need into `run_dir`.
+class VocabSide(TextSide):
+    """The BiGRU's side: a word vocabulary built from the captions (count ≥ min_count) or read from a file."""
 
-    BiGRU: the vocabulary from `captions` (train + dev, count ≥ min_count) or `model.text.vocab_file`.
-    Transformers: the pretrained body and tokenizer; their config and tokenizer files are copied to the run.
-    """
-    text = cfg.model.text
-    if text.encoder == "bigru":
-        if text.vocab_file:
-            if not Path(text.vocab_file).is_file():
-                raise ConfigError(f"model.text.vocab_file not found: {text.vocab_file}")
-            vocab = Vocab.load(text.vocab_file)
+    @classmethod
+    def prepare(cls, cfg: TextConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
+        if cfg.vocab_file:
+            if not Path(cfg.vocab_file).is_file():
+                raise ConfigError(f"model.text.vocab_file not found: {cfg.vocab_file}")
+            vocab = Vocab.load(cfg.vocab_file)
         else:
-            vocab = build_vocab(captions, min_count=text.vocab_min_count)
+            vocab = build_vocab(captions, min_count=cfg.vocab_min_count)
         if write:
             vocab.save(run_dir / VOCAB_FILE)
         log.info("vocabulary: %d tokens", len(vocab))
-        return TextSide(vocab=vocab, tokenizer=None, body=None)
-    body, tokenizer = load_pretrained_text(text.pretrained)
-    if write:
-        body.config.save_pretrained(run_dir / TEXT_MODEL_DIR)
-        tokenizer.save_pretrained(run_dir / TEXT_MODEL_DIR)
-    return TextSide(vocab=None, tokenizer=tokenizer, body=body)
+        return cls(vocab=vocab)
+
+    @classmethod
+    def load(cls, cfg: TextConfig, run_dir: Path) -> TextSide:
+        path = run_dir / VOCAB_FILE
+        if not path.is_file():
+            raise CheckpointError(f"run {run_dir} has no {VOCAB_FILE}; it is not a complete vsectl run directory")
+        return cls(vocab=Vocab.load(path))
+
+    def processor(self, augment: bool) -> VocabTextProcessor:
+        return VocabTextProcessor(self.vocab, augment=augment)
+
+    def init_weights(self, encoder: torch.nn.Module, cfg: TextConfig, seed: int) -> None:
+        if cfg.glove:
+            from vsectl.models.glove import glove_matrix
+
+            table, _ = glove_matrix(self.vocab.idx2word, cfg.glove, cfg.word_dim, seed=seed)
+            with torch.no_grad():
+                encoder.embed.weight.copy_(torch.from_numpy(table))
+
+
+class PretrainedSide(TextSide):
+    """A pretrained transformers body and its tokenizer; their config and tokenizer files are copied to the run."""
+
+    @classmethod
+    def prepare(cls, cfg: TextConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
+        body, tokenizer = load_pretrained_text(cfg.pretrained)
+        if write:
+            body.config.save_pretrained(run_dir / TEXT_MODEL_DIR)
+            tokenizer.save_pretrained(run_dir / TEXT_MODEL_DIR)
+        return cls(tokenizer=tokenizer, body=body)
+
+    @classmethod
+    def load(cls, cfg: TextConfig, run_dir: Path) -> TextSide:
+        folder = run_dir / TEXT_MODEL_DIR
+        if not folder.is_dir():
+            raise CheckpointError(f"run {run_dir} has no {TEXT_MODEL_DIR}/; it is not a complete vsectl run directory")
+        body, tokenizer = text_body_from_folder(folder)
+        return cls(tokenizer=tokenizer, body=body)
+
+    def processor(self, augment: bool) -> HFTextProcessor:
+        return HFTextProcessor(self.tokenizer, augment=augment)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+
+def text_side(cfg: TextConfig) -> type[TextSide]:
+    """The TextSide class of the text kind `cfg.encoder` names."""
+    return resolve(TEXT_KINDS.get(cfg.encoder).side)
+
+
+def prepare_text(cfg: RunConfig, run_dir: Path, captions: list[str], write: bool = True) -> TextSide:
+    """Create the text side of a new run and save what eval will need into `run_dir`."""
+    return text_side(cfg.model.text).prepare(cfg.model.text, run_dir, captions, write=write)
 
 
 def load_text(cfg: RunConfig, run_dir: Path) -> TextSide:
     """Rebuild the text side of an existing run from its directory (random body weights: the checkpoint fills them)."""
-    if cfg.model.text.encoder == "bigru":
-        path = run_dir / VOCAB_FILE
-        if not path.is_file():
-            raise CheckpointError(f"run {run_dir} has no {VOCAB_FILE}; it is not a complete vsectl run directory")
-        return TextSide(vocab=Vocab.load(path), tokenizer=None, body=None)
-    folder = run_dir / TEXT_MODEL_DIR
-    if not folder.is_dir():
-        raise CheckpointError(f"run {run_dir} has no {TEXT_MODEL_DIR}/; it is not a complete vsectl run directory")
-    body, tokenizer = text_body_from_folder(folder)
-    return TextSide(vocab=None, tokenizer=tokenizer, body=body)
+    return text_side(cfg.model.text).load(cfg.model.text, run_dir)
 
 
 def build_model(cfg: RunConfig, text: TextSide, init_words: bool = False) -> VSEModel:
-    """The model of `cfg`; `init_words` starts a new BiGRU run's word table from GloVe when the recipe asks."""
+    """The model of `cfg`; `init_words` starts a new run's text tower from what the recipe names (GloVe)."""
     model = create_model(cfg.model, vocab_size=text.vocab_size, text_body=text.body, loss=create_loss(cfg.loss))
-    if init_words and cfg.model.text.glove and text.vocab is not None:
-        from vsectl.models.glove import glove_matrix
-
-        table, _ = glove_matrix(text.vocab.idx2word, cfg.model.text.glove, cfg.model.text.word_dim, seed=cfg.seed)
-        with torch.no_grad():
-            model.text.embed.weight.copy_(torch.from_numpy(table))
+    if init_words:
+        text.init_weights(model.text, cfg.model.text, cfg.seed)
     return model
 
 

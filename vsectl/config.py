@@ -5,9 +5,6 @@ A recipe is read once, validated, and never changed during a run. Per-epoch swit
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,17 +12,18 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
-from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, known_keys, options_class
+from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS
+from vsectl.noise_config import NoiseConfig, check_noise
+from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
+from vsectl.recipe_yaml import check_name, check_values, load_yaml_file, load_yaml_text
 from vsectl.registry import did_you_mean
+from vsectl.strict import from_dict, to_dict
 from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 
 def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:
     """Build the options of pooler `name` from keyword arguments; a key it does not take fails with a did-you-mean."""
     return from_dict(PoolOptions, {"name": name, **values}, prefix="pool.")
-
-
-PoolConfig = pool_options  # the old name: PoolConfig(name="maxk", k=5) builds that pooler's options, strictly
 
 
 @dataclass(frozen=True)
@@ -39,7 +37,8 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    encoder: str = "region"         # region (fc + MLP residual) | grid (fc only) | backbone (raw images, end to end)
+    encoder: str = "region"         # an image kind (vsectl.kinds): region (fc + MLP residual) | grid (fc only) |
+    #                                 backbone (raw images, end to end)
     feat_dim: int = 2048            # input feature size (backbone: the backbone's channels, e.g. 2048 or 1280)
     mlp_hidden: int = 512           # hidden size of the region encoder's residual MLP
     size_augment: bool = True       # region: drop each set element with p=0.2 (worker); grid: p=0.2*u on the device
@@ -49,7 +48,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    encoder: str = "bigru"          # bigru | transformers
+    encoder: str = "bigru"          # a text kind (vsectl.kinds): bigru | transformers
     word_dim: int = 300             # bigru word-embedding size
     vocab_min_count: int = 4        # bigru vocabulary threshold (SCAN rule)
     vocab_file: str = ""            # bigru: a SCAN-style vocab JSON to use instead of building one
@@ -78,6 +77,7 @@ class DataConfig:
     batch_size: int = 128           # global batch size
     num_workers: int = 2            # DataLoader workers (0 = main process)
     drop_last: bool = True
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # noisy correspondence in the training pairs
 
 
 @dataclass(frozen=True)
@@ -137,8 +137,6 @@ class RunConfig:
 
 CHOICES = {
     "data.modality": ("image", "video"),
-    "model.image.encoder": ("region", "grid", "backbone"),
-    "model.text.encoder": ("bigru", "transformers"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.optimizer": ("adamw",),
     "train.select_tie_rule": TIE_RULES,
@@ -154,32 +152,48 @@ LENGTH_KEYS = ("train.epochs", "train.steps")  # exactly one gives a run its len
 def check(cfg: RunConfig) -> None:
     """Validate cross-field constraints; raise ConfigError naming the dotted key."""
     flat = to_dict(cfg)
+    check_name(cfg.name)  # the run's folder name
+    check_values(flatten(flat))
     for key, allowed in CHOICES.items():
         value = _lookup(flat, key)
         if value not in allowed:
             raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}"
                               f"{did_you_mean(str(value), list(allowed))}")
-    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "train.log_every"]
+    positive = ["data.batch_size", "model.embed_dim", "model.image.feat_dim", "model.image.mlp_hidden",
+                "model.text.word_dim", "train.log_every"]
     for key in positive:
         if _lookup(flat, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {_lookup(flat, key)}")
     _check_length(cfg.train)
+    check_noise(cfg.data.noise, cfg.data.train_split)
     if cfg.data.batch_size < 2:
         raise ConfigError("data.batch_size must be at least 2: the loss needs negatives in the batch")
     if cfg.model.text.cache_states and not cfg.model.text.freeze_body:
         raise ConfigError("model.text.cache_states needs model.text.freeze_body: true (a trained body changes states)")
-    if cfg.model.text.glove and cfg.model.text.encoder != "bigru":
-        raise ConfigError("model.text.glove applies to the bigru text encoder only")
     for key in ("train.embedding_warmup_epochs", "train.backbone_warmup_epochs", "model.image.backbone.size"):
         if _lookup(flat, key) < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {_lookup(flat, key)}")
-    if cfg.model.text.freeze_body and cfg.model.text.encoder != "transformers":
-        raise ConfigError("model.text.freeze_body applies to the transformers text encoder only")
+    _check_kinds(cfg.model)
     _check_loss(cfg.loss)
     for name in cfg.train.log:
         if name not in TRAIN_LOGS:
             raise ConfigError(f"train.log: unknown log '{name}'{did_you_mean(name, list(TRAIN_LOGS))}; "
                               f"known: {', '.join(TRAIN_LOGS)}")
+
+
+def _check_kinds(model: ModelConfig) -> None:
+    """The encoder kinds are registered, and a text switch only one kind reads is not set under another."""
+    for key, name, registry in (("model.image.encoder", model.image.encoder, IMAGE_KINDS),
+                                ("model.text.encoder", model.text.encoder, TEXT_KINDS)):
+        try:
+            registry.get(name)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    kind = TEXT_KINDS.get(model.text.encoder)
+    for other in TEXT_KINDS.names():
+        for key in TEXT_KINDS.get(other).only:
+            if getattr(model.text, key) and key not in kind.only:
+                raise ConfigError(f"model.text.{key} applies to the {other} text encoder only")
 
 
 def _check_loss(loss: LossConfig) -> None:
@@ -220,135 +234,6 @@ def _lookup(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d[part]
     return d
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# dict <-> dataclass
-
-
-def to_dict(cfg: Any) -> dict:
-    """Convert a config dataclass (recursively) to plain dicts."""
-    return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts → one dict of dotted keys."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def changed_keys(a: Any, b: Any) -> list[str]:
-    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
-    old, new = flatten(to_dict(a)), flatten(to_dict(b))
-    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
-
-
-_MISSING = object()
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        if value is None:
-            return ""
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if tp == tuple[str, ...]:
-        return _coerce_names(value, key)
-    raise TypeError(f"unsupported config field type {tp!r} at {key}")
-
-
-def _coerce_names(value: Any, key: str) -> tuple[str, ...]:
-    """A list of names: a YAML list, or (from --set) 'a,b', '[a, b]', '' or '[]'."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [part.strip() for part in value.strip().strip("[]").split(",") if part.strip()]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise ConfigError(f"{key}: expected a list of names, e.g. [tensorboard], got {value!r}")
-
-
-def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, strictly.
-
-    Unknown keys fail with a did-you-mean naming the dotted key; values are coerced by field type.
-    """
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
-    if cls is PoolOptions:
-        return _pool_from_dict(data, prefix)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            dotted = [prefix + name for name in fields]
-            raise ConfigError(f"unknown key '{prefix}{key}'{did_you_mean(prefix + str(key), dotted)}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if isinstance(tp, types.UnionType):  # pragma: no cover - no optional fields today
-            raise TypeError(f"unsupported union at {prefix}{name}")
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, prefix=f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    return cls(**kwargs)
-
-
-def _pool_from_dict(data: dict, prefix: str) -> PoolOptions:
-    """A `pool:` section → the options class of its `name`; keys of other poolers are refused by name."""
-    name = _coerce(data.get("name", DEFAULT_POOLER), str, prefix + "name")
-    try:
-        cls = options_class(name)
-    except ConfigError as err:
-        raise ConfigError(f"{prefix}name: {err}") from None
-    takes = cls().keys()
-    for key in data:
-        if key not in takes:
-            others = known_keys().get(str(key))
-            close = "" if others else did_you_mean(prefix + str(key), [prefix + k for k in takes])
-            whose = f" ({', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
-            raise ConfigError(f"unknown key '{prefix}{key}'{close}: pooler '{name}' takes {', '.join(takes)}{whose}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
-    try:
-        return cls(**kwargs | {"name": name})
-    except ConfigError as err:  # the options' own checks name keys as "pool.<key>"
-        raise ConfigError(str(err).replace("pool.", prefix)) from None
 
 
 LEGACY_POOL_KEYS = frozenset({"name", "d_pe", "d_hidden", "temperature", "k", "p", "in_dim", "max_index", "n_knots",
@@ -444,10 +329,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe not found: {path} (pass a YAML file, e.g. recipes/tiny.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        data = load_yaml_file(path)
         if data is None:  # an empty file is a mistake, not a request for every default (a 2048-d region model)
             raise ConfigError(f"recipe {path} is empty; start from one in recipes/, e.g. recipes/tiny.yaml")
         if not isinstance(data, dict):
@@ -468,10 +350,7 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 def config_from_yaml(text: str) -> RunConfig:
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = load_yaml_text(text, "config") or {}
     return from_dict(RunConfig, _drop_legacy_pool_keys(data))
 
 
@@ -479,3 +358,20 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     from vsectl.io import atomic_write_text
 
     atomic_write_text(Path(path), config_to_yaml(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts → one dict of dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def changed_keys(a: Any, b: Any) -> list[str]:
+    """The dotted keys whose values differ between two configs (a key only one side has counts as changed)."""
+    old, new = flatten(to_dict(a)), flatten(to_dict(b))
+    return sorted(k for k in old.keys() | new.keys() if old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()

@@ -14,31 +14,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
-from vsectl.data.datasets import CaptionDataset, ImageSetDataset, collate_images, collate_tokens
-from vsectl.data.raw_images import RawImageDataset, RawImages, collate_raw_images, load_raw_split
-from vsectl.data.sources import Split, load_split, search_collection_message, split_fingerprint
+from vsectl.data.datasets import CaptionDataset, collate_tokens
+from vsectl.data.door import image_dataset, open_split, source_of
+from vsectl.data.sources import Split, search_collection_message, split_fingerprint
 from vsectl.data.splits import canonical_split
-from vsectl.data.text_input import TextInput
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
-from vsectl.metrics import (
-    COCO_5K_IMAGES,
-    PROTOCOLS,
-    TIE_RULES,
-    evaluate_protocol,
-    rank_counts,
-    tie_counts,
-    tie_ranked_metrics,
-)
+from vsectl.kinds import IMAGE_KINDS, TextInput
+from vsectl.metrics import metrics_by_rule
 from vsectl.models.vse import VSEModel
+from vsectl.protocols import Protocol, evaluate_protocol, expand
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
-from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE
+from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE, TIE_RULES
 
 log = logging.getLogger(__name__)
 
-COCO_PROTOCOLS = ("coco1k", "coco5k")
-DEFAULT_SPLIT = {"f30k": "test", "coco1k": "testall", "coco5k": "testall", "dev1k": "dev"}
 SELECT_TIE_RULE = DEFAULT_TIE_RULE  # model selection's default (train.select_tie_rule): the same rule as eval's
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
 
@@ -69,14 +60,13 @@ def encode_split(
     was_training = model.training
     model.eval()
     dist = dist or Distributed()
-    raw = isinstance(split.features, RawImages)  # raw images: the model's backbone encodes them (eval processing)
-    image_set: Dataset = RawImageDataset(split, model.image.backbone.size) if raw else ImageSetDataset(split)
+    image_set, collate = image_dataset(split, getattr(model.image, "input_size", None))  # served by the split's source
     caption_set: Dataset = CaptionDataset(split, text.processor(augment=False)) if text_states is None \
         else _States(text_states)
     text_input = TextInput.IDS if text_states is None else TextInput.STATES
     image_set, caption_set = _share(image_set, dist), _share(caption_set, dist)
     images = DataLoader(image_set, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_raw_images if raw else collate_images)
+                        collate_fn=collate)
     captions = DataLoader(caption_set, batch_size=batch_size, num_workers=num_workers,
                           collate_fn=functools.partial(collate_tokens, pad_id=text.pad_id, text_input=text_input))
     img_out, cap_out = [], []
@@ -129,28 +119,19 @@ def validate(model: VSEModel, split: Split, text: TextSide, device: torch.device
     if tie_rule not in TIE_RULES:
         raise ConfigError(f"train.select_tie_rule: unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
     img, cap = encode_split(model, split, text, device, precision, batch_size, text_states=text_states, dist=dist)
-    counts = rank_counts([(img, cap)], torch.as_tensor(split.cap2img, device=device))
-    by_rule = {rule: tie_ranked_metrics(counts, rule) for rule in TIE_RULES}
-    return {**by_rule[tie_rule], "tie_rule": tie_rule, "ties": tie_counts(counts),
+    by_rule, ties = metrics_by_rule(img, cap, torch.as_tensor(split.cap2img, device=device))
+    return {**by_rule[tie_rule], "tie_rule": tie_rule, "ties": ties,
             "rsum_by_rule": {rule: m["rsum"] for rule, m in by_rule.items()}}
 
 
-def protocols_for(name: str) -> list[str]:
-    if name == "all":
-        return ["coco1k", "coco5k"]
-    if name not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{name}'; use one of {', '.join(PROTOCOLS)} or all")
-    return [name]
-
-
-def check_evaluable(data: Split, where: str, protocol: str, names: list[str]) -> None:
+def check_evaluable(data: Split, where: str, protocol: str, chosen: list[Protocol]) -> None:
     """Refuse, before anything is encoded, a split the protocol cannot score: no captions, or the wrong size.
 
     Args:
         data: the loaded split (counts only; no feature is read).
         where: `root/split`, for the message.
-        protocol: what the user asked for (`all` names both COCO protocols).
-        names: the protocols it expands to.
+        protocol: what the user asked for (a group such as `all` names several protocols).
+        chosen: the protocols it expands to.
     """
     if data.n_captions == 0:
         raise DataError(search_collection_message(where, data.n_images))
@@ -159,18 +140,22 @@ def check_evaluable(data: Split, where: str, protocol: str, names: list[str]) ->
         first = data.image_ids[int(np.flatnonzero(counts == 0)[0])]
         raise DataError(f"{where}: {int((counts == 0).sum())} of {data.n_images} images have no caption (first: "
                         f"{first}); every evaluated image needs at least one")
-    coco = [n for n in names if n in COCO_PROTOCOLS]
-    if coco and data.n_images != COCO_5K_IMAGES:
-        asked = f"'{protocol}' ({' and '.join(coco)})" if protocol == "all" else f"'{protocol}'"
-        raise ConfigError(f"protocol {asked} needs the {COCO_5K_IMAGES:,}-image COCO testall split, but {where} has "
-                          f"{data.n_images:,} images; use --protocol f30k, which ranks the whole split in one block")
+    for p in chosen:
+        if p.images is not None and data.n_images != p.images:
+            asked = f"'{protocol}' ({p.name})" if protocol != p.name else f"'{protocol}'"
+            raise ConfigError(f"protocol {asked} needs the {p.images:,}-image {p.default_split} split ({p.help}), "
+                              f"but {where} has {data.n_images:,} images; use --protocol f30k, which ranks the whole "
+                              "split in one block")
 
 
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
-                fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE) -> Path:
-    """`eval/<protocol>-<split>.json` on the run's own data; other data adds `-<fingerprint>`, a tie rule other than
-    the default `-<rule>`. Files of earlier versions hold `tie_rule` (absent: optimistic, then the default)."""
+                fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE, checkpoint: str = "best") -> Path:
+    """`eval/<protocol>-<split>.json` of the best checkpoint on the run's own data; the last checkpoint adds `-last`,
+    other data `-<fingerprint>`, a tie rule other than the default `-<rule>`. Files of earlier versions hold
+    `tie_rule` (absent: optimistic, then the default)."""
     name = f"{'ensemble_' if ensemble else ''}{protocol}-{split}"
+    if checkpoint != "best":
+        name += f"-{checkpoint}"
     if tie_rule != DEFAULT_TIE_RULE:
         name += f"-{tie_rule}"
     if fingerprint:
@@ -186,7 +171,8 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
     """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
     protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
         result["tie_rule"]
-    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule)
+    which = result.get("checkpoint", "best")
+    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule, which)
     if out.is_file():
         try:
             old = json.loads(out.read_text())
@@ -194,13 +180,13 @@ def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensembl
             old = {}
         old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
         if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
-            kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule)
+            kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule, which)
             os.replace(out, kept)
             log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
             old = {}
         old_print = old.get("data_fingerprint") if own_data else None
         if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
-            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule)
+            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
             os.replace(out, kept)
             log.warning("the data under %s changed since %s was written; the old result is kept as %s",
                         result["data_root"], out, kept)
@@ -220,17 +206,21 @@ def evaluate_runs(
     progress: Progress | None = None,
     write: bool = True,
     tie_rule: str = DEFAULT_TIE_RULE,
+    annotations: dict[str, str | Path | None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one run, or an ensemble of runs (similarity matrices averaged), under one or all protocols.
 
     Args:
         runs: run directories or checkpoint folders; more than one means an ensemble.
-        protocol: f30k | coco1k | coco5k | dev1k | all (= coco1k and coco5k).
+        protocol: a registered protocol (`vsectl.protocols`: f30k | coco1k | coco5k | dev1k) or a group (all =
+            coco1k and coco5k).
         split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO); `val` means `dev`.
         data_root: overrides the runs' `data.root`.
         precision: autocast for encoding (similarities and ranking stay fp32).
         tie_rule: expected (the default: the expectation over a random order of the tied items), optimistic (a
             competitor scoring exactly the ground truth's score never counts) or pessimistic (it always counts).
+        annotations: extra annotation files for protocols that read them (`Protocol.annotation_options`, e.g.
+            caption_ids, image_ids, pm_dir of eccv and cxc); a protocol that reads none refuses them.
         write: write `eval/<protocol>-<split>.json` (ensembles: `eval/ensemble_<protocol>-<split>.json`) in the first
             run; a data root other than the run's own adds the data fingerprint to the name.
 
@@ -239,23 +229,23 @@ def evaluate_runs(
         fingerprint).
     """
     device = torch.device(device)
-    names = protocols_for(protocol)
+    chosen = [p.with_annotations(**(annotations or {})) for p in expand(protocol)]
     if tie_rule not in TIE_RULES:
         raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")
-    split_name = canonical_split(split or DEFAULT_SPLIT[names[0]])
+    split_name = canonical_split(split or chosen[0].default_split)
     members = []
     for run in runs:  # everything is loaded and checked before the first image is encoded
         cfg, model, text = load_run(Path(run), which=which, device=device)
         root = data_root or cfg.data.root
-        backbone = cfg.model.image.encoder == "backbone"
-        data = load_raw_split(root, split_name) if backbone else load_split(root, split_name)
-        check_evaluable(data, f"{root}/{split_name}", protocol, names)
-        if not backbone and data.features.feat_dim != cfg.model.image.feat_dim:
-            raise ConfigError(f"{root}/{split_name}: features are {data.features.feat_dim}-d but the model expects "
-                              f"{cfg.model.image.feat_dim}-d (model.image.feat_dim)")
+        data = open_split(root, split_name, IMAGE_KINDS.get(cfg.model.image.encoder).reads)
+        check_evaluable(data, f"{root}/{split_name}", protocol, chosen)
+        source_of(data).check(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
         members.append((run, cfg, model, text, root, data))
-    if split_name == "test" and any(n in COCO_PROTOCOLS for n in names):
-        log.warning("COCO protocols are defined on 'testall' (5,000 images); 'test' gives non-comparable numbers")
+    for p in chosen:
+        if p.images is not None and split_name != canonical_split(p.default_split):
+            log.warning("protocol %s is defined on '%s' (%d images); '%s' gives non-comparable numbers", p.name,
+                        p.default_split, p.images, split_name)
+    gts = {p.name: p.ground_truth(members[0][5], Path(members[0][4])) for p in chosen}  # before any encoding
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
     for _, _, model, text, root, data in members:
         if text.vocab is not None:
@@ -264,10 +254,10 @@ def evaluate_runs(
                                   progress=progress))
     first_cfg, root, data = members[0][1], members[0][4], members[0][5]
     fingerprint = split_fingerprint(data)
-    cap2img = torch.as_tensor(data.cap2img, device=device)
     results = {}
-    for name in names:
-        result = evaluate_protocol([p[0] for p in pairs], [p[1] for p in pairs], cap2img, name, tie_rule=tie_rule)
+    for p in chosen:
+        name = p.name
+        result = evaluate_protocol([e[0] for e in pairs], [e[1] for e in pairs], gts[name], p, tie_rule=tie_rule)
         result.update({"split": split_name, "runs": [str(m[0]) for m in members], "checkpoint": which,
                        "modality": first_cfg.data.modality, "data_root": str(Path(root).expanduser().resolve()),
                        "data_fingerprint": fingerprint})

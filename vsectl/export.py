@@ -9,10 +9,8 @@ reference client, `vsectl.onnx_client`) and `export.json`, which describes the i
 
 from __future__ import annotations
 
+import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError, VsectlError
+from vsectl.folders import check_target, staged_folder
+from vsectl.locks import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +93,33 @@ def _session(onnxruntime: Any, path: Path) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _prepare_out(out: Path) -> Path:
-    """Refuse a non-empty folder that is not an earlier export; return a private temporary folder beside `out`."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ConfigError(f"{out} exists and is not an ONNX export folder; choose a new or empty --out folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the export follows the user's umask like any other output
-    return tmp
+OUT_HINT = "choose a new or empty --out folder, or pass --force to replace only the export's own files and keep " \
+           "the others"
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def _earlier_export(folder: Path) -> set[str]:
+    """The entries of an export written before vsectl listed them (`.vsectl-owned.json`): what its manifest names."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS or "vsectl" not in manifest:
+        return set()
+    named = {MANIFEST}
+    for part in manifest.values():
+        if isinstance(part, dict):
+            named |= {str(part[k]) for k in ("file", "path") if isinstance(part.get(k), str)}
+    return {name for name in named if name and "/" not in name and name not in (".", "..")}
 
 
-def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best", seed: int = 0) -> dict[str, Any]:
+def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best", seed: int = 0,
+                force: bool = False) -> dict[str, Any]:
     """Write the image and text towers of `run` as ONNX files into `out` and check them with onnxruntime.
 
     Args:
         run: run directory or checkpoint folder.
         out: output folder (new, empty, or an earlier export, which is replaced whole).
+        force: write into a folder that holds other files too: the export's files are replaced, the others kept.
         fmt: the export format; only "onnx".
         which: "best" or "last" checkpoint.
         seed: seed of the random parity inputs.
@@ -131,14 +132,18 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
     _, onnxruntime = require_onnx()
     from vsectl import __version__
     from vsectl.builders import load_run, resolve_checkpoint
-    from vsectl.data.raw import sha256_file, write_json_atomic
     from vsectl.export_parts import check_client, export_pixels, pixel_tower, write_client, write_text_files
+    from vsectl.io import atomic_write_json, sha256_file
     from vsectl.models.exportable import ImageTower, TextTower
 
     out = Path(out)
+    check_target(out, OUT_HINT, _earlier_export, force)  # before the model loads; checked again under the lock
     run_dir, ckpt = resolve_checkpoint(Path(run), which)
     cfg, model, text = load_run(Path(run), which=which, device="cpu")
-    from_features = cfg.model.image.encoder != "backbone"  # a run that trained its backbone takes images only
+    from vsectl.kinds import IMAGE_KINDS, ImageInput
+
+    # a run that trained its backbone takes images only
+    from_features = IMAGE_KINDS.get(cfg.model.image.encoder).reads is ImageInput.FEATURES
     towers = {**({"image": ImageTower(model.image).eval()} if from_features else {}),
               "text": TextTower(model.text).eval()}
     feat_dim = cfg.model.image.feat_dim
@@ -156,8 +161,7 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
     specs = {"image": (("features", "lengths"), "set_size", image_input, CHECK_SET_SIZES),
              "text": (("tokens", "lengths"), "length", text_input, CHECK_TEXT_LENGTHS)}
     specs = {name: spec for name, spec in specs.items() if name in towers}
-    tmp = _prepare_out(out)
-    try:
+    with folder_lock(out), staged_folder(out, OUT_HINT, legacy=_earlier_export, force=force) as tmp:
         parity: dict[str, float] = {}
         gen = torch.Generator().manual_seed(seed)
         for name, (names, axis, make_input, sizes) in specs.items():
@@ -202,15 +206,11 @@ def export_onnx(run: Path, out: Path, *, fmt: str = "onnx", which: str = "best",
             "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE, "set_sizes": list(CHECK_SET_SIZES),
                        "text_lengths": list(CHECK_TEXT_LENGTHS), "seed": seed},
         }
-        write_json_atomic(tmp / MANIFEST, manifest, indent=2)
+        atomic_write_json(tmp / MANIFEST, manifest, indent=2, ensure_ascii=False, newline=False)
         manifest["parity"]["client_text"] = check_client(tmp, Path(run), which)  # the obvious client, end to end
         if manifest["parity"]["client_text"]["max_abs_diff"] > manifest["parity"]["client_text"]["tolerance"]:
             raise ExportError(f"the reference client's text embeddings differ from vsectl's by "
                               f"{manifest['parity']['client_text']['max_abs_diff']:.2e}; nothing was written")
-        write_json_atomic(tmp / MANIFEST, manifest, indent=2)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / MANIFEST, manifest, indent=2, ensure_ascii=False, newline=False)
     manifest["out"] = str(out)
     return manifest

@@ -61,12 +61,12 @@ def pixel_tower(cfg: Any, model: Any, run_dir: Path) -> tuple[torch.nn.Module | 
     A run on extracted features gets the backbone its feature recipe names (rounded to the store's dtype, as the
     features it trained on were); a run that trained its own backbone gets that one.
     """
+    from vsectl.kinds import IMAGE_KINDS, ImageInput
     from vsectl.models.exportable import BackboneCells, EncoderCells, ImageTower, PixelTower
-    from vsectl.models.grid import BackboneGridEncoder
     from vsectl.retrieval.model import _data_root
     from vsectl.retrieval.recipe import feature_recipe
 
-    if isinstance(model.image, BackboneGridEncoder):
+    if IMAGE_KINDS.get(cfg.model.image.encoder).reads is ImageInput.PIXELS:  # the run trained its own backbone
         return PixelTower(EncoderCells(model.image), ImageTower(model.image)).eval(), model.image.backbone.size, ""
     recipe = feature_recipe(_data_root(cfg.data.root, run_dir))
     if recipe is None:

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file in the same folder, fsync, then rename over the target.
+"""Atomic file writes (a temporary file in the same folder, fsync, then rename over the target) and file hashes.
 
 Every file vsectl writes whole goes through here, so a kill never leaves half a file under the final name and the
 result gets the mode a plain `open()` would give it (0o666 less the umask: 0644 under umask 022), not the 0600 of a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -47,6 +48,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp_path
         publish(tmp_path, path)
+    except OSError as e:
+        if e.filename is None and e.errno is not None:  # a failed write() names no file: name the one being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -63,7 +68,47 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True) -> str:
-    """Write `obj` as JSON (a newline after indented JSON) atomically; return the sha256 of the bytes written."""
-    text = json.dumps(obj, indent=indent, sort_keys=False, ensure_ascii=ensure_ascii)
-    return atomic_write_bytes(path, (text + "\n" if indent is not None else text).encode("utf-8"))
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, ensure_ascii: bool = True,
+                      newline: bool | None = None) -> str:
+    """Write `obj` as JSON atomically; return the sha256 of the bytes written.
+
+    `newline` ends the file with one (default: after indented JSON only); `ensure_ascii=False` writes UTF-8 as is.
+    """
+    text = json_text(obj, indent=indent, ensure_ascii=ensure_ascii)  # never NaN or Infinity
+    end = "\n" if (indent is not None if newline is None else newline) else ""
+    return atomic_write_bytes(Path(path), (text + end).encode("utf-8"))
+
+
+HASH_BLOCK = 1 << 20  # bytes per read while hashing a file
+
+
+def sha256_file(path: str | Path, limit: int | None = None) -> str:
+    """Hex sha256 of a file's bytes (of its first `limit` bytes when given), read in blocks."""
+    h = hashlib.sha256()
+    left = limit
+    with open(path, "rb") as f:
+        while left is None or left > 0:
+            block = f.read(HASH_BLOCK if left is None else min(HASH_BLOCK, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that never writes NaN or Infinity, which are not JSON (browsers and `jq` reject them): a
+    non-finite number becomes null."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)

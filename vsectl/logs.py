@@ -30,18 +30,18 @@ class RankPrefix(logging.Filter):
 
 
 class LineHandler(logging.Handler):
-    """One plain line per record ("INFO     message"), for stderr that is not a terminal (a log file, nohup, CI)."""
+    """One plain line per record ("WARNING  message"), for a stderr that is not a terminal (a log file, CI, a pipe):
+    rich would wrap each message at 80 columns there, cutting one warning into several lines."""
 
     def __init__(self, console: Any) -> None:
         super().__init__()
         self.console = console
+        self.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            text = f"{record.levelname:<8} {record.getMessage()}"
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            self.console.file.write(self.format(record) + "\n")
+            self.console.file.flush()
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 

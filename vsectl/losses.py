@@ -44,6 +44,21 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, img: torch.Tensor, cap: torch.Tensor, hardest_negative: bool = False) -> torch.Tensor:
         """(B, E) unit image and caption embeddings → scalar loss (fp32)."""
+        cost_cap, cost_img = self._costs(img, cap)
+        if hardest_negative:
+            return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
+        return cost_cap.sum() + cost_img.sum()
+
+    def per_pair(self, img: torch.Tensor, cap: torch.Tensor, hardest_negative: bool = False) -> torch.Tensor:
+        """(B,) each pair's share of `forward`: its image's hinge over the other captions plus its caption's hinge
+        over the other images (the shares sum to the loss)."""
+        cost_cap, cost_img = self._costs(img, cap)
+        if hardest_negative:
+            return cost_cap.max(dim=1).values + cost_img.max(dim=0).values
+        return cost_cap.sum(dim=1) + cost_img.sum(dim=0)
+
+    def _costs(self, img: torch.Tensor, cap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, B) hinge costs of image i against caption j, and of caption j against image i; the diagonal is 0."""
         scores = img.float() @ cap.float().t()                         # (B, B)
         diag = scores.diagonal()[:, None]                              # (B, 1)
         cost_cap = (self.margin + scores - diag).clamp(min=0)          # image i vs caption j
@@ -51,9 +66,7 @@ class ContrastiveLoss(nn.Module):
         eye = torch.eye(scores.size(0), dtype=torch.bool, device=scores.device)
         cost_cap = cost_cap.masked_fill(eye, 0)
         cost_img = cost_img.masked_fill(eye, 0)
-        if hardest_negative:
-            return cost_cap.max(dim=1).values.sum() + cost_img.max(dim=0).values.sum()
-        return cost_cap.sum() + cost_img.sum()
+        return cost_cap, cost_img
 
     @classmethod
     def from_config(cls, cfg: Any) -> ContrastiveLoss:
@@ -90,9 +103,14 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, img: torch.Tensor, cap: torch.Tensor, hardest_negative: bool = False) -> torch.Tensor:
         """(B, E) unit image and caption embeddings → scalar loss (fp32). `hardest_negative` is ignored."""
+        return self.per_pair(img, cap).sum()
+
+    def per_pair(self, img: torch.Tensor, cap: torch.Tensor, hardest_negative: bool = False) -> torch.Tensor:
+        """(B,) each pair's share of `forward`: its two cross-entropies over 2B (the shares sum to the loss)."""
         logits = self.logit_scale.float().exp() * (img.float() @ cap.float().t())  # (B, B)
         target = torch.arange(logits.size(0), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        both = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")
+        return both / (2 * logits.size(0))
 
     @classmethod
     def from_config(cls, cfg: Any) -> InfoNCELoss:

@@ -1,4 +1,4 @@
-"""Recall metrics, tie rules and evaluation protocols (COCO 1K/5K, Flickr30K 1K, dev 1K) over retrieval ranks.
+"""Recall metrics and tie rules over retrieval ranks, and the running of an evaluation protocol (`protocols.py`).
 
 Pure torch/numpy on precomputed embeddings; no model code. Similarities are fp32 and computed once, chunk by chunk.
 """
@@ -11,15 +11,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vsectl.ranking import RankCounts, rank_counts, rank_retrieval  # noqa: F401  (kept importable from here)
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES  # noqa: F401  (TIE_RULES: kept importable from here)
+from vsectl.positives import GroundTruth, precision_metrics, rank_positives
+from vsectl.ranking import RankCounts, rank_counts
+from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 logger = logging.getLogger(__name__)
 
-PROTOCOLS = ("f30k", "coco1k", "coco5k", "dev1k")
-COCO_5K_IMAGES = 5000  # images in COCO Karpathy `testall`; coco1k and coco5k refuse any other count
-COCO_FOLD_SIZE = 1000  # COCO 1K folds are contiguous blocks of this many images
-DEV_IMAGES = 1000  # model selection ranks the first 1,000 dev images
 RECALL_KS = (1, 5, 10)
 METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
@@ -87,9 +84,9 @@ def tie_ranked_metrics(counts: RankCounts, rule: str = DEFAULT_TIE_RULE) -> dict
     if rule == "pessimistic":
         return recall_metrics(counts.i2t + counts.i2t_ties, counts.t2i + counts.t2i_ties)
     out: dict[str, float] = {}
-    ones = torch.ones_like(counts.t2i)
+    t2i_own = counts.t2i_own_ties if counts.t2i_own_ties is not None else torch.ones_like(counts.t2i)
     for name, greater, ties, own in (("i2t", counts.i2t, counts.i2t_ties, counts.i2t_own_ties),
-                                     ("t2i", counts.t2i, counts.t2i_ties, ones)):
+                                     ("t2i", counts.t2i, counts.t2i_ties, t2i_own)):
         g, t, m = (x.detach().cpu().numpy().astype(np.int64) for x in (greater, ties, own))
         for k in RECALL_KS:
             out[f"{name}_r{k}"] = float(100.0 * np.mean(_first_own_before(t, m, k - g)))
@@ -130,15 +127,31 @@ def subset(cap2img: torch.Tensor, image_indices: torch.Tensor | Sequence[int]) -
     return caption_indices, local[caption_indices]
 
 
-def _evaluate_images(
+def evaluate_images(
     img_embs: Sequence[torch.Tensor],
     cap_embs: Sequence[torch.Tensor],
-    cap2img: torch.Tensor,
+    gt: GroundTruth,
     image_indices: torch.Tensor | None,
     chunk_size: int,
     tie_rule: str = DEFAULT_TIE_RULE,
-) -> tuple[dict[str, float], int, int, dict[str, int]]:
-    """Metrics over the given images (all if None) and their captions, the image and caption counts, the tie counts."""
+) -> dict:
+    """Metrics over the given images (all if None) and their captions: {"n_images", "n_captions", "metrics", "ties"}.
+
+    One correct image per caption (`gt.cap2img`) takes the exact single-positive ranking of `rank_counts`. Several
+    correct candidates per query rank the best correct one for R@K, medr and meanr, and add R-Precision and mAP@R
+    per direction (`<dir>_r_precision`, `<dir>_map_at_r`); such ground truth is ranked over the whole split.
+    """
+    if gt.cap2img is None:
+        if image_indices is not None:
+            raise ValueError("ground truth with several correct candidates per query is ranked over the whole split")
+        ranked = rank_positives(list(zip(img_embs, cap_embs, strict=True)), gt, chunk_size=chunk_size)
+        metrics = tie_ranked_metrics(ranked.counts, tie_rule)
+        for name, ptr, positions in (("i2t", gt.i2t_ptr, ranked.i2t_positions),
+                                     ("t2i", gt.t2i_ptr, ranked.t2i_positions)):
+            metrics.update({f"{name}_{k}": v for k, v in precision_metrics(ptr, positions).items()})
+        return {"n_images": gt.n_images, "n_captions": gt.n_captions, "metrics": metrics,
+                "ties": tie_counts(ranked.counts)}
+    cap2img = gt.cap2img.to(img_embs[0].device)
     if image_indices is None:
         pairs = list(zip(img_embs, cap_embs, strict=True))
     else:
@@ -148,68 +161,11 @@ def _evaluate_images(
             for img, cap in zip(img_embs, cap_embs, strict=True)
         ]
     counts = rank_counts(pairs, cap2img, chunk_size=chunk_size)
-    return tie_ranked_metrics(counts, tie_rule), counts.i2t.numel(), counts.t2i.numel(), tie_counts(counts)
+    return {"n_images": counts.i2t.numel(), "n_captions": counts.t2i.numel(),
+            "metrics": tie_ranked_metrics(counts, tie_rule), "ties": tie_counts(counts)}
 
 
-def evaluate_protocol(
-    img_embs: Sequence[torch.Tensor],
-    cap_embs: Sequence[torch.Tensor],
-    cap2img: torch.Tensor,
-    protocol: str,
-    chunk_size: int = 1024,
-    tie_rule: str = DEFAULT_TIE_RULE,
-) -> dict:
-    """Run one evaluation protocol of spec §10.1 on the embeddings of one split.
-
-    ``f30k`` and ``coco5k`` rank the whole split at once (coco5k requires ``COCO_5K_IMAGES`` images). ``coco1k`` ranks
-    contiguous folds of ``COCO_FOLD_SIZE`` images with their captions and reports the mean of every metric over the
-    folds. ``dev1k`` ranks the first ``DEV_IMAGES`` images (all if fewer) with their captions. Several models form an
-    equal-weight ensemble, per fold for coco1k.
-
-    Args:
-        img_embs: Per model m, (N, E_m) image embeddings.
-        cap_embs: Per model m, (C, E_m) caption embeddings.
-        cap2img: (C,) image index of each caption.
-        protocol: One of ``PROTOCOLS``.
-        chunk_size: Image rows per similarity chunk.
-        tie_rule: how candidates tied exactly with the ground truth count (``TIE_RULES``).
-
-    Returns:
-        {"protocol", "n_images", "n_captions" (the counts ranked), "metrics": {METRIC_KEYS}, "tie_rule", "ties":
-        queries with exact ties per direction (summed over folds)} and, for coco1k, "folds": one metrics dict per
-        fold and "fold_ties".
-
-    Raises:
-        ValueError: for an unknown protocol, a COCO split without exactly ``COCO_5K_IMAGES`` images, or bad inputs.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
-    if tie_rule not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
-    if len(img_embs) == 0 or len(img_embs) != len(cap_embs):
-        raise ValueError(f"need one caption tensor per image tensor, got {len(img_embs)} and {len(cap_embs)}")
-    n_img = img_embs[0].shape[0]
-    device = cap2img.device
-    if protocol in ("coco1k", "coco5k") and n_img != COCO_5K_IMAGES:
-        raise ValueError(
-            f"protocol {protocol!r} needs the {COCO_5K_IMAGES}-image COCO testall split, got {n_img} images "
-            "(SCAN's 1K 'test' split is not comparable)"
-        )
-    result: dict = {"protocol": protocol, "tie_rule": tie_rule}
-    if protocol == "coco1k":
-        folds, fold_ties = [], []
-        for f in range(COCO_5K_IMAGES // COCO_FOLD_SIZE):
-            fold_images = torch.arange(f * COCO_FOLD_SIZE, (f + 1) * COCO_FOLD_SIZE, device=device)
-            metrics, _, _, ties = _evaluate_images(img_embs, cap_embs, cap2img, fold_images, chunk_size, tie_rule)
-            folds.append(metrics)
-            fold_ties.append(ties)
-        metrics = {key: float(np.mean([fold[key] for fold in folds])) for key in METRIC_KEYS}
-        total = {key: sum(t[key] for t in fold_ties) for key in fold_ties[0]}
-        result.update(n_images=n_img, n_captions=cap2img.numel(), metrics=metrics, ties=total, folds=folds,
-                      fold_ties=fold_ties)
-    else:
-        images = torch.arange(min(DEV_IMAGES, n_img), device=device) if protocol == "dev1k" else None
-        metrics, n_ranked_img, n_ranked_cap, ties = _evaluate_images(img_embs, cap_embs, cap2img, images, chunk_size,
-                                                                     tie_rule)
-        result.update(n_images=n_ranked_img, n_captions=n_ranked_cap, metrics=metrics, ties=ties)
-    return result
+def metrics_by_rule(img: torch.Tensor, cap: torch.Tensor, cap2img: torch.Tensor) -> tuple[dict[str, dict], dict]:
+    """Rank one split once and read it under every tie rule: (rule → metrics, queries with exact ties)."""
+    counts = rank_counts([(img, cap)], cap2img)
+    return {rule: tie_ranked_metrics(counts, rule) for rule in TIE_RULES}, tie_counts(counts)

@@ -9,13 +9,14 @@ without the models.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vsectl.errors import ConfigError
-from vsectl.registry import Registry
+from vsectl.registry import Registry, did_you_mean
+from vsectl.strict import coerce
 
-POOL_OPTIONS: Registry[type[PoolOptions]] = Registry("pooler")  # pooler name → its options class
 DEFAULT_POOLER = "gpo"
 
 
@@ -44,23 +45,35 @@ class PoolOptions:
         """The recipe keys this pooler takes, `name` included."""
         return [f.name for f in dataclasses.fields(self)]
 
+    @classmethod
+    def from_mapping(cls, data: dict, prefix: str) -> PoolOptions:
+        """A `pool:` section → the options class of its `name`; keys of other poolers are refused by name."""
+        name = coerce(data.get("name", DEFAULT_POOLER), str, prefix + "name")
+        try:
+            chosen = options_class(name)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}name: {err}") from None
+        takes = chosen().keys()
+        for key in data:
+            if key not in takes:
+                others = known_keys().get(str(key))
+                close = "" if others else did_you_mean(prefix + str(key), [prefix + k for k in takes])
+                whose = f" ({', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
+                raise ConfigError(f"unknown key '{prefix}{key}'{close}: pooler '{name}' takes {', '.join(takes)}"
+                                  f"{whose}")
+        hints = typing.get_type_hints(chosen)
+        kwargs = {key: coerce(value, hints[key], prefix + key) for key, value in data.items()}
+        try:
+            return chosen(**kwargs | {"name": name})
+        except ConfigError as err:  # the options' own checks name keys as "pool.<key>"
+            raise ConfigError(str(err).replace("pool.", prefix)) from None
 
-def _register(*names: str):  # noqa: ANN202 - a class decorator
-    def decorator(cls: type[PoolOptions]) -> type[PoolOptions]:
-        for name in names:
-            POOL_OPTIONS.register(name)(cls)
-        return cls
 
-    return decorator
-
-
-@_register("mean", "max")
 @dataclass(frozen=True)
 class NoOptions(PoolOptions):
     """mean and max: θ is fixed by the set size and there is nothing to set."""
 
 
-@_register("maxk", "kmax")
 @dataclass(frozen=True)
 class MaxKOptions(PoolOptions):
     name: str = "maxk"
@@ -69,14 +82,12 @@ class MaxKOptions(PoolOptions):
     AT_LEAST: ClassVar[dict[str, int]] = {"k": 1}
 
 
-@_register("gem")
 @dataclass(frozen=True)
 class GeMOptions(PoolOptions):
     name: str = "gem"
     p: float = 3.0                  # initial exponent (learned)
 
 
-@_register("gpo", "gpo_mlp")
 @dataclass(frozen=True)
 class GPOOptions(PoolOptions):
     """GPO (Cos/Sin PE → BiGRU) and gpo_mlp (the PE of each rank scored by an MLP)."""
@@ -93,14 +104,12 @@ class GPOOptions(PoolOptions):
             raise ConfigError(f"pool.d_pe must be even (sin/cos pairs), got {self.d_pe}")
 
 
-@_register("gpo_index_bigru")
 @dataclass(frozen=True)
 class IndexBiGRUOptions(GPOOptions):
     name: str = "gpo_index_bigru"
     max_index: int = 1000           # rows of the learned index table, i.e. the longest set allowed
 
 
-@_register("gpo_interp")
 @dataclass(frozen=True)
 class InterpOptions(PoolOptions):
     name: str = "gpo_interp"
@@ -111,7 +120,6 @@ class InterpOptions(PoolOptions):
     POSITIVE: ClassVar[tuple[str, ...]] = ("temperature",)
 
 
-@_register("gpo_transformer")
 @dataclass(frozen=True)
 class TransformerOptions(GPOOptions):
     name: str = "gpo_transformer"
@@ -131,7 +139,6 @@ class TransformerOptions(GPOOptions):
                       "ffn": out.pop("transformer_ffn")}
 
 
-@_register("gpo_perdim", "gpo_featin")
 @dataclass(frozen=True)
 class FeatureSizedOptions(GPOOptions):
     """gpo_perdim (a θ per dimension) and gpo_featin (features fed to the generator) need the feature size D."""
@@ -145,6 +152,49 @@ class FeatureSizedOptions(GPOOptions):
             raise ConfigError(f"pooler '{self.name}' needs pool.in_dim, the size of the features it pools "
                               "(the encoders pass model.embed_dim; standalone, set it), e.g. pool.in_dim=1024")
         return out | {"dim": out.pop("in_dim")}
+
+
+@dataclass(frozen=True)
+class Pooler:
+    """One row of the pooler table.
+
+    Attributes:
+        names: the recipe names (`pool.name`); the first is the pooler's own, the others name it too.
+        options: its options class.
+        module: its nn.Module class, as 'module:Class' (imported by `vsectl.models.pooling`, which needs torch).
+        onnx: `vsectl export --format onnx` can export it.
+    """
+
+    names: tuple[str, ...]
+    options: type[PoolOptions]
+    module: str
+    onnx: bool
+
+
+_P = "vsectl.models.pooling."
+POOLER_TABLE = (  # the one list of poolers: POOL_OPTIONS, POOLERS and the exportable names come from it
+    Pooler(("gpo",), GPOOptions, _P + "gpo:GPO", onnx=True),
+    Pooler(("gpo_perdim",), FeatureSizedOptions, _P + "gpo_perdim:PerDimGPO", onnx=True),
+    Pooler(("gpo_mlp",), GPOOptions, _P + "gpo_mlp:MLPGPO", onnx=True),
+    Pooler(("gpo_interp",), InterpOptions, _P + "gpo_interp:InterpGPO", onnx=True),
+    Pooler(("mean",), NoOptions, _P + "mean:MeanPool", onnx=True),
+    Pooler(("max",), NoOptions, _P + "max:MaxPool", onnx=True),
+    Pooler(("maxk", "kmax"), MaxKOptions, _P + "maxk:MaxKPool", onnx=True),
+    Pooler(("gem",), GeMOptions, _P + "gem:GeMPool", onnx=True),
+    Pooler(("gpo_index_bigru",), IndexBiGRUOptions, _P + "gpo_index_bigru:IndexBiGRUGPO", onnx=False),
+    Pooler(("gpo_transformer",), TransformerOptions, _P + "gpo_transformer:TransformerGPO", onnx=False),
+    Pooler(("gpo_featin",), FeatureSizedOptions, _P + "gpo_featin:FeatInGPO", onnx=False),
+)
+
+POOL_OPTIONS: Registry[type[PoolOptions]] = Registry("pooler")  # pooler name → its options class
+for _row in POOLER_TABLE:
+    for _name in _row.names:
+        POOL_OPTIONS.register(_name)(_row.options)
+
+
+def exportable_poolers() -> tuple[str, ...]:
+    """The poolers that export to ONNX, by their own names."""
+    return tuple(row.names[0] for row in POOLER_TABLE if row.onnx)
 
 
 def options_class(name: str) -> type[PoolOptions]:

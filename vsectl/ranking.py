@@ -69,7 +69,7 @@ def _prepare(
     return imgs, caps, cap2img
 
 
-def _similarity_chunk(imgs: list[torch.Tensor], caps: list[torch.Tensor], r0: int, r1: int, out: torch.Tensor) -> None:
+def similarity_chunk(imgs: list[torch.Tensor], caps: list[torch.Tensor], r0: int, r1: int, out: torch.Tensor) -> None:
     """Write the (ensemble) similarity rows r0:r1 into ``out`` (r1 - r0, C).
 
     Ensembles are summed, not averaged: ranks ignore the positive factor 1/M, and dividing would only add rounding.
@@ -220,6 +220,7 @@ class RankCounts:
         i2t, t2i: (N,) and (C,) int64 counts of strictly greater candidates (the optimistic 0-based rank).
         i2t_ties, t2i_ties: (N,) and (C,) counts of other queries' candidates scoring exactly the (best) GT score.
         i2t_own_ties: (N,) how many of the image's own captions score exactly its best GT score (at least 1).
+        t2i_own_ties: (C,) the same for caption queries with several correct images (None: one each).
     """
 
     i2t: torch.Tensor
@@ -227,6 +228,7 @@ class RankCounts:
     i2t_ties: torch.Tensor
     t2i_ties: torch.Tensor
     i2t_own_ties: torch.Tensor
+    t2i_own_ties: torch.Tensor | None = None
 
 
 def rank_retrieval(
@@ -284,7 +286,7 @@ def rank_counts(
     for r0 in range(0, n_img, chunk_size):
         r1 = min(r0 + chunk_size, n_img)
         sims, mask = sims_buf[: r1 - r0], mask_buf[: r1 - r0]
-        _similarity_chunk(imgs, caps, r0, r1, out=sims)  # (b, C)
+        similarity_chunk(imgs, caps, r0, r1, out=sims)  # (b, C)
         cols = order[bounds[r0] : bounds[r1]]  # captions whose image is in this chunk
         rows = cap2img[cols] - r0
         gt_vals = sims[rows, cols]

@@ -1,15 +1,31 @@
-"""The run directory of a training run: create it (config.yaml first) or check a resumed one; metrics.jsonl."""
+"""The run directory of a training run: create it (config.yaml first) or check a resumed one; metrics.jsonl; the
+checkpoint a resume starts from."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from vsectl.checkpoint import STATE_FILE
+import torch
+
+from vsectl.checkpoint import (
+    RNG_FILE,
+    STATE_FILE,
+    check_trainer_state,
+    load_checkpoint,
+    load_model_state,
+    recover,
+    remove_partial,
+    restore_rng,
+)
 from vsectl.config import RunConfig, changed_keys, config_from_yaml, save_config
 from vsectl.errors import CheckpointError, ConfigError
 from vsectl.io import atomic_write_text
+from vsectl.optim import load_optimizer_state
+
+log = logging.getLogger(__name__)
 
 RESUMABLE_CHANGES = {"train.epochs", "train.steps", "train.log"}  # what a resume may change: length, logs
 
@@ -75,3 +91,33 @@ def completed_epochs(run_dir: Path) -> int | None:
         except (OSError, ValueError, KeyError):
             continue
     return None
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    remove_partial(run_dir / "checkpoints")
+    try:
+        return recover(run_dir / "checkpoints" / "last")
+    except CheckpointError:
+        return None
+
+
+def restore_checkpoint(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device,
+             metrics: MetricsLog) -> dict[str, Any]:
+    """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
+    ckpt = load_checkpoint(last, map_location=dev)
+    try:
+        load_model_state(model, ckpt["model"])
+    except CheckpointError as e:  # name the file: a checkpoint copied in from another run is the usual cause
+        raise CheckpointError(f"{last}: {e}") from None
+    if ckpt["optimizer"] is None:
+        raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
+    load_optimizer_state(optimizer, ckpt["optimizer"])
+    if ckpt["rng"] is not None:
+        restore_rng(*ckpt["rng"])
+    elif "rng" in ckpt["trainer_state"]:  # recorded but the file is gone: resuming works, repeating exactly does not
+        log.warning("%s has no %s: the run resumes with fresh random state, so it will not repeat an uninterrupted "
+                    "run exactly (data order, augmentation, dropout)", last, RNG_FILE)
+    state = ckpt["trainer_state"]
+    check_trainer_state(last, state)
+    metrics.truncate_after(state["global_step"])
+    return state

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from vsectl.errors import ConfigError
-from vsectl.logs import setup_logging  # noqa: F401  (re-exported: the CLI installs logging without importing torch)
 from vsectl.native import cpu_flags  # the machine facts the kernels are keyed by; runtime re-exports them
 from vsectl.native import describe as native_kernels
 
@@ -80,12 +79,6 @@ class Precision:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
-
-    @property
-    def rnn_path(self) -> str:
-        """The BiGRU text encoder's path (vsectl.models.rnn): stepped on a CPU, where it measured faster than packed
-        and dense at fp32 and bf16 (BENCHMARKS.md, "CPU training speed"); packed elsewhere (cuDNN on CUDA)."""
-        return "stepped" if self.device.type == "cpu" else "packed"
 
     def describe(self) -> dict[str, str]:
         """What env.json records: the precision used, what was asked, and why."""

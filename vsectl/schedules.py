@@ -6,10 +6,14 @@ epoch of its training data (`run_length`); every switch below stays a function o
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 from vsectl.config import RunConfig
+from vsectl.kinds import IMAGE_KINDS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,25 @@ def loss_scale(cfg: RunConfig, epoch: int, step: int, steps_per_epoch: int) -> f
         step: 0-based step within the epoch.
         steps_per_epoch: n, the steps of a full epoch.
     """
-    if cfg.model.image.encoder != "backbone" or not cfg.train.loss_scale_warmup:
+    if not IMAGE_KINDS.get(cfg.model.image.encoder).trains_backbone or not cfg.train.loss_scale_warmup:
         return 1.0
     if epoch != cfg.train.embedding_warmup_epochs or steps_per_epoch <= 0:
         return 1.0
     return step / steps_per_epoch
+
+
+def announce_length(cfg: RunConfig, length: RunLength) -> None:
+    """Log the resolved length of a step budget, and warn once when a run is too short to mean much.
+
+    Runs shortened on purpose (`train.max_steps_per_epoch` > 0: smoke runs, `--quick` sweeps) are not warned about:
+    they say so themselves. `train.min_steps_warning: 0` silences the warning.
+    """
+    epochs = f"{length.epochs} epoch{'s' if length.epochs != 1 else ''} of {length.steps_per_epoch} steps"
+    if length.unit == "steps":
+        decay = f"LR decay from epoch {length.lr_decay_epoch}" if length.lr_decay_epoch < length.epochs \
+            else "no LR decay"
+        log.info("train.steps=%d: %s = %d optimizer steps; %s", cfg.train.steps, epochs, length.steps, decay)
+    if cfg.train.max_steps_per_epoch == 0 and length.steps < cfg.train.min_steps_warning:
+        log.warning("this run makes only %d optimizer steps (%s), fewer than %d: the model will be undertrained; "
+                    "raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps, epochs,
+                    cfg.train.min_steps_warning, cfg.train.min_steps_warning)

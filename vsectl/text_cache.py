@@ -19,15 +19,17 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from vsectl.data.datasets import CaptionDataset, collate_tokens, drop_regions
-from vsectl.data.sources import H5Features, Split
+from vsectl.data.features import H5Features
+from vsectl.data.sources import Split
 from vsectl.data.store import StoreWriter, read_store_attrs
-from vsectl.runtime import NullProgress, Progress
+from vsectl.runtime import Distributed, NullProgress, Progress
 
 log = logging.getLogger(__name__)
 
@@ -144,3 +146,31 @@ def _build_state_cache(text_encoder: torch.nn.Module, split: Split, processor: o
                 writer.add_image(str(i), hidden[b, : int(lengths[b])].numpy())
     text_encoder.train(was_training)
     return path
+
+
+def state_caches(tower: torch.nn.Module, text: Any, pretrained: str, batch_size: int, splits: dict[str, Split],
+                 run_dir: Path, dev: torch.device, dist: Distributed, progress: Progress, shared: Path | None = None
+                 ) -> dict[str, Path]:
+    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches.
+
+    Args:
+        tower: the text tower with the frozen `body`; text: its text side (tokenizer, processor); pretrained: the
+            recipe's `model.text.pretrained`.
+
+    With `shared`, the caches live there under names that digest the body and the captions, so the runs of a sweep
+    compute them once; otherwise in `run_dir/text_cache/`.
+    """
+    identity = f"{pretrained}|{type(tower.body).__name__}|{len(text.tokenizer)}|{body_digest(tower.body)}"
+    paths = {name: shared_cache_path(shared, identity, split) if shared is not None
+             else run_dir / "text_cache" / f"{name}.h5" for name, split in splits.items()}
+    out = {}
+    for turn in ("main", "others"):
+        if (turn == "main") == dist.is_main:
+            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
+            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                for name, split in splits.items():
+                    out[name] = build_state_cache(tower, split, text.processor(augment=False), paths[name], dev,
+                                                  identity, batch_size=batch_size, progress=progress)
+        dist.barrier()
+    return out

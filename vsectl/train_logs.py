@@ -79,7 +79,7 @@ class TensorBoardLog:
 
     def pooling(self, model: Any, pools: dict[str, str], step: int) -> None:
         """θ(N) of each branch whose pooler learns one: a figure, and θ_0 per N as scalars."""
-        from vsectl.plots import WeightCurves, branch_curves, draw_weight_curves
+        from vsectl.science.plots import WeightCurves, branch_curves, draw_weight_curves
 
         curves = WeightCurves(run="", checkpoint="", pools=pools,
                               trained={b: r for b, r in self.trained.items() if b in self.sizes})
@@ -100,7 +100,7 @@ class TensorBoardLog:
 
 def open_tensorboard(run_dir: Path, purge_step: int | None, split: Any, text: Any) -> TensorBoardLog:
     """The TensorBoard log of a run, with θ drawn at the spread of the training split's set sizes."""
-    from vsectl.plots import split_sizes, spread
+    from vsectl.science.plots import split_sizes, spread
 
     try:
         observed = split_sizes(split, text)

@@ -2,12 +2,13 @@
 
     runs/<name>/config.yaml  env.json  vocab.json | text_model/  metrics.jsonl  checkpoints/{last,best}/  eval/
 
-The file runs a little past 400 lines on purpose: `setup_run`, `restore_run` and `fit` share one `TrainingRun` and one
-fixed order of RNG use (what makes `--resume` bit-exact), which is easiest to keep right when it is read in one place.
+`setup_run`, `restore_run` and `fit` share one `TrainingRun` and one fixed order of RNG use (what makes `--resume`
+bit-exact); the resume helpers live in `run_dir.py`, the token-state caches in `text_cache.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -24,33 +25,32 @@ import vsectl
 from vsectl.builders import TextSide, build_model, load_text, prepare_text
 from vsectl.checkpoint import (
     FROZEN_KEY,
-    load_checkpoint,
-    load_model_state,
-    recover,
-    remove_partial,
-    restore_rng,
+    frozen_path,
     save_checkpoint,
     save_frozen,
     split_frozen,
 )
 from vsectl.config import RunConfig, config_from_yaml, config_to_yaml, save_config
-from vsectl.data.datasets import EpochBatchSampler, PairDataset, collate_pairs
-from vsectl.data.raw_images import RawPairDataset, collate_raw_pairs, load_raw_split, subset_raw
-from vsectl.data.sources import Split, load_split, search_collection_message
-from vsectl.data.text_input import TextInput, text_input_for
-from vsectl.errors import CheckpointError, DataError, VsectlError
+from vsectl.data.datasets import EpochBatchSampler
+from vsectl.data.door import open_checked, pair_dataset, subset
+from vsectl.data.sources import Split
+from vsectl.errors import DataError, VsectlError
 from vsectl.evaluation import validate
 from vsectl.io import atomic_write_json
-from vsectl.models.image_encoders import REGION_DROP, worker_region_drop  # noqa: F401  (REGION_DROP: old path)
-from vsectl.models.rnn import set_rnn_path
+from vsectl.kinds import IMAGE_KINDS, ImageInput, TextInput, text_input_for
+from vsectl.locks import folder_lock
+from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
-from vsectl.optim import create_run_optimizer, load_optimizer_state
-from vsectl.run_dir import RESUMABLE_CHANGES, MetricsLog, open_run_dir  # noqa: F401  (old import path)
+from vsectl.noise import NoisyPairs, apply_noise
+from vsectl.optim import create_run_optimizer
+from vsectl.pair_loss import pair_loss_tracker
+from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
 from vsectl.runtime import (
     Distributed,
     NullProgress,
     Precision,
     Progress,
+    distributed_from_env,
     env_info,
     gather_with_grad,
     init_distributed,
@@ -59,14 +59,22 @@ from vsectl.runtime import (
     resolve_precision,
     seed_everything,
 )
-from vsectl.schedules import RunLength, backbone_fixed_blocks, group_lr, loss_scale, run_length, use_hardest_negative
-from vsectl.text_cache import CachedTextStates, body_digest, build_state_cache, shared_cache_path, tensors_digest
+from vsectl.schedules import (
+    RunLength,
+    announce_length,
+    backbone_fixed_blocks,
+    group_lr,
+    loss_scale,
+    run_length,
+    use_hardest_negative,
+)
+from vsectl.text_cache import CachedTextStates, state_caches
+from vsectl.tie_rules import LEGACY_TIE_RULE
 from vsectl.train_logs import check_train_logs, open_tensorboard
 
 log = logging.getLogger(__name__)
 
 FROZEN_PREFIXES = ("text.body.",)  # state-dict keys of a frozen text body
-FROZEN_FILE = "text_model/frozen_body.safetensors"  # stored once per run; checkpoints name it with its sha256
 
 
 class TrainingError(VsectlError):
@@ -79,20 +87,9 @@ class TrainingError(VsectlError):
 
 def load_data(cfg: RunConfig) -> tuple[Split, Split]:
     """The training split and the dev split (model selection uses its first `data.val_images` images)."""
-    if cfg.model.image.encoder == "backbone":  # raw images: a raw dataset folder, decoded per item in the workers
-        train_split, dev_split = load_raw_split(cfg.data.root, cfg.data.train_split), \
-            load_raw_split(cfg.data.root, cfg.data.dev_split)
-    else:
-        train_split, dev_split = load_split(cfg.data.root, cfg.data.train_split), \
-            load_split(cfg.data.root, cfg.data.dev_split)
-    for split in (train_split, dev_split):
-        if split.n_captions == 0:
-            raise DataError(search_collection_message(f"{cfg.data.root}/{split.name}", split.n_images))
-    for split in (train_split, dev_split) if cfg.model.image.encoder != "backbone" else ():
-        if split.features.feat_dim != cfg.model.image.feat_dim:
-            raise DataError(f"{cfg.data.root}/{split.name}: features are {split.features.feat_dim}-d but "
-                            f"model.image.feat_dim is {cfg.model.image.feat_dim}; set --set "
-                            f"model.image.feat_dim={split.features.feat_dim}")
+    reads = IMAGE_KINDS.get(cfg.model.image.encoder).reads  # feature sets, or image files decoded in the workers
+    train_split, dev_split = (open_checked(cfg.data.root, name, reads, cfg.model.image.feat_dim)
+                              for name in (cfg.data.train_split, cfg.data.dev_split))
     if train_split.n_captions < cfg.data.batch_size and cfg.data.drop_last:
         raise DataError(f"the training split has {train_split.n_captions} captions, fewer than one batch of "
                         f"{cfg.data.batch_size}; lower data.batch_size")
@@ -105,18 +102,14 @@ def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_
     """This rank's share of every global batch of `epoch` (`data.batch_size` is the global batch).
 
     With `state_cache` the captions are the cached token states in it (TextInput.STATES), else token ids.
-    Raw-image runs (`image_size`: the backbone's input side) decode and augment each image in the workers.
+    Pixel-reading runs (`image_size`: the encoder's input side) decode and augment each image in the workers.
     """
     dist = dist or Distributed()
     text_input = TextInput.STATES if state_cache is not None else TextInput.IDS
-    region_drop = worker_region_drop(cfg.model.image)  # the image branch decides its own augmentation
+    drop = IMAGE_KINDS.get(cfg.model.image.encoder).drop(cfg.model.image.size_augment)  # the kind's worker-side drop
     augment = cfg.model.text.size_augment
     source = CachedTextStates(state_cache, augment) if state_cache is not None else text.processor(augment=augment)
-    if image_size is not None:
-        dataset, collate = RawPairDataset(split, source, image_size, cfg.seed, text_input=text_input), \
-            collate_raw_pairs
-    else:
-        dataset, collate = PairDataset(split, source, region_drop, cfg.seed, text_input=text_input), collate_pairs
+    dataset, collate = pair_dataset(split, source, cfg.seed, text_input, drop, image_size)
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(split.n_captions, cfg.data.batch_size, cfg.data.drop_last, cfg.seed, epoch=epoch,
                                 start_batch=start_batch, rank=dist.rank, world_size=dist.world_size)
@@ -139,23 +132,6 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: 
                        length: RunLength | None = None) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group_lr(cfg, epoch, group["lr_mult"], length)
-
-
-def announce_length(cfg: RunConfig, length: RunLength) -> None:
-    """Log the resolved length of a step budget, and warn once when a run is too short to mean much.
-
-    Runs shortened on purpose (`train.max_steps_per_epoch` > 0: smoke runs, `--quick` sweeps) are not warned about:
-    they say so themselves. `train.min_steps_warning: 0` silences the warning.
-    """
-    epochs = f"{length.epochs} epoch{'s' if length.epochs != 1 else ''} of {length.steps_per_epoch} steps"
-    if length.unit == "steps":
-        decay = f"LR decay from epoch {length.lr_decay_epoch}" if length.lr_decay_epoch < length.epochs \
-            else "no LR decay"
-        log.info("train.steps=%d: %s = %d optimizer steps; %s", cfg.train.steps, epochs, length.steps, decay)
-    if cfg.train.max_steps_per_epoch == 0 and length.steps < cfg.train.min_steps_warning:
-        log.warning("this run makes only %d optimizer steps (%s), fewer than %d: the model will be undertrained; "
-                    "raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps, epochs,
-                    cfg.train.min_steps_warning, cfg.train.min_steps_warning)
 
 
 def train_one_epoch(
@@ -183,7 +159,7 @@ def train_one_epoch(
     hardest = use_hardest_negative(cfg, epoch) and criterion.mines_hardest_negatives
     scaler = precision.grad_scaler()
     total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
-    rate_name = "images_per_s" if cfg.model.image.encoder == "backbone" else "pairs_per_s"
+    rate_name = IMAGE_KINDS.get(cfg.model.image.encoder).reads.rate_name
     window_loss, window_pairs, window_steps, window_data, tic = 0.0, 0, 0, 0.0, time.perf_counter()
     data_tic = time.perf_counter()
     step_in_epoch = 0
@@ -230,57 +206,6 @@ def train_one_epoch(
     return global_step
 
 
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    remove_partial(run_dir / "checkpoints")
-    try:
-        return recover(run_dir / "checkpoints" / "last")
-    except CheckpointError:
-        return None
-
-
-def _restore(last: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, dev: torch.device,
-             metrics: MetricsLog) -> dict[str, Any]:
-    """Load model, optimizer and RNG state from `last`; drop metrics newer than it; return its trainer state."""
-    ckpt = load_checkpoint(last, map_location=dev)
-    try:
-        load_model_state(model, ckpt["model"])
-    except CheckpointError as e:  # name the file: a checkpoint copied in from another run is the usual cause
-        raise CheckpointError(f"{last}: {e}") from None
-    if ckpt["optimizer"] is None:
-        raise CheckpointError(f"{last} holds no optimizer state; cannot resume exactly")
-    load_optimizer_state(optimizer, ckpt["optimizer"])
-    if ckpt["rng"] is not None:
-        restore_rng(*ckpt["rng"])
-    state = ckpt["trainer_state"]
-    metrics.truncate_after(state["global_step"])
-    return state
-
-
-def _state_caches(cfg: RunConfig, model: VSEModel, text: TextSide, splits: dict[str, Split], run_dir: Path,
-                  dev: torch.device, dist: Distributed, progress: Progress, shared: Path | None = None
-                  ) -> dict[str, Path]:
-    """Build (main rank) or wait for and reuse (other ranks) the frozen-body token-state caches.
-
-    With `shared`, the caches live there under names that digest the body and the captions, so the runs of a sweep
-    compute them once; otherwise in `run_dir/text_cache/`.
-    """
-    identity = (f"{cfg.model.text.pretrained}|{type(model.text.body).__name__}|{len(text.tokenizer)}|"
-                f"{body_digest(model.text.body)}")
-    paths = {name: shared_cache_path(shared, identity, split) if shared is not None
-             else run_dir / "text_cache" / f"{name}.h5" for name, split in splits.items()}
-    out = {}
-    for turn in ("main", "others"):
-        if (turn == "main") == dist.is_main:
-            # building a cache draws from the global RNG (its DataLoader seeds itself); a run that finds the cache
-            # ready (a sweep, a resume) draws nothing, so both must leave the RNG as they found it
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                for name, split in splits.items():
-                    out[name] = build_state_cache(model.text, split, text.processor(augment=False), paths[name], dev,
-                                                  identity, batch_size=cfg.data.batch_size, progress=progress)
-        dist.barrier()
-    return out
-
-
 def _wrap_ddp(model: torch.nn.Module, old: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     """A new DDP wrapper over the current trainable set; the old one is destroyed first (its gradient hooks with it)."""
     if old is not model:
@@ -314,6 +239,7 @@ class TrainingRun:
     text_cache_dir: Path | None = None  # a folder of state caches shared by several runs (a sweep)
     length: RunLength | None = None  # train.epochs / train.steps resolved against the training split
     tensorboard: Any = None  # a train_logs.TensorBoardLog when the recipe asks for it (main rank only)
+    noise: NoisyPairs | None = None  # data.noise: the training pairs' noisy pairing (train_split already has it)
 
 
 def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, progress: Progress,
@@ -328,39 +254,40 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     seed_everything(cfg.seed, cfg.train.deterministic)
 
     train_split, dev_split = load_data(cfg)
+    train_split, noise = apply_noise(cfg.data.noise, train_split, run_dir, resume, write=dist.is_main)
     length = run_length(cfg, steps_in_epoch(cfg, train_split.n_captions))  # the config itself stays as written
     if dist.is_main:
         announce_length(cfg, length)
     n_val = min(cfg.data.val_images, dev_split.n_images)
-    val_split = subset_raw(dev_split, n_val) if cfg.model.image.encoder == "backbone" \
-        else dev_split.subset_images(n_val)
-    last = _last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
+    val_split = subset(dev_split, n_val)
+    last = last_checkpoint(run_dir) if resume else None  # (every rank reads; a leftover .tmp is never used)
     if last is not None:
         text = load_text(cfg, run_dir)  # the checkpoint holds every weight, a transformers body's too
     else:
         text = prepare_text(cfg, run_dir, train_split.captions + dev_split.captions, write=dist.is_main)
     model = build_model(cfg, text, init_words=last is None).to(dev)
-    set_rnn_path(model, precision.rnn_path)
+    set_rnn_path(model, rnn_path_for(dev))
     optimizer = create_run_optimizer(model, cfg.train)  # fused where torch has the kernel for the device
     return TrainingRun(cfg=cfg, run_dir=run_dir, dist=dist, device=dev, precision=precision, train_split=train_split,
                        val_split=val_split, text=text, model=model, optimizer=optimizer,
                        criterion=model.loss,
                        metrics=MetricsLog(run_dir / "metrics.jsonl", enabled=dist.is_main), progress=progress,
                        last=last, text_input=text_input_for(cfg.model.text.cache_states),
-                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length)
+                       text_cache_dir=Path(text_cache_dir) if text_cache_dir is not None else None, length=length,
+                       noise=noise)
 
 
 def restore_run(run: TrainingRun, resume: bool) -> None:
     """Continue from the last checkpoint (model, optimizer, RNG, metrics) and build the token-state caches."""
     cfg, run_dir, dist = run.cfg, run.run_dir, run.dist
     if run.last is not None:
-        run.state = _restore(run.last, run.model, run.optimizer, run.device, run.metrics)
+        run.state = restore_checkpoint(run.last, run.model, run.optimizer, run.device, run.metrics)
         if is_complete(run):
             log.info("%s is already complete: %d of %d epochs, best dev rsum %.2f (epoch %d); nothing to resume "
                      "(raise train.epochs or train.steps to train longer)", run_dir, run.state["epoch"],
                      _epochs(run), run.state["best_rsum"], run.state["best_epoch"])
             return
-        old_rule = run.state.get("select_tie_rule", "optimistic")  # checkpoints before the option used optimistic
+        old_rule = run.state.get("select_tie_rule", LEGACY_TIE_RULE)  # checkpoints before the option used optimistic
         if old_rule != cfg.train.select_tie_rule:
             log.warning("the best checkpoint so far was chosen by the %s tie rule; later epochs are compared with "
                         "its dev rsum %.2f under the %s rule", old_rule, run.state["best_rsum"],
@@ -381,8 +308,9 @@ def restore_run(run: TrainingRun, resume: bool) -> None:
         run.tensorboard = open_tensorboard(run_dir, after, run.train_split, run.text)
         run.metrics.sinks.append(run.tensorboard)
     if run.text_input is TextInput.STATES:
-        run.caches = _state_caches(cfg, run.model, run.text, {"train": run.train_split, "dev": run.val_split},
-                                   run_dir, run.device, dist, run.progress, shared=run.text_cache_dir)
+        run.caches = state_caches(run.model.text, run.text, cfg.model.text.pretrained, cfg.data.batch_size,
+                                  {"train": run.train_split, "dev": run.val_split}, run_dir, run.device, dist,
+                                  run.progress, shared=run.text_cache_dir)
 
 
 def _epochs(run: TrainingRun) -> int:
@@ -394,35 +322,31 @@ def is_complete(run: TrainingRun) -> bool:
     return run.state["epoch"] >= _epochs(run)
 
 
-def frozen_file(run: TrainingRun, frozen_state: dict[str, torch.Tensor]) -> Path:
-    """Where a frozen text body is stored: in the run (`FROZEN_FILE`), or, for the runs of a sweep (a shared
-    `text_cache_dir`), once in that folder under a name that digests its tensors, so cells and seeds that freeze the
-    same body share one file instead of a copy each (90 MB for MiniLM, 440 MB for BERT-base)."""
-    if run.text_cache_dir is None:
-        return run.run_dir / FROZEN_FILE
-    return run.text_cache_dir / f"frozen-body-{tensors_digest(frozen_state)[:16]}.safetensors"
-
-
 def fit(run: TrainingRun) -> Path:
     """The epochs left: train, validate, keep the best and the last checkpoint; returns the run directory."""
     cfg, dist, model, run_dir = run.cfg, run.dist, run.model, run.run_dir
     val_states = CachedTextStates(run.caches["dev"], augment=False) if run.text_input is TextInput.STATES else None
-    image_size = model.image.backbone.size if cfg.model.image.encoder == "backbone" else None
+    kind = IMAGE_KINDS.get(cfg.model.image.encoder)
+    image_size = model.image.input_size if kind.reads is ImageInput.PIXELS else None
     net, fixed = model, None
     meta = {"config": config_to_yaml(cfg), "vsectl_version": vsectl.__version__, "format": "vsectl-checkpoint-1"}
     frozen = FROZEN_PREFIXES if cfg.model.text.freeze_body else ()
     if frozen and dist.is_main:  # stored once per run (per sweep); every checkpoint names it with its sha256
         _, frozen_state = split_frozen(model.state_dict(), frozen)
-        meta[FROZEN_KEY] = save_frozen(frozen_file(run, frozen_state), frozen_state, frozen, run_dir / "checkpoints")
+        meta[FROZEN_KEY] = save_frozen(frozen_path(run_dir, run.text_cache_dir, frozen_state), frozen_state, frozen,
+                                       run_dir / "checkpoints")
     state = run.state
     global_step, best_rsum, best_epoch = state["global_step"], state["best_rsum"], state["best_epoch"]
+    pairs = None if run.noise is None or not dist.is_main else pair_loss_tracker(
+        run_dir, run.train_split, run.noise.noisy, cfg.data.noise.log_pairs, cfg.data.noise.seed, run.caches.get(
+            "train"), run.text, run.criterion, cfg.data.batch_size, image_size, state["global_step"])
     for epoch in range(state["epoch"], _epochs(run)):
         set_learning_rates(run.optimizer, cfg, epoch, run.length)
-        if image_size is not None and backbone_fixed_blocks(cfg, epoch) != fixed:
+        if kind.trains_backbone and backbone_fixed_blocks(cfg, epoch) != fixed:
             fixed = backbone_fixed_blocks(cfg, epoch)
             model.image.set_fixed_blocks(fixed)  # IMG-11; DDP is rebuilt below for the new trainable set
             log.info("epoch %d: backbone blocks fixed: %s", epoch, "all" if fixed == 4 else fixed)
-        if dist.enabled and (net is model or image_size is not None and net.fixed != fixed):
+        if dist.enabled and (net is model or kind.trains_backbone and net.fixed != fixed):
             net = _wrap_ddp(model, net, run.device)
             net.fixed = fixed
         cache = run.caches["train"] if run.text_input is TextInput.STATES else None
@@ -436,6 +360,9 @@ def fit(run: TrainingRun) -> Path:
         if is_best:
             best_rsum, best_epoch = val["rsum"], epoch
         run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
+        if pairs is not None:
+            hardest = use_hardest_negative(cfg, epoch) and run.criterion.mines_hardest_negatives
+            pairs.record(model, epoch, global_step, hardest, run.device, run.precision)
         log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f; %s tie rule)%s", epoch, val["rsum"],
                  val["i2t_r1"], val["t2i_r1"], cfg.train.select_tie_rule, " best" if is_best else "")
         if run.tensorboard is not None:
@@ -469,12 +396,14 @@ def train(
     Returns:
         the run directory.
     """
-    run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
-    try:
-        restore_run(run, resume)
-        return run.run_dir if is_complete(run) else fit(run)
-    finally:
-        if run.tensorboard is not None:
-            run.tensorboard.close()
-        if run.dist.enabled and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # one writer per run folder: a second train (or --resume) of it is refused, naming this one (main rank only)
+    with folder_lock(Path(out_root) / cfg.name) if distributed_from_env().is_main else contextlib.nullcontext():
+        run = setup_run(cfg, out_root, device, resume, progress or NullProgress(), text_cache_dir)
+        try:
+            restore_run(run, resume)
+            return run.run_dir if is_complete(run) else fit(run)
+        finally:
+            if run.tensorboard is not None:
+                run.tensorboard.close()
+            if run.dist.enabled and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()

@@ -3,7 +3,18 @@
 Each module registers its commands on the shared app; importing this package assembles the whole CLI.
 """
 
-from vsectl.cli import core, data, extract, importer, planted, retrieval, science, serving  # noqa: F401  (registers commands)
+from vsectl.cli import (  # noqa: F401  (registers commands)
+    core,
+    data,
+    extract,
+    importer,
+    noise,
+    planted,
+    report,
+    retrieval,
+    science,
+    serving,
+)
 from vsectl.cli.common import app
 
 __all__ = ["app"]

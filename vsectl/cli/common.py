@@ -159,7 +159,8 @@ def fail(message: str) -> None:
 USER_OS_ERRORS = {errno.ENOENT: "no such file or folder", errno.EACCES: "permission denied",
                   errno.EPERM: "operation not permitted", errno.ENOTDIR: "a path component is a file, not a folder",
                   errno.EISDIR: "a folder where a file was expected", errno.ENOSPC: "no space left on the device",
-                  errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+                  errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file larger than the file system or the size "
+                  "limit allows (ulimit -f)", errno.EROFS: "read-only file system",
                   errno.EEXIST: "already exists"}
 
 
@@ -167,7 +168,7 @@ def os_error_line(e: OSError) -> str:
     """One line for an OS error a user can fix: what went wrong, on which path, and what to do."""
     what = USER_OS_ERRORS[e.errno]
     where = f" ({e.filename})" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"{what} while writing{where}; free space or choose another output folder (nothing finished is lost)"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         return f"cannot write or read here: {what}{where}; check the path or choose another output folder"

@@ -23,6 +23,7 @@ from vsectl.cli.common import (
     json_output,
     run_guarded,
 )
+from vsectl.protocols import GROUPS, PROTOCOLS, choices
 from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULE_HELP
 
 
@@ -64,14 +65,28 @@ def interrupted_train_line(run_dir: Path, recipe: Path, overrides: list[str], ou
     return f"{kept}; resume with: {command}"
 
 
-def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "") -> Table:
+def protocol_help() -> str:
+    """`--protocol`'s help, from the registered protocols."""
+    listed = "; ".join(f"{p.name}: {p.help}" for _, p in PROTOCOLS.items())
+    return f"{choices()} ({listed}; " + "; ".join(f"{g} = {' + '.join(n)}" for g, n in GROUPS.items()) + ")"
+
+
+COLUMN_TITLES = {"r1": "R@1", "r5": "R@5", "r10": "R@10", "medr": "medr", "meanr": "meanr", "r_precision": "R-P",
+                 "map_at_r": "mAP@R", "coco5k_r1": "COCO R@1", "coco5k_r5": "COCO R@5", "coco5k_r10": "COCO R@10",
+                 "pcm_r_precision": "PCM R-P"}
+
+
+def metrics_table(title: str, metrics: dict[str, float], modality: str = "image", ties: str = "",
+                  columns: tuple[str, ...] = ("r1", "r5", "r10", "medr", "meanr")) -> Table:
+    """One row per direction with the protocol's `columns` (metric keys `<direction>_<column>`)."""
     # the title sets the width: a rich title longer than its table would be wrapped (the tie rule split off)
     table = Table(title=title, title_justify="left", min_width=len(title))
-    for col in ("direction", "R@1", "R@5", "R@10", "medr", "meanr"):
+    for col in ("direction", *(COLUMN_TITLES.get(c, c) for c in columns)):
         table.add_column(col, justify="right")
     for d, label in (("i2t", f"{modality}→text"), ("t2i", f"text→{modality}")):
-        table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in ("r1", "r5", "r10", "medr", "meanr")))
-    table.caption = f"rsum {metrics['rsum']:.1f}" + (f" · {ties}" if ties else "")
+        table.add_row(label, *(f"{metrics[f'{d}_{k}']:.1f}" for k in columns))
+    sums = [f"{k.replace('_', ' ')} {metrics[k]:.1f}" for k in ("rsum", "coco5k_rsum") if k in metrics]
+    table.caption = " · ".join(sums + ([ties] if ties else []))
     return table
 
 
@@ -88,15 +103,22 @@ def ties_caption(result: dict) -> str:
 def eval_cli(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run directories or checkpoint folders")] = None,
     run: Annotated[list[Path] | None, typer.Option("--run", help="More runs: an ensemble (repeatable)")] = None,
-    protocol: Annotated[str, typer.Option(help="f30k | coco1k | coco5k | dev1k | all")] = "f30k",
+    protocol: Annotated[str, typer.Option(help=protocol_help())] = "f30k",
     split: Annotated[str | None, typer.Option(help="Split to encode (default: the protocol's); val = dev")] = None,
     data_root: Annotated[str | None, typer.Option(help="Override the run's data.root")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
     ties: Annotated[str, typer.Option(help=TIE_RULE_HELP)] = DEFAULT_TIE_RULE,
     device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout")] = False,
+    caption_ids: Annotated[Path | None, typer.Option(help="eccv/cxc: the split's COCO caption ids, one per line in "
+                                                          "its caption order (default: its order is known)")] = None,
+    image_ids: Annotated[Path | None, typer.Option(help="eccv/cxc: the split's COCO image ids, one per line")] = None,
+    pcm: Annotated[Path | None, typer.Option(help="eccv/cxc: a folder with pm_image_to_caption.json and "
+                                                  "pm_caption_to_image.json (adds plausible-match R-Precision)")]
+    = None,
 ) -> None:
-    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json."""
+    """Evaluate a run (or an ensemble of runs) under a published protocol; writes RUN/eval/<protocol>-<split>.json
+    (<protocol>-<split>-last.json for --checkpoint last)."""
     from vsectl.evaluation import evaluate_runs
     from vsectl.runtime import resolve_device
 
@@ -105,13 +127,16 @@ def eval_cli(
     if not members:
         fail("give a run directory, e.g. vsectl eval runs/tiny")
     dev = run_guarded(resolve_device, device)
+    files = {k: v for k, v in (("caption_ids", caption_ids), ("image_ids", image_ids), ("pm_dir", pcm)) if v}
     results = run_guarded(evaluate_runs, members, protocol=protocol, split=split, data_root=data_root, device=dev,
-                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties)
+                          which=checkpoint, progress=RichProgress(enabled=not STATE.get("quiet")), tie_rule=ties,
+                          annotations=files)
     for name, result in results.items() if not STATE.get("quiet") else ():  # -q and --json: only the results
         modality = result.get("modality", "image")
         title = (f"{name} · {result['split']} · {result['n_images']} {modality}s × {result['n_captions']} captions · "
                  f"{result.get('tie_rule', ties)} tie rule")
-        err.print(metrics_table(title, result["metrics"], modality, ties_caption(result)))
+        columns = tuple(c for c in (*PROTOCOLS.get(name).columns, "pcm_r_precision") if f"i2t_{c}" in result["metrics"])
+        err.print(metrics_table(title, result["metrics"], modality, ties_caption(result), columns))
         if "path" in result:
             err.print(f"wrote {result['path']}", highlight=False)
     if as_json:

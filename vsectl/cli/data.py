@@ -91,6 +91,55 @@ def prepare_karpathy_cli(
     typer.echo(str(run_guarded(prepare_karpathy, json_path, images, out, progress=_progress(), video=video)))
 
 
+@prepare_app.command("msrvtt")
+def prepare_msrvtt_cli(
+    annotations: Annotated[list[Path], typer.Option("--json", help="train_val_videodatainfo.json and "
+                                                    "test_videodatainfo.json (repeat --json), or MSRVTT_data.json")],
+    videos: Annotated[Path, typer.Option(help="Folder holding the video files (<video_id>.mp4, any depth)")],
+    out: OutDir = Path("data/msrvtt_raw"),
+    train_list: Annotated[Path | None, typer.Option(help="1k-A: MSRVTT_train.9k.csv (or .7k)")] = None,
+    test_list: Annotated[Path | None, typer.Option(help="1k-A: MSRVTT_JSFUSION_test.csv")] = None,
+) -> None:
+    """MSR-VTT: official splits, or 1k-A with the split lists; a raw video dataset (videos are not copied)."""
+    from vsectl.data.video_datasets import prepare_msrvtt
+
+    typer.echo(str(run_guarded(prepare_msrvtt, annotations, videos, out, train_list=train_list, test_list=test_list)))
+
+
+@prepare_app.command("vatex")
+def prepare_vatex_cli(
+    train: Annotated[Path, typer.Option(help="vatex_training_v1.0.json")],
+    val: Annotated[Path, typer.Option(help="vatex_validation_v1.0.json")],
+    videos: Annotated[Path, typer.Option(help="Folder holding the video files (<videoID>.mp4, any depth)")],
+    out: OutDir = Path("data/vatex_raw"),
+    test: Annotated[Path | None, typer.Option(help="A VATEX JSON with English captions as the test split")] = None,
+    test_list: Annotated[Path | None, typer.Option(help="Validation video ids (one per line) that form the test "
+                                                        "split [default: the second half of --val]")] = None,
+) -> None:
+    """VATEX: English captions, train / dev / test; a raw video dataset (videos are not copied)."""
+    from vsectl.data.video_datasets import prepare_vatex
+
+    typer.echo(str(run_guarded(prepare_vatex, train, val, videos, out, test=test, test_list=test_list)))
+
+
+@prepare_app.command("video-demo")
+def prepare_video_demo_cli(
+    source: Annotated[Path, typer.Option("--from", help="The openclipart dataset (vsectl data prepare openclipart)")]
+    = Path("data/openclipart"),
+    out: OutDir = Path("data/video_demo"),
+    size: Annotated[int, typer.Option(help="Frame side in pixels")] = 128,
+    fps: Annotated[int, typer.Option(help="Frames per second")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds per pan or zoom (half per drawing of a sequence)")] = 3.0,
+    max_per_split: Annotated[int | None, typer.Option(help="At most N clips per split")] = None,
+    seed: Annotated[int, typer.Option(help="Sequence partners and directions")] = 0,
+) -> None:
+    """The video demo: clip art in pans, zooms and sequences with captions, encoded as H.264 and VP9 files."""
+    from vsectl.data.video_demo import DemoSettings, prepare_video_demo
+
+    settings = run_guarded(DemoSettings, size, fps, seconds, max_per_split, seed)
+    typer.echo(str(run_guarded(prepare_video_demo, source, out, settings, progress=_progress())))
+
+
 @data_app.command("import-precomp")
 def import_precomp_cli(
     src: Annotated[Path, typer.Argument(help="SCAN precomp folder ({split}_ims.npy, _caps.txt, _ids.txt)")],
@@ -152,6 +201,8 @@ def _verify_table(report: dict) -> None:  # rich table on stderr
 def verify_cli(
     path: Annotated[Path, typer.Argument(help="Data root (precomp or stores), a .h5 store, or a raw dataset folder")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout")] = False,
+    noise: Annotated[Path | None, typer.Option(help="Also check a noise index (.npy) or a noisy run's recorded "
+                                                    "pairs against PATH's training split")] = None,
 ) -> None:
     """Check counts, captions, NaN/inf features, split overlap and images; exit 2 if a problem is found."""
     import json
@@ -160,7 +211,33 @@ def verify_cli(
 
     report = run_guarded(verify_path, path, progress=_progress())
     _verify_table(report)
+    if noise is not None:
+        report["noise"] = _verify_noise(path, noise)
+        report["problems"] += [f"noise: {p}" for p in report["noise"]["problems"]]
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     if report["problems"]:
         fail(f"{len(report['problems'])} problem(s) in {path}; first: {report['problems'][0]}")
+
+
+def _verify_noise(path: Path, target: Path) -> dict:
+    """Check the noisy pairs of `target` against `path` and print them as a table (stderr)."""
+    from rich.table import Table
+
+    from vsectl.cli.common import err
+    from vsectl.noise_verify import verify_noise
+
+    report = run_guarded(verify_noise, path, target)
+    table = Table(title=f"noisy pairs: {target} ({report['kind']})", title_justify="left", show_header=False)
+    shown = {"source": "source", "layout": "layout", "split": "split", "n_captions": "captions",
+             "n_noisy": "paired with a wrong image", "ratio": "ratio", "noisy_images": "images of the noisy captions",
+             "fingerprint": "fingerprint", "recorded_fingerprint": "fingerprint recorded by the run"}
+    for key, label in shown.items():
+        if key in report:
+            value = report[key]
+            table.add_row(label, f"{value:.4f}" if key == "ratio" else str(value)[:16] if "fingerprint" in key
+                          else str(value))
+    err.print(table)
+    for problem in report["problems"]:
+        err.print(f"[red]problem:[/red] noise: {problem}", highlight=False)
+    return report

@@ -31,7 +31,8 @@ def import_official_cli(
     official = record["official"]
     err.print(f"imported {record['image_side']} + {record['text_branch']} checkpoint (official epoch "
               f"{official['epoch']}, best rsum {official['best_rsum']}) · sha256 {record['source']['sha256'][:16]}…",
-              highlight=False)
+              highlight=False, soft_wrap=True)  # one line each, however narrow the terminal
     where = "" if data_root else " --data-root DATA"
-    err.print(f"evaluate it: vsectl eval {record['run']} --protocol {record['protocol']}{where}", highlight=False)
+    err.print(f"evaluate it: vsectl eval {record['run']} --protocol {record['protocol']}{where}", highlight=False,
+              soft_wrap=True)
     typer.echo(json.dumps(record, indent=2) if as_json else record["run"])

@@ -24,7 +24,7 @@ def bench_pooling_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json on stdout instead of the folder")] = False,
 ) -> None:
     """Planted-pooling retrieval benchmark: grid over K and GPO on data whose best pooling is known."""
-    from vsectl.planted import RECIPES, load_bench_config, run_bench
+    from vsectl.science.planted import RECIPES, load_bench_config, run_bench
 
     extra = [f"{key}={value}" for key, value in (("plantings", plantings), ("seeds", seeds), ("jobs", jobs))
              if value is not None]

@@ -37,7 +37,7 @@ def gridsearch_cli(
     device: DeviceOpt = "auto",
 ) -> None:
     """Sweep pooling choices (Fig. 6 of the paper) with GPO alongside; prints the output folder."""
-    from vsectl.gridsearch import gridsearch, resolve_grid
+    from vsectl.science.gridsearch import gridsearch, resolve_grid
 
     spec = run_guarded(resolve_grid, grid, pool=pool, k=k, branch=branch, seeds=seeds, gpo=gpo, quick=quick)
     result = run_guarded(gridsearch, recipe, spec, out_dir=out, overrides=overrides or [], quick=quick,
@@ -82,8 +82,8 @@ def plot_weights_cli(
     y_scale: Annotated[str, typer.Option(help="log | linear")] = "log",
 ) -> None:
     """Plot each GPO's weights θ_k against the rank k for several set sizes N; prints the figure path."""
-    from vsectl.gridsearch import parse_list
-    from vsectl.plots import write_weight_plots
+    from vsectl.science.gridsearch import parse_list
+    from vsectl.science.plots import write_weight_plots
 
     ns = list(run_guarded(parse_list, sizes, "sizes", int)) if sizes is not None else None
     curves, paths = run_guarded(write_weight_plots, run, ns, out=out, which=checkpoint, x_axis=x_axis,
@@ -124,7 +124,7 @@ def patterns_cli(
     as_json: Annotated[bool, typer.Option("--json", help="Print results.json on stdout instead of the folder")] = False,
 ) -> None:
     """The synthetic pattern-generation experiment of the paper's supplement: can a generator learn known poolings?"""
-    from vsectl.patterns import RECIPES, load_patterns_config, run_patterns
+    from vsectl.science.patterns import RECIPES, load_patterns_config, run_patterns
 
     extra = [f"{key}={value}" for key, value in (("designs", designs), ("patterns", patterns), ("seed", seed))
              if value is not None]

@@ -20,11 +20,13 @@ def export_cli(
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON on stdout")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a folder holding other files: replace only the "
+                                                        "export's own files, keep the others")] = False,
 ) -> None:
     """Export the image and text towers as ONNX files (dynamic batch, set size and length), checked with onnxruntime."""
     from vsectl.export import export_onnx
 
-    manifest = run_guarded(export_onnx, run, out, fmt=fmt, which=checkpoint)
+    manifest = run_guarded(export_onnx, run, out, fmt=fmt, which=checkpoint, force=force)
     table = Table(title=f"ONNX export of {manifest['run']}", title_justify="left")
     for col in ("tower", "file", "inputs", "max |onnx − torch|"):
         table.add_column(col)
@@ -54,11 +56,18 @@ def serve_cli(
     = None,
     checkpoint: Annotated[str | None, typer.Option(help="best | last [default: the embeddings' checkpoint]")] = None,
     device: DeviceOpt = "auto",
+    allow_host: Annotated[list[str] | None, typer.Option("--allow-host", help="Also answer requests for this host "
+                                                          "name, e.g. a reverse proxy's (repeatable)")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash the embeddings against meta.json and check every "
+                                                          "row first")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="Exact search even when the folder holds an index")] = False,
 ) -> None:
-    """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL."""
+    """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL. An embeddings
+    folder is searched through its best index per side when it has one (`vsectl index`), exactly otherwise."""
     from vsectl.serving import open_server
 
-    server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device)
+    server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device,
+                         allow_hosts=allow_host or [], verify=verify, exact=exact)
     typer.echo(server.url)
     sys.stdout.flush()
     err.print(f"serving {server.engine.emb.n_images} images at {server.url} (Ctrl-C stops)", highlight=False)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from vsectl.data.tokenize import word_tokenize  # noqa: F401  (kept importable from here)
+from vsectl.data.tokenize import word_tokenize
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:

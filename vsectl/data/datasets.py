@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from vsectl.data.captions import TextProcessor
 from vsectl.data.sources import Split
-from vsectl.data.text_input import TextInput
+from vsectl.kinds import TextInput
 
 PERM_SEED_STRIDE = 1000003  # a prime: (seed, epoch) pairs map to distinct permutation seeds for any epoch < 1e6
 

@@ -127,6 +127,25 @@ class NpyFeatures(FeatureSource):
             raise DataError(f"{self.path} ends inside image {i}; the file is truncated, re-create it")
         return np.frombuffer(buf, dtype=dtype).reshape(k, d).astype(np.float32)  # a fresh, writable copy
 
+    def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images a..b-1: their (R, D) rows (each image's K rows in turn, in the stored dtype) and (b − a,) set sizes.
+
+        One positioned read for C-ordered files with one row per image; the caller's block size bounds it.
+        """
+        if not 0 <= a < b <= len(self):
+            raise IndexError(f"image block {a}..{b} out of range for {len(self)} images")
+        offset, dtype, c_order = self._open()
+        _, k, d = self.shape
+        if self.row_stride != 1 or not c_order or not hasattr(os, "pread"):
+            rows = np.concatenate([self.get(i) for i in range(a, b)]).astype(dtype)
+        else:
+            nbytes = (b - a) * k * d * dtype.itemsize
+            buf = os.pread(self._fd, nbytes, offset + a * k * d * dtype.itemsize)
+            if len(buf) != nbytes:
+                raise DataError(f"{self.path} ends inside images {a}..{b - 1}; the file is truncated, re-create it")
+            rows = np.frombuffer(buf, dtype=dtype).reshape((b - a) * k, d)
+        return rows, np.full(b - a, k, dtype=np.int64)
+
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_array": None, "_fd": None, "_fd_pid": None}
 
@@ -189,14 +208,26 @@ class H5Features(FeatureSource):
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def get(self, i: int) -> np.ndarray:
-        i = self._check_index(i)
+    def _dataset(self) -> h5py.Dataset:
         if self._rows is None or self._pid != os.getpid():  # first use, or a forked worker inherited the handle
             self._file = open_store(self.path)
             self._rows = self._file["features/rows"]
             self._pid = os.getpid()
+        return self._rows
+
+    def get(self, i: int) -> np.ndarray:
+        i = self._check_index(i)
         start, stop = self.offsets[i], self.offsets[i + 1]
-        return self._rows[start:stop].astype(np.float32, copy=False)  # h5py returns a fresh array
+        return self._dataset()[start:stop].astype(np.float32, copy=False)  # h5py returns a fresh array
+
+    def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Images a..b-1 in one read: their (R, D) rows in the stored dtype and (b − a,) set sizes.
+
+        One contiguous read instead of one per image; bounded by the caller's block size, never the whole array.
+        """
+        if not 0 <= a < b <= len(self):
+            raise IndexError(f"image block {a}..{b} out of range for {len(self)} images")
+        return self._dataset()[self.offsets[a]: self.offsets[b]], np.diff(self.offsets[a: b + 1])
 
     def close(self) -> None:
         """Close this process's handle (reopened on the next `get`)."""

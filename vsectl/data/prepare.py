@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vsectl import __version__
-from vsectl.data.captions import word_tokenize
 from vsectl.data.raw import (
     DATASET_JSON,
     JSON_SPLIT,
@@ -24,13 +23,13 @@ from vsectl.data.raw import (
     RAW_FORMAT,
     RAW_VERSION,
     entry_captions,
-    sha256_file,
-    write_json_atomic,
 )
 from vsectl.data.sources import load_split
 from vsectl.data.splits import canonical_split, split_file_names
 from vsectl.data.store import StoreWriter
+from vsectl.data.tokenize import word_tokenize
 from vsectl.errors import DataError
+from vsectl.io import atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -143,14 +142,15 @@ def prepare_karpathy(
     restval = sum(1 for e in data["images"] if e.get("split") == "restval")
     out.mkdir(parents=True, exist_ok=True)
     name = str(data.get("dataset") or json_path.stem.removeprefix("dataset_"))
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": name, "images": entries})
+    dataset_sha = atomic_write_json(out / DATASET_JSON, {"dataset": name, "images": entries},
+                                    indent=None, ensure_ascii=False)
     manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": name, "image_root": str(image_root),
                 "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "source": {"json": str(json_path.resolve()), "json_sha256": sha256_file(json_path)},
                 "counts": {"images": len(entries), "captions": sum(len(e["sentences"]) for e in entries),
                            "restval_to_train": restval, "splits": splits},
                 "checksums": {DATASET_JSON: dataset_sha}, "modality": "video" if video else "image"}
-    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
+    atomic_write_json(out / MANIFEST_JSON, manifest, indent=1, ensure_ascii=False, newline=False)
     log.info("%s: %d images (%s) from %s", out, len(entries),
              ", ".join(f"{canonical_split(s)} {v['images']}" for s, v in splits.items()), json_path)
     return out

@@ -17,7 +17,6 @@ Karpathy "val" split "dev".
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vsectl.errors import DataError
-from vsectl.io import atomic_write_bytes
+from vsectl.io import atomic_write_json, sha256_file
 
 RAW_FORMAT = "vsectl-raw"
 RAW_VERSION = 1
@@ -36,30 +35,6 @@ SPLITS = ("train", "dev", "test")
 JSON_SPLIT = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test"}  # → dataset.json
 READER_SPLIT = {"train": "train", "val": "dev", "test": "test"}  # dataset.json → RawDataset
 ID_KEYS = ("cocoid", "imgid", "id", "filename")  # same precedence as captions.load_karpathy
-
-
-def sha256_file(path: str | Path, limit: int | None = None) -> str:
-    """Hex sha256 of a file's bytes (of its first `limit` bytes when given), read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    left = limit
-    with open(path, "rb") as f:
-        while left is None or left > 0:
-            block = f.read(1 << 20 if left is None else min(1 << 20, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = None) -> str:
-    """Write `obj` as compact UTF-8 JSON (no trailing newline) atomically.
-
-    Returns:
-        The sha256 of the bytes written.
-    """
-    return atomic_write_bytes(Path(path), json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8"))
 
 
 def count_lines(counts: dict[str, Any]) -> list[str]:
@@ -86,14 +61,15 @@ def write_raw_dataset(out: Path, dataset: str, entries: list[dict[str, Any]], pn
     for stale in (out / "images").glob("*.png"):
         if stale.name not in png_sha:
             stale.unlink()
-    dataset_sha = write_json_atomic(out / DATASET_JSON, {"dataset": dataset, "images": entries})
+    dataset_sha = atomic_write_json(out / DATASET_JSON, {"dataset": dataset, "images": entries},
+                                    indent=None, ensure_ascii=False)
     atomic_write_text(out / "LICENSE.txt", license_text)
     atomic_write_text(out / "PROVENANCE.md", provenance(counts))
     manifest = {"format": RAW_FORMAT, "version": RAW_VERSION, "dataset": dataset, "image_root": "images",
                 "vsectl_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(seconds, 1), "source": source, "params": params, "counts": counts,
                 "checksums": {DATASET_JSON: dataset_sha, "images": png_sha}}
-    write_json_atomic(out / MANIFEST_JSON, manifest, indent=1)
+    atomic_write_json(out / MANIFEST_JSON, manifest, indent=1, ensure_ascii=False, newline=False)
 
 
 def finished_dataset(out: Path, same_source: Callable[[dict[str, Any]], bool], params: dict[str, Any]) -> bool:

@@ -22,8 +22,8 @@ from vsectl.data.datasets import PairDataset, collate_tokens
 from vsectl.data.images import UnreadableImage, _pil, load_rgb, resize_square, to_uint8_tensor
 from vsectl.data.raw import is_raw_dataset, load_raw_dataset
 from vsectl.data.sources import Split
-from vsectl.data.text_input import TextInput
 from vsectl.errors import DataError
+from vsectl.kinds import TextInput
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def load_raw_split(root: str | Path, split: str) -> Split:
     cap2img = np.repeat(np.arange(len(images), dtype=np.int64), [len(im["captions"]) for im in images])
     log.info("split %s from %s: %d images, %d captions (raw images)", split, root, len(images), len(captions))
     return Split(split, RawImages([im["path"] for im in images], root), captions, cap2img,
-                 [im["id"] for im in images])
+                 [im["id"] for im in images], source="pixels")
 
 
 def subset_raw(split: Split, n: int) -> Split:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vsectl.data.captions import karpathy_captions_for_ids
-from vsectl.data.features import (  # noqa: F401  (kept importable from here)
+from vsectl.data.features import (
     FeatureSource,
     H5Features,
     NpyFeatures,
@@ -41,6 +41,7 @@ class Split:
         captions: the C captions.
         cap2img: (C,) int64 image index of each caption.
         image_ids: the N image ids, as strings.
+        source: the image source that read it (`vsectl.data.door.IMAGE_SOURCES`), which serves its datasets.
     """
 
     name: str
@@ -48,6 +49,7 @@ class Split:
     captions: list[str]
     cap2img: np.ndarray
     image_ids: list[str]
+    source: str = "features"
 
     @property
     def n_images(self) -> int:
@@ -68,6 +70,7 @@ class Split:
             captions=[self.captions[k] for k in keep],
             cap2img=self.cap2img[keep].copy(),
             image_ids=self.image_ids[:n],
+            source=self.source,
         )
 
 

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vsectl.data.raw import DATASET_JSON, is_raw_dataset, load_raw_dataset, sha256_file
+from vsectl.data.raw import DATASET_JSON, is_raw_dataset, load_raw_dataset
 from vsectl.data.store import open_store
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -183,6 +184,7 @@ def verify_raw(folder: Path, progress: Progress) -> tuple[dict[str, dict[str, An
     if recorded.get(DATASET_JSON) and sha256_file(data.root / DATASET_JSON) != recorded[DATASET_JSON]:
         reports["train"]["problems"].append("dataset.json differs from the sha256 in manifest.json")
     bad: dict[str, dict[str, list[str]]] = {s: defaultdict(list) for s in reports}
+    videos = data.manifest.get("modality") == "video_files"
     for im in progress.track(data.images, total=len(data.images), description="check images"):
         split, path = im["split"], im["path"]
         keys["image id"][split][im["id"]] = im["id"]
@@ -198,6 +200,10 @@ def verify_raw(folder: Path, progress: Progress) -> tuple[dict[str, dict[str, An
         expected = recorded.get("images", {}).get(im["filename"]) or im.get("sha256")
         if expected and expected != digest:
             bad[split]["checksum mismatch"].append(im["filename"])
+        if videos:  # video files: demuxed (no decoding), as extraction's first pass does
+            if (kind := _video_problem(path)) is not None:
+                bad[split]["unreadable"].append(f"{im['filename']} ({kind})")
+            continue
         try:
             Image.open(io.BytesIO(blob)).verify()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -213,6 +219,17 @@ def verify_raw(folder: Path, progress: Progress) -> tuple[dict[str, dict[str, An
         for what, names in bad[split].items():
             report["problems"].append(f"{len(names)} {what} image(s) (first: {', '.join(names[:EXAMPLES])})")
     return {s: r for s, r in reports.items() if r["images"] or r["problems"]}, keys
+
+
+def _video_problem(path: Path) -> str | None:
+    """The `UnreadableVideo` kind of a video file (empty, corrupt, truncated, audio_only, ...), None when usable."""
+    from vsectl.data.video_files import UnreadableVideo, probe
+
+    try:
+        probe(path)
+    except UnreadableVideo as e:
+        return e.kind
+    return None
 
 
 def _feature_splits(root: Path) -> dict[str, Path]:

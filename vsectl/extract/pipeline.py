@@ -19,6 +19,7 @@ from vsectl.data.raw import RawDataset, load_raw_dataset
 from vsectl.data.splits import canonical_split
 from vsectl.data.store import DTYPES
 from vsectl.errors import ConfigError, DataError
+from vsectl.extract.engines import check_engine, choose_engine
 from vsectl.extract.images import DEFAULT_CHANNELS_LAST
 from vsectl.extract.provenance import split_provenance
 from vsectl.extract.shards import (
@@ -32,6 +33,7 @@ from vsectl.extract.shards import (
     write_shards,
 )
 from vsectl.extract.video import VideoSampling
+from vsectl.extract.video_files import VideoFileSampling, check_modality, video_report, write_video_shards
 from vsectl.models.backbones import Backbone, create_backbone
 from vsectl.runtime import (
     Distributed,
@@ -77,7 +79,8 @@ def extract_split(
     dist: DistInfo | None = None,
     progress: Progress | None = None,
     wait_timeout_s: float | None = None,
-    video: VideoSampling | None = None,
+    video: VideoSampling | VideoFileSampling | None = None,
+    engine: str = "auto",
 ) -> Path | None:
     """Extract one split of a raw dataset to a store file, resuming from finished shards.
 
@@ -93,7 +96,11 @@ def extract_split(
         dist: rank and world size (default: from the environment).
         progress: progress reporting.
         wait_timeout_s: how long rank 0 waits for other ranks' shards (default: forever).
-        video: each dataset entry is a folder of frame images, sampled and pooled as this says (None: images).
+        video: each dataset entry is a folder of frame images (`VideoSampling`) or a video file
+            (`VideoFileSampling`), sampled and pooled as this says (None: images).
+        engine: how the backbone runs (`vsectl.extract.engines`): "auto" measures the candidates here and keeps the
+            fastest whose features agree with "eager" (today's torch path); recorded in the attrs, not in the
+            fingerprint, since every engine gives the same features within `engines.TOLERANCE`.
 
     Returns:
         `out_path` on rank 0; None on other ranks (rank 0 merges).
@@ -121,19 +128,26 @@ def extract_split(
         log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
                  dist.rank)
         start = time.perf_counter()
-        write_shards(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
-                     workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
-                     progress=progress, description=f"extract {split}", video=video)
-        n = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+        n_todo = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
+        frames_each = (video.frames or video.max_frames or 1) if isinstance(video, VideoFileSampling) else 1
+        choice = choose_engine(backbone, engine=engine, device=device, precision=precision,
+                               channels_last=channels_last, n_images=n_todo * frames_each)
+        attrs = {**attrs, **choice.describe()}  # what ran is recorded; the fingerprint stays as it was
+        write = write_video_shards if isinstance(video, VideoFileSampling) else write_shards
+        write(backbone, images, shard_dir, todo, shard_size=shard_size, attrs=attrs, batch_size=batch_size,
+              workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
+              progress=progress, description=f"extract {split}", video=video, engine=choice)
         seconds = time.perf_counter() - start
-        log.info("split %s: %d images in %.1f s (%.1f images/s)", split, n, seconds, n / max(seconds, 1e-9))
+        log.info("split %s: %d images in %.1f s (%.1f images/s, %s engine)", split, n_todo, seconds,
+                 n_todo / max(seconds, 1e-9), choice.engine.name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if dist.rank != 0:
         return None
     files = [shard_path(shard_dir, s) for s in range(n_shards)]
     _wait_for(files, wait_timeout_s)
-    n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size})
+    n, n_skipped, skipped = merge_shards(files, out_path, {**attrs, "world_size": dist.world_size,
+                                                           **video_report(files, video)})
     shutil.rmtree(shard_dir)
     if n_skipped:
         log.warning("split %s: skipped %d unreadable %s (attrs n_skipped, skipped), first: %s",
@@ -154,10 +168,11 @@ def output_paths(out: str | Path, splits: Sequence[str]) -> dict[str, Path]:
 
 def extract(
     backbone: str | Backbone,
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
     split: str = "train",
     *,
+    shards: str | Path | None = None,
     weights: str | Path | None = None,
     size: int | None = None,
     batch_size: int = 32,
@@ -169,19 +184,24 @@ def extract(
     shard_size: int = DEFAULT_SHARD_SIZE,
     limit: int | None = None,
     progress: Progress | None = None,
-    video: VideoSampling | None = None,
+    video: VideoSampling | VideoFileSampling | None = None,
+    engine: str = "auto",
 ) -> list[Path]:
     """Extract backbone feature sets of a raw dataset's split(s) into store files ready for `load_split`.
 
     Args:
         backbone: a registered backbone name or a ready-made Backbone.
-        data: the raw dataset folder (dataset.json + manifest.json).
+        data: the raw dataset folder (dataset.json + manifest.json); None with `shards`.
+        shards: webdataset tar shards instead of a raw dataset (a folder, glob or brace pattern): every sample goes
+            into one store labelled `split` (see `vsectl.extract.tar_extract`).
         out: a folder (each split goes to OUT/<split>.h5, so OUT can be `data.root`) or a `.h5` file (one split).
         split: "train", "dev", "test" or "all".
         weights, size: see `create_backbone`.
         batch_size, workers, precision, channels_last, device, dtype, shard_size, limit: see `extract_split`.
         progress: progress reporting.
-        video: treat each entry as a video's folder of frame images (`VideoSampling`); None for images.
+        video: treat each entry as a video's folder of frame images (`VideoSampling`) or as a video file
+            (`VideoFileSampling`); None for images.
+        engine: "auto", "eager", "onnx" or "compile"; see `extract_split`.
 
     Returns:
         The finished store files (empty on torchrun ranks other than 0).
@@ -202,10 +222,18 @@ def extract(
     if dev.type == "cuda" and dist.world_size > 1 and dev.index is None:
         dev = torch.device("cuda", dist.local_rank)  # one GPU per torchrun process
     Precision(precision, dev)  # validate before any work
+    check_engine(engine, dev, precision)
     if precision == "bf16" and dev.type == "cpu" and not cpu_bf16_units():  # the one CPU probe training uses too
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
+    if (data is None) == (shards is None):
+        raise ConfigError("give exactly one of --data RAW (a raw dataset) or --shards TARS (webdataset tar shards)")
+    if shards is not None:
+        return _extract_tar(backbone, shards, out, split, weights=weights, size=size, batch_size=batch_size,
+                            workers=workers, precision=precision, channels_last=channels_last, device=dev,
+                            dtype=dtype, dist=dist, progress=progress or NullProgress(), video=video, engine=engine)
     raw = load_raw_dataset(data)
     modality = raw.manifest.get("modality")
+    check_modality(modality, video, raw.root)
     if modality == "video" and video is None:
         raise ConfigError(f"{raw.root} holds videos (folders of frames); add --video to extract them")
     if modality == "image" and video is not None:
@@ -218,7 +246,21 @@ def extract(
             continue
         result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
                                precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
-                               limit=limit, dist=dist, progress=progress, video=video)
+                               limit=limit, dist=dist, progress=progress, video=video, engine=engine)
         if result is not None:
             written.append(result)
     return written
+
+
+def _extract_tar(backbone: str | Backbone, shards: str | Path, out: str | Path, split: str, *,
+                 weights: str | Path | None, size: int | None, video: VideoSampling | None,
+                 **kwargs: object) -> list[Path]:
+    from vsectl.extract.tar_extract import extract_tar
+
+    if split == "all":
+        raise ConfigError("tar shards have no splits: give --split NAME (train, dev or test) to label the store")
+    if video is not None:
+        raise ConfigError("tar shards hold images; drop --video")
+    model = create_backbone(backbone, weights=weights, size=size)
+    path = extract_tar(model, shards, output_paths(out, [split])[split], split, **kwargs)
+    return [path] if path is not None else []

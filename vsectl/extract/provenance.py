@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from vsectl.data.raw import RawDataset, sha256_file
+from vsectl.data.raw import RawDataset
 from vsectl.extract.video import VideoSampling
+from vsectl.io import sha256_file
 from vsectl.models.backbones import Backbone
 
 RESIZE = "full image resized to size×size, bilinear (PIL), aspect not preserved, no crop (official test transform)"

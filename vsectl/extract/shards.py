@@ -18,11 +18,12 @@ import h5py
 import numpy as np
 import torch
 
-from vsectl.data.raw import write_json_atomic
 from vsectl.data.store import StoreWriter, open_store
 from vsectl.errors import ConfigError, DataError
+from vsectl.extract.engines import Choice
 from vsectl.extract.images import extract_images, make_batches
 from vsectl.extract.video import FRAME_SUFFIXES, VideoSampling, _item_files, _pool_frames
+from vsectl.io import atomic_write_json
 from vsectl.models.backbones import Backbone
 from vsectl.runtime import Distributed, Progress
 
@@ -110,6 +111,7 @@ def write_shards(
     progress: Progress,
     description: str = "extract",
     video: VideoSampling | None = None,
+    engine: str | Choice = "auto",
 ) -> None:
     """Extract the given shards of `images` (or of videos' frames), each to its own store file, atomically, in order.
 
@@ -126,7 +128,7 @@ def write_shards(
         shard_files[s] = files
     stream = iter(progress.track(
         extract_images(backbone, paths, batches=batches, workers=workers, device=device, precision=precision,
-                       channels_last=channels_last, progress=progress),
+                       channels_last=channels_last, engine=engine, progress=progress),
         total=len(paths), description=description,
     ))
     try:
@@ -202,4 +204,4 @@ def _prepare_shard_dir(shard_dir: Path, fingerprint: dict[str, Any], dist: Distr
             shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     if not manifest.is_file():
-        write_json_atomic(manifest, {"fingerprint": fingerprint}, indent=2)
+        atomic_write_json(manifest, {"fingerprint": fingerprint}, indent=2, ensure_ascii=False, newline=False)

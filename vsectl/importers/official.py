@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import logging
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,11 @@ from safetensors.torch import save_file
 
 import vsectl
 from vsectl.builders import TEXT_MODEL_DIR, VOCAB_FILE, build_model, load_text
-from vsectl.checkpoint import load_model_state, save_checkpoint
+from vsectl.checkpoint import check_finite_weights, load_model_state, save_checkpoint
 from vsectl.config import RunConfig, config_to_yaml, save_config
 from vsectl.data.vocab import Vocab
-from vsectl.errors import CheckpointError
+from vsectl.errors import CheckpointError, ConfigError
+from vsectl.folders import staged_folder
 from vsectl.importers.official_grid import (
     BACKBONE_FILE,
     GRID_HEAD_KEYS,
@@ -38,10 +36,19 @@ from vsectl.importers.official_grid import (
     map_grid_backbone,
     split_grid_image,
 )
-from vsectl.importers.official_opt import build_config, check_fields, is_grid, opt_record, protocol_for
+from vsectl.importers.official_opt import (
+    build_config,
+    check_fields,
+    is_grid,
+    opt_record,
+    plain_options,
+    protocol_for,
+)
 from vsectl.importers.safe_load import load_torch_pickle
-from vsectl.io import atomic_write_json
+from vsectl.io import atomic_write_json, sha256_file
+from vsectl.locks import folder_lock
 from vsectl.optim import create_run_optimizer
+from vsectl.recipe_yaml import check_name, shown
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ class OfficialCheckpoint:
 
 def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove the `module.` prefix nn.DataParallel adds when every key carries it."""
-    if state and all(k.startswith("module.") for k in state):
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
         return {k[len("module."):]: v for k, v in state.items()}
     return state
 
@@ -108,10 +115,11 @@ def read_official(path: Path) -> OfficialCheckpoint:
     for side, state in (("image", image), ("text", text)):
         bad = next((k for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
         if bad is not None:
-            raise CheckpointError(f"{path}: {side} encoder entry {bad!r} is not a tensor")
+            raise CheckpointError(f"{path}: {side} encoder entry {shown(bad)} is not a tensor")
     opt = vars(opt) if hasattr(opt, "__dict__") else opt
     if not isinstance(opt, dict):
         raise CheckpointError(f"{path}: 'opt' is neither an argparse Namespace nor a dict")
+    opt = plain_options(opt, str(path))
     if any(k.startswith("bert.") for k in text):
         branch = "bert"
     elif "embed.weight" in text:
@@ -157,14 +165,6 @@ def _gpo_sizes(state: dict[str, torch.Tensor], source: Path, side: str) -> tuple
         raise CheckpointError(f"{source}: the {side} encoder has no GPO (gpool.gru.weight_ih_l0); only VSE∞ "
                               "checkpoints with GPO pooling import")
     return int(w.shape[1]), int(w.shape[0]) // 3                    # GRU input (d_pe), hidden (3·H gates)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _text_files(ckpt: OfficialCheckpoint, tmp: Path, source: Path, vocab: Path | None,
@@ -249,6 +249,11 @@ def import_official(
     path, out = Path(path), Path(out)
     if out.exists():
         raise CheckpointError(f"--out {out} already exists; choose a new folder (an import never overwrites a run)")
+    try:
+        check_name(out.name)  # the folder's name becomes the run's name
+    except ConfigError:
+        raise CheckpointError(f"--out {shown(out.name)}: a run's folder name takes letters, digits and _ . + = @ , - "
+                              "(not starting with . or -); choose another") from None
     ckpt = read_official(path)
     check_fields(ckpt.opt, str(path))  # the first option it cannot place stops it before the weights
     grid = is_grid(ckpt.opt)
@@ -277,21 +282,35 @@ def import_official(
     else:
         image_state, dropped = map_keys(ckpt.image, IMAGE_KEYS, "image", path)
     text_state, dropped_text = map_keys(ckpt.text, BIGRU_KEYS if ckpt.branch == "bigru" else BERT_KEYS, "text", path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    os.mkdir(tmp)  # plain mkdir, not mkdtemp: the run folder keeps the user's umask
-    try:
+    hint = "choose a new folder (an import never overwrites a run)"
+    with folder_lock(out), staged_folder(out, hint) as tmp:  # written aside, renamed into place when complete
+        if out.exists():
+            raise CheckpointError(f"--out {out} already exists; {hint}")
         record = _write_run(tmp, cfg, ckpt, path, {**image_state, **text_state}, dropped + dropped_text, vocab,
                             text_model, backbone)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("imported %s (%s, %s text, epoch %s) into %s", path, "grid" if grid else "region", ckpt.branch,
              ckpt.epoch, out)
     return {**record, "run": str(out), "protocol": protocol_for(ckpt.opt.get("data_name", ""))}
+
+
+def _check_weights(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse weights that are NaN or inf, or integers where the model has floating point; say when lower-precision
+    floats (fp16, bf16) are widened to the model's fp32."""
+    check_finite_weights(source, state)
+    narrow = []
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None or not target.is_floating_point():
+            continue
+        if not value.is_floating_point():
+            raise CheckpointError(f"{source}: weight {key} holds {value.dtype} values where the model has "
+                                  f"{target.dtype} ones; an official checkpoint stores floating-point weights")
+        if torch.finfo(value.dtype).bits < torch.finfo(target.dtype).bits:
+            narrow.append(key)
+    if narrow:
+        log.warning("%s stores %d weights in lower precision (e.g. %s as %s); they are widened to %s, so the imported "
+                    "model computes at the precision the checkpoint keeps", source, len(narrow), narrow[0],
+                    state[narrow[0]].dtype, own[narrow[0]].dtype)
 
 
 def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path, state: dict[str, torch.Tensor],
@@ -306,6 +325,7 @@ def _write_run(tmp: Path, cfg: RunConfig, ckpt: OfficialCheckpoint, source: Path
         build_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image=dataclasses.replace(
             image, backbone=dataclasses.replace(image.backbone, weights=str(tmp / BACKBONE_FILE)))))
     model = build_model(build_cfg, load_text(cfg, tmp))  # exactly how eval rebuilds the run
+    _check_weights(state, model.state_dict(), source)
     try:
         load_model_state(model, state)
     except CheckpointError as err:

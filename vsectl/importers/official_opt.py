@@ -16,12 +16,14 @@ from vsectl.config import (
     LossConfig,
     LRMultConfig,
     ModelConfig,
-    PoolConfig,
     RunConfig,
     TextConfig,
     TrainConfig,
+    pool_options,
 )
 from vsectl.errors import CheckpointError, ConfigError
+from vsectl.pool_options import PoolOptions
+from vsectl.recipe_yaml import MAX_STRING, shown
 
 # argparse defaults of the official code, used (and recorded as such) when an option is absent from a checkpoint
 OFFICIAL_DEFAULTS: dict[str, Any] = {
@@ -95,6 +97,54 @@ RECIPE_WORKERS = 4               # data.num_workers of the paper recipes
 GRID_RECIPE_WORKERS = 8          # ... and of the grid recipes (JPEG decoding in the workers)
 
 
+FLAGS = ("no_imgnorm", "no_txtnorm", "drop", "max_violation", "reset_start_epoch")  # argparse store_true options
+WHOLE = ("num_epochs", "batch_size", "word_dim", "embed_size", "num_layers", "lr_update", "log_step", "img_dim",
+         "vse_mean_warmup_epochs", "vocab_size", "embedding_warmup_epochs", "backbone_warmup_epochs", "workers",
+         "val_step")
+REAL = ("margin", "grad_clip", "learning_rate", "backbone_lr_factor", "input_scale_factor")
+
+
+def _flag(name: str, value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise CheckpointError(f"{source}: official option {name}={shown(value)} is not true or false")
+
+
+def _number(name: str, value: Any, source: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise CheckpointError(f"{source}: official option {name}={shown(value)} is not a finite number")
+    if name in WHOLE:
+        if value != int(value):
+            raise CheckpointError(f"{source}: official option {name}={shown(value)} is not a whole number")
+        return int(value)
+    return value
+
+
+def plain_options(opt: dict[Any, Any], source: str) -> dict[str, Any]:
+    """The options as plain values: names are text, flags booleans (a string "False" is false, not a non-empty
+    string), numbers finite numbers; a tensor, an object or a huge string is refused in one line."""
+    out: dict[str, Any] = {}
+    for name, value in opt.items():
+        if not isinstance(name, str) or len(name) > 100:
+            raise CheckpointError(f"{source}: official option name {shown(name)} is not a plain name")
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            raise CheckpointError(f"{source}: official option {name} is a {type(value).__name__}, not a plain value; "
+                                  "an official checkpoint's options are text, numbers and true/false")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise CheckpointError(f"{source}: official option {name} is {len(value):,} characters long; an official "
+                                  f"option is short (at most {MAX_STRING})")
+        if name in FLAGS:
+            value = _flag(name, value, source)
+        elif name in WHOLE or name in REAL:
+            value = _number(name, value, source)
+        out[name] = value
+    return out
+
+
 def is_grid(opt: dict[str, Any]) -> bool:
     """Whether the checkpoint is a grid model (raw images through a CNN backbone) rather than a region model."""
     return opt.get("precomp_enc_type", OFFICIAL_DEFAULTS["precomp_enc_type"]) == "backbone"
@@ -104,17 +154,17 @@ def check_fields(opt: dict[str, Any], source: str) -> None:
     """Fail on the first option that is neither mapped nor known to be irrelevant, or an image side vsectl lacks."""
     kind = opt.get("precomp_enc_type", OFFICIAL_DEFAULTS["precomp_enc_type"])
     if kind not in ("basic", "backbone"):
-        raise CheckpointError(f"{source}: cannot place official option precomp_enc_type={kind!r}; 'basic' (region "
+        raise CheckpointError(f"{source}: cannot place official option precomp_enc_type={shown(kind)}; 'basic' (region "
                               "features) and 'backbone' (grid, raw images) import")
     if kind == "backbone" and _value(opt, "backbone_source") not in GRID_BACKBONES:
         raise CheckpointError(f"{source}: cannot place official option backbone_source="
-                              f"{_value(opt, 'backbone_source')!r}; vsectl has the official "
+                              f"{shown(_value(opt, 'backbone_source'))}; vsectl has the official "
                               f"{' and '.join(GRID_BACKBONES)} backbones")
     for name, value in opt.items():
         if name not in MAPPED and name not in IGNORED:
             raise CheckpointError(
-                f"{source}: cannot place official option {name}={value!r}; vsectl does not know what it changes, so "
-                "it cannot promise the imported model computes what the original did"
+                f"{source}: cannot place official option {name}={shown(value)}; vsectl does not know what it changes, "
+                "so it cannot promise the imported model computes what the original did"
             )
 
 
@@ -159,23 +209,23 @@ def build_config(
             raise CheckpointError(f"{source}: cannot place official option {flag}=True; vsectl always L2-normalises "
                                   "embeddings, so this model's similarities would differ")
     if _value(opt, "optim") != "adam":
-        raise CheckpointError(f"{source}: cannot place official option optim={_value(opt, 'optim')!r}; vsectl "
+        raise CheckpointError(f"{source}: cannot place official option optim={shown(_value(opt, 'optim'))}; vsectl "
                               "trains with AdamW only (the official 'adam')")
     if branch == "bigru" and _value(opt, "num_layers") != 1:
-        raise CheckpointError(f"{source}: cannot place official option num_layers={_value(opt, 'num_layers')!r}; "
+        raise CheckpointError(f"{source}: cannot place official option num_layers={shown(_value(opt, 'num_layers'))}; "
                               "vsectl's BiGRU text encoder has one layer")
     grid = is_grid(opt)
 
-    def pool(side: str) -> PoolConfig:
+    def pool(side: str) -> PoolOptions:
         d_pe, d_hidden = gpo_sizes[side]
-        return PoolConfig(name="gpo", d_pe=d_pe, d_hidden=d_hidden, temperature=0.1)
+        return pool_options("gpo", d_pe=d_pe, d_hidden=d_hidden, temperature=0.1)
 
-    if branch == "bigru":
-        text = TextConfig(encoder="bigru", word_dim=int(_value(opt, "word_dim")), vocab_min_count=4,
-                          size_augment=bool(_value(opt, "drop")), pool=pool("text"))
-    else:
-        text = TextConfig(encoder="transformers", pretrained=text_model, size_augment=True, pool=pool("text"))
     try:
+        if branch == "bigru":
+            text = TextConfig(encoder="bigru", word_dim=int(_value(opt, "word_dim")), vocab_min_count=4,
+                              size_augment=bool(_value(opt, "drop")), pool=pool("text"))
+        else:
+            text = TextConfig(encoder="transformers", pretrained=text_model, size_augment=True, pool=pool("text"))
         if grid:
             scale = float(_value(opt, "input_scale_factor"))
             backbone = BackboneConfig(name=str(_value(opt, "backbone_source")), weights=backbone_weights,
@@ -206,7 +256,7 @@ def build_config(
                 **(_grid_schedule(opt) if grid else {}),
             ),
         )
-    except (ConfigError, TypeError, ValueError) as err:
+    except (ConfigError, TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"{source}: the official options do not make a valid vsectl config ({err})") from None
 
 

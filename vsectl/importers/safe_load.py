@@ -49,6 +49,11 @@ def load_torch_pickle(path: Path) -> Any:
         ) from None
     except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({_reason(err)})") from None
+    except (TypeError, AttributeError, KeyError, IndexError, OverflowError, MemoryError, RecursionError) as err:
+        # an allowed constructor called with arguments it does not take: the pickle is malformed, and since only
+        # allowed constructors can be called, nothing else ran
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({_reason(err)}); nothing in it was "
+                              "run") from None
 
 
 def _reason(err: BaseException) -> str:

@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vsectl.data.raw import sha256_file
 from vsectl.errors import ConfigError
+from vsectl.io import sha256_file
 from vsectl.registry import Registry
 
 log = logging.getLogger(__name__)

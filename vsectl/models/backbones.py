@@ -16,11 +16,10 @@ import torch
 from torch import nn
 
 from vsectl.errors import ConfigError
-from vsectl.models.backbone_base import (  # noqa: F401  (kept importable from here)
+from vsectl.models.backbone_base import (
     BACKBONES,
     CLIP_MEAN,
     CLIP_STD,
-    CNN_STRIDE_STEPS,
     HALF_MEAN,
     HALF_STD,
     IMAGENET_MEAN,
@@ -31,13 +30,9 @@ from vsectl.models.backbone_base import (  # noqa: F401  (kept importable from h
     Backbone,
     cnn_grid,
     load_state_dict_strict,
-    read_state_dict,
 )
-from vsectl.models.hf import (  # noqa: F401  (kept importable from here)
-    WEIGHT_SUFFIXES,
+from vsectl.models.hf import (
     load_hf_model,
-    not_found_message,
-    quiet_transformers,
     resolve_hf_folder,
     weight_files,
 )

@@ -35,8 +35,9 @@ from vsectl.models.pooling import (
     masked_softmax,
 )
 from vsectl.models.text_encoders import BiGRUTextEncoder, TransformerTextEncoder
+from vsectl.pool_options import exportable_poolers
 
-EXPORTABLE_POOLERS = ("gpo", "gpo_perdim", "gpo_mlp", "gpo_interp", "mean", "max", "maxk", "gem")
+EXPORTABLE_POOLERS = exportable_poolers()  # the rows of the pooler table marked onnx
 
 
 def _single_direction(gru: nn.GRU, suffix: str) -> nn.GRU:

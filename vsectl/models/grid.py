@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from vsectl.config import ImageConfig
 from vsectl.errors import ConfigError
 from vsectl.models.backbones import BACKBONES, Backbone
-from vsectl.models.image_encoders import IMAGE_ENCODERS, grid_size_augment, l2_normalize, xavier_linear
+from vsectl.models.image_encoders import grid_size_augment, l2_normalize, xavier_linear
 from vsectl.models.pooling import create_pooler
 from vsectl.models.stages import stage_modules
 
@@ -69,6 +69,11 @@ class BackboneGridEncoder(nn.Module):
             param.requires_grad_(False)
         self.fixed_blocks = 0
         self.set_fixed_blocks(0)
+
+    @property
+    def input_size(self) -> int:
+        """The square side of the images it takes (the data door decodes them to this size)."""
+        return self.backbone.size
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """The backbone parameters the grid path uses (trainable or held fixed by the schedule)."""
@@ -153,7 +158,7 @@ class BackboneGridEncoder(nn.Module):
         return l2_normalize(pooled), weights
 
 
-def create_backbone_encoder(cfg: ImageConfig, embed_dim: int) -> BackboneGridEncoder:
+def build_backbone(cfg: ImageConfig, embed_dim: int) -> BackboneGridEncoder:
     """Build the backbone named by `cfg.backbone` with its pretrained weights, and the grid head on top."""
     spec = cfg.backbone
     backbone = BACKBONES.get(spec.name)(weights=spec.weights or None, size=spec.size or None)
@@ -167,4 +172,3 @@ def create_backbone_encoder(cfg: ImageConfig, embed_dim: int) -> BackboneGridEnc
                                grad_checkpointing=spec.grad_checkpointing, channels_last=spec.channels_last)
 
 
-IMAGE_ENCODERS.register("backbone")(create_backbone_encoder)

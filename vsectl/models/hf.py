@@ -21,7 +21,7 @@ FALLBACK_WEIGHTS = ("*.bin",)  # repositories without safetensors
 
 def not_found_message(backbone: str, weights: str) -> str:
     """The offline refusal of a backbone hub id: the line a text model's gets, naming the same opt-in."""
-    from vsectl.hub import ALLOW_DOWNLOADS_ENV, hub_cache
+    from vsectl.models.hub import ALLOW_DOWNLOADS_ENV, hub_cache
 
     return (f"{backbone} weights '{weights}' is not a local folder and not in the Hugging Face cache ({hub_cache()}); "
             f"give a local model folder as the weights, fill that cache on a machine with network (`hf download "
@@ -33,7 +33,7 @@ def download_hf_folder(weights: str) -> Path:
     safetensors weights, or the .bin weights of a repository that has no safetensors."""
     from huggingface_hub import snapshot_download
 
-    from vsectl.hub import hub_cache
+    from vsectl.models.hub import hub_cache
 
     try:
         folder = Path(snapshot_download(weights, cache_dir=str(hub_cache()), allow_patterns=list(BACKBONE_FILES)))
@@ -62,7 +62,7 @@ def resolve_hf_folder(backbone: str, weights: str | Path) -> Path:
         raise ConfigError(f"{backbone} weights {path} is a file; pass the model folder (config.json + weights)")
     from huggingface_hub import snapshot_download
 
-    from vsectl.hub import downloads_allowed, hub_cache
+    from vsectl.models.hub import downloads_allowed, hub_cache
 
     try:
         folder = snapshot_download(str(weights), local_files_only=True, cache_dir=str(hub_cache()))

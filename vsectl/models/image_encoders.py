@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vsectl.config import ImageConfig
-from vsectl.models.gpo import length_mask
+from vsectl.kinds import IMAGE_KINDS, resolve
 from vsectl.models.pooling import create_pooler
-from vsectl.registry import Registry
-
-IMAGE_ENCODERS: Registry[Callable[[ImageConfig, int], nn.Module]] = Registry("image encoder")  # builders
+from vsectl.models.pooling.base import length_mask
 
 L2_EPS = 1e-8           # added to the norm, not under the square root (GPO-18)
 GRID_DROP_MAX = 0.2     # grid size augmentation: drop rate p = 0.2·u when u > 0.2 (spec §3)
-REGION_DROP = 0.2       # BUTD regions dropped i.i.d. with p = 0.2 in the data worker (spec §3)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -143,28 +138,14 @@ class GridEncoder(nn.Module):
         return l2_normalize(pooled), weights
 
 
-@IMAGE_ENCODERS.register("region")
-def _build_region(cfg: ImageConfig, embed_dim: int) -> nn.Module:
+def build_region(cfg: ImageConfig, embed_dim: int) -> nn.Module:
     return RegionEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), mlp_hidden=cfg.mlp_hidden)
 
 
-@IMAGE_ENCODERS.register("grid")
-def _build_grid(cfg: ImageConfig, embed_dim: int) -> nn.Module:
+def build_grid(cfg: ImageConfig, embed_dim: int) -> nn.Module:
     return GridEncoder(cfg.feat_dim, embed_dim, create_pooler(cfg.pool, embed_dim), size_augment=cfg.size_augment)
 
 
-# grid cells are dropped on the device, in GridEncoder.forward (and after the backbone in BackboneGridEncoder)
-WORKER_DROP = {"region": REGION_DROP, "grid": 0.0, "backbone": 0.0}
-
-
-def worker_region_drop(cfg: ImageConfig) -> float:
-    """The per-element drop rate the data workers apply to this branch's feature sets (0: none, or on the device).
-
-    Region sets are augmented in the worker, where they are still NumPy rows; each encoder says which it needs.
-    """
-    return WORKER_DROP[cfg.encoder] if cfg.size_augment else 0.0
-
-
 def create_image_encoder(cfg: ImageConfig, embed_dim: int) -> nn.Module:
-    """Build the image encoder named by `cfg.encoder`."""
-    return IMAGE_ENCODERS.get(cfg.encoder)(cfg, embed_dim)
+    """Build the image encoder of the kind `cfg.encoder` names (`vsectl.kinds.IMAGE_KINDS`)."""
+    return resolve(IMAGE_KINDS.get(cfg.encoder).build)(cfg, embed_dim)

@@ -10,8 +10,8 @@ The dense passes also compute the padded steps. The stepped path (vsectl.models.
 with a hand-written backward through time instead, one GEMM per step and direction each way and every weight
 gradient as one GEMM over all tokens: the BiGRU text encoder's path on a CPU at fp32 and bf16 (BENCHMARKS.md,
 "CPU training speed"). The dense passes stay the default for small GRUs on a CPU (GPO's generator), where oneDNN's
-fused kernel beats a Python loop over time. `Precision.rnn_path` decides the text encoder's path once per run;
-`set_rnn_path` applies it.
+fused kernel beats a Python loop over time. `rnn_path_for` decides the text encoder's path once per run, from
+the device; `set_rnn_path` applies it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,12 @@ RNN_PATHS = ("packed", "dense", "stepped")
 def use_dense(device: torch.device) -> bool:
     """Dense passes everywhere but CUDA, where cuDNN runs packed sequences natively (the default of `bigru`)."""
     return device.type != "cuda"
+
+
+def rnn_path_for(device: torch.device) -> str:
+    """The BiGRU's path on `device`: stepped on a CPU, where it measured faster than packed and dense at fp32 and bf16
+    (BENCHMARKS.md, "CPU training speed"); packed elsewhere (cuDNN on CUDA)."""
+    return "stepped" if device.type == "cpu" else "packed"
 
 
 def set_rnn_path(model: nn.Module, path: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +10,11 @@ from torch import nn
 
 from vsectl.config import TextConfig
 from vsectl.errors import ConfigError
-from vsectl.models.gpo import length_mask
+from vsectl.kinds import TEXT_KINDS, resolve
 from vsectl.models.image_encoders import l2_normalize
 from vsectl.models.pooling import create_pooler
+from vsectl.models.pooling.base import length_mask
 from vsectl.models.rnn import bigru
-from vsectl.registry import Registry
-
-TEXT_ENCODERS: Registry[Callable[..., nn.Module]] = Registry("text encoder")  # builders
 
 WORD_INIT = 0.1  # word embeddings ~ U(-0.1, 0.1) (TXT-2)
 
@@ -87,6 +84,10 @@ class TransformerTextEncoder(nn.Module):
         """(B, T) ids and (B,) lengths → L2-normalised (B, E) and the pooling weights."""
         return self.forward_states(self.states(tokens, lengths), lengths)
 
+    def body_parameters(self) -> list[nn.Parameter]:
+        """The pretrained body's parameters (their own learning-rate group)."""
+        return list(self.body.parameters())
+
     def forward_states(self, hidden: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, H) token states of the body (cached for a frozen one) and (B,) lengths → (B, E), weights."""
         pooled, weights = self.pool(self.proj(hidden), lengths)
@@ -118,12 +119,13 @@ def load_pretrained_text(name: str) -> tuple[nn.Module, Any]:
     """Load a transformers encoder and its fast tokenizer from a local folder, an alias, or the hub cache.
 
     A hub id is read from the local Hugging Face cache only (no network), unless downloads are allowed
-    (`VSECTL_ALLOW_DOWNLOADS=1`, see `vsectl.hub`). Raises ConfigError with one line when the weights are not here.
+    (`VSECTL_ALLOW_DOWNLOADS=1`, see `vsectl.models.hub`). Raises ConfigError with one line when the weights are not
+    here.
     """
     from transformers import AutoModel, AutoTokenizer
 
-    from vsectl.hub import cached_model_folder, downloads_allowed, hub_cache
     from vsectl.models.hf import quiet_transformers
+    from vsectl.models.hub import cached_model_folder, downloads_allowed, hub_cache
 
     path = resolve_pretrained(name)
     if Path(path).expanduser().is_dir():
@@ -166,15 +168,13 @@ def text_body_from_folder(folder: Path) -> tuple[nn.Module, Any]:
     return body, tokenizer
 
 
-@TEXT_ENCODERS.register("bigru")
-def _build_bigru(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
+def build_bigru(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
     if not vocab_size:
         raise ValueError("the bigru text encoder needs vocab_size")
     return BiGRUTextEncoder(vocab_size, cfg.word_dim, embed_dim, create_pooler(cfg.pool, embed_dim))
 
 
-@TEXT_ENCODERS.register("transformers")
-def _build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
+def build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: Any = None) -> nn.Module:
     if body is None:
         body, _ = load_pretrained_text(cfg.pretrained)
     pad_id = body.config.pad_token_id if body.config.pad_token_id is not None else 0
@@ -185,5 +185,6 @@ def _build_transformers(cfg: TextConfig, embed_dim: int, vocab_size: int | None 
 def create_text_encoder(
     cfg: TextConfig, embed_dim: int, vocab_size: int | None = None, body: nn.Module | None = None
 ) -> nn.Module:
-    """Build the text encoder named by `cfg.encoder`; `body` is a ready transformers model (else it is loaded)."""
-    return TEXT_ENCODERS.get(cfg.encoder)(cfg, embed_dim, vocab_size=vocab_size, body=body)
+    """Build the text encoder of the kind `cfg.encoder` names (`vsectl.kinds.TEXT_KINDS`); `body` is a ready
+    pretrained model (else the kind loads it)."""
+    return resolve(TEXT_KINDS.get(cfg.encoder).build)(cfg, embed_dim, vocab_size=vocab_size, body=body)

@@ -6,11 +6,10 @@ import torch
 from torch import nn
 
 from vsectl.config import LRMultConfig, ModelConfig
-from vsectl.data.text_input import TextInput
+from vsectl.kinds import TextInput
 from vsectl.losses import ContrastiveLoss
-from vsectl.models import grid as _grid  # noqa: F401  registers the 'backbone' image encoder
 from vsectl.models.image_encoders import create_image_encoder
-from vsectl.models.text_encoders import TransformerTextEncoder, create_text_encoder
+from vsectl.models.text_encoders import create_text_encoder
 
 
 class VSEModel(nn.Module):
@@ -66,15 +65,12 @@ def param_groups(model: VSEModel, mult: LRMultConfig) -> list[dict]:
     Returns:
         dicts with 'name', 'lr_mult' and 'params' (and 'weight_decay' where it differs); empty groups are dropped.
     """
+    body_ids = {id(p) for p in model.text.body_parameters()} if hasattr(model.text, "body_parameters") else set()
     text_body: list[nn.Parameter] = []
     text_head: list[nn.Parameter] = []
-    for name, param in model.text.named_parameters():
-        if not param.requires_grad:
-            continue  # a frozen body belongs to no group
-        if isinstance(model.text, TransformerTextEncoder) and name.startswith("body."):
-            text_body.append(param)
-        else:
-            text_head.append(param)
+    for param in model.text.parameters():
+        if param.requires_grad:  # a frozen body belongs to no group
+            (text_body if id(param) in body_ids else text_head).append(param)
     backbone = getattr(model.image, "backbone", None)
     # The whole backbone joins its group even while the schedule holds it fixed: the optimizer then already knows
     # every parameter when blocks unfreeze, and a resumed run rebuilds the same groups at any epoch.

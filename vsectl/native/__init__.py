@@ -5,7 +5,13 @@ vector units) and cached under `$VSECTL_CACHE/native`, else `~/.cache/vsectl/nat
 a folder of this user's in the temporary directory), named by the sha256 of the source, the compiler's version and
 the CPU's flags: a library built on one kind of CPU is never loaded on another.
 The build writes a temporary file and renames it, so concurrent processes (DDP ranks, a sweep's jobs) never load a
-half-written library.
+half-written library. A compiler that runs past BUILD_TIMEOUT_S is stopped with every process it started.
+
+Loading a library runs its code, so the rules of a private temporary folder apply to every cache location: a folder
+that is a link, belongs to another user or that others can write is not used (this user's temporary folder is, with a
+warning); a library is loaded only through the record (`NAME-KEY.json`) written when this user built it, and only
+if it is this user's, writable by nobody else, and its sha256 is the recorded one. A file planted under a predictable
+name is never loaded.
 
 Where no compiler is found, the build fails or `VSECTL_NATIVE=0` is set, `load` returns None and `status` says
 why; callers then use their torch path, say so once in the log, and `env.json` records it (`native_kernels`).
@@ -14,16 +20,20 @@ Set `CC` to choose the compiler (e.g. `CC="ccache gcc"`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -32,6 +42,7 @@ SOURCES = Path(__file__).parent
 BUILD_TIMEOUT_S = 120
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _status: dict[str, str] = {}
+_open_fds: list[int] = []  # descriptors of the loaded libraries (see `load`)
 
 
 def cache_dir() -> Path:
@@ -46,10 +57,17 @@ def enabled() -> bool:
 
 
 def _compiler() -> list[str] | None:
-    """The compiler command: $CC split like a shell would (e.g. "ccache gcc"), else the first of cc, gcc, clang."""
+    """The compiler command: $CC split like a shell would (e.g. "ccache gcc"), else the first of cc, gcc, clang.
+
+    Raises:
+        ValueError: $CC cannot be split (an unbalanced quote).
+    """
     cc = os.environ.get("CC")
     if cc:
-        words = shlex.split(cc)
+        try:
+            words = shlex.split(cc)
+        except ValueError as e:
+            raise ValueError(f"CC={cc[:80]!r} is not a command line ({e})") from None
         if not words:
             return None
         found = shutil.which(words[0]) or (words[0] if Path(words[0]).is_file() else None)
@@ -61,11 +79,27 @@ def _compiler() -> list[str] | None:
     return None
 
 
-def _compiler_version(cc: list[str]) -> str:
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `cmd` in a process group of its own; past `timeout` the whole group is killed (a compiler driver's
+    children too, which would otherwise be left running and keep its output pipes open)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+        out, errs = proc.communicate(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, errs)
+
+
+def _compiler_version(cc: list[str], timeout: float = 30) -> str:
+    try:
+        done = _run([*cc, "--version"], timeout)
+    except OSError:
         return "unknown"
+    except subprocess.TimeoutExpired:  # a compiler that hangs here hangs on the build too
+        raise RuntimeError(f"{Path(cc[0]).name} --version ran longer than {timeout:g} s and was stopped") from None
     return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
@@ -98,6 +132,18 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
+def _unsafe(st: os.stat_result) -> str | None:
+    """Why a folder or file with this lstat may not hold libraries to load (None when it may): another user who can
+    write it could put code there that would run as this one."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
 def _private_folder(folder: Path) -> Path:
     """`folder` made (mode 0700) or checked to be this user's own, not a link, writable by nobody else: a library
     loaded from a folder another user can write to would run their code."""
@@ -106,10 +152,23 @@ def _private_folder(folder: Path) -> Path:
     except OSError as exc:
         raise RuntimeError(f"cannot create {folder}: {exc.strerror}") from None
     st = os.lstat(folder)
-    own = not hasattr(os, "getuid") or st.st_uid == os.getuid()
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or not own or st.st_mode & 0o022:
+    if not stat.S_ISDIR(st.st_mode) or _unsafe(st):
         raise RuntimeError(f"{folder} is not a private folder of this user's; remove it or set VSECTL_CACHE")
     return folder
+
+
+def _cache_folder() -> Path:
+    """The cache folder if it is this user's and nobody else can write it, else this user's temporary one (said)."""
+    preferred = cache_dir()
+    if _writable(preferred):
+        why = _unsafe(os.lstat(preferred)) or (None if preferred.is_dir() else "is not a folder")
+        if why is None:
+            return preferred
+        fallback = _private_folder(_temp_cache())
+        log.warning("not loading native kernels from %s: it %s; using %s instead (make the folder yours and not "
+                    "writable by others: chmod go-w, or set VSECTL_CACHE)", preferred, why, fallback)
+        return fallback
+    return _private_folder(_temp_cache())
 
 
 def _first_error(said: str, returncode: int) -> str:
@@ -118,58 +177,135 @@ def _first_error(said: str, returncode: int) -> str:
     return (errors or lines or [f"exit {returncode}"])[0].strip()
 
 
-def _build(name: str, source: Path, cc: list[str]) -> Path:
-    """Compile `source` into the cache (or reuse a library built from the same source, compiler and CPU kind)."""
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while block := os.read(fd, 1 << 20):
+        chunks.append(block)
+    return b"".join(chunks)
+
+
+def _open_verified(folder: Path, stem: str) -> tuple[int, str] | None:
+    """The library `stem` its record names in `folder`, opened after checking that the folder and the file are this
+    user's alone and that the file's sha256 is the one recorded when it was built; with the path to load it by (the
+    open descriptor itself on Linux, so nothing swapped in after the check is loaded). None when there is none."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow)
+    try:
+        why = _unsafe(os.fstat(dfd))
+        if why:
+            raise RuntimeError(f"{folder} {why}")
+        try:
+            rfd = os.open(f"{stem}.json", os.O_RDONLY | nofollow, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        try:
+            if _unsafe(os.fstat(rfd)):
+                return None
+            record = json.loads(_read_fd(rfd))
+        except ValueError:
+            return None
+        finally:
+            os.close(rfd)
+        file = record.get("file") if isinstance(record, dict) else None
+        if not isinstance(file, str) or os.path.basename(file) != file or not file.startswith(stem):
+            return None
+        try:
+            fd = os.open(file, os.O_RDONLY | nofollow, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        st = os.fstat(fd)
+        why = _unsafe(st) or (None if stat.S_ISREG(st.st_mode) else "is not a regular file")
+        if why or hashlib.sha256(_read_fd(fd)).hexdigest() != record.get("sha256"):
+            os.close(fd)
+            log.warning("not loading %s: it %s; building it again", folder / file,
+                        why or "differs from the sha256 recorded when it was built")
+            return None
+        return fd, (f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(folder / file))
+    finally:
+        os.close(dfd)
+
+
+def _compile(source: Path, cc: list[str], tmp: str, deadline: float) -> None:
+    errors = []
+    for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers/CPUs refuse -march=native
+        cmd = [*cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", tmp, str(source)]
+        try:
+            done = _run(cmd, deadline - time.monotonic())
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{Path(cc[0]).name} ran longer than {BUILD_TIMEOUT_S} s and was stopped") from None
+        except OSError as exc:
+            errors.append(str(exc))
+            continue
+        if done.returncode == 0:
+            return
+        errors.append(_first_error(done.stderr or done.stdout, done.returncode))
+    raise RuntimeError(f"{Path(cc[0]).name} failed: {'; '.join(dict.fromkeys(errors))}")
+
+
+def _build(name: str, source: Path, cc: list[str]) -> tuple[int, str]:
+    """Compile `source` into the cache (or reuse a library built from the same source, compiler and CPU kind whose
+    recorded hash still matches); returns it opened (see `_open_verified`)."""
+    deadline = time.monotonic() + BUILD_TIMEOUT_S
     text = source.read_bytes()
-    key = hashlib.sha256(text + b"\0" + _compiler_version(cc).encode() + b"\0" + _cpu_key().encode()).hexdigest()
-    filename = f"{name}-{key[:20]}.so"
-    folder = cache_dir() if _writable(cache_dir()) else _private_folder(_temp_cache())
-    target = folder / filename
-    if target.is_file():
-        return target
+    version = _compiler_version(cc, min(30.0, BUILD_TIMEOUT_S))
+    key = hashlib.sha256(text + b"\0" + version.encode() + b"\0" + _cpu_key().encode()).hexdigest()
+    stem = f"{name}-{key[:20]}"
+    folder = _cache_folder()
+    found = _open_verified(folder, stem)
+    if found is not None:
+        return found
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=folder)
     os.close(fd)
-    errors = []
     try:
-        for flags in (["-O3", "-march=native"], ["-O3"]):  # some compilers/CPUs refuse -march=native
-            cmd = [*cc, *flags, "-std=c99", "-fPIC", "-shared", "-o", tmp, str(source)]
-            try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                errors.append(str(exc))
-                continue
-            if done.returncode == 0:
-                os.chmod(tmp, 0o755)
-                os.replace(tmp, target)
-                return target
-            errors.append(_first_error(done.stderr or done.stdout, done.returncode))
-        raise RuntimeError(f"{Path(cc[0]).name} failed: {'; '.join(dict.fromkeys(errors))}")
+        _compile(source, cc, tmp, deadline)
+        os.chmod(tmp, 0o755)
+        with open(tmp, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        target = folder / f"{stem}.{digest[:16]}.so"  # named by its hash: a concurrent build never overwrites it
+        os.replace(tmp, target)
+        fd, rec = tempfile.mkstemp(prefix=f".{stem}-", suffix=".json", dir=folder)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"file": target.name, "sha256": digest, "compiler": version}, fh)
+        os.chmod(rec, 0o644)
+        os.replace(rec, folder / f"{stem}.json")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    found = _open_verified(folder, stem)
+    if found is None:
+        raise RuntimeError(f"the library built in {folder} changed before it could be loaded")
+    return found
 
 
 def load(name: str) -> ctypes.CDLL | None:
     """The kernel `name` (this package's `name`.c) as a loaded library, or None (see `status` for why). Cached."""
     if name in _loaded:
         return _loaded[name]
-    lib = None
+    lib, cc = None, None
     if not enabled():
         _status[name] = "off (VSECTL_NATIVE=0)"
-    elif (cc := _compiler()) is None:
-        _status[name] = "no C compiler found (install gcc or set CC)"
     else:
         try:
-            path = _build(name, SOURCES / f"{name}.c", cc)
+            cc = _compiler()
+            missing = "no C compiler found (install gcc or set CC)"
+        except ValueError as exc:  # an unbalanced quote in $CC
+            missing = f"no C compiler: {exc}"
+        if cc is None:
+            _status[name] = missing
+    if cc is not None:
+        try:
+            fd, path = _build(name, SOURCES / f"{name}.c", cc)
         except (OSError, RuntimeError) as exc:
             _status[name] = f"build failed ({exc})"
         else:
             try:
-                lib = ctypes.CDLL(str(path))
+                lib = ctypes.CDLL(path)
                 _status[name] = "native"
-            except OSError as exc:  # built but not loadable (e.g. a noexec mount): do not keep it
-                path.unlink(missing_ok=True)
+                _open_fds.append(fd)  # kept open: the loader knows the library by this /proc/self/fd name, which a
+                # closed and reused descriptor would give to another library
+            except OSError as exc:  # built but not loadable (e.g. a noexec mount)
                 _status[name] = f"load failed ({exc})"
+                os.close(fd)
     _loaded[name] = lib
     return lib
 

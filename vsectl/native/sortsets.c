@@ -7,7 +7,7 @@
  * compiler vectorises over the columns. The source row of every sorted value is tracked for the backward pass.
  *
  * out (B, kout, D) receives the sorted values (rows >= n are zero); src (B, kout, D) the row each came from (src may
- * be NULL when no gradient is needed).
+ * be NULL when no gradient is needed: inference then runs a values-only network, half the loads and stores).
  * The gradient maps a (B, kout, D) gradient back to (B, K, D): gx[b, src[b, k, d], d] = g[b, k, d] for k < n, and
  * zero for every row past n. Work is over sets b0 <= b < b1, so callers can split a batch across threads.
  */
@@ -50,6 +50,19 @@ static void sort_block(float *val, int32_t *idx, int64_t w, const int16_t *pa, c
     }
 }
 
+/* The same network on values alone (no source rows): a max and a min per comparator. */
+static void sort_block_values(float *val, int64_t w, const int16_t *pa, const int16_t *pb, int64_t ncmp) {
+    for (int64_t c = 0; c < ncmp; c++) {
+        float *a = val + pa[c] * W, *b = val + pb[c] * W;
+        for (int64_t m = 0; m < w; m++) {
+            float va = a[m], vb = b[m];
+            int s = vb > va;
+            a[m] = s ? vb : va;
+            b[m] = s ? va : vb;
+        }
+    }
+}
+
 /* Returns 0, or -1 when a buffer could not be allocated (nothing is written then). */
 int vsectl_sort_sets(const float *x, int64_t K, int64_t D, int64_t stride_b, int64_t stride_k,
                      const int64_t *lengths, int64_t kout, float *out, int16_t *src, int64_t b0, int64_t b1) {
@@ -74,9 +87,14 @@ int vsectl_sort_sets(const float *x, int64_t K, int64_t D, int64_t stride_b, int
             int64_t w = D - d0 < W ? D - d0 : W;
             for (int64_t k = 0; k < n; k++) {
                 const float *row = x + b * stride_b + k * stride_k + d0;
-                for (int64_t m = 0; m < w; m++) { val[k * W + m] = row[m]; idx[k * W + m] = (int32_t)k; }
+                for (int64_t m = 0; m < w; m++) val[k * W + m] = row[m];
+                if (sb)
+                    for (int64_t m = 0; m < w; m++) idx[k * W + m] = (int32_t)k;
             }
-            sort_block(val, idx, w, pa, pb, ncmp);
+            if (sb)
+                sort_block(val, idx, w, pa, pb, ncmp);
+            else
+                sort_block_values(val, w, pa, pb, ncmp);
             for (int64_t k = 0; k < n; k++)
                 for (int64_t m = 0; m < w; m++) ob[k * D + d0 + m] = val[k * W + m];
             if (sb)

@@ -9,9 +9,10 @@ The public API (also re-exported, lazily, from `vsectl`):
 
 - `load(run, checkpoint="best", device="auto") -> RetrievalModel`: `.encode_text(list[str])` and
   `.encode_images(paths or feature sets)` return (N, E) float32 unit rows; `.fingerprint` names the weights.
-- `embed(run, out, images=DIR | data=RAW | features=STORE)`: a collection to an embeddings folder (sharded,
-  resumable), `open_embeddings(path) -> Embeddings`.
-- `build_index(emb, kind="flat" | "ivf" | "hnsw")`, `open_index(path) -> Index`: approximate kinds need faiss.
+- `embed(run, out, images=DIR | data=RAW | features=STORE | shards=TARS)`: a collection to an embeddings folder
+  (sharded, resumable, split over torchrun ranks), `open_embeddings(path) -> Embeddings`.
+- `build_index(emb, kind="auto", max_memory="4GB")`, `open_index(path) -> Index`: a faiss layout chosen under the
+  budget (or flat, hnsw, ivf, ivf-sq8, ivf-pq by name; all but flat need faiss) and its card (`Index.card`).
 - `search(target, queries, k=10, side="images" | "captions", model=None) -> list[SearchResult]`: one result per
   query; queries are texts (encoded with `model`, whose fingerprint must match the embeddings') or (Q, E) vectors.
 - `topk(matrix, queries, k)`: exact blocked top-k over a memory-mapped (N, E) matrix.

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.io import atomic_path, atomic_write_json
+from vsectl.io import atomic_path, atomic_write_json, json_text
+from vsectl.locks import folder_lock
 from vsectl.retrieval.embeddings import (
     EMBEDDINGS_FORMAT,
     EMBEDDINGS_VERSION,
@@ -31,6 +32,7 @@ from vsectl.retrieval.embeddings import (
     NpyAppender,
     open_embeddings,
 )
+from vsectl.retrieval.partial import MANIFEST, SHARDS, prepare_partial, wait_for
 from vsectl.retrieval.sources import Source, resolve_source
 from vsectl.runtime import NullProgress, Progress
 
@@ -38,9 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 4096  # items per shard: at most this much work is lost to a kill (a multiple of the batch sizes)
 MAX_SKIPPED_RECORDS = 100  # skipped images listed in meta.json; all are counted
-SOURCES = ("images", "data", "features")
-SHARDS = "shards"
-MANIFEST = "manifest.json"
+SOURCES = ("images", "videos", "data", "features")
 
 
 # ------------------------------------------------------------------------------------------------ shards
@@ -74,11 +74,30 @@ class _Rate:
         self.progress.update(images_per_s=self.done / max(time.perf_counter() - self.start, 1e-9))
 
 
+def padded_block(rows: np.ndarray, lengths: np.ndarray, feat_dim: int) -> tuple[Any, Any]:
+    """Consecutive sets' (R, D) rows (any float dtype) → (B, K_max, D) float32 zero-padded, and (B,) int64 sizes.
+
+    Equal sizes (grid features) are one reshape of the converted rows, no padding copy; torch converts fp16 several
+    times faster than numpy.
+    """
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(rows)).float()                         # (R, D)
+    sizes = torch.from_numpy(lengths.astype(np.int64))                               # (B,)
+    batch, widest = len(lengths), int(lengths.max())
+    if int(lengths.min()) == widest:
+        return x.view(batch, widest, feat_dim), sizes
+    valid = torch.arange(widest)[None, :] < sizes[:, None]                           # (B, K_max)
+    out = x.new_zeros(batch * widest, feat_dim)
+    out.index_copy_(0, valid.reshape(-1).nonzero().squeeze(1), x)
+    return out.view(batch, widest, feat_dim), sizes
+
+
 def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
                     progress: Progress) -> None:
     from vsectl.retrieval.stored import StoreSets
 
-    features = StoreSets(source.stores)
+    features = source.extra["open"]() if "open" in source.extra else StoreSets(source.stores)
     n = len(source.items)
     total = sum(min((s + 1) * size, n) - s * size for s in shards)
     rate = _Rate(progress)
@@ -87,13 +106,14 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
         a, b = s * size, min((s + 1) * size, n)
         out = []
         for c in range(a, b, batch_size):
-            sets = [features.get(i) for i in range(c, min(c + batch_size, b))]
-            out.append(model.encode_feature_sets(sets, batch_size=batch_size))
-            for _ in sets:
+            stop = min(c + batch_size, b)
+            rows, lengths = features.block(c, stop)                                 # one read per batch
+            out.append(model.encode_padded(*padded_block(rows, lengths, features.feat_dim)))
+            for _ in range(stop - c):
                 next(positions)
-            rate.add(len(sets))
+            rate.add(stop - c)
         _write_shard(folder, _shard_name("images", s), np.concatenate(out), {"ok": list(range(a, b)), "skipped": []})
-    features.close()
+    getattr(features, "close", lambda: None)()
 
 
 def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, folder: Path, batch_size: int,
@@ -240,26 +260,48 @@ def _reusable(model: Any, source: Source) -> Any:
     return stored
 
 
-def _prepare_partial(partial: Path, settings: dict[str, Any]) -> Path:
-    manifest = partial / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text(encoding="utf-8")).get("settings")
-        if old != settings:
-            log.warning("removing unfinished shards in %s made with other settings", partial)
-            shutil.rmtree(partial)
-    (partial / SHARDS).mkdir(parents=True, exist_ok=True)
-    if not manifest.is_file():
-        atomic_write_json(manifest, {"settings": settings})
-    return partial / SHARDS
+def embed(run: str | Path | Any, out: str | Path, **options: Any) -> Path | None:
+    """Embed a collection into `out` (see `embed_unlocked` for the options), holding the folder's write lock: a second
+    embed into the same folder (or its `.partial`) is refused with one line naming this one. Under torchrun, rank 0
+    holds the lock for the whole job; the other ranks write only their own shards into its `.partial`."""
+    if _dist().rank != 0:
+        return embed_unlocked(run, out, **options)
+    with folder_lock(Path(out)):
+        return embed_unlocked(run, out, **options)
 
 
-def embed(
+def _dist() -> Any:
+    from vsectl.runtime import distributed_from_env
+
+    try:
+        return distributed_from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _shard_counts(source: Source, size: int) -> tuple[int, int]:
+    """Image and caption shards: one per tar shard (whose captions are embedded with it), else cut by `size`."""
+    if source.kind == "shards":
+        return len(source.extra["shards"]), 0
+    return math.ceil(len(source.items) / size), math.ceil(len(source.captions) / size)
+
+
+def _image_shard(source: Source, s: int) -> str:
+    if source.kind == "shards":
+        from vsectl.retrieval.tar_collection import shard_name
+
+        return shard_name(s)
+    return _shard_name("images", s)
+
+
+def embed_unlocked(
     run: str | Path | Any,
     out: str | Path,
     *,
     images: str | Path | None = None,
     data: str | Path | None = None,
     features: str | Path | None = None,
+    shards: str | Path | None = None,
     split: str = "all",
     checkpoint: str = "best",
     device: str = "auto",
@@ -267,21 +309,24 @@ def embed(
     workers: int = 2,
     shard_size: int = DEFAULT_SHARD_SIZE,
     progress: Progress | None = None,
-) -> Path:
+    videos: str | Path | None = None,
+) -> Path | None:
     """Embed every image (and caption) of a collection with a trained run into an embeddings folder.
 
-    Exactly one of `images`, `data`, `features`. From files (`images`, `data`) the run's feature recipe is replayed
-    (see `vsectl.retrieval.recipe`); unreadable images are skipped and counted in meta.json. A raw dataset's images
-    whose sets the run's own stores hold (extracted from this dataset with the run's recipe) are read from there
-    instead (`vsectl.retrieval.stored`).
+    Exactly one of `images`, `videos`, `data`, `features`, `shards`. From files (`images`, `videos`, `data`,
+    `shards`) the run's feature recipe is replayed (see `vsectl.retrieval.recipe`); unreadable files are skipped and
+    counted in meta.json. A raw dataset's images whose sets the run's own stores hold (extracted from this dataset
+    with the run's recipe) are read from there instead (`vsectl.retrieval.stored`). Under torchrun, rank r embeds the
+    shards s with s % WORLD_SIZE == r and rank 0 merges (other ranks return None).
 
     Args:
         run: a run directory or checkpoint folder, or a loaded `RetrievalModel`.
         out: the embeddings folder to write (work in progress lives in `OUT.partial`).
         images: a plain folder of images (searched recursively; no captions).
         data: a raw dataset folder (made by `vsectl data prepare`): images and their captions.
-        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5, or a folder of
-            them (each split in turn: train, dev, test).
+        features: a feature store file (made by `vsectl extract`), e.g. data/demo_feats/test.h5, a folder of them
+            (each split in turn: train, dev, test), or a precomp `<split>_ims.npy` (with its `<split>_caps.txt`).
+        shards: webdataset tar shards: a folder of .tar files, a glob or a brace pattern (`shards/{00000..00099}.tar`).
         split: for `data`: "all" or one split.
         checkpoint: "best" or "last".
         device: where the towers (and the backbone) run.
@@ -289,9 +334,11 @@ def embed(
         workers: image-decoding processes (files only).
         shard_size: items per resumable shard.
         progress: progress reporting (images/s).
+        videos: a plain folder of video files (searched recursively; no captions), for a run trained on features
+            from video files (`extract --videos`): each video is sampled and pooled as those were.
 
     Returns:
-        `out`, complete.
+        `out`, complete (None on torchrun ranks other than 0).
     """
     from vsectl.retrieval.model import RetrievalModel, load
 
@@ -300,59 +347,76 @@ def embed(
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
     out = Path(out)
-    source = resolve_source(images, data, features, split)
+    source = resolve_source(images, data, features, split, videos=videos, shards=shards)
     model = run if isinstance(run, RetrievalModel) else load(run, checkpoint=checkpoint, device=device)
     if source.kind == "features":
         _check_store(model, source)
     else:
-        model.check_images()  # fails now, in one line, when the recipe cannot be replayed
+        model.check_images(videos=source.extra.get("videos", False))  # one line when the recipe cannot be replayed
     backbone = source.backbone if source.kind == "features" else model.provenance()
     settings = {"fingerprint": model.fingerprint, "source": {"kind": source.kind, "path": str(source.path),
                 **source.identity}, "shard_size": shard_size, "batch_size": batch_size, "backbone": backbone}
+    dist = _dist()
     if (out / META).is_file():
         done = open_embeddings(out)
         if done.meta.get("settings") == settings:
             log.info("%s is already embedded with these settings", out)
-            return out
+            return out if dist.rank == 0 else None
         raise ConfigError(f"{out} already holds other embeddings (run {done.meta.get('run')}, source "
                           f"{done.meta['source'].get('path')}); choose another --out or delete it")
     if out.exists():
         raise ConfigError(f"{out} exists and is not an embeddings folder; choose another --out")
     partial = out.with_name(out.name + ".partial")
-    shards = _prepare_partial(partial, settings)
-    n, c = len(source.items), len(source.captions)
-    n_img, n_cap = math.ceil(n / shard_size), math.ceil(c / shard_size)
-    todo = [s for s in range(n_img) if not _done(shards, _shard_name("images", s))]
-    cap_todo = [s for s in range(n_cap) if not _done(shards, _shard_name("captions", s))]
-    log.info("embedding %d images and %d captions from %s: %d + %d of %d + %d shards to do", n, c, source.path,
-             len(todo), len(cap_todo), n_img, n_cap)
+    folder = prepare_partial(partial, settings, dist.rank)
+    n_img, n_cap = _shard_counts(source, shard_size)
+    todo = [s for s in range(dist.rank, n_img, dist.world_size) if not _done(folder, _image_shard(source, s))]
+    cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not _done(folder, _shard_name("captions", s))]
+    log.info("embedding %s: %d + %d of %d + %d shards to do on rank %d of %d", source.path, len(todo), len(cap_todo),
+             n_img, n_cap, dist.rank, dist.world_size)
     start = time.perf_counter()
-    if todo and source.kind == "features":
-        _feature_shards(model, source, todo, shard_size, shards, batch_size, progress)
+    if todo and source.kind == "shards":
+        from vsectl.retrieval.tar_collection import embed_tar_shards
+
+        embed_tar_shards(model, source, todo, folder, batch_size, workers, progress)
+    elif todo and source.kind == "features":
+        _feature_shards(model, source, todo, shard_size, folder, batch_size, progress)
     elif todo:
         stored = _reusable(model, source)
         try:
-            _image_shards(model, source, todo, shard_size, shards, batch_size, workers, progress, stored)
+            _image_shards(model, source, todo, shard_size, folder, batch_size, workers, progress, stored)
         finally:
             if stored is not None:
                 stored.close()
     if cap_todo:
-        _caption_shards(model, source, cap_todo, shard_size, shards, batch_size, progress)
+        _caption_shards(model, source, cap_todo, shard_size, folder, batch_size, progress)
+    if dist.rank != 0:
+        return None
+    wait_for([folder / f"{_image_shard(source, s)}.json" for s in range(n_img)]
+              + [folder / f"{_shard_name('captions', s)}.json" for s in range(n_cap)])
     seconds = time.perf_counter() - start
     if todo:
-        log.info("embedded %d images in %.1f s", n, seconds)
+        log.info("embedded %d shards in %.1f s", len(todo), seconds)
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": str(model.run_dir),
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,
-            "settings": settings}
+            "settings": settings, "image_root": str(source.root) if source.root is not None else None}
     try:
-        meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
+        if source.kind == "shards":
+            from vsectl.retrieval.tar_collection import merge_tar
+
+            meta = merge_tar(partial, n_img, model.embed_dim, meta)
+        else:
+            meta = _merge(partial, source, n_img, n_cap, model.embed_dim, meta)
     except DataError:
         shutil.rmtree(partial)  # no readable image at all: nothing worth resuming
         raise
-    shutil.rmtree(shards)
+    except OSError as e:  # a full disk: the shards stay for the rerun; say where it was writing
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(partial)) from None
+        raise
+    shutil.rmtree(folder)
     (partial / MANIFEST).unlink()
-    (partial / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
+    (partial / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")  # plain write: umask applies
     os.replace(partial, out)  # the folder appears complete or not at all
     if meta["n_skipped"]:
         log.warning("skipped %d unreadable images (meta.json: n_skipped, skipped), first: %s", meta["n_skipped"],

@@ -28,21 +28,19 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import DataError
+from vsectl.io import json_text, sha256_file
 
 EMBEDDINGS_FORMAT = "vsectl-embeddings"
 EMBEDDINGS_VERSION = 1
 META = "meta.json"
 SIDES = ("images", "captions")
 HASH_BLOCK = 1 << 24  # 16 MiB per read while hashing
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK):
-            h.update(block)
-    return h.hexdigest()
+SAMPLE_ROWS = 1024  # rows of each side checked for NaN/inf on every open (all of them with verify=True)
+SCAN_ROWS = 1 << 16  # rows per block of the full check
+MAX_RECORD_BYTES = 1 << 20  # one line of images.jsonl / captions.jsonl; longer means a damaged offsets file
+META_FIELDS = {"n_images": int, "n_captions": int, "embed_dim": int, "fingerprint": str, "images_sha256": str,
+               "captions_sha256": str}
+AGAIN = "the folder is damaged: embed it again"
 
 
 def _map(path: Path) -> np.ndarray:
@@ -57,9 +55,14 @@ def _map(path: Path) -> np.ndarray:
 class JsonLines:
     """Random access to the lines of a JSONL file through its offsets array (nothing read until asked)."""
 
-    def __init__(self, path: Path, offsets: Path) -> None:
+    def __init__(self, path: Path, offsets: Path, n: int | None = None) -> None:
         self.path = path
         self.offsets = _map(offsets)  # (n + 1,) int64
+        size = path.stat().st_size if path.is_file() else -1
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or (n is not None and len(self.offsets) != n + 1) \
+                or int(self.offsets[0]) != 0 or int(self.offsets[-1]) != size:
+            raise DataError(f"{offsets} does not index {path.name} ({len(self.offsets)} offsets ending at "
+                            f"{int(self.offsets[-1]) if len(self.offsets) else '-'}, file of {size} bytes); {AGAIN}")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -68,9 +71,18 @@ class JsonLines:
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} out of range for {len(self)} records in {self.path}")
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        if not 0 <= stop - start <= MAX_RECORD_BYTES:
+            raise DataError(f"{self.path}: the offsets of record {i} are damaged ({start}..{stop}); {AGAIN}")
         with open(self.path, "rb") as f:
             f.seek(start)
-            return json.loads(f.read(stop - start))
+            raw = f.read(stop - start)
+        try:
+            record = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            raise DataError(f"{self.path}: record {i} is not a JSON object; {AGAIN}")
+        return record
 
 
 @dataclass
@@ -120,11 +132,20 @@ class Embeddings:
 
     def image(self, i: int) -> dict[str, Any]:
         """Image i's record: {"id": str, "path": absolute str or None, "caption": its first caption or None}."""
-        return self._lines("images")[int(i)]
+        rec = self._lines("images")[int(i)]
+        if not isinstance(rec.get("id"), str) or not all(isinstance(rec.get(k), (str, type(None)))
+                                                         for k in ("path", "caption")):
+            raise DataError(f"{self.path}/images.jsonl: record {i} lacks an id, or its path or caption is not text; "
+                            f"{AGAIN}")
+        return rec
 
     def caption(self, j: int) -> dict[str, Any]:
         """Caption j's record: {"text": str, "image": int}."""
-        return self._lines("captions")[int(j)]
+        rec = self._lines("captions")[int(j)]
+        image = rec.get("image")
+        if not isinstance(rec.get("text"), str) or not isinstance(image, int) or not 0 <= image < self.n_images:
+            raise DataError(f"{self.path}/captions.jsonl: record {j} lacks its text or a valid image index; {AGAIN}")
+        return rec
 
     def image_path(self, i: int) -> Path | None:
         """The file of image i as recorded at embed time (absolute), or None when unknown (a store without paths)."""
@@ -133,15 +154,72 @@ class Embeddings:
 
     def _lines(self, side: str) -> JsonLines:
         if side not in self._records:
-            self._records[side] = JsonLines(self.path / f"{side}.jsonl", self.path / f"{side}.offsets.npy")
+            self._records[side] = JsonLines(self.path / f"{side}.jsonl", self.path / f"{side}.offsets.npy",
+                                            self.size(side))
         return self._records[side]
 
 
-def open_embeddings(path: str | Path) -> Embeddings:
+def _check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key)
+        if key not in meta:
+            raise DataError(f"{meta_path}: {key} is missing; {AGAIN}")
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise DataError(f"{meta_path}: {key} is {str(value)[:40]!r}, not a valid {kind.__name__}; {AGAIN}")
+    if meta["embed_dim"] < 1:
+        raise DataError(f"{meta_path}: embed_dim is {meta['embed_dim']}; {AGAIN}")
+    for key in ("run", "checkpoint"):  # None: vectors made without a run (`write_vectors`)
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise DataError(f"{meta_path}: {key} is not text; {AGAIN}")
+    if not isinstance(meta.get("source", {}), dict):
+        raise DataError(f"{meta_path}: source is not an object; {AGAIN}")
+
+
+def _check_size(path: Path, array: np.ndarray) -> None:
+    """The file holds exactly the header and the rows it announces (a file cut short or grown is damaged)."""
+    size = path.stat().st_size
+    expected = int(getattr(array, "offset", 0)) + array.nbytes
+    if size != expected:
+        raise DataError(f"{path} is {size} bytes, its header announces {expected}; {AGAIN}")
+
+
+def check_finite(name: str, matrix: np.ndarray, rows: np.ndarray | None = None) -> None:
+    """Refuse NaN or inf in `rows` of `matrix` (all rows, block by block, when None)."""
+    blocks = [rows] if rows is not None else [np.arange(a, min(a + SCAN_ROWS, len(matrix)))
+                                              for a in range(0, len(matrix), SCAN_ROWS)]
+    for block in blocks:
+        if len(block) == 0:
+            continue
+        values = matrix[block] if rows is not None else matrix[block[0] : block[-1] + 1]
+        finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+        if not finite.all():
+            raise DataError(f"row {int(block[np.argmin(finite)])} of {name} holds NaN or inf values; {AGAIN}")
+
+
+def _sample(n: int) -> np.ndarray:
+    return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def _verify(path: Path, meta: dict[str, Any], images: np.ndarray, captions: np.ndarray,
+            cap2img: np.ndarray) -> None:
+    """The whole check: both matrices hashed against meta.json and scanned for NaN/inf, every caption's image."""
+    for side, matrix in (("images", images), ("captions", captions)):
+        if sha256_file(path / f"{side}.npy") != meta[f"{side}_sha256"]:
+            raise DataError(f"{path / side}.npy does not match the sha256 recorded in {META} (it changed since it "
+                            f"was written); {AGAIN}")
+        check_finite(f"{path / side}.npy", matrix)
+    if len(cap2img) and not ((np.asarray(cap2img) >= 0) & (np.asarray(cap2img) < len(images))).all():
+        raise DataError(f"{path}/cap2img.npy names images outside 0..{len(images) - 1}; {AGAIN}")
+
+
+def open_embeddings(path: str | Path, verify: bool = False) -> Embeddings:
     """Open an embeddings folder written by `vsectl embed` (memory-mapped, nothing loaded).
 
+    Every open checks meta.json's fields, the arrays' sizes against their headers and a sample of rows of each side
+    for NaN/inf (cheap whatever the size); `verify` hashes both matrices against meta.json and checks every row.
+
     Raises:
-        DataError: the folder is missing, incomplete, of another format or inconsistent.
+        DataError: the folder is missing, incomplete, of another format, inconsistent or damaged.
     """
     path = Path(path)
     meta_path = path / META
@@ -157,16 +235,24 @@ def open_embeddings(path: str | Path) -> Embeddings:
         raise DataError(f"{meta_path} is not valid JSON ({e}); run `vsectl embed` again") from None
     if not isinstance(meta, dict) or meta.get("format") != EMBEDDINGS_FORMAT:
         raise DataError(f"{path} is not a vsectl embeddings folder ({META} format is not {EMBEDDINGS_FORMAT!r})")
-    if int(meta.get("version", -1)) > EMBEDDINGS_VERSION:
-        raise DataError(f"{path} has embeddings version {meta['version']}; this vsectl reads up to "
+    version = meta.get("version", -1)
+    if not isinstance(version, int) or version > EMBEDDINGS_VERSION:
+        raise DataError(f"{path} has embeddings version {str(version)[:20]}; this vsectl reads up to "
                         f"{EMBEDDINGS_VERSION}, upgrade it")
+    _check_meta(meta_path, meta)
     images, captions, cap2img = _map(path / "images.npy"), _map(path / "captions.npy"), _map(path / "cap2img.npy")
-    n, c = int(meta["n_images"]), int(meta["n_captions"])
+    n, c = meta["n_images"], meta["n_captions"]
     if images.shape != (n, meta["embed_dim"]) or captions.shape != (c, meta["embed_dim"]) or cap2img.shape != (c,):
         raise DataError(f"{path}: array shapes {images.shape}, {captions.shape}, {cap2img.shape} do not match "
                         f"{META} ({n} images, {c} captions, {meta['embed_dim']}-d); run `vsectl embed` again")
-    if images.dtype != np.float32 or captions.dtype != np.float32:
+    if images.dtype != np.float32 or captions.dtype != np.float32 or cap2img.dtype != np.int64:
         raise DataError(f"{path}: embeddings must be float32, found {images.dtype} / {captions.dtype}")
+    for name, array in (("images", images), ("captions", captions), ("cap2img", cap2img)):
+        _check_size(path / f"{name}.npy", array)
+    check_finite(str(path / "images.npy"), images, _sample(n))
+    check_finite(str(path / "captions.npy"), captions, _sample(c))
+    if verify:
+        _verify(path, meta, images, captions, cap2img)
     return Embeddings(path=path, meta=meta, images=images, captions=captions, cap2img=cap2img)
 
 
@@ -233,3 +319,45 @@ class JsonLinesWriter:
         self._file.close()
         offsets = self.path.with_name(self.path.name.replace(".jsonl", ".offsets.npy"))
         np.save(offsets, np.asarray(self.offsets, dtype=np.int64))
+
+
+def write_vectors(out: Path, images: Any, n_images: int, dim: int, *, captions: np.ndarray | None = None,
+                  cap2img: np.ndarray | None = None, run_meta: dict[str, Any] | None = None,
+                  ids: Any = None) -> Path:
+    """An embeddings folder of given vectors (benchmarks, tests, vectors made elsewhere), streamed block by block.
+
+    Args:
+        out: the folder to create (it must not exist).
+        images: an iterable of (b, dim) float32 blocks, n_images rows in all.
+        n_images, dim: the image matrix's shape.
+        captions, cap2img: optional (C, dim) caption vectors and their (C,) image indices.
+        run_meta: run / checkpoint / fingerprint recorded in meta.json (a model's, for text queries).
+        ids: optional callable row → id (default: the row number).
+    """
+    out.mkdir(parents=True)
+    writer = NpyAppender(out / "images.npy", (n_images, dim))
+    records = JsonLinesWriter(out / "images.jsonl")
+    for block in images:
+        for i in range(writer.rows, writer.rows + len(block)):
+            records.write({"id": ids(i) if ids else str(i), "path": None, "caption": None})
+        writer.append(block)
+    images_sha = writer.close()
+    records.close()
+    captions = np.zeros((0, dim), np.float32) if captions is None else captions
+    cap2img = np.zeros(0, np.int64) if cap2img is None else cap2img
+    caps = NpyAppender(out / "captions.npy", (len(captions), dim))
+    caps.append(captions)
+    captions_sha = caps.close()
+    index = NpyAppender(out / "cap2img.npy", (len(cap2img),), dtype=np.int64)
+    index.append(cap2img)
+    index.close()
+    texts = JsonLinesWriter(out / "captions.jsonl")
+    for j, i in enumerate(cap2img.tolist()):
+        texts.write({"text": f"caption {j}", "image": int(i)})
+    texts.close()
+    meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": None, "checkpoint": None,
+            "fingerprint": "vectors", **(run_meta or {}), "embed_dim": dim, "source": {"kind": "vectors"},
+            "n_images": n_images, "n_captions": len(captions), "n_skipped": 0, "skipped": [],
+            "images_sha256": images_sha, "captions_sha256": captions_sha}
+    (out / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")
+    return out

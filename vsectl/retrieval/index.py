@@ -1,17 +1,18 @@
-"""Indexes beside an embeddings folder: `flat` (exact, nothing extra) and faiss's `ivf` / `hnsw` (optional extra).
+"""Indexes beside an embeddings folder: `flat` (exact, nothing extra) and faiss kinds chosen under a memory budget.
 
-An index is a folder `EMB/index-<kind>-<side>/` holding `index.json` (kind, side, parameters and the identity of
-the embeddings it was built from) and, for faiss kinds, `index.faiss`. Opening an index whose embeddings changed
-since (another embed into the same folder) is refused. faiss is imported only when an approximate kind is built or
-opened; there is no fallback from one kind to another.
+An index is a folder `EMB/index-<kind>-<side>/` holding `index.json` (kind, side, the faiss layout, the tuned search
+parameters and the identity of the embeddings it was built from), the index card `card.json` (what it costs and how
+close to exact it comes, `vsectl.retrieval.index_card`) and, for faiss kinds, `index.faiss`. Opening an index whose
+embeddings changed since (another embed into the same folder) is refused. faiss is imported only when an approximate
+kind is built or opened; there is no fallback from one kind to another. The kinds and how one is chosen are in
+`vsectl.retrieval.index_plan`; the build (streamed, resumable, across torchrun processes) in `index_build`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
+import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -21,38 +22,31 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings, sha256_file
+from vsectl.folders import check_target, publish, recover
+from vsectl.io import sha256_file
+from vsectl.locks import folder_lock
+from vsectl.retrieval import index_build
+from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
+from vsectl.retrieval.index_build import faiss_module
+from vsectl.retrieval.index_plan import KIND_CHOICES, PLAN_KINDS, IndexPlan, plan_index
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = PLAN_KINDS
 INDEX_FORMAT = "vsectl-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 INDEX_META = "index.json"
+CARD = "card.json"
 FAISS_FILE = "index.faiss"
-ADD_BLOCK = 65536  # vectors handed to faiss per add() call: bounds the copy out of the memmap
-IVF_LISTS_PER_SQRT = 4  # nlist = 4·sqrt(N), the usual rule of thumb for IVF-Flat
-IVF_TRAIN_PER_LIST = 64  # k-means training sample: 64 vectors per list (faiss warns below 39)
-IVF_NPROBE_SHARE = 1 / 16  # lists probed per query by default (recall@10 ≥ 0.95 measured in bench_search.py)
-IVF_MIN_NPROBE = 8  # small collections have few lists: probe at least this many
-HNSW_M = 32  # graph degree
-HNSW_EF_CONSTRUCTION = 80
-HNSW_EF_SEARCH = 128
+RECALL_FLOOR = 0.9  # an index is served in place of exact search only if its card's recall@10 reaches this
+NPROBE_LADDER_TOP = 1 << 16
+EF_LADDER = [16, 32, 64, 128, 256, 512, 1024]
+INDEX_HINT = "move them out of the index folder, or delete it, then build again"
 
 
 def write_json(path: Path, obj: Any) -> None:
     """A plain write (the umask applies) inside a temporary folder that is renamed into place when complete."""
     path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-
-
-def faiss_module() -> Any:
-    """faiss, or a one-line error naming the extra that provides it."""
-    try:
-        import faiss
-    except ImportError:
-        raise ConfigError("approximate indexes (ivf, hnsw) need faiss: pip install 'vsectl[faiss]' (faiss-cpu); "
-                          "or use --kind flat (exact, nothing extra)") from None
-    return faiss
 
 
 def index_dir(emb_path: str | Path, kind: str, side: str = "images") -> Path:
@@ -88,10 +82,11 @@ class Index:
 
     Attributes:
         path: the index folder.
-        kind: "flat", "ivf" or "hnsw".
+        kind: one of `INDEX_KINDS`.
         side: "images" or "captions".
-        embeddings: the embeddings it was built from (records, and the vectors for `flat`).
-        params: the kind's parameters (nlist, nprobe / M, ef_search, ...).
+        embeddings: the embeddings it was built from (records, the vectors for `flat` and for re-scoring).
+        params: the kind's parameters (nlist, nprobe, pq_bytes, refine / M, ef_search, ...).
+        card: the index card (see `vsectl.retrieval.index_card`), {} for an index built before cards existed.
     """
 
     path: Path
@@ -99,50 +94,81 @@ class Index:
     side: str
     embeddings: Embeddings
     params: dict[str, Any]
+    card: dict[str, Any] = field(default_factory=dict)
     _faiss_index: Any = field(default=None, repr=False)
+    _rows: Any = field(default=None, repr=False)  # the side's rows by positioned reads, for re-scoring
+
+    def describe(self) -> dict[str, Any]:
+        """What answers a search, for the page and --json: kind, folder, recall@10 from the card."""
+        return {"kind": self.kind, "path": str(self.path), "recall@10": self.card.get("recall", {}).get("@10")}
 
     def search_vectors(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, E) float32 queries → scores (Q, k) float32 and rows (Q, k) int64, best first."""
+        scores, rows = self.search_raw(queries, k)
+        if (rows < 0).any():  # faiss pads with -1 when it finds fewer than asked (too few lists probed)
+            raise DataError(f"the {self.kind} index found fewer than {k} neighbours; raise nprobe / ef_search or k")
+        return scores, rows
+
+    def search_raw(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """As `search_vectors`, but a query with fewer than k neighbours found keeps its -1 rows (for measuring)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        matrix = self.embeddings.side(self.side)
         if self.kind == "flat":
             from vsectl.retrieval.exact import topk
 
-            return topk(self.embeddings.side(self.side), queries, k)
-        scores, rows = self._faiss_index.search(queries, k)
-        if (rows < 0).any():  # faiss pads with -1 when it finds fewer than k (too few lists probed)
-            raise DataError(f"the {self.kind} index found fewer than {k} neighbours; raise nprobe / ef_search or k")
+            return topk(matrix, queries, k)
+        refine = int(self.params.get("refine", 0))
+        scores, rows = self._faiss_index.search(queries, min(k * refine, matrix.shape[0]) if refine else k)
+        if refine:
+            if self._rows is None:
+                self._rows = index_build.RowReader(self.embeddings.path / f"{self.side}.npy")
+            return _rescore(self._rows, queries, rows, k)
         return scores.astype(np.float32), rows.astype(np.int64)
 
 
-def _ivf_params(n: int, nlist: int | None, nprobe: int | None) -> dict[str, int]:
-    nlist = nlist or max(1, min(n // IVF_TRAIN_PER_LIST, round(IVF_LISTS_PER_SQRT * math.sqrt(n))))
-    nprobe = nprobe or min(nlist, max(IVF_MIN_NPROBE, round(nlist * IVF_NPROBE_SHARE)))
-    if not 1 <= nlist <= n:
-        raise ConfigError(f"nlist must be in [1, {n}] for {n} vectors, got {nlist}")
-    if not 1 <= nprobe <= nlist:
-        raise ConfigError(f"nprobe must be in [1, nlist = {nlist}], got {nprobe}")
-    return {"nlist": nlist, "nprobe": nprobe}
+def _rescore(reader: Any, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each query's candidates by their exact inner product, read from the embeddings file (positioned
+    reads, not the memory map: a server's memory does not grow with the rows it has re-scored).
+
+    Fewer than k candidates (a query whose probed lists were short) leave -1 rows with score -inf at the end.
+    """
+    from vsectl.retrieval.exact import sort_hits
+
+    out_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for q, rows in enumerate(candidates):
+        rows = np.unique(rows[rows >= 0])                         # sorted: the file is read front to back
+        scores = reader.gather(rows) @ queries[q]                 # (c,) exact scores of the candidates
+        top = np.argsort(-scores, kind="stable")[:k]
+        s, i = sort_hits(scores[top][None], rows[top][None])
+        out_s[q, : len(top)], out_i[q, : len(top)] = s[0], i[0]
+    return out_s, out_i
 
 
-def _build_faiss(matrix: np.ndarray, kind: str, params: dict[str, Any], progress: Any, seed: int) -> Any:
-    faiss = faiss_module()
-    n, dim = matrix.shape
-    if kind == "ivf":
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-        n_train = min(n, params["nlist"] * IVF_TRAIN_PER_LIST)
-        rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False))
-        index.train(np.ascontiguousarray(matrix[rows], dtype=np.float32))  # (n_train, E): a sample, not the whole
-        index.nprobe = params["nprobe"]
-    else:
-        index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params["ef_construction"]
-        index.hnsw.efSearch = params["ef_search"]
-    blocks = range(0, n, ADD_BLOCK)
-    for a in progress.track(blocks, total=len(blocks), description=f"index {kind}"):
-        index.add(np.ascontiguousarray(matrix[a : a + ADD_BLOCK], dtype=np.float32))
-        progress.update(vectors=min(a + ADD_BLOCK, n))
-    return index
+def _ladder(kind: str, params: dict[str, Any]) -> list[int]:
+    if kind == "hnsw":
+        return EF_LADDER
+    nlist = int(params["nlist"])
+    return sorted({min(nlist, 1 << p) for p in range(0, NPROBE_LADDER_TOP.bit_length()) if (1 << p) <= 2 * nlist})
+
+
+def _card(emb: Embeddings, side: str, plan: IndexPlan, faiss_index: Any, tuned: bool,
+          max_query_ms: float | None) -> dict[str, Any]:
+    from vsectl.retrieval.index_card import measure
+
+    params = dict(plan.params)
+    opened = Index(path=Path(), kind=plan.kind, side=side, embeddings=emb, params=params, _faiss_index=faiss_index)
+    key = "ef_search" if plan.kind == "hnsw" else "nprobe"
+
+    def set_param(value: int) -> None:
+        params[key] = value
+        index_build.set_search_params(faiss_index, plan.kind, params)
+
+    if faiss_index is not None:
+        index_build.set_search_params(faiss_index, plan.kind, params)
+    tune_with = (set_param, _ladder(plan.kind, params)) if faiss_index is not None and tuned else None
+    card = measure(emb, side, opened.search_raw, tune_with=tune_with, max_query_ms=max_query_ms)
+    return {**card, "params": params}
 
 
 def build_index(
@@ -150,119 +176,240 @@ def build_index(
     kind: str = "flat",
     side: str = "images",
     *,
+    max_memory: str | int | None = None,
+    max_query_ms: float | None = None,
     nlist: int | None = None,
     nprobe: int | None = None,
-    m: int = HNSW_M,
-    ef_construction: int = HNSW_EF_CONSTRUCTION,
-    ef_search: int = HNSW_EF_SEARCH,
+    pq_bytes: int | None = None,
+    m: int | None = None,
+    ef_construction: int | None = None,
+    ef_search: int | None = None,
     seed: int = 0,
     progress: Any = None,
-) -> Path:
+) -> Path | None:
     """Build an index over one side of an embeddings folder, written atomically to `index_dir(emb, kind, side)`.
+
+    Under torchrun every rank adds its share of the vectors to the shared trained quantizer; rank 0 merges, measures
+    the card and publishes (other ranks return None). A killed build resumes from its finished parts.
 
     Args:
         embeddings: the embeddings folder (or an opened one).
-        kind: "flat" (exact top-k over the memmap), "ivf" (faiss IVF-Flat, inner product) or "hnsw" (faiss HNSW-Flat).
+        kind: "auto" (chosen under `max_memory`, see `vsectl.retrieval.index_plan`) or one of `INDEX_KINDS`.
         side: "images" or "captions".
-        nlist, nprobe: ivf lists (default 4·sqrt(N)) and lists probed per query (default nlist / 16, at least 8).
-        m, ef_construction, ef_search: hnsw graph degree and beam widths.
-        seed: picks the ivf training sample.
+        max_memory: budget for the opened index, e.g. "4GB" (None: no limit).
+        max_query_ms: a single query may take at most this long; the tuned nprobe / ef_search respects it.
+        nlist, nprobe, pq_bytes: ivf lists, lists probed per query (given: not tuned), ivf-pq code bytes.
+        m, ef_construction, ef_search: hnsw graph degree and beam widths (ef_search given: not tuned).
+        seed: picks the training sample.
         progress: progress reporting.
 
     Returns:
-        The index folder.
+        The index folder (None on torchrun ranks other than 0).
     """
-    from vsectl.runtime import NullProgress
+    from vsectl.runtime import NullProgress, distributed_from_env
 
     progress = progress or NullProgress()
-    if kind not in INDEX_KINDS:
-        raise ConfigError(f"unknown index kind {kind!r}; use {', '.join(INDEX_KINDS)}")
+    if kind not in KIND_CHOICES:
+        raise ConfigError(f"unknown index kind {kind!r}; use {', '.join(KIND_CHOICES)}")
     if side not in SIDES:
         raise ConfigError(f"unknown side {side!r}; use images or captions")
+    if max_query_ms is not None and max_query_ms <= 0:
+        raise ConfigError(f"--max-query-ms must be positive, got {max_query_ms}")
     emb = embeddings if isinstance(embeddings, Embeddings) else open_embeddings(embeddings)
     n = emb.size(side)
     if n == 0:
         raise ConfigError(f"{emb.path} holds no {side} to index")
-    if kind == "ivf":
-        params: dict[str, Any] = _ivf_params(n, nlist, nprobe)
-    elif kind == "hnsw":
-        for name, value in (("M", m), ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        params = {"M": m, "ef_construction": ef_construction, "ef_search": ef_search}
-    else:
-        params = {}
-    if kind != "flat":
+    overrides = {k: v for k, v in (("nlist", nlist), ("nprobe", nprobe), ("pq_bytes", pq_bytes), ("m", m),
+                                   ("ef_construction", ef_construction), ("ef_search", ef_search)) if v is not None}
+    plan = plan_index(n, emb.dim, kind, max_memory, **overrides)
+    log.info("index plan: %s", plan.reason)
+    if plan.kind != "flat":
         faiss_module()  # fail before any work when the extra is missing
-    out = index_dir(emb.path, kind, side)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        start = time.perf_counter()
-        if kind != "flat":
-            faiss = faiss_module()
-            index = _build_faiss(emb.side(side), kind, params, progress, seed)
-            faiss.write_index(index, str(tmp / FAISS_FILE))
-        seconds = time.perf_counter() - start
-        write_json(tmp / INDEX_META, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": kind,
-                                             "side": side, "params": params, "embeddings": _identity(emb, side),
-                                             "build_seconds": round(seconds, 3)})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("%s index over %d %s built in %.1f s: %s", kind, n, side, seconds, out)
+        dist = distributed_from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = index_dir(emb.path, plan.kind, side)
+    partial = out.with_name(f".{out.name}.partial")
+    build = (emb, side, plan, out, partial, dist.rank, dist.world_size, seed, progress)
+    tuned = (nprobe if plan.kind != "hnsw" else ef_search) is None
+    if dist.rank != 0:  # rank 0 holds the folder's lock for the whole job; the others add their parts
+        return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
+    with folder_lock(out):
+        recover(out, _earlier_index)
+        check_target(out, INDEX_HINT, _earlier_index)  # refused before any work, not after the build
+        return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
+
+
+def _build(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial: Path, rank: int, world: int, seed: int,
+           progress: Any, *, tuned: bool, max_query_ms: float | None) -> Path | None:
+    try:
+        return _build_parts(emb, side, plan, out, partial, rank, world, seed, progress, tuned=tuned,
+                            max_query_ms=max_query_ms)
+    except BaseException:
+        if rank == 0 and partial.is_dir() and not any(partial.glob("part-*.faiss")):
+            shutil.rmtree(partial, ignore_errors=True)  # nothing a rerun could resume from
+        raise
+
+
+def _build_parts(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial: Path, rank: int, world: int,
+                 seed: int, progress: Any, *, tuned: bool, max_query_ms: float | None) -> Path | None:
+    start, cpu0 = time.perf_counter(), time.process_time()
+    index_build.prepare(partial, plan, _identity(emb, side), rank)
+    faiss_index = None
+    if plan.kind != "flat":
+        reader = index_build.RowReader(emb.path / f"{side}.npy")
+        faiss_index = index_build.build_faiss(plan, reader, partial, rank=rank, world=world, seed=seed,
+                                              progress=progress)
+    if rank != 0:
+        return None
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    card = _card(emb, side, plan, faiss_index, tuned, max_query_ms)
+    params = card.pop("params")
+    if faiss_index is not None:
+        index_build.write_index(faiss_index, partial / FAISS_FILE)
+    index_build.cleanup(partial)
+    card = {"kind": plan.kind, "factory": plan.factory, "params": params, "side": side, "vectors": emb.size(side),
+            "dim": emb.dim, "reason": plan.reason, "bytes_on_disk": index_build.file_bytes(partial),
+            "ram_bytes_estimate": plan.ram_bytes, "build_seconds": round(seconds, 2),
+            "build_cpu_seconds": round(cpu, 2), "build_peak_rss_bytes": _peak_rss(), "processes": world, **card}
+    write_json(partial / CARD, card)
+    write_json(partial / INDEX_META, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": plan.kind,
+                                      "side": side, "factory": plan.factory, "params": params,
+                                      "embeddings": _identity(emb, side), "build_seconds": round(seconds, 3)})
+    publish(partial, out, _earlier_index)  # the old index is replaced only if vsectl wrote all of it
+    log.info("%s index over %d %s built in %.1f s (recall@10 %.3f): %s", plan.kind, emb.size(side), side, seconds,
+             card["recall"]["@10"], out)
     return out
 
 
-def open_index(path: str | Path, embeddings: Embeddings | None = None) -> Index:
-    """Open an index folder made by `build_index`, checking that its embeddings are the ones it was built from.
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
-    Args:
-        path: the index folder (EMB/index-<kind>-<side>).
-        embeddings: the embeddings, if already open (default: the folder above the index).
 
-    Raises:
-        DataError: not an index, or its embeddings changed since it was built (rebuild it).
-        ConfigError: an approximate index and faiss is missing.
-    """
-    path = Path(path)
+def _earlier_index(folder: Path) -> set[str]:
+    """The files of an index folder written before vsectl listed them (`.vsectl-owned.json`)."""
+    try:
+        meta = json.loads((folder / INDEX_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        return set()
+    return {INDEX_META, FAISS_FILE, CARD}
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / INDEX_META
     if not meta_path.is_file():
         raise DataError(f"{path} is not an index folder (no {INDEX_META}); make one with `vsectl index EMB`")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_path} is not valid JSON ({e}); rebuild the index") from None
-    if meta.get("format") != INDEX_FORMAT or meta.get("kind") not in INDEX_KINDS:
+        raise DataError(f"{meta_path} is not valid JSON ({str(e)[:120]}); rebuild the index") from None
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("kind") not in INDEX_KINDS:
         raise DataError(f"{path} is not a vsectl index ({INDEX_META} format/kind unknown)")
-    emb = embeddings or open_embeddings(path.parent)
+    _check_index_meta(path, meta)
+    return meta
+
+
+IDENTITY_KEYS = {"sha256": str, "rows": int, "dim": int, "bytes": int, "mtime_ns": int, "fingerprint": str}
+
+
+def _check_index_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Every field `open_index` reads, present and of its type: a damaged index.json is one line, not a KeyError."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{path / INDEX_META} is damaged ({what}); rebuild the index with `vsectl index`")
+
+    if meta.get("side") not in SIDES:
+        raise bad("side is missing" if "side" not in meta else f"side is {str(meta['side'])[:40]!r}")
+    params, built = meta.get("params"), meta.get("embeddings")
+    if not isinstance(params, dict):
+        raise bad("no params")
+    for key, (low, high) in index_build.PARAM_BOUNDS[meta["kind"]].items():
+        value = params.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise bad(f"params.{key} is missing" if key not in params else f"params.{key} is {str(value)[:40]!r}")
+    if not isinstance(built, dict):
+        raise bad("no record of its embeddings")
+    for key, kind in IDENTITY_KEYS.items():
+        if not isinstance(built.get(key), kind) or isinstance(built.get(key), bool):
+            raise bad(f"embeddings.{key} is {str(built.get(key))[:40]!r}")
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The card of an index folder ({} when it has none)."""
+    card = Path(path) / CARD
+    try:
+        found = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}
+    except (OSError, ValueError):
+        log.warning("%s is not readable JSON; the index is used without its card", card)
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def open_index(path: str | Path, embeddings: Embeddings | None = None, mmap: bool = False,
+               verify: bool = False) -> Index:
+    """Open an index folder made by `build_index`, checking that its embeddings are the ones it was built from.
+
+    Args:
+        path: the index folder (EMB/index-<kind>-<side>).
+        embeddings: the embeddings, if already open (default: the folder above the index).
+        mmap: map the inverted lists of an ivf kind from the file instead of reading them into memory.
+        verify: opening the embeddings, hash them and check every row (see `open_embeddings`).
+
+    Raises:
+        DataError: not an index, or its embeddings changed since it was built (rebuild it).
+        ConfigError: an approximate index and faiss is missing.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    emb = embeddings or open_embeddings(path.parent, verify=verify)
     side = meta["side"]
+    rebuild = f"rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}"
     if not _unchanged(emb, side, meta["embeddings"]):
         raise DataError(f"index {path} was built from other embeddings than those now in {emb.path} (they changed "
-                        f"since); rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}")
+                        f"since); {rebuild}")
     faiss_index = None
     if meta["kind"] != "flat":
-        faiss = faiss_module()
-        faiss_index = faiss.read_index(str(path / FAISS_FILE))
-        if faiss_index.ntotal != emb.size(side):
-            raise DataError(f"index {path} holds {faiss_index.ntotal} vectors, the embeddings {emb.size(side)}; "
-                            "rebuild it")
-        if meta["kind"] == "ivf":
-            faiss_index.nprobe = int(meta["params"]["nprobe"])
-        else:
-            faiss_index.hnsw.efSearch = int(meta["params"]["ef_search"])
+        faiss_index = index_build.read_index(path / FAISS_FILE, meta["kind"], rebuild, mmap=mmap)
+        if faiss_index.ntotal != emb.size(side) or faiss_index.d != emb.dim:
+            raise DataError(f"index {path} holds {faiss_index.ntotal} vectors of {faiss_index.d} dimensions, the "
+                            f"embeddings {emb.size(side)} of {emb.dim}; {rebuild}")
+        index_build.set_search_params(faiss_index, meta["kind"], meta["params"])
     return Index(path=path, kind=meta["kind"], side=side, embeddings=emb, params=meta["params"],
-                 _faiss_index=faiss_index)
+                 card=read_card(path), _faiss_index=faiss_index)
 
 
-def open_target(path: str | Path) -> Embeddings | Index:
+def list_indexes(emb_path: str | Path, side: str | None = None) -> list[Path]:
+    """The index folders inside an embeddings folder (of one side, or all), sorted by name."""
+    folder = Path(emb_path)
+    found = sorted(p for p in folder.glob("index-*") if (p / INDEX_META).is_file())
+    return [p for p in found if side is None or p.name.endswith(f"-{side}")]
+
+
+def best_index(emb: Embeddings, side: str) -> Index | None:
+    """The index to serve `side` from: the fastest single query among those with recall@10 ≥ RECALL_FLOOR.
+
+    Indexes that cannot be opened (embeddings changed, faiss missing) are skipped with a warning; None means exact.
+    """
+    usable = []
+    for path in list_indexes(emb.path, side):
+        try:
+            index = open_index(path, emb)
+        except (DataError, ConfigError) as e:
+            log.warning("not using index %s: %s", path.name, e)
+            continue
+        card = index.card
+        if card.get("recall", {}).get("@10", 0.0) >= RECALL_FLOOR:
+            usable.append((card["query_ms"]["single"]["median"], path.name, index))
+    return min(usable, key=lambda t: t[:2])[2] if usable else None
+
+
+def open_target(path: str | Path, verify: bool = False) -> Embeddings | Index:
     """An embeddings folder (→ `Embeddings`, exact search) or an index folder (→ `Index`), whichever `path` is."""
     path = Path(path)
     if (path / INDEX_META).is_file():
-        return open_index(path)
+        return open_index(path, verify=verify)
     if (path / META).is_file() or not path.exists():
-        return open_embeddings(path)
+        return open_embeddings(path, verify=verify)
     raise DataError(f"{path} is neither an embeddings folder (meta.json) nor an index folder ({INDEX_META})")

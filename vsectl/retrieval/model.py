@@ -16,7 +16,8 @@ from vsectl.builders import load_run, resolve_checkpoint
 from vsectl.checkpoint import MODEL_FILE, recover
 from vsectl.data.datasets import collate_tokens
 from vsectl.errors import ConfigError, DataError
-from vsectl.retrieval.embeddings import sha256_file
+from vsectl.io import sha256_file
+from vsectl.kinds import IMAGE_KINDS, ImageInput
 from vsectl.retrieval.recipe import FeatureRecipe, feature_recipe
 from vsectl.runtime import resolve_device
 
@@ -74,6 +75,7 @@ class RetrievalModel:
         self.feat_dim = int(config.model.image.feat_dim)
         self._processor = text.processor(augment=False)
         self._backbone: Any = None
+        self._engine: Any = None  # the extraction engine chosen for pixel_items (vsectl.extract.engines.Choice)
 
     def __repr__(self) -> str:
         return f"RetrievalModel({str(self.run_dir)!r}, checkpoint={self.checkpoint!r}, fingerprint={self.fingerprint})"
@@ -145,15 +147,19 @@ class RetrievalModel:
                 if s.ndim != 2 or s.shape[1] != self.feat_dim or s.shape[0] == 0:
                     raise DataError(f"a feature set has shape {tuple(s.shape)}; this run takes (n ≥ 1, "
                                     f"{self.feat_dim}) sets")
-            feats, lengths = _pad_sets(chunk)
-            emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
-            out.append(emb.float().cpu().numpy())
+            out.append(self.encode_padded(*_pad_sets(chunk)))
         return np.concatenate(out)
+
+    @torch.no_grad()
+    def encode_padded(self, feats: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
+        """Embed one batch of padded feature sets: (B, K, D) float32 (rows past each length zero), (B,) → (B, E)."""
+        emb, _ = self.net.encode_image(feats.to(self.device), lengths.to(self.device))
+        return emb.float().cpu().numpy()
 
     @property
     def end_to_end(self) -> bool:
-        """The run trained its own backbone (`model.image.encoder: backbone`): its tower takes pixels, not sets."""
-        return self.config.model.image.encoder == "backbone"
+        """The run trained its own backbone (its image kind reads pixels): its tower takes pixels, not sets."""
+        return IMAGE_KINDS.get(self.config.model.image.encoder).reads is ImageInput.PIXELS
 
     def provenance(self) -> dict[str, Any] | None:
         """How this model turns image files into embeddings, as recorded in an embeddings folder's meta.json."""
@@ -163,10 +169,15 @@ class RetrievalModel:
                     "std": list(bb.std)}
         return self.recipe.provenance() if self.recipe is not None else None
 
-    def check_images(self) -> None:
-        """Fail now, in one line, when image files cannot be embedded by this model."""
+    def check_images(self, videos: bool = False) -> None:
+        """Fail now, in one line, when image (or, with `videos`, video) files cannot be embedded by this model."""
         if not self.end_to_end:
             self.backbone  # noqa: B018
+        made_from_videos = self.recipe is not None and self.recipe.sampling is not None
+        if videos != made_from_videos:
+            what, how = (("video files", "video files (--videos DIR, or --data with a video dataset)")
+                         if made_from_videos else ("images", "images (--images DIR or --data)"))
+            raise ConfigError(f"run {self.run_dir} was trained on features of {what}; embed {how} with it")
 
     @torch.no_grad()
     def encode_items(self, items: Sequence[np.ndarray], batch_size: int = IMAGE_BATCH) -> np.ndarray:
@@ -179,6 +190,33 @@ class RetrievalModel:
             emb, _ = self.net.encode_image(pixels.to(self.device), None)
             out.append(emb.float().cpu().numpy())
         return np.concatenate(out)
+
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, that image files are resized to before the backbone."""
+        return self.net.image.backbone.size if self.end_to_end else self.backbone.size
+
+    def pixel_items(self, images: torch.Tensor, n_images: int = 0) -> list[np.ndarray]:
+        """(b, 3, S, S) uint8 decoded images → what `encode_items` takes: the replayed backbone's feature sets
+        (rounded through the recipe's store dtype, as `image_features` gives them), or the images themselves for an
+        end-to-end run.
+
+        Args:
+            images: one batch of decoded images.
+            n_images: about how many images the whole job will run (the first call chooses the extraction engine
+                for the job, as `vsectl extract` does: timing the candidates pays only on long jobs).
+        """
+        if self.end_to_end:
+            return list(images.numpy())
+        if self._engine is None:
+            from vsectl.extract.engines import choose_engine
+
+            recipe = self.recipe
+            self._engine = choose_engine(self.backbone, device=self.device, precision=recipe.precision,
+                                         channels_last=recipe.channels_last, n_images=n_images)
+        feats = self._engine.engine.run(images)  # (b, N, C)
+        dtype = np.float16 if self.recipe.dtype == "float16" else np.float32
+        return list(feats.astype(dtype).astype(np.float32))
 
     def _pixels(self, paths: Sequence[str | Path], workers: int, batches: Sequence[Sequence[int]] | None,
                 progress: Any) -> Iterator[tuple[int, np.ndarray | None, str]]:
@@ -216,17 +254,25 @@ class RetrievalModel:
                        = None, progress: Any = None) -> Iterator[tuple[int, np.ndarray | None, str]]:
         """Run the replayed backbone over image files: yields (index, (N, C) float32 set or None, reason if None).
 
-        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored. For an
-        end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for `encode_items` instead.
+        Sets are rounded through the store dtype of the recipe, so they equal what `vsectl extract` stored (within the
+        extraction engines' tolerance, `vsectl.extract.engines.TOLERANCE`, when `auto` picks another engine than the
+        store was made with). For an end-to-end run (`end_to_end`) the items are (3, S, S) uint8 images for
+        `encode_items` instead.
         """
         if self.end_to_end:
             yield from self._pixels(paths, workers, batches, progress)
             return
-        from vsectl.extract import extract_images
+        from vsectl.extract import extract_images, extract_videos
 
         recipe = self.recipe
         backbone = self.backbone
         dtype = np.float16 if recipe.dtype == "float16" else np.float32
+        if recipe.sampling is not None:  # trained on video files: each path is a video, sampled as at extraction
+            for i, feats, reason, _ in extract_videos(backbone, paths, recipe.sampling, batch_size=BACKBONE_BATCH,
+                                                      workers=workers, device=self.device, precision=recipe.precision,
+                                                      channels_last=recipe.channels_last, progress=progress):
+                yield i, (None if feats is None else feats.astype(dtype).astype(np.float32)), reason
+            return
         for i, feats, reason in extract_images(backbone, paths, batches=batches, batch_size=BACKBONE_BATCH,
                                                workers=workers, device=self.device, precision=recipe.precision,
                                                channels_last=recipe.channels_last, progress=progress):

@@ -9,9 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from vsectl.errors import ConfigError
+from vsectl.errors import ConfigError, DataError
 from vsectl.retrieval.embeddings import SIDES, Embeddings
 from vsectl.retrieval.index import Index, open_target
+
+MAX_QUERY_CHARS = 1000  # characters in one text query (a caption is a sentence; longer text is refused, not cut)
+MAX_QUERIES = 10000  # text queries in one search
 
 
 @dataclass
@@ -50,9 +53,11 @@ class SearchResult:
     query: str
     side: str
     hits: list[Hit] = field(default_factory=list)
+    searched_with: dict[str, Any] = field(default_factory=lambda: {"kind": "exact"})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "side": self.side, "hits": [asdict(h) for h in self.hits]}
+        return {"query": self.query, "side": self.side, "searched_with": self.searched_with,
+                "hits": [asdict(h) for h in self.hits]}
 
 
 def check_k(k: int, n: int, side: str) -> None:
@@ -66,7 +71,16 @@ def check_k(k: int, n: int, side: str) -> None:
 
 
 def make_hits(emb: Embeddings, side: str, scores: np.ndarray, index: np.ndarray) -> list[Hit]:
-    """`Hit`s of one query's (k,) scores and collection rows, with the records of the collection."""
+    """`Hit`s of one query's (k,) scores and collection rows, with the records of the collection.
+
+    Raises:
+        DataError: a score is NaN or inf: the row it came from is damaged (a sample checked on open missed it).
+    """
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row = int(index[int(np.argmax(bad))])
+        raise DataError(f"row {row} of {emb.path / side}.npy holds NaN or inf values; the folder is damaged: embed "
+                        "it again (--verify checks every row when it is opened)")
     hits = []
     for r, (s, i) in enumerate(zip(scores.tolist(), index.tolist(), strict=True), start=1):
         if side == "images":
@@ -91,6 +105,7 @@ def _query_vectors(target_emb: Embeddings, queries: Any, model: Any) -> tuple[np
         queries = list(queries)
         if not queries:
             raise ConfigError("no queries given; give at least one text")
+        check_texts(queries)
         if model is None:
             raise ConfigError("text queries need a model: search(target, texts, model=vsectl.load(run))")
         check_model(model, target_emb)
@@ -121,6 +136,7 @@ def search(
     side: str = "images",
     model: Any = None,
     labels: Sequence[str] | None = None,
+    verify: bool = False,
 ) -> list[SearchResult]:
     """Search a collection: the k nearest images (or captions) of each query, best first.
 
@@ -136,6 +152,7 @@ def search(
         side: "images" (text→image, image→image) or "captions" (text→text, image→text).
         model: a `RetrievalModel`, required for text queries; its fingerprint must equal the embeddings'.
         labels: names for vector queries in the results (default "vector i").
+        verify: when `target` is a path, hash the embeddings against meta.json and check every row on opening.
 
     Returns:
         One `SearchResult` per query, in query order.
@@ -148,7 +165,7 @@ def search(
         raise ConfigError(f"unknown side {side!r}; use images or captions")
     index = target if isinstance(target, Index) else None
     if isinstance(target, (str, Path)):
-        target = open_target(target)
+        target = open_target(target, verify=verify)
         index = target if isinstance(target, Index) else None
     emb = index.embeddings if index is not None else target
     if index is not None and index.side != side:
@@ -167,15 +184,31 @@ def search(
         from vsectl.retrieval.exact import topk
 
         scores, rows = topk(emb.side(side), vectors, k)
-    return [SearchResult(query=name, side=side, hits=make_hits(emb, side, s, r))
+    how = index.describe() if index is not None else {"kind": "exact"}
+    return [SearchResult(query=name, side=side, hits=make_hits(emb, side, s, r), searched_with=how)
             for name, s, r in zip(names, scores, rows, strict=True)]
+
+
+def check_texts(texts: Sequence[str], where: str = "query") -> None:
+    """At most MAX_QUERIES texts of at most MAX_QUERY_CHARS characters each (a long text costs minutes to encode)."""
+    if len(texts) > MAX_QUERIES:
+        raise ConfigError(f"{len(texts)} queries given; at most {MAX_QUERIES} per search, split them up")
+    for n, text in enumerate(texts, start=1):
+        if len(text) > MAX_QUERY_CHARS:
+            raise ConfigError(f"{where} {n} is {len(text)} characters long; a query is at most {MAX_QUERY_CHARS}")
 
 
 def read_queries(path: str | Path) -> list[str]:
     """Queries from a UTF-8 text file, one per line; a blank line is refused (it would be an empty query)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"queries file {path} is a folder; give a text file with one query per line")
     if not path.is_file():
         raise ConfigError(f"queries file {path} does not exist")
+    limit = MAX_QUERIES * (4 * MAX_QUERY_CHARS + 2)  # UTF-8 takes at most 4 bytes a character
+    if path.stat().st_size > limit:
+        raise ConfigError(f"queries file {path} is {path.stat().st_size / 1e6:.1f} MB; a search takes at most "
+                          f"{MAX_QUERIES} queries of {MAX_QUERY_CHARS} characters")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
@@ -185,6 +218,7 @@ def read_queries(path: str | Path) -> list[str]:
             raise ConfigError(f"line {n} of {path} is empty; write one query per line")
     if not lines:
         raise ConfigError(f"queries file {path} is empty")
+    check_texts([line.strip() for line in lines], where=f"{path}: line")
     return [line.strip() for line in lines]
 
 
@@ -200,8 +234,12 @@ def search_collection(
     checkpoint: str | None = None,
     device: str = "auto",
     sheet: str | Path | None = None,
+    verify: bool = False,
+    exact: bool = False,
 ) -> list[SearchResult]:
     """Everything `vsectl search` does: open the target, load the run, encode text and image queries, search, draw.
+
+    An embeddings folder is searched through its best index for `side` when it has one (`exact` forces exact search).
 
     Args:
         target: an embeddings or index folder (or an opened one).
@@ -214,7 +252,9 @@ def search_collection(
             embeddings' meta.json. Its fingerprint must equal the embeddings'.
         checkpoint: "best" / "last"; default the one the embeddings were made with.
         device: where the model runs.
-        sheet: also write a contact sheet PNG here.
+        sheet: also write a contact sheet PNG here (a new file, or a sheet vsectl wrote before).
+        verify: hash the embeddings against meta.json and check every row for NaN/inf before searching.
+        exact: search an embeddings folder exactly even when it holds an index.
 
     Returns:
         One result per query: the texts first, then the images.
@@ -224,9 +264,14 @@ def search_collection(
     texts = list(texts) + (read_queries(queries_file) if queries_file is not None else [])
     if not texts and not images:
         raise ConfigError("give a query: a text, --queries FILE or --image FILE")
+    check_texts(texts)
     if side not in SIDES:
         raise ConfigError(f"unknown side {side!r}; use images or captions")
-    target = open_target(target) if isinstance(target, (str, Path)) else target
+    if sheet is not None:
+        from vsectl.retrieval.sheet import check_sheet_target
+
+        check_sheet_target(sheet)  # before any work
+    target = open_target(target, verify=verify) if isinstance(target, (str, Path)) else target
     emb = target.embeddings if isinstance(target, Index) else target
     if emb.size(side) == 0:
         raise ConfigError(f"{emb.path} holds no {side}; search the other side")
@@ -249,6 +294,10 @@ def search_collection(
     if images:
         vectors.append(model.encode_images([Path(p) for p in images]))
     labels = texts + [f"image:{Path(p).name}" for p in images]
+    if not exact and not isinstance(target, Index):
+        from vsectl.retrieval.index import best_index
+
+        target = best_index(emb, side) or target
     results = search(target, np.concatenate(vectors), k=k, side=side, labels=labels)
     if sheet is not None:
         from vsectl.retrieval.sheet import contact_sheet

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,10 @@ class FeatureRecipe:
         channels_last: NHWC layout for the convolutions.
         dtype: on-disk feature dtype; replayed features are rounded to it so they equal the stored ones.
         feat_dim: C, the width of each feature.
-        video: the store holds videos (sets of frames), which raw-image embedding cannot replay.
+        video: the store holds videos (sets of frames).
         source: the store file the recipe was read from.
+        sampling: for stores made from video files (`extract --videos`), their `VideoFileSampling`: such runs embed
+            video files the same way; None otherwise (frame-folder videos cannot be replayed).
     """
 
     backbone: str
@@ -61,6 +63,7 @@ class FeatureRecipe:
     feat_dim: int
     video: bool
     source: str
+    sampling: Any = None
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], source: str) -> FeatureRecipe | None:
@@ -72,14 +75,18 @@ class FeatureRecipe:
                    input_size=int(attrs["input_size"]), mean=tuple(float(v) for v in _decoded(attrs["mean"])),
                    std=tuple(float(v) for v in _decoded(attrs["std"])), precision=str(attrs.get("precision", "fp32")),
                    channels_last=bool(attrs.get("channels_last", True)), dtype=str(attrs.get("dtype", "float32")),
-                   feat_dim=int(attrs["feat_dim"]), video="video" in attrs, source=source)
+                   feat_dim=int(attrs["feat_dim"]), video="video" in attrs, source=source,
+                   sampling=_video_files(attrs))
 
     def provenance(self) -> dict[str, Any]:
         """JSON-able dict, as recorded in an embeddings folder's meta.json."""
-        return {"backbone": self.backbone, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "precision": self.precision, "channels_last": self.channels_last, "dtype": self.dtype,
-                "feat_dim": self.feat_dim, "video": self.video, "source": self.source}
+        out = {"backbone": self.backbone, "weights": self.weights, "weights_sha256": self.weights_sha256,
+               "input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+               "precision": self.precision, "channels_last": self.channels_last, "dtype": self.dtype,
+               "feat_dim": self.feat_dim, "video": self.video, "source": self.source}
+        if self.sampling is not None:
+            out["video_sampling"] = asdict(self.sampling)
+        return out
 
     def differences(self, other: FeatureRecipe) -> list[str]:
         """The recipe keys (of `MATCH_KEYS`) on which two recipes disagree."""
@@ -94,7 +101,7 @@ class FeatureRecipe:
         """
         from vsectl.models.backbones import create_backbone
 
-        if self.video:
+        if self.video and self.sampling is None:
             raise ConfigError(f"the run was trained on video frame sets ({self.source}); embedding raw images cannot "
                               "replay that: embed an extracted store with --features")
         weights = None if self.weights.startswith(PACKAGED_PREFIX) else self.weights
@@ -111,6 +118,14 @@ class FeatureRecipe:
             raise ConfigError(f"cannot reproduce {what}: the backbone here normalises or sizes differently "
                               f"(mean {got['mean']}, std {got['std']}, {got['feat_dim']}-d)")
         return backbone
+
+
+def _video_files(attrs: dict[str, Any]) -> Any:
+    if "video" not in attrs:
+        return None
+    from vsectl.extract.video_files import VideoFileSampling
+
+    return VideoFileSampling.from_json(attrs["video"])
 
 
 def store_recipe(path: str | Path) -> FeatureRecipe | None:

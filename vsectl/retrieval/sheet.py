@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vsectl.errors import ConfigError
 from vsectl.io import atomic_path
 
 THUMB = 180  # thumbnail side in pixels
@@ -70,6 +71,27 @@ def _lines(text: str | None, width: int) -> list[str]:
     return lines
 
 
+SOFTWARE = "vsectl contact sheet"  # the PNG's Software text: a sheet vsectl wrote, which a new one may replace
+
+
+def check_sheet_target(out: str | Path) -> None:
+    """Refuse a sheet path that is a folder, or an existing file that is not a contact sheet vsectl wrote."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--sheet {out} is a folder; give a file name, e.g. {out / 'hits.png'}")
+    if not out.exists() and not out.is_symlink():
+        return
+    Image = _pil()
+    try:
+        with Image.open(out) as im:
+            ours = im.format == "PNG" and im.info.get("Software") == SOFTWARE
+    except (OSError, ValueError):
+        ours = False
+    if out.is_symlink() or not ours:
+        raise ConfigError(f"--sheet {out} exists and is not a contact sheet vsectl wrote; choose another file name "
+                          "(an existing sheet is replaced, any other file is kept)")
+
+
 def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = COLUMNS) -> Path:
     """Draw search results as a PNG: per query a title line, then its hits in rows of `columns` thumbnails.
 
@@ -113,6 +135,11 @@ def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = 
                 draw.text((x, ty + line_h * (k + 1)), line, fill=INK, font=font)
         y += -(-max(1, len(result.hits)) // cols) * tile_h
     out = Path(out)
+    check_sheet_target(out)
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", SOFTWARE)
     with atomic_path(out) as tmp:
-        sheet.save(tmp, format="PNG")
+        sheet.save(tmp, format="PNG", pnginfo=info)
     return out

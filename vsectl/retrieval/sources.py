@@ -41,6 +41,7 @@ class Source:
     split: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     stores: list[Path] = field(default_factory=list)
+    root: Path | None = None  # the folder every image file lies under (what `serve` may show), None if unknown
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -62,16 +63,19 @@ def folder_source(folder: str | Path) -> Source:
         raise DataError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); give a folder of images")
     items = [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in files]
     listing = hashlib.sha256("\n".join(i["id"] for i in items).encode("utf-8")).hexdigest()
-    return Source(kind="images", path=folder, items=items, captions=[], identity={"listing_sha256": listing})
+    return Source(kind="images", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
+                  root=folder)
 
 
 def data_source(data: str | Path, split: str) -> Source:
     """A prepared raw dataset (dataset.json + manifest.json): its images and captions, one split or all."""
-    from vsectl.data.raw import load_raw_dataset, sha256_file
+    from vsectl.data.raw import load_raw_dataset
+    from vsectl.io import sha256_file
 
     raw = load_raw_dataset(data)
     if raw.manifest.get("modality") == "video":
         raise ConfigError(f"{raw.root} holds videos (folders of frames); embed an extracted store with --features")
+    videos = raw.manifest.get("modality") == "video_files"
     if split == "all":
         entries = raw.images
     else:
@@ -83,7 +87,8 @@ def data_source(data: str | Path, split: str) -> Source:
         items.append({"id": entry["id"], "path": str(entry["path"])})
         captions.extend((t, pos) for t in entry["captions"] if t.strip())  # as extract stores them
     identity = {"dataset_sha256": sha256_file(raw.root / "dataset.json"), "split": split}
-    return Source(kind="data", path=raw.root, items=items, captions=captions, identity=identity, split=split)
+    return Source(kind="data", path=raw.root, items=items, captions=captions, identity=identity, split=split,
+                  extra={"videos": videos}, root=Path(raw.image_root))
 
 
 def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
@@ -104,10 +109,32 @@ def _store_paths(attrs: dict[str, Any], ids: list[str]) -> list[str | None]:
     return [by_id.get(i) for i in ids]
 
 
+def precomp_source(ims: Path) -> Source:
+    """SCAN precomp features (`<split>_ims.npy` with `<split>_caps.txt`, optional `_ids.txt`), as training reads them.
+
+    No backbone is recorded with such files, so only their width is checked against the run.
+    """
+    from vsectl.data.sources import load_split
+
+    name = ims.name
+    if not name.endswith("_ims.npy"):
+        raise DataError(f"{ims} is not a precomp feature file (<split>_ims.npy with <split>_caps.txt beside it)")
+    split = load_split(ims.parent, name[: -len("_ims.npy")])
+    items = [{"id": i, "path": None} for i in split.image_ids]
+    captions = [(t, int(j)) for t, j in zip(split.captions, split.cap2img.tolist(), strict=True)]
+    st = ims.stat()
+    identity = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "captions_sha256": hashlib.sha256(
+        "\n".join(split.captions).encode("utf-8")).hexdigest()}
+    return Source(kind="features", path=ims, items=items, captions=captions, identity=identity, store=ims,
+                  extra={"feat_dim": split.features.feat_dim, "recipe": None, "open": lambda: split.features})
+
+
 def store_source(store: str | Path) -> Source:
-    """An extracted (or imported) feature store, or a folder of them (its splits one after the other); image paths
-    come from the raw dataset each was extracted from."""
+    """An extracted (or imported) feature store, a folder of them (its splits one after the other), or a precomp
+    `<split>_ims.npy`; image paths come from the raw dataset each store was extracted from."""
     store = Path(store).resolve()
+    if store.suffix == ".npy":
+        return precomp_source(store)
     if store.is_dir():
         return folder_store_source(store)
     return _one_store_source(store)
@@ -134,12 +161,12 @@ def folder_store_source(folder: Path) -> Source:
     identity = {"stores": [{"file": p.path.name, **p.identity} for p in parts]}
     return Source(kind="features", path=folder, items=items, captions=captions, identity=identity,
                   backbone=parts[0].backbone, store=parts[0].store, stores=[p.path for p in parts],
-                  extra={"feat_dim": dims.pop(), "recipe": first})
+                  extra={"feat_dim": dims.pop(), "recipe": first}, root=_common_root([p.root for p in parts]))
 
 
 def _one_store_source(store: Path) -> Source:
-    from vsectl.data.raw import sha256_file
     from vsectl.data.store import read_store_attrs, read_store_captions
+    from vsectl.io import sha256_file
     from vsectl.retrieval.recipe import FeatureRecipe
 
     attrs = read_store_attrs(store)
@@ -151,22 +178,59 @@ def _one_store_source(store: Path) -> Source:
     st = store.stat()
     identity = {"store_fingerprint": attrs.get("fingerprint"), "bytes": st.st_size,
                 "sha256_head": sha256_file(store, limit=1 << 20)}
+    folders = [os.path.dirname(p) for p in paths if p]
     return Source(kind="features", path=store, items=items, captions=captions, identity=identity,
                   backbone=recipe.provenance() if recipe else None, store=store, stores=[store],
-                  extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe})
+                  extra={"feat_dim": int(attrs["feat_dim"]), "recipe": recipe},
+                  root=_common_root(folders))
+
+
+def _common_root(folders: list[Any]) -> Path | None:
+    """The folder all of `folders` lie under; None when one is unknown or there are none."""
+    if not folders or any(f is None for f in folders):
+        return None
+    return Path(os.path.commonpath([str(f) for f in folders]))
+
+
+def video_folder_source(folder: str | Path) -> Source:
+    """A plain folder of video files (no captions); ids are the paths relative to the folder."""
+    from vsectl.data.video_files import VIDEO_SUFFIXES, list_videos
+
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise DataError(f"video folder {folder} does not exist")
+    files = list_videos(folder)
+    if not files:
+        raise DataError(f"{folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}); give a folder of videos")
+    items = [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in files]
+    names = "\n".join(f"{i['id']}:{Path(i['path']).stat().st_size}" for i in items)
+    listing = hashlib.sha256(names.encode("utf-8")).hexdigest()
+    return Source(kind="videos", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
+                  extra={"videos": True}, root=folder)
 
 
 def resolve_source(images: str | Path | None, data: str | Path | None, features: str | Path | None,
-                   split: str) -> Source:
-    """The one source among --images / --data / --features."""
-    given = [(k, v) for k, v in (("images", images), ("data", data), ("features", features)) if v is not None]
+                   split: str, videos: str | Path | None = None, shards: str | Path | None = None) -> Source:
+    """The one source among --images / --videos / --data / --features / --shards."""
+    given = [(k, v) for k, v in (("images", images), ("videos", videos), ("data", data), ("features", features),
+                                 ("shards", shards)) if v is not None]
     if len(given) != 1:
-        raise ConfigError("give exactly one of --images DIR, --data RAW or --features STORE")
+        raise ConfigError("give exactly one of --images DIR, --videos DIR, --data RAW, --features STORE or "
+                          "--shards TARS")
+    from vsectl.data.splits import canonical_split
+
+    split = canonical_split(split)  # val is dev, as everywhere
     if split not in ("all", "train", "dev", "test"):
-        raise ConfigError(f"unknown split {split!r}; use all, train, dev or test")
+        raise ConfigError(f"unknown split {split!r}; use all, train, dev (or val) or test")
     kind, path = given[0]
     if kind == "images":
         return folder_source(path)
+    if kind == "videos":
+        return video_folder_source(path)
     if kind == "data":
         return data_source(path, split)
+    if kind == "shards":
+        from vsectl.retrieval.tar_collection import tar_source
+
+        return tar_source(path)
     return store_source(path)

@@ -43,7 +43,7 @@ class StoreSets:
     """
 
     def __init__(self, stores: list[Path], rows: dict[int, tuple[int, int]] | None = None) -> None:
-        from vsectl.data.sources import H5Features
+        from vsectl.data.features import H5Features
 
         self.readers = [H5Features(path) for path in stores]
         self.rows = rows
@@ -60,6 +60,24 @@ class StoreSets:
             store = bisect.bisect_right(self.starts, position) - 1
             row = position - self.starts[store]
         return self.readers[store].get(row)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.readers[0].feat_dim
+
+    def block(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions a..b-1 of the stores one after the other: their (R, D) rows and (b − a,) set sizes, one read
+        per store the block touches."""
+        if self.rows is not None:
+            raise ValueError("block reads the stores one after the other, not a chosen set of rows")
+        rows, sizes = [], []
+        for store, reader in enumerate(self.readers):
+            lo, hi = max(a, self.starts[store]), min(b, self.starts[store + 1])
+            if lo < hi:
+                r, n = reader.block(lo - self.starts[store], hi - self.starts[store])
+                rows.append(r)
+                sizes.append(n)
+        return np.concatenate(rows), np.concatenate(sizes)
 
     def close(self) -> None:
         for reader in self.readers:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint: str | None = None,
-                host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True) -> Any:
+                host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
+                allow_hosts: Sequence[str] = (), verify: bool = False, exact: bool = False) -> Any:
     """Open a collection and its model and bind the server (not yet serving).
 
     Args:
@@ -27,6 +29,11 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         port: TCP port; 0 picks a free one (see the returned server's `.url`).
         device: where the text tower runs.
         batching: coalesce concurrent searches into one scan of the embeddings.
+        allow_hosts: more names to answer in the Host header (by default the bound address, and the loopback names
+            on loopback); a request naming another host is refused (403), which stops DNS rebinding.
+        verify: hash the embeddings against meta.json and check every row for NaN/inf before serving.
+        exact: search an embeddings folder exactly even when it holds an index (by default its best index per side
+            answers, see `vsectl.retrieval.index.best_index`).
 
     Returns:
         a bound `VsectlServer`; call `.serve_forever()`, and `.server_close()` plus `.engine.close()` when done.
@@ -39,18 +46,19 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
     from vsectl.serving.engine import SearchEngine
     from vsectl.serving.http import make_server
 
-    opened = open_target(target)
+    opened = open_target(target, verify=verify)
     emb = getattr(opened, "embeddings", opened)
     if run is None:
         run = emb.meta.get("run")
         if not run or not Path(run).exists():
             raise ConfigError(f"the run that made {emb.path} ({run}) is not there; give the run with --run")
-    server = make_server(None, host=host, port=port)  # bound first: a port in use fails before the model loads
+    # bound first: a port in use fails before the model loads
+    server = make_server(None, host=host, port=port, allow_hosts=allow_hosts)
     try:
         from vsectl.retrieval import load  # torch: imported after the port is ours
 
         model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
-        server.engine = SearchEngine(opened, model, batching=batching)
+        server.engine = SearchEngine(opened, model, batching=batching, exact=exact)
         server.engine.warm_up()
     except BaseException:
         server.server_close()

@@ -9,8 +9,11 @@ by score then row, so the first k of a longer list are the top k.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -108,21 +111,33 @@ class SearchEngine:
         batching: coalesce concurrent searches into one scan.
     """
 
-    def __init__(self, target: Any, model: Any, batching: bool = True) -> None:
+    def __init__(self, target: Any, model: Any, batching: bool = True, exact: bool = False) -> None:
+        from vsectl.retrieval.index import best_index
         from vsectl.retrieval.query import check_model
 
         self.target = target
         self.emb = getattr(target, "embeddings", target)
         self.model = model
         check_model(model, self.emb)
+        if target is not self.emb:  # an index folder was named: it alone answers its side
+            self.indexes = {target.side: target}
+        else:  # an embeddings folder: its best index per side, exact where it has none (or with exact=True)
+            self.indexes = {side: None if exact or not self.emb.size(side) else best_index(self.emb, side)
+                            for side in SIDES}
+        for side, index in self.indexes.items():
+            log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
+        root = image_root(self.emb)
+        # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
+        self.image_root = os.path.realpath(root) if root is not None else None
 
     def warm_up(self) -> None:
         """One text encode and one scan, so the first user's query does not pay for imports and cold pages."""
         vector = self.model.encode_text(["warm up"])[0]
         for side in SIDES:
-            if self.emb.size(side) and getattr(self.target, "side", side) == side:  # an index covers one side
+            covered = getattr(self.target, "side", side)  # an index covers one side (Embeddings.side is a method)
+            if self.emb.size(side) and (not isinstance(covered, str) or covered == side):
                 self.batcher.submit(vector, 1, side)
 
     def _search_vectors(self, vectors: np.ndarray, k: int, side: str) -> list[Any]:
@@ -130,10 +145,10 @@ class SearchEngine:
         from vsectl.retrieval.query import make_hits
         from vsectl.serving.scan import shared_topk
 
-        index = self.target if self.target is not self.emb else None
-        if index is not None and index.side != side:
-            raise ConfigError(f"index {index.path} covers the {index.side} side; search it with side={index.side} "
-                              f"or serve the embeddings folder {self.emb.path}")
+        if self.target is not self.emb and self.target.side != side:
+            raise ConfigError(f"index {self.target.path} covers the {self.target.side} side; search it with "
+                              f"side={self.target.side} or serve the embeddings folder {self.emb.path}")
+        index = self.indexes.get(side)
         if index is None or index.kind == "flat":
             scores, rows = shared_topk(self.emb.side(side), vectors, k)
         else:
@@ -188,23 +203,94 @@ class SearchEngine:
             row.pop("path")  # the server's file layout is not the client's business
             rows.append(row)
         took_ms = round(1000 * (time.perf_counter() - start), 3)
-        return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms, "hits": rows}
+        return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms,
+                "searched_with": self.searched_with(side), "hits": rows}
+
+    def searched_with(self, side: str) -> dict[str, Any]:
+        """What answers searches of `side`: {"kind": "exact"} or the index's kind, folder and recall@10."""
+        index = self.indexes.get(side)
+        return {"kind": "exact"} if index is None else {**index.describe(), "path": index.path.name}
 
     def image_file(self, image: int) -> Path | None:
-        """The file of the collection's image `image`, or None when unknown, missing or not a regular file."""
+        """The file of the collection's image `image` as recorded, or None when unknown or out of range."""
         if not 0 <= image < self.emb.n_images:
             return None
-        path = self.emb.image_path(image)
-        return path if path is not None and path.is_file() else None
+        return self.emb.image_path(image)
+
+    def open_image(self, image: int) -> tuple[Any, str] | None:
+        """The open file of image `image` and its content type, or None when it has none to show: unknown, missing,
+        not a regular file, of a type not served, or (resolved after opening, links included) outside the folder the
+        collection's images were embedded from. An image inside a tar shard is its recorded bytes, read from the
+        shard file under the same rules."""
+        from vsectl.serving.http import IMAGE_TYPES
+
+        if not 0 <= image < self.emb.n_images or self.image_root is None:
+            return None
+        member = self.emb.image(image).get("tar")
+        path = Path(member["file"]) if member else self.emb.image_path(image)
+        suffix = Path(member["member"]).suffix if member else path.suffix if path is not None else ""
+        kind = IMAGE_TYPES.get(suffix.lower())
+        f = self._open_inside(image, path) if kind is not None and path is not None else None
+        if f is None or not member:
+            return (f, kind) if f is not None else None
+        with f:  # an image inside a tar shard: its bytes at the recorded offset
+            offset, size = int(member["offset"]), int(member["size"])
+            f.seek(offset)
+            data = f.read(size)
+        return (io.BytesIO(data), kind) if len(data) == size else None
+
+    def _open_inside(self, image: int, path: Path) -> Any:
+        """`path` opened for reading if it is a regular file inside the image root (checked on the open file)."""
+        try:  # O_NONBLOCK: a FIFO swapped in for the file must not hold the request's thread
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return None
+        try:
+            real, root = _opened_path(fd, path), self.image_root
+            inside = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+            if not stat.S_ISREG(os.fstat(fd).st_mode) or not inside:
+                if not inside:
+                    log.warning("image %d: %s leads outside %s; not served", image, path, root)
+                os.close(fd)
+                return None
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def info(self) -> dict[str, Any]:
         meta = self.emb.meta
+        run = meta.get("run")
         return {"images": self.emb.n_images, "captions": self.emb.n_captions, "embed_dim": self.emb.dim,
-                "run": meta.get("run"), "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
-                "max_k": MAX_K}
+                "run": Path(run).name if run else None,  # its name: the server's file layout is not the client's
+                "fingerprint": self.emb.fingerprint, "index": type(self.target).__name__,
+                "max_k": MAX_K, "searched_with": {side: self.searched_with(side) for side in SIDES
+                                                  if self.emb.size(side) and side in self.indexes}}
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _opened_path(fd: int, path: Path) -> str:
+    """The real path of the file open as `fd` (Linux: from the descriptor itself, so no later swap can fool it)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(path)  # elsewhere: resolve the name, and check it still is the opened file
+        st, own = os.stat(real), os.fstat(fd)
+        return real if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino) else ""
+
+
+def image_root(emb: Any) -> Path | None:
+    """The folder every image of the collection lies under: recorded at embed time, else (embeddings written before
+    it was) the common folder of the recorded image paths."""
+    recorded = emb.meta.get("image_root")
+    if isinstance(recorded, str) and recorded:
+        return Path(recorded)
+    if emb.meta.get("source", {}).get("kind") == "images" and emb.meta["source"].get("path"):
+        return Path(emb.meta["source"]["path"])
+    folders = {os.path.dirname(p) for p in (emb.image(i).get("path") for i in range(emb.n_images)) if p}
+    return Path(os.path.commonpath(sorted(folders))) if folders else None
 
 
 def _side(side: str) -> str:

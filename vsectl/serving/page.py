@@ -139,7 +139,13 @@ function render(answer) {
   const status = $("status");
   status.className = "";
   status.textContent = answer.hits.length + " " + answer.side + " for \\u201c" + answer.query + "\\u201d in "
-    + answer.took_ms.toFixed(1) + " ms";
+    + answer.took_ms.toFixed(1) + " ms \\u00b7 " + how(answer.searched_with);
+}
+
+function how(w) {
+  if (!w || w.kind === "exact") return "exact search";
+  const recall = typeof w["recall@10"] === "number" ? ", recall@10 " + w["recall@10"].toFixed(3) : "";
+  return w.kind + " index" + recall;
 }
 
 async function ask(url, state) {
@@ -180,7 +186,8 @@ $("form").addEventListener("submit", (event) => { event.preventDefault(); search
     const info = await (await fetch("/api/info")).json();
     limits.images = info.images;
     limits.captions = info.captions;
-    $("info").textContent = info.images + " images \\u00b7 " + info.captions + " captions";
+    const ways = Object.entries(info.searched_with || {}).map(([side, w]) => side + ": " + how(w));
+    $("info").textContent = [info.images + " images", info.captions + " captions", ...ways].join(" \\u00b7 ");
   } catch (err) { /* the page works without the counts */ }
   const params = new URLSearchParams(location.search);
   if (params.get("k")) setK(params.get("k"));

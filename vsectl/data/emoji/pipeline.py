@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vsectl import __version__
-from vsectl.data.captions import word_tokenize
 from vsectl.data.emoji.catalog import load_catalog
 from vsectl.data.emoji.cleaning import EmojiItem, EmojiRules, select_emoji
 from vsectl.data.emoji.render import FONT_SIZE, RENDER_VERSION, EmojiRenderer, font_facts, pixel_sha256, save_png
 from vsectl.data.emoji.sources import resolve_sources
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
 from vsectl.data.raw import count_lines, finished_dataset, write_raw_dataset
+from vsectl.data.tokenize import word_tokenize
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from vsectl.data.openclipart.package import _run, deb_info, unpack_deb
-from vsectl.data.raw import sha256_file
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 log = logging.getLogger(__name__)
 

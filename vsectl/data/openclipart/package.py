@@ -11,8 +11,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from vsectl.data.raw import sha256_file
 from vsectl.errors import DataError
+from vsectl.io import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vsectl import __version__
-from vsectl.data.captions import word_tokenize
 from vsectl.data.openclipart.cleaning import CleanRules, clean_records
 from vsectl.data.openclipart.metadata import scan_svgs
 from vsectl.data.openclipart.package import resolve_source
@@ -23,6 +22,7 @@ from vsectl.data.openclipart.render import (
 )
 from vsectl.data.openclipart.splits import _split_sizes, assign_splits
 from vsectl.data.raw import count_lines, finished_dataset, write_raw_dataset
+from vsectl.data.tokenize import word_tokenize
 from vsectl.errors import DataError
 
 if TYPE_CHECKING:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vsectl.data.openclipart.cleaning import Item
-from vsectl.data.raw import sha256_file, write_json_atomic
-from vsectl.io import atomic_path
+from vsectl.io import atomic_path, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
     from vsectl.runtime import Progress
@@ -223,12 +222,14 @@ def render_items(
                 state[key]["message"] = message
             progress.update(ok=status["ok"], failed=status["failed"] + status["timeout"])
             if n % STATE_EVERY == 0:
-                write_json_atomic(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state})
+                atomic_write_json(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state},
+                                  indent=None, ensure_ascii=False)
         if not slow:
             break
         log.info("%d renders ran past %g s; retrying them once with %g s", len(slow), timeout, retry_limit)
         tasks = [t for t in tasks if t[0] in set(slow)]
-    write_json_atomic(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state})
+    atomic_write_json(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state},
+                      indent=None, ensure_ascii=False)
     bad = {s: sum(1 for it in items if state.get(it.filename, {}).get("status") == s) for s in ("failed", "timeout")}
     log.info("rendered %d, reused %d, failed %d, timed out %d", status["ok"], reused, bad["failed"], bad["timeout"])
     if bad["failed"] or bad["timeout"]:
@@ -262,6 +263,7 @@ def drop_duplicate_renders(items: list[Item], out: Path, size: int) -> tuple[lis
             continue
         png_sha[it.filename] = digest
         kept.append(it)
-    write_json_atomic(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state})
+    atomic_write_json(state_path, {"render_version": RENDER_VERSION, "size": size, "files": state},
+                      indent=None, ensure_ascii=False)
     duplicates = sum(1 for it in items if state.get(it.filename, {}).get("status") == "duplicate")
     return kept, png_sha, duplicates

@@ -1,8 +1,8 @@
-"""The pooler family and its registry: every pooler is registered here, in one place.
+"""The pooler family and its registry, generated from the one pooler table (`vsectl/pool_options.py`).
 
-Each pooler lives in a file named for it; `base.py` holds what they share (the sort, the padding mask, the fp32
-softmax, the weighted sum, the θ(N) curve). A recipe's `pool:` section is read into the pooler's own options
-(`vsectl/pool_options.py`) and `create_pooler` passes those as keyword arguments.
+Each pooler lives in a file named for it and has one row in POOLER_TABLE (names, options, class, ONNX export);
+`base.py` holds what they share (the sort, the padding mask, the fp32 softmax, the weighted sum, the θ(N) curve). A
+recipe's `pool:` section is read into the pooler's own options and `create_pooler` passes those as keyword arguments.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 
 from torch import nn
 
-from vsectl.config import pool_options
+from vsectl.kinds import resolve
 from vsectl.models.pooling.base import (
     MASK_VALUE,
     TEMPERATURE,
@@ -35,18 +35,15 @@ from vsectl.models.pooling.gpo_mlp import MLPGPO
 from vsectl.models.pooling.gpo_perdim import PerDimGPO
 from vsectl.models.pooling.gpo_transformer import TransformerGPO
 from vsectl.models.pooling.max import MaxPool
-from vsectl.models.pooling.maxk import KMaxPool, MaxKPool
+from vsectl.models.pooling.maxk import MaxKPool
 from vsectl.models.pooling.mean import MeanPool
-from vsectl.pool_options import FeatureSizedOptions, PoolOptions
+from vsectl.pool_options import POOLER_TABLE, FeatureSizedOptions, PoolOptions
 from vsectl.registry import Registry
 
-POOLERS: Registry[type[nn.Module]] = Registry("pooler")  # name → pooler class; its options: pool_options.POOL_OPTIONS
-for _name, _cls in (
-    ("gpo", GPO), ("mean", MeanPool), ("max", MaxPool), ("maxk", MaxKPool), ("kmax", MaxKPool), ("gem", GeMPool),
-    ("gpo_index_bigru", IndexBiGRUGPO), ("gpo_interp", InterpGPO), ("gpo_mlp", MLPGPO),
-    ("gpo_transformer", TransformerGPO), ("gpo_perdim", PerDimGPO), ("gpo_featin", FeatInGPO),
-):
-    POOLERS.register(_name)(_cls)
+POOLERS: Registry[type[nn.Module]] = Registry("pooler")  # name → pooler class, from pool_options.POOLER_TABLE
+for _row in POOLER_TABLE:
+    for _name in _row.names:
+        POOLERS.register(_name)(resolve(_row.module))
 
 
 def create_pooler(cfg: PoolOptions | nn.Module, in_dim: int | None = None) -> nn.Module:
@@ -66,7 +63,7 @@ def create_pooler(cfg: PoolOptions | nn.Module, in_dim: int | None = None) -> nn
 
 __all__ = [
     "GPO", "MASK_VALUE", "MLPGPO", "POOLERS", "TEMPERATURE", "FeatInGPO", "FixedWeightPool", "GeMPool",
-    "IndexBiGRUGPO", "InterpGPO", "KMaxPool", "LearnedRankPool", "MaxKPool", "MaxPool", "MeanPool", "PerDimGPO",
+    "IndexBiGRUGPO", "InterpGPO", "LearnedRankPool", "MaxKPool", "MaxPool", "MeanPool", "PerDimGPO",
     "PositionalRankPool", "RankWeightedPool", "TransformerGPO", "create_pooler", "length_mask", "masked_softmax",
-    "pool_options", "positional_encoding", "sort_features", "top_k_weights", "weighted_sum",
+    "positional_encoding", "sort_features", "top_k_weights", "weighted_sum",
 ]

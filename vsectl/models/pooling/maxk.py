@@ -27,4 +27,3 @@ class MaxKPool(FixedWeightPool):
         return f"k={self.k}"
 
 
-KMaxPool = MaxKPool  # the name the pooler had first

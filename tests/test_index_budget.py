@@ -1,0 +1,177 @@
+"""Indexes under a budget: the kind chosen, the card's recall against a brute-force reference, parts from several
+ranks merging to the one-process index, and a killed build resuming from its parts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vsectl.errors import ConfigError
+from vsectl.retrieval.index_plan import parse_bytes, plan_index
+
+
+def test_sizes_read_as_people_write_them():
+    assert parse_bytes("4GB") == 4_000_000_000 and parse_bytes("4 GiB") == 4 << 30 and parse_bytes("512mb") == 512e6
+    assert parse_bytes(None) is None and parse_bytes("2e9") == 2_000_000_000
+    for bad in ("four", "4XB", "-1GB", "0"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad)
+
+
+def test_the_budget_picks_the_most_accurate_kind_that_fits():
+    assert plan_index(20_000, 512, "auto", "4GB").kind == "flat"
+    assert plan_index(200_000, 512, "auto", "4GB").kind == "hnsw"
+    assert plan_index(1_000_000, 512, "auto", "4GB").factory == "IVF1024,Flat"
+    big = plan_index(10_000_000, 512, "auto", "4GB")
+    assert big.kind == "ivf-pq" and big.factory == "IVF4096_HNSW32,PQ128x8np" and big.ram_bytes <= 0.75 * 4e9
+    assert plan_index(10_000_000, 512, "auto", "16GB").kind == "ivf-sq8"
+    assert plan_index(100_000_000, 512, "auto", "4GB").params["pq_bytes"] == 16
+    with pytest.raises(ConfigError, match="no index of 1000000000 512-d vectors fits"):
+        plan_index(1_000_000_000, 512, "auto", "4GB")
+    with pytest.raises(ConfigError, match="a hnsw index of 10000000 512-d vectors needs about"):
+        plan_index(10_000_000, 512, "hnsw", "4GB")
+    with pytest.raises(ConfigError, match="ivf-pq needs at least 256 vectors"):
+        plan_index(100, 512, "ivf-pq")
+    # lists: the power of two nearest sqrt(n), unless fewer than 39 training rows per list would be left
+    assert [plan_index(n, 512, "ivf-pq").params["nlist"] for n in (300, 5_000, 2_000_000)] == [7, 64, 1024]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """3,000 clustered 16-d unit vectors with 600 captions near them, as an embeddings folder."""
+    from vsectl.retrieval.embeddings import write_vectors
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 16)).astype(np.float32)
+    x = centres[rng.integers(40, size=3000)] + 0.6 * rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    caps = x[:600] + 0.3 * rng.standard_normal((600, 16)).astype(np.float32)
+    caps /= np.linalg.norm(caps, axis=1, keepdims=True)
+    return write_vectors(tmp_path_factory.mktemp("idx") / "emb", [x[:1700], x[1700:]], 3000, 16, captions=caps,
+                         cap2img=np.arange(600))
+
+
+def brute_force_recall(matrix: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int, own=None) -> float:
+    """Per query: score every row, sort, drop the query's own row; the share of the true top k that was found."""
+    shares = []
+    for q, query in enumerate(queries):
+        ranked = sorted(range(len(matrix)), key=lambda i: (-float(matrix[i] @ query), i))
+        truth = [i for i in ranked if own is None or i != own[q]][:k]
+        got = [int(i) for i in found[q] if own is None or i != own[q]][:k]
+        shares.append(len(set(truth) & set(got)) / k)
+    return float(np.mean(shares))
+
+
+def test_the_card_recall_equals_a_brute_force_reference(collection):
+    pytest.importorskip("faiss")
+    import vsectl
+    from vsectl.retrieval.index_card import held_out
+
+    path = vsectl.build_index(collection, "ivf-pq", side="captions", nprobe=2)  # given: not tuned, recall < 1
+    card = json.loads((path / "card.json").read_text())
+    index = vsectl.open_index(path)
+    emb = index.embeddings
+    queries, own, source = held_out(emb, "captions", card["queries"]["count"])
+    assert source.startswith("captions (each query's own row left out)") and card["params"]["nprobe"] == 2
+    found = index.search_raw(queries, 11)[1]
+    expected = brute_force_recall(np.asarray(emb.captions), queries, found, 10, own)
+    assert card["recall"]["@10"] == pytest.approx(expected, abs=1e-4) and 0.3 < expected < 1.0
+    images = vsectl.build_index(collection, "ivf", side="images")  # captions exist: they are the queries
+    card = json.loads((images / "card.json").read_text())
+    assert card["queries"]["source"] == "captions" and card["rsum"]["exact"] > 0
+    assert card["tuning"]["ladder"][-1]["recall@10"] >= 0.95 and card["recall"]["@10"] >= 0.95
+    assert card["rsum"]["index"] == pytest.approx(card["rsum"]["exact"], abs=3.0)
+
+
+def _build(emb_path: Path, world: int, monkeypatch, part_rows: int) -> bytes:
+    import faiss
+
+    from vsectl.retrieval import index_build
+    from vsectl.retrieval.embeddings import open_embeddings
+    from vsectl.retrieval.index_plan import kind_plan
+    from vsectl.runtime import NullProgress
+
+    monkeypatch.setattr(index_build, "PART_ROWS", part_rows)
+    emb = open_embeddings(emb_path)
+    plan = kind_plan("ivf-pq", 3000, 16)
+    reader = index_build.RowReader(emb.path / "images.npy")
+    partial = emb_path.parent / f"partial-{world}"
+    results: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        index_build.prepare(partial, plan, {"rows": 3000}, r)
+        results[r] = index_build.build_faiss(plan, reader, partial, rank=r, world=world, seed=0,
+                                             progress=NullProgress())
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(1, world)]
+    for t in threads:
+        t.start()
+    rank(0)
+    for t in threads:
+        t.join(60)
+    assert all(results[r] is None for r in range(1, world))
+    return bytes(faiss.serialize_index(results[0]))
+
+
+def test_parts_added_by_several_ranks_merge_to_the_one_process_index(collection, tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    import shutil
+
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    one = _build(emb, 1, monkeypatch, part_rows=700)   # 5 parts, one process
+    three = _build(emb, 3, monkeypatch, part_rows=700)  # the same parts over three ranks
+    assert one == three
+    whole = _build(emb, 1, monkeypatch, part_rows=1 << 20)  # one part: the ids come out the same
+    import faiss
+
+    a, b = faiss.deserialize_index(np.frombuffer(one, dtype=np.uint8)), faiss.deserialize_index(
+        np.frombuffer(whole, dtype=np.uint8))
+    queries = np.asarray(np.load(emb / "images.npy")[:20])
+    assert np.array_equal(a.search(queries, 5)[1], b.search(queries, 5)[1])
+
+
+def test_a_killed_build_resumes_from_its_finished_parts(collection, tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    import shutil
+
+    import vsectl
+    from vsectl.retrieval import index_build
+
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    monkeypatch.setattr(index_build, "PART_ROWS", 700)
+    straight = vsectl.build_index(emb, "ivf-pq", nprobe=4)
+    expected = (straight / "index.faiss").read_bytes()
+    shutil.rmtree(straight)
+
+    class Killed(Exception):
+        pass
+
+    class Progress:
+        def track(self, iterable, total, description):
+            for n, item in enumerate(iterable):
+                if n == 2:
+                    raise Killed  # after two parts are written
+                yield item
+
+        def update(self, **fields):
+            pass
+
+    with pytest.raises(Killed):
+        vsectl.build_index(emb, "ivf-pq", nprobe=4, progress=Progress())
+    partial = emb / ".index-ivf-pq-images.partial"
+    assert sorted(p.name for p in partial.glob("part-*")) == ["part-00000.faiss", "part-00001.faiss"]
+    assert not (emb / "index-ivf-pq-images").exists()
+    written = []
+    monkeypatch.setattr(index_build, "write_index", lambda index, path, f=index_build.write_index: (
+        written.append(path.name), f(index, path))[1])
+    resumed = vsectl.build_index(emb, "ivf-pq", nprobe=4)
+    assert written == ["part-00002.faiss", "part-00003.faiss", "part-00004.faiss", "index.faiss"]  # not redone
+    assert (resumed / "index.faiss").read_bytes() == expected and not partial.exists()
+    assert sorted(p.name for p in resumed.iterdir() if not p.name.startswith(".")) == ["card.json", "index.faiss",
+                                                                                         "index.json"]
