@@ -56,7 +56,7 @@ demo: setup compiler
 	rm -rf runs/demo
 	$(VSECTL) train recipes/demo.yaml --out runs
 	$(VSECTL) plot-weights runs/demo --sizes 10,25,49,70
-	$(VSECTL) eval runs/demo --protocol f30k --split test --ties expected
+	$(VSECTL) eval runs/demo --protocol f30k --split test
 	$(VSECTL) report runs/demo --out runs/demo/report
 	@echo "results: runs/demo/eval/f30k-test.json, runs/demo/report/report.md, runs/demo/plots/weights.png, runs/demo/metrics.jsonl"
 

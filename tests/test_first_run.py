@@ -43,7 +43,7 @@ def option_default(command: str, option: str) -> object:
 
 
 def test_every_command_and_function_defaults_to_one_tie_rule():
-    from vsectl import evaluation, metrics
+    from vsectl import evaluation, metrics, protocols
     from vsectl.config import load_recipe
     from vsectl.science.gridsearch import gridsearch
     from vsectl.tie_rules import DEFAULT_TIE_RULE
@@ -54,7 +54,8 @@ def test_every_command_and_function_defaults_to_one_tie_rule():
     assert load_recipe(None).train.select_tie_rule == DEFAULT_TIE_RULE  # checkpoint selection
     assert load_recipe(REPO / "recipes" / "demo.yaml").train.select_tie_rule == DEFAULT_TIE_RULE
     for fn, arg in ((evaluation.evaluate_runs, "tie_rule"), (evaluation.validate, "tie_rule"),
-                    (metrics.evaluate_protocol, "tie_rule"), (metrics.tie_ranked_metrics, "rule")):
+                    (protocols.evaluate_protocol, "tie_rule"), (metrics.evaluate_images, "tie_rule"),
+                    (metrics.tie_ranked_metrics, "rule")):
         assert inspect.signature(fn).parameters[arg].default == DEFAULT_TIE_RULE, fn.__name__
     assert inspect.signature(gridsearch).parameters["tie_rule"].default in (None, DEFAULT_TIE_RULE)
     assert "--ties" not in (REPO / "Makefile").read_text()  # make demo reports the default too

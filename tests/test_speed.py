@@ -162,9 +162,9 @@ def test_frozen_body_is_stored_once_per_run_and_resume_and_eval_still_work(toy_r
     from safetensors import safe_open
 
     from vsectl.builders import load_run
-    from vsectl.checkpoint import CheckpointError, load_checkpoint
+    from vsectl.checkpoint import FROZEN_FILE, CheckpointError, load_checkpoint
     from vsectl.config import load_recipe
-    from vsectl.training import FROZEN_FILE, train
+    from vsectl.training import train
 
     run = train(load_recipe(TINY, frozen_overrides(toy_root, tiny_bert_dir, "name=f", "train.epochs=1",
                                                    "train.max_steps_per_epoch=2")), tmp_path, device="cpu")
@@ -239,8 +239,9 @@ def test_the_runs_of_a_sweep_store_one_frozen_body_and_old_runs_still_load(toy_r
     from safetensors import safe_open
 
     from vsectl.builders import load_run
+    from vsectl.checkpoint import FROZEN_FILE
     from vsectl.config import load_recipe
-    from vsectl.training import FROZEN_FILE, train
+    from vsectl.training import train
 
     shared = tmp_path / "sweep" / "text_cache"
     runs = []
