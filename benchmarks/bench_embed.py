@@ -44,6 +44,7 @@ def today_feature_shards(model: Any, source: Any, shards: Any, size: int, folder
                          progress: Any) -> None:
     """Today's `_feature_shards` (the baseline): a read and a numpy conversion per set, a padding copy per batch."""
     from vsectl.data.features import H5Features
+    from vsectl.retrieval import partial
 
     features = H5Features(source.store)
     n = len(source.items)
@@ -53,8 +54,8 @@ def today_feature_shards(model: Any, source: Any, shards: Any, size: int, folder
         for c in range(a, b, batch_size):
             sets = [features.get(i) for i in range(c, min(c + batch_size, b))]
             out.append(today_encode(model, sets))
-        collection._write_shard(folder, collection._shard_name("images", s), np.concatenate(out),
-                                {"ok": list(range(a, b)), "skipped": []})
+        partial.write_shard(folder, partial.part_name("images", s), np.concatenate(out),
+                            {"ok": list(range(a, b)), "skipped": []})
     features.close()
 
 

@@ -16,7 +16,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from vsectl import __version__
-from vsectl.cli.progress import RichProgress as _RichProgress
+from vsectl.cli.progress import ConsoleProgress
 
 T = TypeVar("T")
 GLOBAL_FLAGS = ("--debug", "--verbose", "-v", "--quiet", "-q")  # accepted before or after the subcommand
@@ -116,7 +116,13 @@ STATE = {"debug": False}
 RecipeArg = Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/tiny.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: a.b=c (repeatable)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
-RichProgress = _RichProgress  # the CLI's progress (vsectl.cli.progress): bars on a terminal, lines elsewhere
+
+
+class RichProgress(ConsoleProgress):
+    """The CLI's progress on its stderr console (`vsectl.cli.progress`): bars on a terminal, lines elsewhere."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        super().__init__(err, enabled)
 
 
 def interrupted(message: str) -> None:

@@ -83,15 +83,12 @@ class LineProgress:
         self.fields.update(fields)
 
 
-class RichProgress:
+class ConsoleProgress:
     """The CLI's progress: rich bars on a terminal, `LineProgress` lines otherwise; nothing when disabled (-q)."""
 
-    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+    def __init__(self, console: Console, enabled: bool = True) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from vsectl.cli.common import err
-
-        console = console or err
         self.fields: dict[str, Any] = {}
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,

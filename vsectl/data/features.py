@@ -136,12 +136,12 @@ class NpyFeatures(FeatureSource):
             raise IndexError(f"image block {a}..{b} out of range for {len(self)} images")
         offset, dtype, c_order = self._open()
         _, k, d = self.shape
-        if self.row_stride != 1 or not c_order or not hasattr(os, "pread"):
+        if self.row_stride != 1 or not c_order or not hasattr(os, "preadv"):
             rows = np.concatenate([self.get(i) for i in range(a, b)]).astype(dtype)
         else:
             nbytes = (b - a) * k * d * dtype.itemsize
-            buf = os.pread(self._fd, nbytes, offset + a * k * d * dtype.itemsize)
-            if len(buf) != nbytes:
+            buf = bytearray(nbytes)  # writable, so torch can take the rows without a copy
+            if os.preadv(self._fd, [buf], offset + a * k * d * dtype.itemsize) != nbytes:
                 raise DataError(f"{self.path} ends inside images {a}..{b - 1}; the file is truncated, re-create it")
             rows = np.frombuffer(buf, dtype=dtype).reshape((b - a) * k, d)
         return rows, np.full(b - a, k, dtype=np.int64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from vsectl.data.images import UnreadableImage, load_rgb, resize_square, to_uint
 from vsectl.data.raw_images import RawImages, train_view
 from vsectl.data.sources import Split
 from vsectl.data.splits import canonical_split, split_file_names
-from vsectl.data.tar_shards import image_file, read_member, read_shard
+from vsectl.data.tar_shards import Sample, image_file, read_member, read_shard
 from vsectl.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -95,3 +96,16 @@ def subset_tar(split: Split, n: int) -> Split:
     sub = split.subset_images(n)
     sub.features = TarImages(split.features.members[:n], split.features.root)
     return sub
+
+
+def decode_sample(sample: Sample, size: int) -> tuple[Any, str]:
+    """Worker side: the sample's image as (3, size, size) uint8, or None and why."""
+    from vsectl.data.images import preprocess
+
+    if sample.image is None:
+        return None, f"{sample.key}: no image member"
+    data = image_file(sample.image)
+    try:
+        return preprocess(data, size), ""
+    except UnreadableImage as e:
+        return None, f"{sample.image_name}: {str(e).replace(str(data), 'member')}"

@@ -53,7 +53,7 @@ def tar_provenance(backbone: Backbone, shards: list[Path], split: str, *, precis
 def _write(backbone: Backbone, shards: list[Path], todo: list[int], shard_dir: Path, attrs: dict[str, Any], *,
            batch_size: int, workers: int, device: torch.device, precision: str, channels_last: bool, dtype: str,
            progress: Progress, engine: Choice) -> int:
-    from vsectl.retrieval.tar_collection import decode_sample
+    from vsectl.data.tar_images import decode_sample
 
     stream = ShardStream(shards, todo, functools.partial(decode_sample, size=backbone.size), batch_size)
     writers: dict[int, tuple[StoreWriter, list[dict[str, str]]]] = {}

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.io import atomic_path, atomic_write_json, json_text
+from vsectl.io import json_text
 from vsectl.locks import folder_lock
 from vsectl.retrieval.embeddings import (
     EMBEDDINGS_FORMAT,
@@ -32,7 +32,7 @@ from vsectl.retrieval.embeddings import (
     NpyAppender,
     open_embeddings,
 )
-from vsectl.retrieval.partial import MANIFEST, SHARDS, prepare_partial, wait_for
+from vsectl.retrieval.partial import MANIFEST, SHARDS, part_name, prepare_partial, shard_done, wait_for, write_shard
 from vsectl.retrieval.sources import Source, resolve_source
 from vsectl.runtime import NullProgress, Progress
 
@@ -44,23 +44,6 @@ SOURCES = ("images", "videos", "data", "features")
 
 
 # ------------------------------------------------------------------------------------------------ shards
-
-
-def _shard_name(side: str, s: int) -> str:
-    return f"{side}-{s:05d}"
-
-
-def _write_shard(folder: Path, name: str, rows: np.ndarray, info: dict[str, Any]) -> None:
-    if not np.isfinite(rows).all():
-        raise DataError(f"the model produced NaN or inf embeddings in shard {name}; check the run's checkpoint")
-    with atomic_path(folder / f"{name}.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(rows, dtype=np.float32))
-    atomic_write_json(folder / f"{name}.json", info)  # written last: marks the shard done
-
-
-def _done(folder: Path, name: str) -> bool:
-    return (folder / f"{name}.json").is_file() and (folder / f"{name}.npy").is_file()
 
 
 class _Rate:
@@ -82,7 +65,8 @@ def padded_block(rows: np.ndarray, lengths: np.ndarray, feat_dim: int) -> tuple[
     """
     import torch
 
-    x = torch.from_numpy(np.ascontiguousarray(rows)).float()                         # (R, D)
+    rows = np.ascontiguousarray(rows) if rows.flags.writeable else np.array(rows)  # a memory map's rows are read-only
+    x = torch.from_numpy(rows).float()                                               # (R, D)
     sizes = torch.from_numpy(lengths.astype(np.int64))                               # (B,)
     batch, widest = len(lengths), int(lengths.max())
     if int(lengths.min()) == widest:
@@ -112,7 +96,7 @@ def _feature_shards(model: Any, source: Source, shards: Sequence[int], size: int
             for _ in range(stop - c):
                 next(positions)
             rate.add(stop - c)
-        _write_shard(folder, _shard_name("images", s), np.concatenate(out), {"ok": list(range(a, b)), "skipped": []})
+        write_shard(folder, part_name("images", s), np.concatenate(out), {"ok": list(range(a, b)), "skipped": []})
     getattr(features, "close", lambda: None)()
 
 
@@ -152,7 +136,7 @@ def _image_shards(model: Any, source: Source, shards: Sequence[int], size: int, 
                     out.append(model.encode_items(pending, batch_size=batch_size))
                     pending = []
             rows = np.concatenate(out) if out else np.zeros((0, model.embed_dim), dtype=np.float32)
-            _write_shard(folder, _shard_name("images", s), rows, {"ok": ok, "skipped": skipped})
+            write_shard(folder, part_name("images", s), rows, {"ok": ok, "skipped": skipped})
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
@@ -172,7 +156,7 @@ def _caption_shards(model: Any, source: Source, shards: Sequence[int], size: int
             out.append(model.encode_text(texts, batch_size=batch_size))
             for _ in texts:
                 next(done)
-        _write_shard(folder, _shard_name("captions", s), np.concatenate(out), {"captions": b - a})
+        write_shard(folder, part_name("captions", s), np.concatenate(out), {"captions": b - a})
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -181,7 +165,7 @@ def _caption_shards(model: Any, source: Source, shards: Sequence[int], size: int
 def _merge(partial: Path, source: Source, n_img_shards: int, n_cap_shards: int, dim: int,
            meta: dict[str, Any]) -> dict[str, Any]:
     shards = partial / SHARDS
-    infos = [json.loads((shards / f"{_shard_name('images', s)}.json").read_text()) for s in range(n_img_shards)]
+    infos = [json.loads((shards / f"{part_name('images', s)}.json").read_text()) for s in range(n_img_shards)]
     ok = [p for info in infos for p in info["ok"]]
     skipped = [r for info in infos for r in info["skipped"]]
     if not ok:
@@ -196,7 +180,7 @@ def _merge(partial: Path, source: Source, n_img_shards: int, n_cap_shards: int, 
     images = NpyAppender(partial / "images.npy", (len(ok), dim))
     records = JsonLinesWriter(partial / "images.jsonl")
     for s in range(n_img_shards):
-        images.append(np.load(shards / f"{_shard_name('images', s)}.npy", mmap_mode="r"))
+        images.append(np.load(shards / f"{part_name('images', s)}.npy", mmap_mode="r"))
         for pos in infos[s]["ok"]:
             item = source.items[pos]
             records.write({"id": item["id"], "path": item["path"], "caption": first_caption.get(pos)})
@@ -211,7 +195,7 @@ def _merge(partial: Path, source: Source, n_img_shards: int, n_cap_shards: int, 
     size = meta["settings"]["shard_size"]
     for s in range(n_cap_shards):
         a = s * size
-        rows = np.load(shards / f"{_shard_name('captions', s)}.npy", mmap_mode="r")
+        rows = np.load(shards / f"{part_name('captions', s)}.npy", mmap_mode="r")
         mask = keep[a : a + rows.shape[0]]
         captions.append(rows[mask])
         idx = []
@@ -291,7 +275,7 @@ def _image_shard(source: Source, s: int) -> str:
         from vsectl.retrieval.tar_collection import shard_name
 
         return shard_name(s)
-    return _shard_name("images", s)
+    return part_name("images", s)
 
 
 def embed_unlocked(
@@ -369,8 +353,8 @@ def embed_unlocked(
     partial = out.with_name(out.name + ".partial")
     folder = prepare_partial(partial, settings, dist.rank)
     n_img, n_cap = _shard_counts(source, shard_size)
-    todo = [s for s in range(dist.rank, n_img, dist.world_size) if not _done(folder, _image_shard(source, s))]
-    cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not _done(folder, _shard_name("captions", s))]
+    todo = [s for s in range(dist.rank, n_img, dist.world_size) if not shard_done(folder, _image_shard(source, s))]
+    cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not shard_done(folder, part_name("captions", s))]
     log.info("embedding %s: %d + %d of %d + %d shards to do on rank %d of %d", source.path, len(todo), len(cap_todo),
              n_img, n_cap, dist.rank, dist.world_size)
     start = time.perf_counter()
@@ -392,7 +376,7 @@ def embed_unlocked(
     if dist.rank != 0:
         return None
     wait_for([folder / f"{_image_shard(source, s)}.json" for s in range(n_img)]
-              + [folder / f"{_shard_name('captions', s)}.json" for s in range(n_cap)])
+              + [folder / f"{part_name('captions', s)}.json" for s in range(n_cap)])
     seconds = time.perf_counter() - start
     if todo:
         log.info("embedded %d shards in %.1f s", len(todo), seconds)

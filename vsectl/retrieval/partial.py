@@ -1,5 +1,6 @@
 """The `.partial` folder of an unfinished `embed`: its manifest (the settings its shards were made with), what may lie
-in it, and the wait of a torchrun job's ranks for each other's files."""
+in it, its shard files (a .npy, then the .json that marks it done), and the wait of a torchrun job's ranks for each
+other's files."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vsectl.errors import ConfigError
-from vsectl.io import atomic_write_json
+import numpy as np
+
+from vsectl.errors import ConfigError, DataError
+from vsectl.io import atomic_path, atomic_write_json
 from vsectl.retrieval.embeddings import META
 
 log = logging.getLogger(__name__)
@@ -86,3 +89,20 @@ def wait_for(files: list[Path]) -> None:
             log.info("waiting for %d shards from other ranks, e.g. %s", len(missing), missing[0].name)
             last = time.monotonic()
         time.sleep(POLL_SECONDS)
+
+
+def part_name(side: str, s: int) -> str:
+    return f"{side}-{s:05d}"
+
+
+def write_shard(folder: Path, name: str, rows: np.ndarray, info: dict[str, Any]) -> None:
+    if not np.isfinite(rows).all():
+        raise DataError(f"the model produced NaN or inf embeddings in shard {name}; check the run's checkpoint")
+    with atomic_path(folder / f"{name}.npy") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(rows, dtype=np.float32))
+    atomic_write_json(folder / f"{name}.json", info)  # written last: marks the shard done
+
+
+def shard_done(folder: Path, name: str) -> bool:
+    return (folder / f"{name}.json").is_file() and (folder / f"{name}.npy").is_file()

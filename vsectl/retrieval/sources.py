@@ -230,7 +230,17 @@ def resolve_source(images: str | Path | None, data: str | Path | None, features:
     if kind == "data":
         return data_source(path, split)
     if kind == "shards":
-        from vsectl.retrieval.tar_collection import tar_source
-
         return tar_source(path)
     return store_source(path)
+
+
+def tar_source(spec: str | Path) -> Source:
+    """Tar shards as an embed source; identity: each shard's name, size and modification time."""
+    from vsectl.data.tar_shards import resolve_shards
+
+    shards = resolve_shards(spec)
+    listing = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in shards)
+    identity = {"shards": len(shards), "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    return Source(kind="shards", path=shards[0].parent, items=[], captions=[], identity=identity,
+                  extra={"shards": shards, "pattern": str(spec)},
+                  root=Path(os.path.commonpath([str(p.resolve().parent) for p in shards])))

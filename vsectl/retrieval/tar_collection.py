@@ -10,18 +10,18 @@ workers share them (`vsectl.data.tar_shards.ShardStream`).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vsectl.data.tar_shards import Sample, ShardStream, estimate_samples, resolve_shards, stream_batches
+from vsectl.data.tar_images import decode_sample
+from vsectl.data.tar_shards import ShardStream, estimate_samples, stream_batches
 from vsectl.errors import DataError
 from vsectl.retrieval.embeddings import JsonLinesWriter, NpyAppender
+from vsectl.retrieval.partial import write_shard
 from vsectl.retrieval.sources import Source
 
 log = logging.getLogger(__name__)
@@ -29,32 +29,8 @@ log = logging.getLogger(__name__)
 MAX_SKIPPED_RECORDS = 100
 
 
-def tar_source(spec: str | Path) -> Source:
-    """Tar shards as an embed source; identity: each shard's name, size and modification time."""
-    shards = resolve_shards(spec)
-    listing = "\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in shards)
-    identity = {"shards": len(shards), "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
-    return Source(kind="shards", path=shards[0].parent, items=[], captions=[], identity=identity,
-                  extra={"shards": shards, "pattern": str(spec)},
-                  root=Path(os.path.commonpath([str(p.resolve().parent) for p in shards])))
-
-
 def shard_name(s: int) -> str:
     return f"tar-{s:05d}"
-
-
-def decode_sample(sample: Sample, size: int) -> tuple[Any, str]:
-    """Worker side: the sample's image as (3, size, size) uint8, or None and why."""
-    from vsectl.data.images import UnreadableImage, preprocess
-    from vsectl.data.tar_shards import image_file
-
-    if sample.image is None:
-        return None, f"{sample.key}: no image member"
-    data = image_file(sample.image)
-    try:
-        return preprocess(data, size), ""
-    except UnreadableImage as e:
-        return None, f"{sample.image_name}: {str(e).replace(str(data), 'member')}"
 
 
 class _Pending:
@@ -67,15 +43,13 @@ class _Pending:
 
 
 def _finish(model: Any, path: Path, folder: Path, s: int, pending: _Pending, batch_size: int) -> None:
-    from vsectl.retrieval.collection import _write_shard
-
     dim = model.embed_dim
     images = np.concatenate(pending.rows) if pending.rows else np.zeros((0, dim), np.float32)
     texts = [r["caption"] for r in pending.records if r["caption"]]
     captions = model.encode_text(texts, batch_size=batch_size) if texts else np.zeros((0, dim), np.float32)
     name = shard_name(s)
-    _write_shard(folder, f"{name}-captions", captions, {"captions": len(texts)})
-    _write_shard(folder, name, images, {"tar": str(path), "records": pending.records, "skipped": pending.skipped})
+    write_shard(folder, f"{name}-captions", captions, {"captions": len(texts)})
+    write_shard(folder, name, images, {"tar": str(path), "records": pending.records, "skipped": pending.skipped})
 
 
 def embed_tar_shards(model: Any, source: Source, todo: list[int], folder: Path, batch_size: int, workers: int,

@@ -33,6 +33,8 @@ MAX_K = 100            # hits one request may ask for
 MAX_QUERY_CHARS = 500  # longer text is refused rather than truncated
 MAX_BATCH = 64         # vectors scanned together at most
 SIDES = ("images", "captions")
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp", ".svg": "image/svg+xml"}  # what the page may show
 
 SearchFn = Callable[[np.ndarray, int, str], list[Any]]  # (Q, E) vectors, k, side → one SearchResult per vector
 
@@ -222,8 +224,6 @@ class SearchEngine:
         not a regular file, of a type not served, or (resolved after opening, links included) outside the folder the
         collection's images were embedded from. An image inside a tar shard is its recorded bytes, read from the
         shard file under the same rules."""
-        from vsectl.serving.http import IMAGE_TYPES
-
         if not 0 <= image < self.emb.n_images or self.image_root is None:
             return None
         member = self.emb.image(image).get("tar")

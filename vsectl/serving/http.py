@@ -42,8 +42,6 @@ from vsectl.serving.page import PAGE
 log = logging.getLogger(__name__)
 
 IMAGE_ROUTE = re.compile(r"/image/(\d{1,12})")
-IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-               ".webp": "image/webp", ".bmp": "image/bmp", ".svg": "image/svg+xml"}
 PAGE_POLICY = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self'; " \
               "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 FILE_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"  # an SVG opened on its own runs no script
