@@ -197,6 +197,32 @@ def test_a_killed_export_leaves_nothing_behind_once_the_next_one_ran(clipart_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
+def test_stale_temporaries_are_told_by_the_targets_lock_and_only_vsectls_own_are_removed(tmp_path):
+    from vsectl.folders import recover
+    from vsectl.locks import folder_lock
+
+    out = tmp_path / "onnx"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a pid reused by a non-writer
+    try:
+        stale = {"dead": tmp_path / f".onnx.vsectl-tmp-{dead}-0badcafe",
+                 "reused": tmp_path / f".onnx.vsectl-tmp-{sleeper.pid}-deadbeef"}
+        others = [".onnx.vsectl-tmp-notes", f".onnx.vsectl-tmp-{dead}-backup", f".other.vsectl-tmp-{dead}-0badcafe",
+                  ".onnx.mine"]  # a user's look-alikes and another target's temporary
+        for folder in [*stale.values(), *(tmp_path / name for name in others)]:
+            folder.mkdir()
+            (folder / "text.onnx").write_bytes(b"half")
+        recover(out)  # without the lock a live pid may be a writer's: only the dead one's folder goes
+        assert not stale["dead"].exists() and stale["reused"].is_dir()
+        with folder_lock(out):  # every writer of the target holds this lock: the pid's process is not one
+            recover(out)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".onnx.lock") == sorted(others)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ------------------------------------------------------------------------------------------------ index
 
 

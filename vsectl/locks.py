@@ -43,6 +43,11 @@ def lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
 
 
+def holds_lock(folder: str | Path) -> bool:
+    """Whether this process holds `folder`'s lock (inside `folder_lock(folder)`)."""
+    return os.path.abspath(lock_path(Path(folder))) in _held
+
+
 def _holder_record(command: str) -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
