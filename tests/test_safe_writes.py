@@ -223,6 +223,43 @@ def test_stale_temporaries_are_told_by_the_targets_lock_and_only_vsectls_own_are
         sleeper.wait()
 
 
+# ------------------------------------------------------------------------------------------------ eval results
+
+
+def test_eval_writes_its_result_under_the_eval_folders_lock_waiting_briefly_then_naming_the_holder(
+        clipart_run, tmp_path, monkeypatch):
+    import shutil
+
+    import vsectl.evaluation
+
+    run = Path(shutil.copytree(clipart_run["run"], tmp_path / "run"))
+    argv = ["-q", "eval", str(run), "--device", "cpu", "--json"]
+    result = run / "eval" / "f30k-test.json"
+    monkeypatch.setattr(vsectl.evaluation, "RESULT_LOCK_WAIT", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / "eval"), "60"], stdout=subprocess.PIPE,
+                              text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error_line(CliRunner().invoke(app, argv))
+        assert f"pid {holder.pid}: holder for the test" in line and "was not written" in line
+        assert not result.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(vsectl.evaluation, "RESULT_LOCK_WAIT", 60.0)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / "eval"), "1.5"], stdout=subprocess.PIPE,
+                              text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = CliRunner().invoke(app, argv)  # a holder that lets go within the wait: this eval writes after it
+        assert done.exit_code == 0, done.output
+        assert json.loads(result.read_text())["metrics"] == json.loads(done.stdout)["f30k"]["metrics"]
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ------------------------------------------------------------------------------------------------ index
 
 

@@ -22,6 +22,7 @@ from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
 from vsectl.kinds import IMAGE_KINDS, TextInput
+from vsectl.locks import FolderBusy, folder_lock
 from vsectl.metrics import metrics_by_rule
 from vsectl.models.vse import VSEModel
 from vsectl.protocols import Protocol, evaluate_protocol, expand
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SELECT_TIE_RULE = DEFAULT_TIE_RULE  # model selection's default (train.select_tie_rule): the same rule as eval's
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
+RESULT_LOCK_WAIT = 10.0  # seconds an eval waits for another eval of the run to finish writing its result
 
 
 @torch.no_grad()
@@ -168,30 +170,46 @@ def same_root(a: str | Path, b: str | Path) -> bool:
 
 
 def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensemble: bool) -> Path:
-    """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
+    """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name).
+
+    Under the lock of the run's eval folder: another eval of the run reading, moving and writing the same names at
+    once is waited for (`RESULT_LOCK_WAIT` seconds), then named in a FolderBusy error.
+    """
+    out = result_path(run_dir, result["protocol"], result["split"], ensemble,
+                      None if own_data else result["data_fingerprint"], result["tie_rule"],
+                      result.get("checkpoint", "best"))
+    try:
+        with folder_lock(out.parent, wait=RESULT_LOCK_WAIT):
+            _keep_older(run_dir, result, out, own_data, ensemble)
+            atomic_write_json(out, result)
+    except FolderBusy as busy:
+        raise FolderBusy(f"{out} was not written: {busy}") from None
+    return out
+
+
+def _keep_older(run_dir: Path, result: dict[str, Any], out: Path, own_data: bool, ensemble: bool) -> None:
+    """Move an existing `out` of another tie rule or of other data to its own name (call it under the eval lock)."""
     protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
         result["tie_rule"]
     which = result.get("checkpoint", "best")
-    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule, which)
-    if out.is_file():
-        try:
-            old = json.loads(out.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
-        if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
-            kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule, which)
-            os.replace(out, kept)
-            log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
-            old = {}
-        old_print = old.get("data_fingerprint") if own_data else None
-        if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
-            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
-            os.replace(out, kept)
-            log.warning("the data under %s changed since %s was written; the old result is kept as %s",
-                        result["data_root"], out, kept)
-    atomic_write_json(out, result)
-    return out
+    if not out.is_file():
+        return
+    try:
+        old = json.loads(out.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
+    if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
+        kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule, which)
+        os.replace(out, kept)
+        log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
+        old = {}
+    old_print = old.get("data_fingerprint") if own_data else None
+    if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
+        kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
+        os.replace(out, kept)
+        log.warning("the data under %s changed since %s was written; the old result is kept as %s",
+                    result["data_root"], out, kept)
 
 
 def evaluate_runs(
