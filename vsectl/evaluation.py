@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, collate_tokens
-from vsectl.data.door import image_dataset, open_split, source_of
+from vsectl.data.door import FeatureWidthError, image_dataset, open_split, source_of
 from vsectl.data.sources import Split, search_collection_message, split_fingerprint
 from vsectl.data.splits import canonical_split
 from vsectl.data.vocab import warn_unknown_only
@@ -150,6 +150,16 @@ def check_evaluable(data: Split, where: str, protocol: str, chosen: list[Protoco
                               "split in one block")
 
 
+def _check_width(data: Split, feat_dim: int, where: str) -> None:
+    """Refuse features the run's model cannot take, saying what an eval can change: the data, not the model."""
+    try:
+        source_of(data).check(data, feat_dim, where)
+    except FeatureWidthError as e:
+        raise DataError(f"{where}: features are {e.found}-d, but the run was trained on {e.expected}-d features; give "
+                        f"--data-root a folder of {e.expected}-d features (made as the run's training features "
+                        "were)") from None
+
+
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
                 fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE, checkpoint: str = "best") -> Path:
     """`eval/<protocol>-<split>.json` of the best checkpoint on the run's own data; the last checkpoint adds `-last`,
@@ -257,7 +267,7 @@ def evaluate_runs(
         root = data_root or cfg.data.root
         data = open_split(root, split_name, IMAGE_KINDS.get(cfg.model.image.encoder).reads)
         check_evaluable(data, f"{root}/{split_name}", protocol, chosen)
-        source_of(data).check(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
+        _check_width(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
         members.append((run, cfg, model, text, root, data))
     for p in chosen:
         if p.images is not None and split_name != canonical_split(p.default_split):
