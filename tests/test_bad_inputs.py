@@ -179,6 +179,10 @@ CASES = [
     Case("eval on a data root that does not exist", lambda w, t: ["eval", str(w.run), "--data-root",
                                                                    str(t / "nowhere"), "--device", "cpu"],
          "set data.root (--data-root FOLDER)"),
+    Case("eval on features of another width", lambda w, t: [
+        "eval", str(w.run), "--data-root", str(make_toy_dataset(t / "wide", n_train=4, n_dev=4, n_test=10, seed=0,
+                                                                  feat_dim=16)), "--device", "cpu"],
+         "features are 16-d, but the run was trained on 32-d features; give --data-root a folder of 32-d features"),
     Case("eval on a raw dataset", lambda w, t: ["eval", str(w.run), "--data-root", str(w.raw), "--device", "cpu"],
          "then use --data-root"),
     Case("eval on images without captions", lambda w, t: ["eval", str(w.run), "--data-root", str(collection(t)),

@@ -64,6 +64,26 @@ def test_checkpoint_round_trip_restores_model_optimizer_and_rng(tmp_path):
         torch.testing.assert_close(model2.state_dict()[k], v)
 
 
+def strict_json(text: str):  # noqa: ANN201 - what jq and JavaScript accept: no NaN, Infinity or -Infinity
+    def refuse(name: str):  # noqa: ANN202
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_trainer_state_is_strict_json_before_any_validation_and_reads_back(tmp_path):
+    model, _ = small_model_and_optimizer()
+    state = {"epoch": 0, "global_step": 0, "best_rsum": -float("inf"), "best_epoch": -1,
+             "val": {"rsum": float("nan"), "meanr": float("inf")}}
+    path = save_checkpoint(tmp_path / "last", model.state_dict(), state, {}, rng=False)
+    written = strict_json((path / "trainer_state.json").read_text())
+    assert written["best_rsum"] is None and written["val"] == {"rsum": None, "meanr": None}
+    assert load_checkpoint(path)["trainer_state"]["best_rsum"] == -float("inf")
+    (path / "trainer_state.json").write_text('{"epoch": 0, "global_step": 0, "best_rsum": -Infinity, '
+                                             '"best_epoch": -1}')  # as versions before this one wrote it
+    assert load_checkpoint(path)["trainer_state"]["best_rsum"] == -float("inf")
+
+
 def test_checkpoint_files_load_without_pickle(tmp_path):
     model, opt = small_model_and_optimizer()
     path = save_checkpoint(tmp_path / "c", model.state_dict(), {"epoch": 1}, {}, optimizer_state=opt.state_dict())

@@ -171,6 +171,25 @@ def test_export_cli_writes_both_towers_and_a_manifest_with_parity(tiny_run, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
+def test_an_export_removes_the_stale_temporaries_of_its_target_and_nothing_else(tiny_run, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    import subprocess
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # its pid: reused, not a writer
+    try:
+        stale = tmp_path / f".onnx.vsectl-tmp-{sleeper.pid}-0badcafe"  # what a SIGKILL mid-export leaves
+        kept = [".onnx.vsectl-tmp-notes", ".onnx.backup", f".other.vsectl-tmp-{sleeper.pid}-0badcafe"]
+        for folder in [stale, *(tmp_path / name for name in kept)]:
+            folder.mkdir()
+            (folder / "text.onnx").write_bytes(b"half")
+        result = runner.invoke(app, ["-q", "export", str(tiny_run), "--out", str(tmp_path / "onnx")])
+        assert result.exit_code == 0, result.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "onnx"])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_export_of_a_transformers_run_carries_its_tokenizer(toy_root, tiny_bert_dir, tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     from vsectl.export import export_onnx

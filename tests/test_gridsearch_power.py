@@ -117,6 +117,9 @@ def test_best_dev_reads_the_best_checkpoint_else_the_last_best_record(tmp_path):
     assert best_dev(run) == (12.0, 1)
     (run / "checkpoints" / "best" / "trainer_state.json").write_text(json.dumps({"best_rsum": 12.5, "best_epoch": 3}))
     assert best_dev(run) == (12.5, 3)
+    for unset in ("null", "-Infinity"):  # no validation was best yet (an imported run), as written now and before
+        (run / "checkpoints" / "best" / "trainer_state.json").write_text(f'{{"best_rsum": {unset}, "best_epoch": -1}}')
+        assert best_dev(run) == (None, None)
     assert best_dev(tmp_path / "none") == (None, None)
 
 

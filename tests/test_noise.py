@@ -175,3 +175,22 @@ def test_the_pair_sample_holds_both_kinds_and_separation_is_the_auc():
     rec = {"epoch": 0, "loss": [1.0, 2.0, 3.0, 2.0], "noisy": [False, False, True, True]}
     # noisy losses 3 and 2 against clean 1 and 2: pairs (3>1, 3>2, 2>1, 2=2 counts half) → 3.5 / 4
     assert separation([rec])[0]["auc"] == pytest.approx(3.5 / 4)
+
+
+@pytest.mark.parametrize(("index", "match"), [
+    (None, "does not exist"),
+    (np.arange(7), "has 7 entries"),
+    (np.full(600, 10_000), "outside the"),
+    ("not a npy file", "lacks the .npy header"),
+])
+def test_a_bad_noise_index_is_refused_before_the_run_folder_is_made(toy_root, tmp_path, index, match):
+    path = tmp_path / "index.npy"
+    if isinstance(index, str):
+        path.write_text(index)
+    elif index is not None:
+        np.save(path, index)
+    out = tmp_path / "runs"
+    result = runner.invoke(app, ["-q", "train", str(TINY), "--set", f"data.root={toy_root}", "--set",
+                                 f"data.noise.index_file={path}", "--out", str(out), "--device", "cpu"])
+    assert match in one_error_line(result)
+    assert not (out / "tiny").exists() and not list(out.glob(".*"))  # no run folder, no lock file left

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_checks import one_error_line
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -482,6 +483,22 @@ def test_cli_import_precomp_then_verify_nan_exits_2(tmp_path: Path) -> None:
     write_precomp(tmp_path / "bad", "test", n=3, per_caption=False, nan_image=0)
     result = runner.invoke(app, ["data", "verify", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "NaN/inf" in " ".join(result.output.split())
+
+
+def test_cli_verify_is_quiet_with_q_and_json_only_with_json(tmp_path: Path) -> None:
+    write_precomp(tmp_path / "good", "test", n=3, per_caption=False)
+    for argv in (["-q", "data", "verify", str(tmp_path / "good")], ["data", "verify", str(tmp_path / "good"), "-q"]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 0 and result.stdout == "" and result.stderr == "", result.output
+    result = runner.invoke(app, ["data", "verify", str(tmp_path / "good"), "--json"])
+    assert result.exit_code == 0 and result.stderr == "" and json.loads(result.stdout)["ok"] is True
+    write_precomp(tmp_path / "bad", "test", n=3, per_caption=False, nan_image=0)
+    result = runner.invoke(app, ["-q", "data", "verify", str(tmp_path / "bad")])
+    assert result.stdout == "" and "NaN/inf" in one_error_line(result)
+    result = runner.invoke(app, ["data", "verify", str(tmp_path / "bad"), "--json"])
+    assert json.loads(result.stdout)["ok"] is False and "NaN/inf" in one_error_line(result)
+    result = runner.invoke(app, ["data", "verify", str(tmp_path / "bad")])  # without -q: the table, then the line
+    assert "feature dim" in result.stderr and result.stderr.rstrip().splitlines()[-1].startswith("error: ")
 
 
 # --- the committed fixture -----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
@@ -294,6 +295,20 @@ def test_a_trainer_state_without_its_epoch_is_one_line(done_run: Path, tmp_path:
     run = copy_run(done_run, tmp_path)
     _edit_json(run / "checkpoints" / "last" / "trainer_state.json", lambda s: s.pop("epoch"))
     assert "trainer_state.json is damaged (epoch is missing)" in refuse(*resume_argv(run, toy_root))
+
+
+def test_a_run_whose_state_holds_minus_infinity_resumes_and_is_then_strict_json(done_run: Path, tmp_path: Path,
+                                                                                 toy_root: Path) -> None:
+    run = copy_run(done_run, tmp_path)  # an older vsectl wrote best_rsum -Infinity until a validation beat it
+    _edit_json(run / "checkpoints" / "last" / "trainer_state.json", lambda s: s.update(best_rsum=-math.inf,
+                                                                                       best_epoch=-1))
+    assert "-Infinity" in (run / "checkpoints" / "last" / "trainer_state.json").read_text()
+    result = CliRunner().invoke(app, ["-q", *resume_argv(run, toy_root)])
+    assert result.exit_code == 0, result.output
+    for folder in ("last", "best"):
+        text = (run / "checkpoints" / folder / "trainer_state.json").read_text()
+        state = json.loads(text, parse_constant=pytest.fail)  # NaN, Infinity, -Infinity are not JSON
+        assert state["epoch"] == 2 and state["best_epoch"] == 1 and math.isfinite(state["best_rsum"])
 
 
 def test_a_resume_without_the_rng_file_says_what_is_lost(done_run: Path, tmp_path: Path, toy_root: Path) -> None:

@@ -197,6 +197,69 @@ def test_a_killed_export_leaves_nothing_behind_once_the_next_one_ran(clipart_run
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
+def test_stale_temporaries_are_told_by_the_targets_lock_and_only_vsectls_own_are_removed(tmp_path):
+    from vsectl.folders import recover
+    from vsectl.locks import folder_lock
+
+    out = tmp_path / "onnx"
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a pid reused by a non-writer
+    try:
+        stale = {"dead": tmp_path / f".onnx.vsectl-tmp-{dead}-0badcafe",
+                 "reused": tmp_path / f".onnx.vsectl-tmp-{sleeper.pid}-deadbeef"}
+        others = [".onnx.vsectl-tmp-notes", f".onnx.vsectl-tmp-{dead}-backup", f".other.vsectl-tmp-{dead}-0badcafe",
+                  ".onnx.mine"]  # a user's look-alikes and another target's temporary
+        for folder in [*stale.values(), *(tmp_path / name for name in others)]:
+            folder.mkdir()
+            (folder / "text.onnx").write_bytes(b"half")
+        recover(out)  # without the lock a live pid may be a writer's: only the dead one's folder goes
+        assert not stale["dead"].exists() and stale["reused"].is_dir()
+        with folder_lock(out):  # every writer of the target holds this lock: the pid's process is not one
+            recover(out)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".onnx.lock") == sorted(others)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+# ------------------------------------------------------------------------------------------------ eval results
+
+
+def test_eval_writes_its_result_under_the_eval_folders_lock_waiting_briefly_then_naming_the_holder(
+        clipart_run, tmp_path, monkeypatch):
+    import shutil
+
+    import vsectl.evaluation
+
+    run = Path(shutil.copytree(clipart_run["run"], tmp_path / "run"))
+    argv = ["-q", "eval", str(run), "--device", "cpu", "--json"]
+    result = run / "eval" / "f30k-test.json"
+    monkeypatch.setattr(vsectl.evaluation, "RESULT_LOCK_WAIT", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / "eval"), "60"], stdout=subprocess.PIPE,
+                              text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = one_error_line(CliRunner().invoke(app, argv))
+        assert f"pid {holder.pid}: holder for the test" in line and "was not written" in line
+        assert not result.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(vsectl.evaluation, "RESULT_LOCK_WAIT", 60.0)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / "eval"), "1.5"], stdout=subprocess.PIPE,
+                              text=True, env=env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = CliRunner().invoke(app, argv)  # a holder that lets go within the wait: this eval writes after it
+        assert done.exit_code == 0, done.output
+        assert json.loads(result.read_text())["metrics"] == json.loads(done.stdout)["f30k"]["metrics"]
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ------------------------------------------------------------------------------------------------ index
 
 

@@ -13,6 +13,7 @@ relative path and sha256 in the `frozen` metadata entry, and loading merges it b
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vsectl.errors import CheckpointError
-from vsectl.io import atomic_path, sha256_file, umask_mode
+from vsectl.io import atomic_path, json_text, sha256_file, umask_mode
 from vsectl.tensorfile import save_file  # same tensors and metadata → same bytes (safetensors' own order varies)
 
 MODEL_FILE = "model.safetensors"
@@ -129,7 +130,7 @@ def _write_checkpoint_files(
         tensors, meta = capture_rng()
         save_file(_plain(tensors), str(tmp / RNG_FILE))
         state["rng"] = meta
-    (tmp / STATE_FILE).write_text(json.dumps(state))
+    (tmp / STATE_FILE).write_text(json_text(state))  # strict JSON: no best yet is null, not -Infinity
     for f in tmp.iterdir():
         os.chmod(f, umask_mode())  # safetensors writes 0600; lab-mates should read the weights as any other output
         with open(f, "rb") as fh:
@@ -243,6 +244,14 @@ def _merge_frozen(ckpt: Path, model: dict[str, torch.Tensor], entry: str, device
     return {**load_file(str(path), device=device), **model}
 
 
+def parse_trainer_state(text: str) -> Any:
+    """trainer_state.json as a dict; best_rsum null (-Infinity in files of older versions) is -inf: no best yet."""
+    state = json.loads(text)  # Python's reader still takes the -Infinity older versions wrote
+    if isinstance(state, dict) and "best_rsum" in state and state["best_rsum"] is None:
+        state["best_rsum"] = -math.inf
+    return state
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint folder.
 
@@ -256,7 +265,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         frozen = read_metadata(path).get(FROZEN_KEY)
         if frozen:
             model = _merge_frozen(path, model, frozen, device)
-        state = json.loads((path / STATE_FILE).read_text())
+        state = parse_trainer_state((path / STATE_FILE).read_text())
         optimizer = None
         if "optimizer" in state and (path / OPTIMIZER_FILE).is_file():
             optimizer = optimizer_from_tensors(load_file(str(path / OPTIMIZER_FILE), device=device), state["optimizer"])

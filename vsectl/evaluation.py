@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vsectl.builders import TextSide, load_run
 from vsectl.data.datasets import CaptionDataset, collate_tokens
-from vsectl.data.door import image_dataset, open_split, source_of
+from vsectl.data.door import FeatureWidthError, image_dataset, open_split, source_of
 from vsectl.data.sources import Split, search_collection_message, split_fingerprint
 from vsectl.data.splits import canonical_split
 from vsectl.data.vocab import warn_unknown_only
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
 from vsectl.kinds import IMAGE_KINDS, TextInput
+from vsectl.locks import FolderBusy, folder_lock
 from vsectl.metrics import metrics_by_rule
 from vsectl.models.vse import VSEModel
 from vsectl.protocols import Protocol, evaluate_protocol, expand
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SELECT_TIE_RULE = DEFAULT_TIE_RULE  # model selection's default (train.select_tie_rule): the same rule as eval's
 FINGERPRINT_CHARS = 12  # hex digits of the data fingerprint in a result's file name
+RESULT_LOCK_WAIT = 10.0  # seconds an eval waits for another eval of the run to finish writing its result
 
 
 @torch.no_grad()
@@ -148,6 +150,16 @@ def check_evaluable(data: Split, where: str, protocol: str, chosen: list[Protoco
                               "split in one block")
 
 
+def _check_width(data: Split, feat_dim: int, where: str) -> None:
+    """Refuse features the run's model cannot take, saying what an eval can change: the data, not the model."""
+    try:
+        source_of(data).check(data, feat_dim, where)
+    except FeatureWidthError as e:
+        raise DataError(f"{where}: features are {e.found}-d, but the run was trained on {e.expected}-d features; give "
+                        f"--data-root a folder of {e.expected}-d features (made as the run's training features "
+                        "were)") from None
+
+
 def result_path(run_dir: Path, protocol: str, split: str, ensemble: bool = False,
                 fingerprint: str | None = None, tie_rule: str = DEFAULT_TIE_RULE, checkpoint: str = "best") -> Path:
     """`eval/<protocol>-<split>.json` of the best checkpoint on the run's own data; the last checkpoint adds `-last`,
@@ -168,30 +180,46 @@ def same_root(a: str | Path, b: str | Path) -> bool:
 
 
 def _write_result(run_dir: Path, result: dict[str, Any], own_data: bool, ensemble: bool) -> Path:
-    """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name)."""
+    """Write one result without replacing a result of other data (an older one is moved to its fingerprinted name).
+
+    Under the lock of the run's eval folder: another eval of the run reading, moving and writing the same names at
+    once is waited for (`RESULT_LOCK_WAIT` seconds), then named in a FolderBusy error.
+    """
+    out = result_path(run_dir, result["protocol"], result["split"], ensemble,
+                      None if own_data else result["data_fingerprint"], result["tie_rule"],
+                      result.get("checkpoint", "best"))
+    try:
+        with folder_lock(out.parent, wait=RESULT_LOCK_WAIT):
+            _keep_older(run_dir, result, out, own_data, ensemble)
+            atomic_write_json(out, result)
+    except FolderBusy as busy:
+        raise FolderBusy(f"{out} was not written: {busy}") from None
+    return out
+
+
+def _keep_older(run_dir: Path, result: dict[str, Any], out: Path, own_data: bool, ensemble: bool) -> None:
+    """Move an existing `out` of another tie rule or of other data to its own name (call it under the eval lock)."""
     protocol, split, fingerprint, rule = result["protocol"], result["split"], result["data_fingerprint"], \
         result["tie_rule"]
     which = result.get("checkpoint", "best")
-    out = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, rule, which)
-    if out.is_file():
-        try:
-            old = json.loads(out.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
-        if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
-            kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule, which)
-            os.replace(out, kept)
-            log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
-            old = {}
-        old_print = old.get("data_fingerprint") if own_data else None
-        if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
-            kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
-            os.replace(out, kept)
-            log.warning("the data under %s changed since %s was written; the old result is kept as %s",
-                        result["data_root"], out, kept)
-    atomic_write_json(out, result)
-    return out
+    if not out.is_file():
+        return
+    try:
+        old = json.loads(out.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    old_rule = old.get("tie_rule", LEGACY_TIE_RULE) if old else rule
+    if old_rule != rule:  # written when another rule was the default: kept under that rule's own name
+        kept = result_path(run_dir, protocol, split, ensemble, None if own_data else fingerprint, old_rule, which)
+        os.replace(out, kept)
+        log.info("%s was made under the %s tie rule; it is kept as %s", out, old_rule, kept)
+        old = {}
+    old_print = old.get("data_fingerprint") if own_data else None
+    if old_print and (old_print != fingerprint or not same_root(old.get("data_root", ""), result["data_root"])):
+        kept = result_path(run_dir, protocol, split, ensemble, old_print, rule, which)
+        os.replace(out, kept)
+        log.warning("the data under %s changed since %s was written; the old result is kept as %s",
+                    result["data_root"], out, kept)
 
 
 def evaluate_runs(
@@ -239,7 +267,7 @@ def evaluate_runs(
         root = data_root or cfg.data.root
         data = open_split(root, split_name, IMAGE_KINDS.get(cfg.model.image.encoder).reads)
         check_evaluable(data, f"{root}/{split_name}", protocol, chosen)
-        source_of(data).check(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
+        _check_width(data, cfg.model.image.feat_dim, f"{root}/{split_name}")
         members.append((run, cfg, model, text, root, data))
     for p in chosen:
         if p.images is not None and split_name != canonical_split(p.default_split):

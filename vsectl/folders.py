@@ -11,7 +11,9 @@ into it, and on success it takes `out`'s place by rename:
   files of the same names) and keeps every other file.
 
 Run it under the folder's lock (`vsectl.locks.folder_lock`): it then knows that every temporary sibling of `out` it
-finds was left by a writer that was killed, and removes those.
+finds was left by a writer that was killed (every writer of `out` holds that lock while its folders exist, so the pid in
+a folder's name is not asked: it may have been reused by an unrelated process), and removes those. Only folders named
+exactly as vsectl names them for `out` are touched.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vsectl.errors import ConfigError
+from vsectl.locks import holds_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,10 @@ OLD_TAG = "vsectl-old"
 Legacy = Callable[[Path], set[str]]  # an output folder → the entries an earlier vsectl wrote there (none if foreign)
 
 
-def _pid_of(name: str) -> int | None:
-    match = re.search(r"-(\d+)-[0-9a-f]+$", name)
-    return int(match.group(1)) if match else None
-
-
-def _alive(pid: int | None) -> bool:
-    """Whether the writer that named a temporary folder with `pid` may still be writing it. Called under the folder's
-    lock, so this process's own folders are left-overs of an earlier write that failed."""
-    if pid is None or pid == os.getpid():
+def _alive(pid: int, locked: bool) -> bool:
+    """Whether the writer that named a folder with `pid` may still be writing it. Under the target's lock (`locked`)
+    none is; else this process's own folders are left-overs of a write that failed, and other pids are asked."""
+    if locked or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -56,13 +54,19 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _siblings(out: Path, tag: str) -> list[Path]:
-    prefix = f".{out.name}.{tag}-"
+def _siblings(out: Path, pattern: str) -> list[tuple[Path, int]]:
+    """The folders beside `out` whose whole name matches `pattern` (its group: the writer's pid), with that pid."""
+    name = re.compile(pattern)
     try:
-        return sorted(p for p in out.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()
-                      and not p.is_symlink())
+        found = [(p, name.fullmatch(p.name)) for p in out.parent.iterdir()]
     except FileNotFoundError:
         return []
+    return sorted((p, int(m.group(1))) for p, m in found if m and p.is_dir() and not p.is_symlink())
+
+
+def _named(out: Path, tag: str) -> str:
+    """The pattern of the folders `new_stage` and `_swap` name for `out`: .NAME.TAG-PID-8 hex digits."""
+    return rf"\.{re.escape(out.name)}\.{tag}-(\d+)-[0-9a-f]{{8}}"
 
 
 def _remove_entries(folder: Path, names: set[str] | list[str]) -> None:
@@ -93,8 +97,9 @@ def owned_entries(out: Path, legacy: Legacy | None = None) -> set[str]:
 def recover(out: Path, legacy: Legacy | None = None) -> None:
     """Undo what killed writers left (call it holding `out`'s lock): an old folder set aside by a swap that did not
     finish is put back if `out` is missing; temporary folders of writers that are gone are removed."""
-    for old in _siblings(out, OLD_TAG):
-        if _alive(_pid_of(old.name)):
+    locked = holds_lock(out)
+    for old, pid in _siblings(out, _named(out, OLD_TAG)):
+        if _alive(pid, locked):
             continue
         if not out.exists():
             log.warning("restoring %s, set aside by a write that was interrupted", out)
@@ -103,14 +108,10 @@ def recover(out: Path, legacy: Legacy | None = None) -> None:
         _remove_entries(old, owned_entries(old, legacy))
         with contextlib.suppress(OSError):
             old.rmdir()
-    legacy_tmp = re.compile(rf"\.{re.escape(out.name)}\.(\d+)\.tmp")  # what vsectl 0.1 named them
-    try:
-        older = [p for p in out.parent.iterdir() if legacy_tmp.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
-    except FileNotFoundError:
-        older = []
-    for tmp in _siblings(out, TMP_TAG) + older:
-        pid = int(legacy_tmp.fullmatch(tmp.name).group(1)) if legacy_tmp.fullmatch(tmp.name) else _pid_of(tmp.name)
-        if not _alive(pid):
+    ours = [(tmp, pid, locked) for tmp, pid in _siblings(out, _named(out, TMP_TAG))]
+    older = [(tmp, pid, False) for tmp, pid in _siblings(out, rf"\.{re.escape(out.name)}\.(\d+)\.tmp")]  # vsectl
+    for tmp, pid, lock_tells in ours + older:  # 0.1 named them so; its writers took no lock, so their pid is asked
+        if not _alive(pid, lock_tells):
             log.info("removing %s, left by an interrupted write", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 LOCK_SUFFIX = ".lock"
 NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # flock unsupported on this file system
+WAIT_STEP = 0.05  # seconds between two tries while waiting for a holder
 _held: dict[str, int] = {}  # lock file → depth, for re-entry within this process
 
 
@@ -41,6 +42,11 @@ def lock_path(folder: Path) -> Path:
     """The lock file of `folder`: `.NAME.lock` in its parent folder."""
     folder = Path(folder)
     return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
+
+
+def holds_lock(folder: str | Path) -> bool:
+    """Whether this process holds `folder`'s lock (inside `folder_lock(folder)`)."""
+    return os.path.abspath(lock_path(Path(folder))) in _held
 
 
 def _holder_record(command: str) -> dict[str, Any]:
@@ -153,16 +159,30 @@ def _exclusive_file(path: Path, folder: Path, record: dict[str, Any]) -> int:
     raise _busy(folder, _read_holder(path))
 
 
+def _take(path: Path, folder: Path, record: dict[str, Any], wait: float) -> int:
+    """The lock file's descriptor, locked; a holder is waited for up to `wait` seconds, then named (FolderBusy)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = _flock(path, folder, record)
+            return _exclusive_file(path, folder, record) if fd is None else fd
+        except FolderBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(WAIT_STEP)
+
+
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, command: str | None = None) -> Iterator[Path]:
+def folder_lock(folder: str | Path, command: str | None = None, wait: float = 0.0) -> Iterator[Path]:
     """Hold the exclusive write lock of `folder` for the duration of the block.
 
     Args:
-        folder: the run, embeddings, index or export folder (it need not exist yet; its parent is created).
+        folder: the run, embeddings, index, export or eval folder (it need not exist yet; its parent is created).
         command: what holds it, shown to a second writer (default: this process's command line).
+        wait: seconds to wait for another holder to let go (for writers that hold it briefly); 0: refuse at once.
 
     Raises:
-        FolderBusy: another process holds the lock; the message names it.
+        FolderBusy: another process holds the lock (still, after `wait`); the message names it.
     """
     folder = Path(folder)
     path = lock_path(folder)
@@ -178,9 +198,7 @@ def folder_lock(folder: str | Path, command: str | None = None) -> Iterator[Path
     program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
     program = "vsectl" if program in ("__main__.py", "vsectl") else program  # `python -m vsectl` runs __main__.py
     record = _holder_record(command or " ".join([program, *sys.argv[1:]])[:500])
-    fd = _flock(path, folder, record)
-    if fd is None:
-        fd = _exclusive_file(path, folder, record)
+    fd = _take(path, folder, record, wait)
     _held[key] = 1
     try:
         yield folder

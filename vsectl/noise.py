@@ -30,6 +30,7 @@ RECORD_FILE = "noise.json"
 INDEX_FILE = "noise_index.npy"
 EXAMPLES = 20  # noisy pairs written out in noise.json with their ids and caption text
 LAYOUTS = ("generated", "per-caption", "per-image")
+NPY_MAGIC = b"\x93NUMPY"  # the first bytes of every .npy file
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,17 @@ def read_noise_index(path: str | Path, clean: np.ndarray, n_images: int, row_str
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"data.noise.index_file {path} does not exist")
+        state = "is not a file" if path.exists() else "does not exist"
+        raise ConfigError(f"data.noise.index_file {path} {state}")
     try:
+        with open(path, "rb") as fh:
+            if fh.read(len(NPY_MAGIC)) != NPY_MAGIC:  # np.load would take it for a pickle and say so
+                raise DataError(f"{path} is not a .npy noise index (it lacks the .npy header; write one with "
+                                "numpy.save)")
         index = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except OSError as e:
+        raise DataError(f"data.noise.index_file {path} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
         raise DataError(f"{path} is not a .npy noise index ({e})") from None
     if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
         raise DataError(f"{path} holds a {index.dtype} array of shape {index.shape}; a noise index is a 1-D integer "
@@ -193,10 +201,13 @@ def record_noise(run_dir: Path, pairs: NoisyPairs, split: Split, resume: bool, w
     return record
 
 
-def apply_noise(noise: NoiseConfig, split: Split, run_dir: Path, resume: bool, write: bool = True
+def apply_noise(pairs: NoisyPairs | None, split: Split, run_dir: Path, resume: bool, write: bool = True
                 ) -> tuple[Split, NoisyPairs | None]:
-    """The training split with its noisy pairing (unchanged without noise), recorded in (or checked against) the run."""
-    pairs = noisy_pairs(noise, split)
+    """The training split with its noisy pairing (unchanged without noise), recorded in (or checked against) the run.
+
+    `pairs` comes from `noisy_pairs`, called before the run folder is made: a bad index file is refused with nothing
+    written.
+    """
     if pairs is None:
         return split, None
     record_noise(run_dir, pairs, split, resume, write)

@@ -41,7 +41,7 @@ from vsectl.kinds import IMAGE_KINDS, ImageInput, TextInput, text_input_for
 from vsectl.locks import folder_lock
 from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
-from vsectl.noise import NoisyPairs, apply_noise
+from vsectl.noise import NoisyPairs, apply_noise, noisy_pairs
 from vsectl.optim import create_run_optimizer
 from vsectl.pair_loss import pair_loss_tracker
 from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
@@ -249,12 +249,12 @@ def setup_run(cfg: RunConfig, out_root: str | Path, device: str, resume: bool, p
     check_train_logs(cfg.train.log)  # a missing extra fails before the run folder is touched
     dist, dev = init_distributed(resolve_device(device))
     precision = resolve_precision(cfg.train.precision, dev)  # logs its choice once
+    train_split, dev_split = load_data(cfg)  # data that cannot be trained on (a bad noise index too) leave no run
+    pairs = noisy_pairs(cfg.data.noise, train_split)
     cfg = open_run_dir(cfg, run_dir, resume, write=dist.is_main)
     dist.barrier()
     seed_everything(cfg.seed, cfg.train.deterministic)
-
-    train_split, dev_split = load_data(cfg)
-    train_split, noise = apply_noise(cfg.data.noise, train_split, run_dir, resume, write=dist.is_main)
+    train_split, noise = apply_noise(pairs, train_split, run_dir, resume, write=dist.is_main)
     length = run_length(cfg, steps_in_epoch(cfg, train_split.n_captions))  # the config itself stays as written
     if dist.is_main:
         announce_length(cfg, length)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vsectl.cli.common import data_app, fail, run_guarded
+from vsectl.cli.common import STATE, data_app, fail, json_output, run_guarded
 
 
 @data_app.command("toy")
@@ -204,13 +204,18 @@ def verify_cli(
     noise: Annotated[Path | None, typer.Option(help="Also check a noise index (.npy) or a noisy run's recorded "
                                                     "pairs against PATH's training split")] = None,
 ) -> None:
-    """Check counts, captions, NaN/inf features, split overlap and images; exit 2 if a problem is found."""
+    """Check counts, captions, NaN/inf features, split overlap and images; exit 2 if a problem is found.
+
+    The report goes to stderr as tables; with -q only the exit code and the one error line, with --json the report on
+    stdout and nothing else."""
     import json
 
     from vsectl.data.verify import verify_path
 
+    json_output(as_json)
     report = run_guarded(verify_path, path, progress=_progress())
-    _verify_table(report)
+    if not STATE.get("quiet"):
+        _verify_table(report)
     if noise is not None:
         report["noise"] = _verify_noise(path, noise)
         report["problems"] += [f"noise: {p}" for p in report["noise"]["problems"]]
@@ -237,7 +242,8 @@ def _verify_noise(path: Path, target: Path) -> dict:
             value = report[key]
             table.add_row(label, f"{value:.4f}" if key == "ratio" else str(value)[:16] if "fingerprint" in key
                           else str(value))
-    err.print(table)
-    for problem in report["problems"]:
-        err.print(f"[red]problem:[/red] noise: {problem}", highlight=False)
+    if not STATE.get("quiet"):
+        err.print(table)
+        for problem in report["problems"]:
+            err.print(f"[red]problem:[/red] noise: {problem}", highlight=False)
     return report

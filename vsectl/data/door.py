@@ -33,6 +33,15 @@ from vsectl.registry import Registry
 log = logging.getLogger(__name__)
 
 
+class FeatureWidthError(DataError):
+    """Feature sets of another width than the model's (`found` and `expected` dimensions, at `where`)."""
+
+    def __init__(self, where: str, found: int, expected: int) -> None:
+        self.where, self.found, self.expected = where, found, expected
+        super().__init__(f"{where}: features are {found}-d but model.image.feat_dim is {expected}; set --set "
+                         f"model.image.feat_dim={found}")
+
+
 class ImageSource:
     """One way of reading a split's images. Subclasses set `name` and `provides` and override what differs.
 
@@ -55,10 +64,9 @@ class ImageSource:
         return split.subset_images(n)
 
     def check(self, split: Split, feat_dim: int, where: str) -> None:
-        """Refuse a split the model cannot take (feature sets of another size)."""
+        """Refuse a split the model cannot take (feature sets of another size: FeatureWidthError)."""
         if split.features.feat_dim != feat_dim:
-            raise DataError(f"{where}: features are {split.features.feat_dim}-d but model.image.feat_dim is "
-                            f"{feat_dim}; set --set model.image.feat_dim={split.features.feat_dim}")
+            raise FeatureWidthError(where, split.features.feat_dim, feat_dim)
 
     def pairs(self, split: Split, text: Any, seed: int, text_input: TextInput, drop: float,
               image_size: int | None) -> tuple[Dataset, Callable[..., dict]]:

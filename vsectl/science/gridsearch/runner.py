@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing as mp
 import shutil
 from collections.abc import Iterable, Sequence
@@ -175,6 +176,8 @@ def best_dev(run_dir: Path) -> tuple[float | None, int | None]:
     if state.is_file():
         try:
             saved = json.loads(state.read_text())
+            if saved["best_rsum"] is None or not math.isfinite(saved["best_rsum"]):
+                return None, None  # no validation was best yet (null; -Infinity in older files): an imported run
             return float(saved["best_rsum"]), int(saved["best_epoch"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             log.warning("%s is unreadable; reading the best dev rsum from metrics.jsonl", state)
