@@ -171,6 +171,18 @@ def test_export_cli_writes_both_towers_and_a_manifest_with_parity(tiny_run, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
+def test_export_json_is_alone_on_stdout_and_q_keeps_stderr_quiet(tiny_run, tmp_path):
+    """`export --json` used to print the parity table on stderr as well, and `-q` did not hide it."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    result = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "a"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["out"] == str(tmp_path / "a") and result.stderr == ""
+    quiet = runner.invoke(app, ["-q", "export", str(tiny_run), "--out", str(tmp_path / "b")])
+    assert quiet.exit_code == 0 and quiet.stdout.strip() == str(tmp_path / "b") and "ONNX export" not in quiet.stderr
+    loud = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "c")])
+    assert "ONNX export" in loud.stderr  # the table is still there by default
+
+
 def test_an_export_removes_the_stale_temporaries_of_its_target_and_nothing_else(tiny_run, tmp_path):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     import subprocess

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vsectl.cli.common import DeviceOpt, app, err, run_guarded
+from vsectl.cli.common import STATE, DeviceOpt, app, err, json_output, run_guarded
 
 
 @app.command("export")
@@ -26,7 +26,14 @@ def export_cli(
     """Export the image and text towers as ONNX files (dynamic batch, set size and length), checked with onnxruntime."""
     from vsectl.export import export_onnx
 
+    json_output(as_json)
     manifest = run_guarded(export_onnx, run, out, fmt=fmt, which=checkpoint, force=force)
+    if not STATE.get("quiet"):  # -q and --json: only the result on stdout
+        _export_table(manifest)
+    typer.echo(json.dumps(manifest, indent=2) if as_json else manifest["out"])
+
+
+def _export_table(manifest: dict) -> None:
     table = Table(title=f"ONNX export of {manifest['run']}", title_justify="left")
     for col in ("tower", "file", "inputs", "max |onnx − torch|"):
         table.add_column(col)
@@ -44,7 +51,6 @@ def export_cli(
     err.print(table)
     for tower, note in manifest.get("notes", {}).items():
         err.print(f"no {tower} tower: {note}", highlight=False)
-    typer.echo(json.dumps(manifest, indent=2) if as_json else manifest["out"])
 
 
 @app.command("serve")
