@@ -17,8 +17,7 @@ from vsectl.models.pooling import create_pooler
 from vsectl.models.resnets import ResNetC5
 from vsectl.models.text_encoders import create_text_encoder
 from vsectl.models.vse import VSEModel, param_groups
-from vsectl.schedules import backbone_fixed_blocks, group_lr, loss_scale
-from vsectl.training import set_learning_rates
+from vsectl.schedules import backbone_fixed_blocks, group_lr, loss_scale, set_learning_rates
 
 REPO = Path(__file__).resolve().parent.parent
 CLIPART = REPO / "tests" / "fixtures" / "clipart_mini"

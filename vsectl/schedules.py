@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from vsectl.config import RunConfig
 from vsectl.kinds import IMAGE_KINDS
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +130,14 @@ def announce_length(cfg: RunConfig, length: RunLength) -> None:
         log.warning("this run makes only %d optimizer steps (%s), fewer than %d: the model will be undertrained; "
                     "raise train.epochs or give train.steps (e.g. --set train.steps=%d)", length.steps, epochs,
                     cfg.train.min_steps_warning, cfg.train.min_steps_warning)
+
+
+def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
+    full = n_captions // cfg.data.batch_size if cfg.data.drop_last else math.ceil(n_captions / cfg.data.batch_size)
+    return min(full, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else full
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: int,
+                       length: RunLength | None = None) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group_lr(cfg, epoch, group["lr_mult"], length)

@@ -63,9 +63,10 @@ from vsectl.schedules import (
     RunLength,
     announce_length,
     backbone_fixed_blocks,
-    group_lr,
     loss_scale,
     run_length,
+    set_learning_rates,
+    steps_in_epoch,
     use_hardest_negative,
 )
 from vsectl.text_cache import CachedTextStates, state_caches
@@ -119,19 +120,8 @@ def make_loader(cfg: RunConfig, split: Split, text: TextSide, epoch: int, start_
                       collate_fn=functools.partial(collate, pad_id=text.pad_id, text_input=text_input))
 
 
-def steps_in_epoch(cfg: RunConfig, n_captions: int) -> int:
-    full = n_captions // cfg.data.batch_size if cfg.data.drop_last else math.ceil(n_captions / cfg.data.batch_size)
-    return min(full, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else full
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # loop
-
-
-def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig, epoch: int,
-                       length: RunLength | None = None) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = group_lr(cfg, epoch, group["lr_mult"], length)
 
 
 def train_one_epoch(

@@ -92,7 +92,8 @@ def index_cli(
 
 def show_cards(target: Path, as_json: bool) -> None:
     """`vsectl index --info`: the card of one index folder, or of every index in an embeddings folder."""
-    from vsectl.retrieval.index import INDEX_META, list_indexes, read_card
+    from vsectl.retrieval.index import list_indexes
+    from vsectl.retrieval.index_files import INDEX_META, read_card
 
     folders = [target] if (target / INDEX_META).is_file() else list_indexes(target)
     if not folders:
@@ -116,7 +117,7 @@ def _gb(n: float | None) -> str:
 
 def card_table(folder: Path) -> Table:
     """An index card as a two-column table."""
-    from vsectl.retrieval.index import read_card
+    from vsectl.retrieval.index_files import read_card
 
     c = read_card(folder)
     table = Table(title=f"index card: {folder}", title_justify="left", show_header=False)

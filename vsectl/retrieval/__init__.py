@@ -32,7 +32,8 @@ _EXPORTS = {
     "Embeddings": "embeddings", "open_embeddings": "embeddings", "EMBEDDINGS_FORMAT": "embeddings",
     "embed": "collection",
     "topk": "exact",
-    "Index": "index", "build_index": "index", "open_index": "index", "open_target": "index", "INDEX_KINDS": "index",
+    "Index": "index", "build_index": "index", "open_index": "index", "open_target": "index",
+    "INDEX_KINDS": "index_files",
     "Hit": "query", "SearchResult": "query", "search": "query",
     "contact_sheet": "sheet",
 }  # fmt: skip

@@ -34,6 +34,7 @@ from vsectl.retrieval.embeddings import (
 )
 from vsectl.retrieval.partial import MANIFEST, SHARDS, part_name, prepare_partial, shard_done, wait_for, write_shard
 from vsectl.retrieval.sources import Source, resolve_source
+from vsectl.retrieval.stored import check_store, reusable_sets_of
 from vsectl.runtime import NullProgress, Progress
 
 log = logging.getLogger(__name__)
@@ -214,36 +215,6 @@ def _merge(partial: Path, source: Source, n_img_shards: int, n_cap_shards: int, 
 # ------------------------------------------------------------------------------------------------ the command
 
 
-def _check_store(model: Any, source: Source) -> None:
-    feat_dim, recipe = source.extra["feat_dim"], source.extra["recipe"]
-    if model.end_to_end:
-        raise ConfigError(f"run {model.run_dir} trains its own image backbone, so stored features do not fit it; "
-                          "embed the images with --images DIR or --data RAW")
-    if feat_dim != model.feat_dim:
-        raise ConfigError(f"{source.path} holds {feat_dim}-d features but run {model.run_dir} takes "
-                          f"{model.feat_dim}-d; embed features made with the run's backbone")
-    if recipe is not None and model.recipe is not None and (diff := recipe.differences(model.recipe)):
-        raise ConfigError(f"{source.path} was extracted with another feature recipe than run {model.run_dir} was "
-                          f"trained on (differs in {', '.join(diff)}); extract it with the run's recipe "
-                          f"({model.recipe.backbone}, {model.recipe.input_size} px)")
-
-
-def _reusable(model: Any, source: Source) -> Any:
-    """The stored sets of the run's own stores that a raw-dataset embed can use instead of the backbone (logged)."""
-    from vsectl.retrieval.model import _data_root
-    from vsectl.retrieval.stored import reusable_sets
-
-    if source.kind != "data" or model.end_to_end:
-        return None
-    root = _data_root(model.config.data.root, model.run_dir)
-    stored = reusable_sets(source.items, source.identity["dataset_sha256"], model.recipe, root)
-    if stored is not None:
-        log.info("%d of %d images have their features stored in %s (the run's feature recipe, this dataset): "
-                 "reused; the backbone runs on the other %d", len(stored.rows), len(source.items), root,
-                 len(source.items) - len(stored.rows))
-    return stored
-
-
 def embed(run: str | Path | Any, out: str | Path, **options: Any) -> Path | None:
     """Embed a collection into `out` (see `embed_unlocked` for the options), holding the folder's write lock: a second
     embed into the same folder (or its `.partial`) is refused with one line naming this one. Under torchrun, rank 0
@@ -334,7 +305,7 @@ def embed_unlocked(
     source = resolve_source(images, data, features, split, videos=videos, shards=shards)
     model = run if isinstance(run, RetrievalModel) else load(run, checkpoint=checkpoint, device=device)
     if source.kind == "features":
-        _check_store(model, source)
+        check_store(model, source)
     else:
         model.check_images(videos=source.extra.get("videos", False))  # one line when the recipe cannot be replayed
     backbone = source.backbone if source.kind == "features" else model.provenance()
@@ -365,7 +336,7 @@ def embed_unlocked(
     elif todo and source.kind == "features":
         _feature_shards(model, source, todo, shard_size, folder, batch_size, progress)
     elif todo:
-        stored = _reusable(model, source)
+        stored = reusable_sets_of(model, source)
         try:
             _image_shards(model, source, todo, shard_size, folder, batch_size, workers, progress, stored)
         finally:

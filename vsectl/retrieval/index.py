@@ -28,16 +28,20 @@ from vsectl.locks import folder_lock
 from vsectl.retrieval import index_build
 from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 from vsectl.retrieval.index_build import faiss_module
-from vsectl.retrieval.index_plan import KIND_CHOICES, PLAN_KINDS, IndexPlan, plan_index
+from vsectl.retrieval.index_files import (
+    CARD,
+    FAISS_FILE,
+    INDEX_FORMAT,
+    INDEX_META,
+    INDEX_VERSION,
+    earlier_index,
+    read_card,
+    read_meta,
+)
+from vsectl.retrieval.index_plan import KIND_CHOICES, IndexPlan, plan_index
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = PLAN_KINDS
-INDEX_FORMAT = "vsectl-index"
-INDEX_VERSION = 2
-INDEX_META = "index.json"
-CARD = "card.json"
-FAISS_FILE = "index.faiss"
 RECALL_FLOOR = 0.9  # an index is served in place of exact search only if its card's recall@10 reaches this
 NPROBE_LADDER_TOP = 1 << 16
 EF_LADDER = [16, 32, 64, 128, 256, 512, 1024]
@@ -236,8 +240,8 @@ def build_index(
     if dist.rank != 0:  # rank 0 holds the folder's lock for the whole job; the others add their parts
         return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
     with folder_lock(out):
-        recover(out, _earlier_index)
-        check_target(out, INDEX_HINT, _earlier_index)  # refused before any work, not after the build
+        recover(out, earlier_index)
+        check_target(out, INDEX_HINT, earlier_index)  # refused before any work, not after the build
         return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
 
 
@@ -277,7 +281,7 @@ def _build_parts(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial
     write_json(partial / INDEX_META, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": plan.kind,
                                       "side": side, "factory": plan.factory, "params": params,
                                       "embeddings": _identity(emb, side), "build_seconds": round(seconds, 3)})
-    publish(partial, out, _earlier_index)  # the old index is replaced only if vsectl wrote all of it
+    publish(partial, out, earlier_index)  # the old index is replaced only if vsectl wrote all of it
     log.info("%s index over %d %s built in %.1f s (recall@10 %.3f): %s", plan.kind, emb.size(side), side, seconds,
              card["recall"]["@10"], out)
     return out
@@ -285,66 +289,6 @@ def _build_parts(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _earlier_index(folder: Path) -> set[str]:
-    """The files of an index folder written before vsectl listed them (`.vsectl-owned.json`)."""
-    try:
-        meta = json.loads((folder / INDEX_META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return set()
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        return set()
-    return {INDEX_META, FAISS_FILE, CARD}
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / INDEX_META
-    if not meta_path.is_file():
-        raise DataError(f"{path} is not an index folder (no {INDEX_META}); make one with `vsectl index EMB`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_path} is not valid JSON ({str(e)[:120]}); rebuild the index") from None
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT or meta.get("kind") not in INDEX_KINDS:
-        raise DataError(f"{path} is not a vsectl index ({INDEX_META} format/kind unknown)")
-    _check_index_meta(path, meta)
-    return meta
-
-
-IDENTITY_KEYS = {"sha256": str, "rows": int, "dim": int, "bytes": int, "mtime_ns": int, "fingerprint": str}
-
-
-def _check_index_meta(path: Path, meta: dict[str, Any]) -> None:
-    """Every field `open_index` reads, present and of its type: a damaged index.json is one line, not a KeyError."""
-    def bad(what: str) -> DataError:
-        return DataError(f"{path / INDEX_META} is damaged ({what}); rebuild the index with `vsectl index`")
-
-    if meta.get("side") not in SIDES:
-        raise bad("side is missing" if "side" not in meta else f"side is {str(meta['side'])[:40]!r}")
-    params, built = meta.get("params"), meta.get("embeddings")
-    if not isinstance(params, dict):
-        raise bad("no params")
-    for key, (low, high) in index_build.PARAM_BOUNDS[meta["kind"]].items():
-        value = params.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise bad(f"params.{key} is missing" if key not in params else f"params.{key} is {str(value)[:40]!r}")
-    if not isinstance(built, dict):
-        raise bad("no record of its embeddings")
-    for key, kind in IDENTITY_KEYS.items():
-        if not isinstance(built.get(key), kind) or isinstance(built.get(key), bool):
-            raise bad(f"embeddings.{key} is {str(built.get(key))[:40]!r}")
-
-
-def read_card(path: str | Path) -> dict[str, Any]:
-    """The card of an index folder ({} when it has none)."""
-    card = Path(path) / CARD
-    try:
-        found = json.loads(card.read_text(encoding="utf-8")) if card.is_file() else {}
-    except (OSError, ValueError):
-        log.warning("%s is not readable JSON; the index is used without its card", card)
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def open_index(path: str | Path, embeddings: Embeddings | None = None, mmap: bool = False,
@@ -362,7 +306,7 @@ def open_index(path: str | Path, embeddings: Embeddings | None = None, mmap: boo
         ConfigError: an approximate index and faiss is missing.
     """
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_meta(path)
     emb = embeddings or open_embeddings(path.parent, verify=verify)
     side = meta["side"]
     rebuild = f"rebuild it: vsectl index {emb.path} --kind {meta['kind']} --side {side}"

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vsectl.errors import DataError
+from vsectl.errors import ConfigError, DataError
 from vsectl.retrieval.recipe import FeatureRecipe
 
 log = logging.getLogger(__name__)
@@ -121,3 +121,33 @@ def reusable_sets(items: list[dict[str, Any]], dataset_sha256: str, recipe: Feat
             by_id.setdefault(image_id, (len(stores) - 1, row))
     rows = {pos: by_id[item["id"]] for pos, item in enumerate(items) if item["id"] in by_id}
     return StoreSets(stores, rows) if rows else None
+
+
+def check_store(model: Any, source: Any) -> None:
+    """A feature store fits the run: it does not train its own backbone, the width and the feature recipe match."""
+    feat_dim, recipe = source.extra["feat_dim"], source.extra["recipe"]
+    if model.end_to_end:
+        raise ConfigError(f"run {model.run_dir} trains its own image backbone, so stored features do not fit it; "
+                          "embed the images with --images DIR or --data RAW")
+    if feat_dim != model.feat_dim:
+        raise ConfigError(f"{source.path} holds {feat_dim}-d features but run {model.run_dir} takes "
+                          f"{model.feat_dim}-d; embed features made with the run's backbone")
+    if recipe is not None and model.recipe is not None and (diff := recipe.differences(model.recipe)):
+        raise ConfigError(f"{source.path} was extracted with another feature recipe than run {model.run_dir} was "
+                          f"trained on (differs in {', '.join(diff)}); extract it with the run's recipe "
+                          f"({model.recipe.backbone}, {model.recipe.input_size} px)")
+
+
+def reusable_sets_of(model: Any, source: Any) -> StoreSets | None:
+    """The stored sets of the run's own stores that a raw-dataset embed can use instead of the backbone (logged)."""
+    from vsectl.retrieval.model import _data_root
+
+    if source.kind != "data" or model.end_to_end:
+        return None
+    root = _data_root(model.config.data.root, model.run_dir)
+    stored = reusable_sets(source.items, source.identity["dataset_sha256"], model.recipe, root)
+    if stored is not None:
+        log.info("%d of %d images have their features stored in %s (the run's feature recipe, this dataset): "
+                 "reused; the backbone runs on the other %d", len(stored.rows), len(source.items), root,
+                 len(source.items) - len(stored.rows))
+    return stored

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from vsectl.errors import ConfigError
+from vsectl.errors import ConfigError, VsectlError
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.runtime import NullProgress, Progress
 from vsectl.science.experiment import load_experiment, recipe_dir
@@ -339,8 +339,6 @@ def run_bench(cfg: BenchConfig, out_dir: str | Path, progress: Progress | None =
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", results_markdown(result))
     result["paths"] = [str(out / "results.json"), str(out / "results.md")]
-    from vsectl.errors import VsectlError
-
     try:
         from vsectl.science.planted_plot import plot_bench
 
