@@ -147,9 +147,9 @@ def _merge_above(sims: torch.Tensor, r0: int, values: torch.Tensor, indices: tor
     return v, torch.cat([indices, new_i], dim=1).gather(1, order)
 
 
-def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
-               block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, TopLists]]:
-    """Rank the given queries against every candidate, a block of queries at a time.
+def full_scores(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
+                block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The given queries' scores against every candidate, a block of queries at a time.
 
     Args:
         pairs: as for `top_lists`.
@@ -158,19 +158,29 @@ def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: st
         block: scores held at once (queries per block = block // candidates, at least one).
 
     Yields:
-        (positions into `queries`, their complete lists).
+        (positions into `queries` (CPU), their (b, candidates) scores on the embeddings' device).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     imgs, caps = prepare_pairs(pairs)
     query_side, candidates = (imgs, caps) if direction == "i2t" else (caps, imgs)
-    n_cand = candidates[0].shape[0]
-    step = max(1, block // n_cand)
+    step = max(1, block // candidates[0].shape[0])
     for s in range(0, queries.numel(), step):
         pos = torch.arange(s, min(s + step, queries.numel()))
         q = queries[pos].to(query_side[0].device)
         scores = query_side[0][q] @ candidates[0].T  # (b, n_cand)
         for side, cand in zip(query_side[1:], candidates[1:], strict=True):
             scores.addmm_(side[q], cand.T)
+        yield pos, scores
+
+
+def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
+               block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, TopLists]]:
+    """Rank the given queries against every candidate, a block of queries at a time (arguments as `full_scores`).
+
+    Yields:
+        (positions into `queries`, their complete lists).
+    """
+    for pos, scores in full_scores(pairs, direction, queries, block):
         values, indices = torch.sort(scores, dim=1, descending=True)
-        yield pos, TopLists(values, indices, n_cand)
+        yield pos, TopLists(values, indices, scores.shape[1])
