@@ -1,4 +1,4 @@
-"""Several positives per query (vsectl.multi_positive, vsectl.top_lists, vsectl.coco_protocols.evaluate_sets):
+"""Several positives per query (vsectl.multi_positive, vsectl.top_lists, vsectl.positives.evaluate_sets):
 R@K, R-Precision and mAP@R under each tie rule against a brute force over every order of the tied items."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vsectl.coco_protocols import coco5k_sets, evaluate_sets
+from vsectl.coco_protocols import coco5k_sets
 from vsectl.multi_positive import PositiveSets, positive_stats, query_metrics, truncated_ties
+from vsectl.positives import evaluate_sets
 from vsectl.protocols import evaluate_protocol
 from vsectl.tie_rules import TIE_RULES
 from vsectl.top_lists import full_lists, top_lists
@@ -107,9 +108,9 @@ def test_one_pass_lists_match_brute_force_with_ties_past_the_list_depth(rule, ch
         return torch.randperm(n, generator=g)[: int(torch.randint(1, most, (1,), generator=g))].tolist()
 
     i2t, t2i = {q: draw(70, 4) for q in range(30)}, {q: draw(30, 3) for q in range(70)}
-    from vsectl import coco_protocols
+    from vsectl import positives
 
-    monkeypatch.setattr(coco_protocols, "LIST_DEPTH_LIMIT", deep)  # 1: every set deeper than it is ranked in full
+    monkeypatch.setattr(positives, "LIST_DEPTH_LIMIT", deep)  # 1: every set deeper than it is ranked in full
     sets = {"x": (PositiveSets.from_lists(i2t), PositiveSets.from_lists(t2i))}
     wanted = {"x": ["map_at_r", "r_precision", "r@1", "r@5"]}
     out = evaluate_sets([(img, cap)], sets, wanted, rule, chunk_size=chunk_size)

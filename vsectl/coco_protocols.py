@@ -2,7 +2,7 @@
 
 Every score comes from one pass over the similarities (`vsectl.top_lists`): each query keeps its best candidates as
 deep as its largest R (or K) needs, and the positives of every annotation set are located in those lists
-(`vsectl.multi_positive`). Metrics are percentages, like vsectl's R@K.
+(`vsectl.positives.evaluate_sets`). Metrics are percentages, like vsectl's R@K.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ import numpy as np
 import torch
 
 from vsectl.coco_annotations import annotation_dir, load_annotation, load_plausible, split_ids
-from vsectl.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
-from vsectl.positives import GroundTruth
-from vsectl.tie_rules import TIE_RULES
-from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, list_length, top_lists
+from vsectl.multi_positive import PositiveSets
+from vsectl.positives import GroundTruth, evaluate_sets, needed_depths
+from vsectl.top_lists import DIRECTIONS, top_lists
 
 RECALL_KS = (1, 5, 10)
-LIST_DEPTH_LIMIT = 1024  # sets needing deeper lists than this (plausible match) are ranked in full instead
 BESIDE = {"coco5k": ("r@1", "r@5", "r@10"), "pcm": ("r_precision",)}  # reported with every annotated protocol
 
 
@@ -39,90 +37,6 @@ def coco5k_sets(cap2img: np.ndarray) -> tuple[PositiveSets, PositiveSets]:
     i2t = PositiveSets(torch.arange(n_img), offsets, torch.argsort(c2i, stable=True), counts)
     t2i = PositiveSets(torch.arange(n_cap), torch.arange(n_cap + 1), c2i.clone(), torch.ones(n_cap, dtype=torch.int64))
     return i2t, t2i
-
-
-def _stats(lists: TopLists | None, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str,
-           sets: PositiveSets, depth: int) -> PositiveStats:
-    """Positive statistics of one set: from the top lists where they are deep enough, else from full rankings.
-
-    The lists are cut to the set's own `depth` (plus the margin): a set that needs fewer places reads fewer.
-    """
-    if lists is not None:
-        width = min(lists.values.shape[1], list_length(depth, lists.n_candidates))
-        values, indices = lists.values[:, :width][sets.queries], lists.indices[:, :width][sets.queries]
-        complete = width == lists.n_candidates
-        redo = truncated_ties(values, depth, complete).nonzero().squeeze(1)
-        if redo.numel() == 0:
-            parts = [positive_stats(values, indices, sets, lists.n_candidates)]
-        else:
-            keep = torch.ones(sets.n_queries, dtype=torch.bool)
-            keep[redo] = False
-            kept = keep.nonzero().squeeze(1)
-            parts = [_relabel(positive_stats(values[kept], indices[kept], sets.select(kept), lists.n_candidates),
-                              kept)]
-    else:
-        redo, parts = torch.arange(sets.n_queries), []
-    if redo.numel():
-        for pos, full in full_lists(pairs, direction, sets.queries[redo]):
-            sub = redo[pos]
-            parts.append(_relabel(positive_stats(full.values, full.indices, sets.select(sub), full.n_candidates), sub))
-    return PositiveStats.cat(parts)
-
-
-def _relabel(stats: PositiveStats, positions: torch.Tensor) -> PositiveStats:
-    """Stats of a subset of queries, owners mapped back to positions in the whole set."""
-    return PositiveStats(positions[stats.owner], stats.greater, stats.equal, stats.tied_pos, stats.pos_above,
-                         stats.index_in_tie)
-
-
-def needed_depths(sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]]
-                  ) -> dict[str, int]:
-    """Places the top lists of each direction must hold: the largest R, or K, of the sets they serve."""
-    ks = [int(m[2:]) for names in wanted.values() for m in names if m.startswith("r@")]
-    depth = {}
-    for d, direction in enumerate(DIRECTIONS):
-        needs = [max(s[d].max_relevant(), *ks) for s in sets.values() if s[d].max_relevant() <= LIST_DEPTH_LIMIT]
-        depth[direction] = max(needs, default=0)
-    return depth
-
-
-def evaluate_sets(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                  sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]],
-                  tie_rule: str, chunk_size: int = 1024, lists: dict[str, TopLists] | None = None) -> dict[str, Any]:
-    """Score several annotation sets from one pass over the similarities.
-
-    Args:
-        pairs: one (img (N, E_m), cap (C, E_m)) pair per model (an ensemble sums their similarities).
-        sets: annotation name → (i2t sets, t2i sets) on the split's indices.
-        wanted: annotation name → measures of `query_metrics` to report ("r@1", "r_precision", ...).
-        tie_rule: one of ``TIE_RULES``.
-        lists: top lists at least `needed_depths` deep (computed here when None).
-
-    Returns:
-        {"metrics": {name: {"<dir>_<measure>": percent}}, "n_queries": {name: {dir: Q}}, "ties": {name: {dir:
-        queries with a positive tied exactly with a candidate that is not one}}}; a measure "r@K" is named "rK".
-    """
-    if tie_rule not in TIE_RULES:
-        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
-    depth = needed_depths(sets, wanted)
-    if lists is None and any(depth.values()):
-        lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
-                         strict=True))
-    out: dict[str, Any] = {"metrics": {}, "n_queries": {}, "ties": {}}
-    for name, both in sets.items():
-        out["metrics"][name], out["n_queries"][name], out["ties"][name] = {}, {}, {}
-        for d, direction in enumerate(DIRECTIONS):
-            s = both[d]
-            deep = s.max_relevant() > LIST_DEPTH_LIMIT
-            ks = sorted({int(m[2:]) for m in wanted[name] if m.startswith("r@")})
-            stats = _stats(None if deep else lists[direction], pairs, direction, s, max(s.max_relevant(), *ks, 1))
-            per_query = query_metrics(stats, s, ks, tie_rule)
-            out["metrics"][name].update({f"{direction}_{m.replace('@', '')}": float(100.0 * per_query[m].mean())
-                                         for m in wanted[name]})
-            out["n_queries"][name][direction] = s.n_queries
-            tied = stats.owner[stats.equal > stats.tied_pos]
-            out["ties"][name][direction] = int(torch.unique(tied).numel())
-    return out
 
 
 @dataclass(frozen=True)

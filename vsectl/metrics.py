@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vsectl.positives import GroundTruth, precision_metrics, rank_positives
+from vsectl.multi_positive import first_own_before
+from vsectl.positives import GroundTruth, rank_ground_truth
 from vsectl.ranking import RankCounts, rank_counts
 from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
@@ -50,20 +51,6 @@ def recall_metrics(i2t_ranks: torch.Tensor | np.ndarray, t2i_ranks: torch.Tensor
     return {key: out[key] for key in METRIC_KEYS}
 
 
-def _first_own_before(t: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """P(fewer than r of the t tied competitors come before the first of the m own items), all orders equally likely.
-
-    P(at least r competitors first) = prod_{i<r} (t - i) / (t + m - i) for 0 <= r <= t, and 0 for r > t.
-    """
-    out = np.zeros(t.shape, dtype=np.float64)
-    at_least = np.ones(t.shape, dtype=np.float64)  # P(X >= 0)
-    top = int(r.max(initial=0))
-    for i in range(top + 1):
-        out = np.where(r == i, 1.0 - at_least, out)  # P(X < i) = 1 - P(X >= i)
-        at_least = at_least * np.clip(t - i, 0, None) / np.maximum(t + m - i, 1)
-    return np.where(r > top, 1.0, np.where(r <= 0, 0.0, out))
-
-
 def tie_ranked_metrics(counts: RankCounts, rule: str = DEFAULT_TIE_RULE) -> dict[str, float]:
     """R@1/5/10, medr, meanr per direction and rsum from rank counts under a tie rule.
 
@@ -89,7 +76,7 @@ def tie_ranked_metrics(counts: RankCounts, rule: str = DEFAULT_TIE_RULE) -> dict
                                      ("t2i", counts.t2i, counts.t2i_ties, t2i_own)):
         g, t, m = (x.detach().cpu().numpy().astype(np.int64) for x in (greater, ties, own))
         for k in RECALL_KS:
-            out[f"{name}_r{k}"] = float(100.0 * np.mean(_first_own_before(t, m, k - g)))
+            out[f"{name}_r{k}"] = float(100.0 * np.mean(first_own_before(t, m, k - g)))
         rank = g + t / (m + 1.0)  # expected competitors before the first of m own items among t + m tied ones
         out[f"{name}_medr"] = float(np.floor(np.median(rank)) + 1)
         out[f"{name}_meanr"] = float(np.mean(rank) + 1)
@@ -138,19 +125,16 @@ def evaluate_images(
     """Metrics over the given images (all if None) and their captions: {"n_images", "n_captions", "metrics", "ties"}.
 
     One correct image per caption (`gt.cap2img`) takes the exact single-positive ranking of `rank_counts`. Several
-    correct candidates per query rank the best correct one for R@K, medr and meanr, and add R-Precision and mAP@R
-    per direction (`<dir>_r_precision`, `<dir>_map_at_r`); such ground truth is ranked over the whole split.
+    correct candidates per query (`positives.rank_ground_truth`) rank the best correct one for R@K, medr and meanr,
+    and add R-Precision and mAP@R per direction (`<dir>_r_precision`, `<dir>_map_at_r`), all under `tie_rule`; such
+    ground truth is ranked over the whole split.
     """
     if gt.cap2img is None:
         if image_indices is not None:
             raise ValueError("ground truth with several correct candidates per query is ranked over the whole split")
-        ranked = rank_positives(list(zip(img_embs, cap_embs, strict=True)), gt, chunk_size=chunk_size)
-        metrics = tie_ranked_metrics(ranked.counts, tie_rule)
-        for name, ptr, positions in (("i2t", gt.i2t_ptr, ranked.i2t_positions),
-                                     ("t2i", gt.t2i_ptr, ranked.t2i_positions)):
-            metrics.update({f"{name}_{k}": v for k, v in precision_metrics(ptr, positions).items()})
-        return {"n_images": gt.n_images, "n_captions": gt.n_captions, "metrics": metrics,
-                "ties": tie_counts(ranked.counts)}
+        counts, precision = rank_ground_truth(list(zip(img_embs, cap_embs, strict=True)), gt, chunk_size, tie_rule)
+        return {"n_images": gt.n_images, "n_captions": gt.n_captions,
+                "metrics": {**tie_ranked_metrics(counts, tie_rule), **precision}, "ties": tie_counts(counts)}
     cap2img = gt.cap2img.to(img_embs[0].device)
     if image_indices is None:
         pairs = list(zip(img_embs, cap_embs, strict=True))

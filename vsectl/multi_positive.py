@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vsectl.metrics import _first_own_before
 from vsectl.tie_rules import TIE_RULES
 
 MEMBERSHIP_BLOCK = 1 << 25  # (list entries × widest positive set) compared at once before keys are looked up instead
@@ -191,6 +190,20 @@ def _positions(stats: PositiveStats, rule: str) -> torch.Tensor:
     return stats.greater + stats.equal - stats.tied_pos + stats.index_in_tie
 
 
+def first_own_before(t: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """P(fewer than r of the t tied competitors come before the first of the m own items), all orders equally likely.
+
+    P(at least r competitors first) = prod_{i<r} (t - i) / (t + m - i) for 0 <= r <= t, and 0 for r > t.
+    """
+    out = np.zeros(t.shape, dtype=np.float64)
+    at_least = np.ones(t.shape, dtype=np.float64)  # P(X >= 0)
+    top = int(r.max(initial=0))
+    for i in range(top + 1):
+        out = np.where(r == i, 1.0 - at_least, out)  # P(X < i) = 1 - P(X >= i)
+        at_least = at_least * np.clip(t - i, 0, None) / np.maximum(t + m - i, 1)
+    return np.where(r > top, 1.0, np.where(r <= 0, 0.0, out))
+
+
 def _harmonic(n: torch.Tensor) -> torch.Tensor:
     """H(n) = 1 + 1/2 + ... + 1/n in float64 (H(0) = 0), by the digamma function."""
     return torch.special.digamma(n.double() + 1) + np.euler_gamma
@@ -240,7 +253,7 @@ def query_metrics(stats: PositiveStats, sets: PositiveSets, ks: Sequence[int], r
     owner, g, e, m = (x[first] for x in (stats.owner, stats.greater, stats.equal, stats.tied_pos))
     for k in ks:
         if rule == "expected":
-            p = torch.from_numpy(_first_own_before((e - m).numpy(), m.numpy(), (k - g).numpy()))
+            p = torch.from_numpy(first_own_before((e - m).numpy(), m.numpy(), (k - g).numpy()))
         else:
             best = g if rule == "optimistic" else g + e - m
             p = (best < k).double()

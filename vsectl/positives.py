@@ -1,10 +1,11 @@
-"""Ground truth with any number of correct candidates per query, in both directions, and its ranking.
+"""Ground truth with any number of correct candidates per query, and its ranking by vsectl's one engine for it.
 
 A Karpathy split has one correct image per caption, and an image's correct captions are its own: `ranking.rank_counts`
-ranks that case (the fast, exact path that published numbers are compared on). Protocols with extended annotations
-(several images correct for a caption, several captions for an image, not necessarily symmetric) give a
-`GroundTruth` with both relations and are ranked here: R@K from the rank of the best correct candidate, and the
-position of every correct candidate for precision-style metrics (R-Precision, mAP@R).
+ranks that case (the fast, exact path that published numbers are compared on). Protocols with extended annotations give
+a `GroundTruth` with both relations (several correct candidates per query, not necessarily symmetric), or named
+`PositiveSets` (ECCV Caption, CxC: `evaluate_sets`). Both are ranked from one pass over the similarities
+(`vsectl.top_lists`): each query keeps its best candidates as deep as its largest R (or K) needs, its positives are
+located in that list (`vsectl.multi_positive`), and the queries a list cannot settle are ranked against every candidate.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
-from vsectl.ranking import RankCounts, similarity_chunk
+from vsectl.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
+from vsectl.ranking import RankCounts
+from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
+from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, full_scores, list_length, top_lists
 
-ENTRY_BLOCK = 4096  # correct (query, candidate) entries compared per block in a chunk; bounds the gathered copy
+LIST_DEPTH_LIMIT = 1024  # sets needing deeper lists than this (plausible match) are ranked in full instead
+RECALL_DEPTH = 10  # places a GroundTruth's lists hold at least: R@10 and most best ranks are read from them
+EXACT_FLOAT_COUNT = 2**24  # 0/1 values summed in fp32 are exact while the sum stays below this (the significand)
 
 
 def _csr(n_queries: int, queries: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,123 +88,219 @@ class GroundTruth:
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
                 raise ValueError(f"{name} queries name candidates outside [0, {n})")
 
-    def entries(self, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query, candidate) index pairs of one direction ('i2t' or 't2i'), each (P,)."""
-        ptr, idx = (self.i2t_ptr, self.i2t_idx) if direction == "i2t" else (self.t2i_ptr, self.t2i_idx)
-        return torch.repeat_interleave(torch.arange(ptr.numel() - 1), ptr[1:] - ptr[:-1]), idx
+    def positive_sets(self) -> tuple[PositiveSets, PositiveSets]:
+        """Both relations as `PositiveSets` (image queries', caption queries'): every query is evaluated, and its R is
+        its number of correct candidates."""
+        out = [PositiveSets(torch.arange(ptr.numel() - 1), ptr.clone(), idx.clone(), ptr.diff())
+               for ptr, idx in ((self.i2t_ptr, self.i2t_idx), (self.t2i_ptr, self.t2i_idx))]
+        return out[0], out[1]
 
 
-@dataclass(frozen=True)
-class PositiveRanks:
-    """The best correct candidate's counts per query (as `RankCounts`) and every correct candidate's position.
+def located_stats(lists: TopLists | None, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str,
+                  sets: PositiveSets, depth: int) -> PositiveStats:
+    """Positive statistics of one set: from the top lists where they are deep enough, else from full rankings.
 
-    ``i2t_positions`` / ``t2i_positions`` hold, in `GroundTruth.entries` order, how many candidates (correct ones
-    included) score strictly above each correct candidate.
+    The lists are cut to the set's own `depth` (plus the margin): a set that needs fewer places reads fewer. The rows
+    read are brought to the CPU, where the sets are (they are small).
     """
+    if lists is not None:
+        width, rows = _width(lists, depth), sets.queries.to(lists.values.device)
+        values, indices = lists.values[rows, :width].cpu(), lists.indices[rows, :width].cpu()
+        redo = truncated_ties(values, depth, width == lists.n_candidates).nonzero().squeeze(1)
+        if redo.numel() == 0:
+            parts = [positive_stats(values, indices, sets, lists.n_candidates)]
+        else:
+            keep = torch.ones(sets.n_queries, dtype=torch.bool)
+            keep[redo] = False
+            kept = keep.nonzero().squeeze(1)
+            parts = [_relabel(positive_stats(values[kept], indices[kept], sets.select(kept), lists.n_candidates),
+                              kept)]
+    else:
+        redo, parts = torch.arange(sets.n_queries), []
+    if redo.numel():
+        for pos, full in full_lists(pairs, direction, sets.queries[redo]):
+            sub = redo[pos]
+            parts.append(_relabel(positive_stats(full.values.cpu(), full.indices.cpu(), sets.select(sub),
+                                                 full.n_candidates), sub))
+    return PositiveStats.cat(parts)
 
-    counts: RankCounts
-    i2t_positions: torch.Tensor
-    t2i_positions: torch.Tensor
+
+def _width(lists: TopLists, depth: int) -> int:
+    """Places of `lists` that a set needing `depth` places reads."""
+    return min(lists.values.shape[1], list_length(depth, lists.n_candidates))
 
 
-def rank_positives(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], gt: GroundTruth,
-                   chunk_size: int = 1024) -> PositiveRanks:
-    """Rank every query with any number of correct candidates, from fp32 similarities in image chunks (two passes).
+def _relabel(stats: PositiveStats, positions: torch.Tensor) -> PositiveStats:
+    """Stats of a subset of queries, owners mapped back to positions in the whole set."""
+    return PositiveStats(positions[stats.owner], stats.greater, stats.equal, stats.tied_pos, stats.pos_above,
+                         stats.index_in_tie)
 
-    A query's rank counts the wrong candidates scoring strictly above its best correct one; ties count the wrong
-    candidates scoring exactly that, own ties the correct ones that do. Pass 1 finds each caption's best correct
-    score (its correct images may lie in any chunk); pass 2 recomputes the same chunks and counts.
+
+def needed_depths(sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]]
+                  ) -> dict[str, int]:
+    """Places the top lists of each direction must hold: the largest R, or K, of the sets they serve."""
+    ks = [int(m[2:]) for names in wanted.values() for m in names if m.startswith("r@")]
+    depth = {}
+    for d, direction in enumerate(DIRECTIONS):
+        needs = [max(s[d].max_relevant(), *ks) for s in sets.values() if s[d].max_relevant() <= LIST_DEPTH_LIMIT]
+        depth[direction] = max(needs, default=0)
+    return depth
+
+
+def evaluate_sets(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                  sets: dict[str, tuple[PositiveSets, PositiveSets]], wanted: dict[str, Sequence[str]],
+                  tie_rule: str, chunk_size: int = 1024, lists: dict[str, TopLists] | None = None) -> dict[str, Any]:
+    """Score several annotation sets from one pass over the similarities.
+
+    Args:
+        pairs: one (img (N, E_m), cap (C, E_m)) pair per model (an ensemble sums their similarities).
+        sets: annotation name → (i2t sets, t2i sets) on the split's indices.
+        wanted: annotation name → measures of `query_metrics` to report ("r@1", "r_precision", ...).
+        tie_rule: one of ``TIE_RULES``.
+        lists: top lists at least `needed_depths` deep (computed here when None).
+
+    Returns:
+        {"metrics": {name: {"<dir>_<measure>": percent}}, "n_queries": {name: {dir: Q}}, "ties": {name: {dir:
+        queries with a positive tied exactly with a candidate that is not one}}}; a measure "r@K" is named "rK".
     """
-    imgs, caps = [i.float() for i, _ in pairs], [c.float() for _, c in pairs]
-    n_img, n_cap, device = imgs[0].shape[0], caps[0].shape[0], imgs[0].device
-    if (n_img, n_cap) != (gt.n_images, gt.n_captions):
-        raise ValueError(f"embeddings of {n_img} images × {n_cap} captions, ground truth of {gt.n_images} × "
-                         f"{gt.n_captions}")
-    chunk_size = max(1, min(chunk_size, n_img))
-    iq, ic = (t.to(device) for t in gt.entries("i2t"))   # image query, correct caption
-    tq, ti = (t.to(device) for t in gt.entries("t2i"))   # caption query, correct image
-    by_image = torch.argsort(ti, stable=True)
-    t_bounds = torch.searchsorted(ti[by_image], torch.arange(0, n_img + chunk_size, chunk_size, device=device))
-    t_vals = torch.empty(tq.numel(), device=device)
-    best_t2i = torch.full((n_cap,), -math.inf, device=device)
-    sims = torch.empty(chunk_size, n_cap, device=device)
-    for r0 in range(0, n_img, chunk_size):  # pass 1: each caption's best correct score
-        r1 = min(r0 + chunk_size, n_img)
-        similarity_chunk(imgs, caps, r0, r1, out=sims[: r1 - r0])
-        e = by_image[t_bounds[r0 // chunk_size]: t_bounds[r0 // chunk_size + 1]]
-        t_vals[e] = sims[ti[e] - r0, tq[e]]
-        best_t2i.scatter_reduce_(0, tq[e], t_vals[e], "amax")
-    if not bool(torch.isfinite(best_t2i).all()):
-        raise ValueError("embeddings contain NaN or infinite values, or their similarities overflow fp32")
-    out = {k: torch.zeros(n, dtype=torch.int64, device=device) for k, n in (
-        ("i2t", n_img), ("i2t_ties", n_img), ("i2t_own", n_img), ("t2i", n_cap), ("t2i_ties", n_cap),
-        ("t2i_own", n_cap), ("i2t_pos", iq.numel()), ("t2i_pos", tq.numel()))}
-    i_bounds = torch.searchsorted(iq, torch.arange(0, n_img + chunk_size, chunk_size, device=device))
-    for r0 in range(0, n_img, chunk_size):  # pass 2: count
-        r1 = min(r0 + chunk_size, n_img)
-        s = sims[: r1 - r0]
-        similarity_chunk(imgs, caps, r0, r1, out=s)
-        k = r0 // chunk_size
-        _count_i2t(s, r0, iq, ic, slice(int(i_bounds[k]), int(i_bounds[k + 1])), out)
-        _count_t2i(s, r0, tq, ti, by_image[t_bounds[k]: t_bounds[k + 1]], t_vals, best_t2i, out)
-    out["t2i_ties"] -= out["t2i_own"]
-    counts = RankCounts(out["i2t"], out["t2i"], out["i2t_ties"], out["t2i_ties"], out["i2t_own"], out["t2i_own"])
-    return PositiveRanks(counts, out["i2t_pos"], out["t2i_pos"])
-
-
-def _count_i2t(s: torch.Tensor, r0: int, iq: torch.Tensor, ic: torch.Tensor, sl: slice,
-               out: dict[str, torch.Tensor]) -> None:
-    """Image queries r0:r0+b of one chunk `s` (b, C): their correct entries are `iq[sl]`, `ic[sl]`."""
-    q, c = iq[sl] - r0, ic[sl]
-    vals = s[q, c]
-    best = torch.full((s.shape[0],), -math.inf, device=s.device).scatter_reduce_(0, q, vals, "amax")
-    if not bool(torch.isfinite(best).all()):
-        raise ValueError("embeddings contain NaN or infinite values, or their similarities overflow fp32")
-    rows = slice(r0, r0 + s.shape[0])
-    own = torch.zeros(s.shape[0], dtype=torch.int64, device=s.device).index_add_(0, q, (vals == best[q]).long())
-    out["i2t"][rows] = (s > best[:, None]).sum(1)  # a correct caption never scores above the best one
-    out["i2t_own"][rows] = own
-    out["i2t_ties"][rows] = (s == best[:, None]).sum(1) - own
-    block = max(1, (1 << 22) // s.shape[1])
-    for a in range(0, q.numel(), block):  # every correct caption's position in its image's list
-        e = min(a + block, q.numel())
-        out["i2t_pos"][sl.start + a: sl.start + e] = (s[q[a:e]] > vals[a:e, None]).sum(1)
-
-
-def _count_t2i(s: torch.Tensor, r0: int, tq: torch.Tensor, ti: torch.Tensor, here: torch.Tensor,
-               t_vals: torch.Tensor, best: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    """Add image rows r0:r0+b (chunk `s`) to every caption query's counts; `here`: the entries whose image is here."""
-    vals = s[ti[here] - r0, tq[here]]
-    out["t2i"] += (s > best).sum(0)
-    out["t2i"].index_add_(0, tq[here], -(vals > best[tq[here]]).long())  # a correct image is not a wrong one above
-    out["t2i_ties"] += (s == best).sum(0)
-    out["t2i_own"].index_add_(0, tq[here], (vals == best[tq[here]]).long())
-    block = max(1, (1 << 22) // s.shape[0])
-    for a in range(0, tq.numel(), block):  # every correct image's position in its caption's list, chunk by chunk
-        cols = tq[a: a + block]
-        out["t2i_pos"][a: a + block] += (s[:, cols] > t_vals[a: a + block]).sum(0)
-
-
-def positions_in_order(ptr: torch.Tensor, positions: torch.Tensor) -> list[np.ndarray]:
-    """Per query, its correct candidates' 0-based list positions, ascending; tied correct candidates take the next
-    free places (a candidate tied with a correct one is not counted above it)."""
-    pos = positions.cpu().numpy()
-    out = []
-    for q in range(ptr.numel() - 1):
-        p = np.sort(pos[int(ptr[q]): int(ptr[q + 1])])
-        out.append(np.maximum.accumulate(p - np.arange(p.size)) + np.arange(p.size) if p.size else p)
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
+    depth = needed_depths(sets, wanted)
+    if lists is None and any(depth.values()):
+        lists = dict(zip(DIRECTIONS, top_lists(pairs, max(1, depth["i2t"]), max(1, depth["t2i"]), chunk_size),
+                         strict=True))
+    out: dict[str, Any] = {"metrics": {}, "n_queries": {}, "ties": {}}
+    for name, both in sets.items():
+        out["metrics"][name], out["n_queries"][name], out["ties"][name] = {}, {}, {}
+        for d, direction in enumerate(DIRECTIONS):
+            s = both[d]
+            deep = s.max_relevant() > LIST_DEPTH_LIMIT
+            ks = sorted({int(m[2:]) for m in wanted[name] if m.startswith("r@")})
+            stats = located_stats(None if deep else lists[direction], pairs, direction, s,
+                                  max(s.max_relevant(), *ks, 1))
+            per_query = query_metrics(stats, s, ks, tie_rule)
+            out["metrics"][name].update({f"{direction}_{m.replace('@', '')}": float(100.0 * per_query[m].mean())
+                                         for m in wanted[name]})
+            out["n_queries"][name][direction] = s.n_queries
+            tied = stats.owner[stats.equal > stats.tied_pos]
+            out["ties"][name][direction] = int(torch.unique(tied).numel())
     return out
 
 
-def precision_metrics(ptr: torch.Tensor, positions: torch.Tensor) -> dict[str, float]:
-    """R-Precision and mAP@R in percent over the queries of one direction (R = the query's number of correct ones).
+def rank_ground_truth(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], gt: GroundTruth, chunk_size: int = 1024,
+                      tie_rule: str = DEFAULT_TIE_RULE) -> tuple[RankCounts, dict[str, float]]:
+    """Rank every query of a `GroundTruth`, in both directions, from one pass over the fp32 similarities.
 
-    R-P = |correct in the top R| / R; mAP@R = (1/R) Σ_{i ≤ R} P@i · [item i is correct].
+    R@K, medr and meanr follow each query's best correct candidate: its `RankCounts` (wrong candidates scoring strictly
+    above it, wrong ones tied with it, correct ones tied with it) are what `metrics.tie_ranked_metrics` reads. Every
+    correct candidate counts for R-Precision and mAP@R (R = the query's number of correct candidates), under `tie_rule`.
+
+    Args:
+        pairs: one (img (N, E_m), cap (C, E_m)) pair per model (an ensemble sums their similarities).
+        gt: the correct candidates of every query.
+        chunk_size: image rows per similarity block.
+        tie_rule: one of ``TIE_RULES``.
+
+    Returns:
+        (the best correct candidates' counts (CPU), {"i2t_r_precision", "i2t_map_at_r", "t2i_r_precision",
+        "t2i_map_at_r"} in percent).
+
+    Raises:
+        ValueError: for embeddings that do not fit the ground truth, bad inputs or an unknown tie rule.
     """
-    r_prec, map_r = [], []
-    for p in positions_in_order(ptr, positions):
-        r = p.size
-        top = p < r
-        r_prec.append(top.sum() / r)
-        map_r.append(float(np.sum((np.arange(1, r + 1) / (p + 1))[top])) / r)
-    return {"r_precision": 100.0 * float(np.mean(r_prec)), "map_at_r": 100.0 * float(np.mean(map_r))}
+    if tie_rule not in TIE_RULES:
+        raise ValueError(f"unknown tie rule {tie_rule!r}; use one of {', '.join(TIE_RULES)}")
+    pairs = [(img.float(), cap.float()) for img, cap in pairs]  # ranked in fp32, as the single-positive path is
+    shape = (pairs[0][0].shape[0], pairs[0][1].shape[0]) if pairs else (0, 0)
+    if shape != (gt.n_images, gt.n_captions):
+        raise ValueError(f"embeddings of {shape[0]} images × {shape[1]} captions, ground truth of {gt.n_images} × "
+                         f"{gt.n_captions}")
+    sets = dict(zip(DIRECTIONS, gt.positive_sets(), strict=True))
+    depth = {d: max(s.max_relevant(), RECALL_DEPTH) for d, s in sets.items()}
+    shallow = {d: s.max_relevant() <= LIST_DEPTH_LIMIT for d, s in sets.items()}
+    rows = _ImageRowCounts(sets["i2t"]) if shallow["i2t"] else None
+    lists = dict(zip(DIRECTIONS, top_lists(pairs, *(depth[d] if shallow[d] else 1 for d in DIRECTIONS), chunk_size,
+                                           on_chunk=rows), strict=True)) if any(shallow.values()) else {}
+    best, precision = {}, {}
+    for direction, s in sets.items():
+        found = lists[direction] if shallow[direction] else None
+        stats = located_stats(found, pairs, direction, s, depth[direction])
+        width = _width(found, depth[direction]) if found is not None else None
+        cut = width if found is not None and width < found.n_candidates else None
+        known = rows if direction == "i2t" else None
+        best[direction] = _best_counts(stats, s, cut, pairs, direction, known)
+        per_query = query_metrics(stats, s, (), tie_rule)
+        precision.update({f"{direction}_{m}": float(100.0 * per_query[m].mean()) for m in ("r_precision", "map_at_r")})
+    i2t, t2i = best["i2t"], best["t2i"]
+    return RankCounts(i2t[0], t2i[0], i2t[1], t2i[1], i2t[2], t2i[2]), precision
+
+
+class _ImageRowCounts:
+    """`_count_best` of the image queries whose list will not settle them, taken from the pass's blocks of whole image
+    rows (`top_lists`' `on_chunk`): a query whose best positive does not score above its list's last value."""
+
+    def __init__(self, sets: PositiveSets) -> None:
+        self.sets = sets  # every image is a query, in order
+        self.counts = torch.zeros(3, sets.n_queries, dtype=torch.int64)
+        self.done = torch.zeros(sets.n_queries, dtype=torch.bool)
+
+    def __call__(self, r0: int, sims: torch.Tensor, top_values: torch.Tensor) -> None:
+        if top_values.shape[1] == sims.shape[1]:
+            return  # lists of every candidate settle every query
+        here = self.sets.select(torch.arange(r0, r0 + sims.shape[0]))
+        best = _best_scores(sims, here)
+        rows = (best <= top_values[:, -1]).nonzero().squeeze(1).cpu()
+        if rows.numel():
+            every = rows.numel() == sims.shape[0]  # a weak model: no copy of the block
+            self.counts[:, r0 + rows] = _count_best(sims if every else sims[rows.to(sims.device)],
+                                                    here if every else here.select(rows))
+            self.done[r0 + rows] = True
+
+
+def _best_counts(stats: PositiveStats, sets: PositiveSets, width: int | None,
+                 pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str,
+                 known: _ImageRowCounts | None = None) -> torch.Tensor:
+    """(3, Q) int64 per query of `sets`: wrong candidates strictly above its best positive, wrong ones tied with it,
+    and positives tied with it (itself included).
+
+    Read from the located positives where the list settles them: the query's best positive is listed and its tie group
+    ends inside the list (`width` places; None: the lists hold every candidate). The others are taken from `known`
+    (counted during the pass) or counted against every candidate, without sorting.
+    """
+    out = torch.zeros(3, sets.n_queries, dtype=torch.int64)
+    first = (stats.pos_above == 0) & (stats.index_in_tie == 0)  # one per query with a positive in its list
+    owner, g, e, m = (x[first] for x in (stats.owner, stats.greater, stats.equal, stats.tied_pos))
+    keep = torch.ones_like(g, dtype=torch.bool) if width is None else g + e < width
+    out[:, owner[keep]] = torch.stack([g, e - m, m])[:, keep]
+    todo = torch.ones(sets.n_queries, dtype=torch.bool)
+    todo[owner[keep]] = False
+    if known is not None:
+        out[:, todo & known.done] = known.counts[:, todo & known.done]
+        todo &= ~known.done
+    todo = todo.nonzero().squeeze(1)
+    if todo.numel():
+        for pos, scores in full_scores(pairs, direction, sets.queries[todo]):
+            out[:, todo[pos]] = _count_best(scores, sets.select(todo[pos]))
+    return out
+
+
+def _best_scores(scores: torch.Tensor, sets: PositiveSets) -> torch.Tensor:
+    """(b,) the best positive's score of each query whose scores against every candidate are the rows of `scores`."""
+    owners, targets = sets.owners().to(scores.device), sets.targets.to(scores.device)
+    best = torch.full((scores.shape[0],), -math.inf, dtype=scores.dtype, device=scores.device)
+    return best.scatter_reduce_(0, owners, scores[owners, targets], "amax")
+
+
+def _count_best(scores: torch.Tensor, sets: PositiveSets) -> torch.Tensor:
+    """`_best_counts` (3, b) of the queries whose scores against every candidate are the rows of `scores` (b, n)."""
+    owners, targets = sets.owners().to(scores.device), sets.targets.to(scores.device)
+    best = _best_scores(scores, sets)
+    own = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
+    own.index_add_(0, owners, (scores[owners, targets] == best[owners]).long())
+    if scores.shape[1] < EXACT_FLOAT_COUNT:  # 0/1 masks summed by a matrix-vector product: 5× faster than a bool sum
+        mask, ones = torch.empty_like(scores), torch.ones(scores.shape[1], dtype=scores.dtype, device=scores.device)
+        greater = torch.mv(torch.gt(scores, best[:, None], out=mask), ones).long()
+        equal = torch.mv(torch.eq(scores, best[:, None], out=mask), ones).long()
+    else:
+        greater, equal = (scores > best[:, None]).sum(1), (scores == best[:, None]).sum(1)
+    return torch.stack([greater, equal - own, own]).cpu()

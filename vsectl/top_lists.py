@@ -9,7 +9,7 @@ one (chunk × captions) block plus the lists. Queries whose list may be cut insi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +72,8 @@ def list_length(depth: int, n_candidates: int) -> int:
 
 
 def top_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth_i2t: int, depth_t2i: int,
-              chunk_size: int = 1024) -> tuple[TopLists, TopLists]:
+              chunk_size: int = 1024, on_chunk: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+              ) -> tuple[TopLists, TopLists]:
     """The top lists of both directions from one pass over the (ensemble) similarities S = Σ_m I_m C_mᵀ.
 
     Args:
@@ -80,6 +81,8 @@ def top_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth_i2t: int
         depth_i2t: places each image query needs (its list keeps a margin more).
         depth_t2i: places each caption query needs.
         chunk_size: image rows per similarity block; peak extra memory ≈ chunk_size × C scores.
+        on_chunk: called with (r0, the block's scores (b, C), its image rows' lists' values (b, L1)) for every block
+            of image rows r0:r0+b, before the block is overwritten: a caller reads whole image rows there.
 
     Returns:
         (i2t lists (N, L1) over captions, t2i lists (C, L2) over images).
@@ -104,6 +107,8 @@ def top_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], depth_i2t: int
         if not bool(torch.isfinite(sims.sum())):  # a NaN or inf anywhere makes the sum one (15× cheaper than isfinite)
             raise ValueError("the similarities overflow: embeddings must be of moderate size (unit vectors)")
         torch.topk(sims, l_i2t, dim=1, out=(i2t_v[r0:r1], i2t_i[r0:r1]))
+        if on_chunk is not None:
+            on_chunk(r0, sims, i2t_v[r0:r1])
         merged = _merge_above(sims, r0, t2i_v, t2i_i) if t2i_v is not None and t2i_v.shape[1] == l_t2i else None
         if merged is None:
             merged = _merge_top(sims, r0, t2i_v, t2i_i, l_t2i)
@@ -147,9 +152,9 @@ def _merge_above(sims: torch.Tensor, r0: int, values: torch.Tensor, indices: tor
     return v, torch.cat([indices, new_i], dim=1).gather(1, order)
 
 
-def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
-               block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, TopLists]]:
-    """Rank the given queries against every candidate, a block of queries at a time.
+def full_scores(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
+                block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The given queries' scores against every candidate, a block of queries at a time.
 
     Args:
         pairs: as for `top_lists`.
@@ -158,19 +163,29 @@ def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: st
         block: scores held at once (queries per block = block // candidates, at least one).
 
     Yields:
-        (positions into `queries`, their complete lists).
+        (positions into `queries` (CPU), their (b, candidates) scores on the embeddings' device).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     imgs, caps = prepare_pairs(pairs)
     query_side, candidates = (imgs, caps) if direction == "i2t" else (caps, imgs)
-    n_cand = candidates[0].shape[0]
-    step = max(1, block // n_cand)
+    step = max(1, block // candidates[0].shape[0])
     for s in range(0, queries.numel(), step):
         pos = torch.arange(s, min(s + step, queries.numel()))
         q = queries[pos].to(query_side[0].device)
         scores = query_side[0][q] @ candidates[0].T  # (b, n_cand)
         for side, cand in zip(query_side[1:], candidates[1:], strict=True):
             scores.addmm_(side[q], cand.T)
+        yield pos, scores
+
+
+def full_lists(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], direction: str, queries: torch.Tensor,
+               block: int = 1024 * 25_000) -> Iterator[tuple[torch.Tensor, TopLists]]:
+    """Rank the given queries against every candidate, a block of queries at a time (arguments as `full_scores`).
+
+    Yields:
+        (positions into `queries`, their complete lists).
+    """
+    for pos, scores in full_scores(pairs, direction, queries, block):
         values, indices = torch.sort(scores, dim=1, descending=True)
-        yield pos, TopLists(values, indices, n_cand)
+        yield pos, TopLists(values, indices, scores.shape[1])
