@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vsectl.protocols import COCO_5K_IMAGES, Protocol, register_group, register_protocol
+from vsectl.protocol_base import COCO_5K_IMAGES, Protocol, register_group, register_protocol
 
 if TYPE_CHECKING:
     import torch

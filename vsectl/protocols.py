@@ -1,18 +1,29 @@
-"""Evaluation protocols as registered objects: `vsectl eval`'s choices, defaults, tables, JSON and help come from here.
+"""The evaluation protocols `vsectl eval` offers: its choices, defaults, tables, JSON and help come from here.
 
-A protocol says which split it is defined on, how many images that split must have, how its ground truth is formed
-from the split (one correct image per caption, or several correct candidates per query in either direction), and
-how its metrics are computed from the embeddings. This module imports no torch (the CLI builds its help from it);
-the computing imports it when called.
+The published protocols (f30k, coco1k, coco5k, dev1k and the group all) are registered below, ECCV Caption and CxC
+(and the group extended) by `vsectl.annotated_protocols`; the `Protocol` class and the registry are in
+`vsectl.protocol_base`. This module imports no torch (the CLI builds its help from it).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vsectl.errors import ConfigError
-from vsectl.registry import Registry, did_you_mean
+from vsectl.protocol_base import (
+    COCO_5K_IMAGES,
+    COCO_FOLD_SIZE,
+    DEV_IMAGES,
+    GROUPS,
+    PROTOCOLS,
+    RECALL_COLUMNS,
+    FirstImages,
+    Folds,
+    Protocol,
+    register_group,
+    register_protocol,
+)
+from vsectl.registry import did_you_mean
 from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 if TYPE_CHECKING:
@@ -22,96 +33,8 @@ if TYPE_CHECKING:
 
     from vsectl.positives import GroundTruth
 
-RECALL_COLUMNS = ("r1", "r5", "r10", "medr", "meanr")  # per direction, in eval's table
-COCO_5K_IMAGES = 5000  # images in COCO Karpathy `testall`
-COCO_FOLD_SIZE = 1000  # COCO 1K folds are contiguous blocks of this many images
-DEV_IMAGES = 1000  # model selection ranks the first 1,000 dev images
-
-
-class Protocol:
-    """One evaluation protocol. Subclasses override what differs; the defaults rank the whole split.
-
-    Args:
-        name: what `--protocol` takes.
-        help: one line for `vsectl eval --help`.
-        default_split: the split the protocol is defined on.
-        images: the number of images that split must have (None: any).
-        columns: the per-direction metrics of eval's table (keys `i2t_<col>` / `t2i_<col>` of the result).
-        block: images per ranked block, for protocols that rank part of the split (the first images, or folds).
-    """
-
-    def __init__(self, name: str, help: str, default_split: str = "test", images: int | None = None,
-                 columns: tuple[str, ...] = RECALL_COLUMNS, block: int = 0) -> None:
-        self.name, self.help, self.default_split, self.images, self.columns = name, help, default_split, images, \
-            columns
-        self.block = block
-
-    annotation_options: tuple[str, ...] = ()  # extra annotation files the protocol reads (see `with_annotations`)
-
-    def with_annotations(self, **paths: Path | None) -> Protocol:
-        """This protocol reading extra annotation files (`vsectl eval --caption-ids …`); the base takes none."""
-        given = sorted(k for k, v in paths.items() if v is not None)
-        if given:
-            raise ConfigError(f"protocol {self.name} reads no extra annotation files ({', '.join(given)}); they are "
-                              f"for {', '.join(n for n, p in PROTOCOLS.items() if p.annotation_options)}")
-        return self
-
-    def ground_truth(self, split: Any, root: Path) -> GroundTruth:
-        """The correct candidates of every query of `split` (a `vsectl.data.sources.Split`; its `root` folder holds
-        any extra annotations). Default: a caption's image, and an image's own captions."""
-        from vsectl.positives import GroundTruth
-
-        return GroundTruth.from_cap2img(split.cap2img)
-
-    def evaluate(self, img_embs: list[torch.Tensor], cap_embs: list[torch.Tensor], gt: GroundTruth,
-                 chunk_size: int, tie_rule: str) -> dict[str, Any]:
-        """{"n_images", "n_captions" (the counts ranked), "metrics", "ties"} (and anything the protocol adds)."""
-        from vsectl.metrics import evaluate_images
-
-        return evaluate_images(img_embs, cap_embs, gt, None, chunk_size, tie_rule)
-
-
-class FirstImages(Protocol):
-    """The first `block` images of the split (all if fewer) and their captions."""
-
-    def evaluate(self, img_embs: list[torch.Tensor], cap_embs: list[torch.Tensor], gt: GroundTruth,
-                 chunk_size: int, tie_rule: str) -> dict[str, Any]:
-        import torch
-
-        from vsectl.metrics import evaluate_images
-
-        images = torch.arange(min(self.block, gt.n_images), device=img_embs[0].device)
-        return evaluate_images(img_embs, cap_embs, gt, images, chunk_size, tie_rule)
-
-
-class Folds(Protocol):
-    """Contiguous folds of `block` images with their captions; every metric is the mean over the folds."""
-
-    def evaluate(self, img_embs: list[torch.Tensor], cap_embs: list[torch.Tensor], gt: GroundTruth,
-                 chunk_size: int, tie_rule: str) -> dict[str, Any]:
-        import numpy as np
-        import torch
-
-        from vsectl.metrics import evaluate_images
-
-        runs = [evaluate_images(img_embs, cap_embs, gt, torch.arange(a, a + self.block, device=img_embs[0].device),
-                                chunk_size, tie_rule) for a in range(0, gt.n_images - self.block + 1, self.block)]
-        folds, fold_ties = [r["metrics"] for r in runs], [r["ties"] for r in runs]
-        return {"n_images": gt.n_images, "n_captions": gt.n_captions,
-                "metrics": {key: float(np.mean([f[key] for f in folds])) for key in folds[0]},
-                "ties": {key: sum(t[key] for t in fold_ties) for key in fold_ties[0]}, "folds": folds,
-                "fold_ties": fold_ties}
-
-
-PROTOCOLS: Registry[Protocol] = Registry("protocol")
-GROUPS = {"all": ("coco1k", "coco5k")}  # names that stand for several protocols
-
-
-def register_protocol(protocol: Protocol) -> Protocol:
-    """Add a protocol to `vsectl eval` (its table, JSON, help and the library's `evaluate_runs`)."""
-    if protocol.name in GROUPS:
-        raise ValueError(f"protocol name '{protocol.name}' is taken by a group of protocols")
-    return PROTOCOLS.register(protocol.name)(protocol)
+__all__ = ["COCO_5K_IMAGES", "COCO_FOLD_SIZE", "DEV_IMAGES", "GROUPS", "PROTOCOLS", "RECALL_COLUMNS", "FirstImages",
+           "Folds", "Protocol", "choices", "evaluate_protocol", "expand", "register_group", "register_protocol"]
 
 
 register_protocol(Protocol("f30k", "the whole split in one block (Flickr30K 1K test)"))
@@ -122,11 +45,8 @@ register_protocol(FirstImages("dev1k", "the first 1,000 dev images (model select
                               default_split="dev"))
 
 
-def register_group(name: str, members: tuple[str, ...]) -> None:
-    """A `--protocol` name that stands for several registered protocols."""
-    if name in PROTOCOLS or name in GROUPS:
-        raise ValueError(f"'{name}' is already a protocol or a group")
-    GROUPS[name] = members
+# after the published ones, so that --help and choices() list those first
+from vsectl import annotated_protocols  # noqa: E402, F401  (registers eccv, cxc and the group extended)
 
 
 def expand(name: str) -> list[Protocol]:
@@ -190,5 +110,3 @@ def evaluate_protocol(
     return {"protocol": protocol.name, "tie_rule": tie_rule,
             **protocol.evaluate(list(img_embs), list(cap_embs), gt, chunk_size, tie_rule)}
 
-
-from vsectl import annotated_protocols  # noqa: E402, F401  (registers eccv, cxc and the group extended)
