@@ -135,6 +135,42 @@ def test_parts_added_by_several_ranks_merge_to_the_one_process_index(collection,
     assert np.array_equal(a.search(queries, 5)[1], b.search(queries, 5)[1])
 
 
+@pytest.mark.parametrize("factory", ["IVF8,PQ4x8np", "IVF8,SQ8", "IVF8,Flat"])
+def test_parts_merged_in_place_equal_faiss_merge_from(factory, tmp_path):
+    """merge_parts sizes each inverted list once and fills it; faiss' merge_from (appending part after part) is the
+    reference: the same ids and codes in every list, in the same order, and the same count."""
+    faiss = pytest.importorskip("faiss")
+    from vsectl.retrieval.index_build import merge_parts
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2600, 16)).astype(np.float32)
+    trained = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    trained.train(x)
+    faiss.write_index(trained, str(tmp_path / "trained.faiss"))
+    rows, files = 700, []
+    for p, a in enumerate(range(0, len(x), rows)):
+        part = faiss.read_index(str(tmp_path / "trained.faiss"))
+        part.add(x[a:a + rows])
+        files.append(tmp_path / f"part-{p}.faiss")
+        faiss.write_index(part, str(files[-1]))
+    ours = merge_parts(faiss.read_index(str(tmp_path / "trained.faiss")), files, rows)
+    reference = faiss.read_index(str(tmp_path / "trained.faiss"))
+    for p, f in enumerate(files):
+        reference.merge_from(faiss.read_index(str(f)), p * rows)
+    assert ours.ntotal == reference.ntotal == len(x)
+    mine, theirs = faiss.extract_index_ivf(ours).invlists, faiss.extract_index_ivf(reference).invlists
+    code_size = mine.code_size
+    for lst in range(8):
+        n = theirs.list_size(lst)
+        assert mine.list_size(lst) == n
+        if n:
+            assert np.array_equal(faiss.rev_swig_ptr(mine.get_ids(lst), n), faiss.rev_swig_ptr(theirs.get_ids(lst), n))
+            assert np.array_equal(faiss.rev_swig_ptr(mine.get_codes(lst), n * code_size),
+                                  faiss.rev_swig_ptr(theirs.get_codes(lst), n * code_size))
+    ours.nprobe = reference.nprobe = 8
+    assert np.array_equal(ours.search(x[:50], 10)[1], reference.search(x[:50], 10)[1])
+
+
 def test_a_killed_build_resumes_from_its_finished_parts(collection, tmp_path, monkeypatch):
     pytest.importorskip("faiss")
     import shutil

@@ -231,13 +231,40 @@ def build_faiss(plan: IndexPlan, reader: RowReader, partial: Path, *, rank: int,
         return None
     files = [_part_file(partial, p) for p in range(parts)]
     _wait(files, "index parts")
-    index = faiss.read_index(str(trained))
-    for p, f in enumerate(files):
-        part = faiss.read_index(str(f))
-        index.merge_from(part, p * PART_ROWS)  # ids shifted by the part's first row
-        del part
+    index = merge_parts(faiss.read_index(str(trained)), files, PART_ROWS)
     if index.ntotal != reader.n:
         raise DataError(f"the merged index holds {index.ntotal} vectors, the embeddings {reader.n}; build it again")
+    return index
+
+
+def merge_parts(index: Any, files: list[Path], rows_per_part: int) -> Any:
+    """The parts' vectors in the trained, empty `index`, part p's ids shifted by p · rows_per_part: what faiss'
+    `merge_from` makes, but each inverted list is sized once to its final length and filled in place. `merge_from`
+    appends part after part, and each list's growth by doubling (with the old copy alive while it moves) took the
+    10M-vector build to three times the final lists in memory; this keeps the peak at the lists plus one part."""
+    faiss = faiss_module()
+    ivf = faiss.extract_index_ivf(index)
+    lists, nlist = ivf.invlists, ivf.nlist
+    sizes = np.zeros(nlist, dtype=np.int64)
+    for f in files:  # first pass: every list's final length, from the parts' headers and lists (not their codes)
+        part = faiss.read_index(str(f), faiss.IO_FLAG_MMAP)  # kept referenced: the IVF view below lives in it
+        src = faiss.extract_index_ivf(part).invlists
+        sizes += [src.list_size(lst) for lst in range(nlist)]
+        del src, part
+    for lst in np.flatnonzero(sizes).tolist():
+        lists.resize(lst, int(sizes[lst]))
+    filled = np.zeros(nlist, dtype=np.int64)
+    for p, f in enumerate(files):
+        part = faiss.read_index(str(f))
+        src = faiss.extract_index_ivf(part).invlists
+        for lst in range(nlist):
+            n = src.list_size(lst)
+            if n:
+                ids = faiss.rev_swig_ptr(src.get_ids(lst), n).astype(np.int64) + p * rows_per_part
+                lists.update_entries(lst, int(filled[lst]), n, faiss.swig_ptr(ids), src.get_codes(lst))
+                filled[lst] += n
+        del part
+    ivf.ntotal = index.ntotal = int(sizes.sum())
     return index
 
 
