@@ -1,9 +1,10 @@
 """The baseline of the several-positives benchmarks: vsectl's earlier generic several-positives ranking, kept verbatim.
 
-Until it was unified with the top-list engine (`vsectl.top_lists` + `vsectl.multi_positive`), a `GroundTruth` without
-`cap2img` was ranked here in two passes over the similarities (pass 1: each caption's best correct score; pass 2:
-counts and every correct candidate's position), R-Precision and mAP@R then always placing correct candidates before
-the wrong ones tied with them. `old_evaluate` is what `metrics.evaluate_images` returned for such ground truth.
+Until it was unified with the top-list engine (`vsectl.scoring.top_lists` + `vsectl.scoring.multi_positive`), a
+`GroundTruth` without `cap2img` was ranked here in two passes over the similarities (pass 1: each caption's best correct
+score; pass 2: counts and every correct candidate's position), R-Precision and mAP@R then always placing correct
+candidates before the wrong ones tied with them. `old_evaluate` is what `metrics.evaluate_images` returned for such
+ground truth.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vsectl.metrics import tie_counts, tie_ranked_metrics
-from vsectl.positives import GroundTruth
-from vsectl.ranking import RankCounts, similarity_chunk
+from vsectl.scoring.metrics import tie_counts, tie_ranked_metrics
+from vsectl.scoring.positives import GroundTruth
+from vsectl.scoring.ranking import RankCounts, similarity_chunk
 
 
 def _entries(gt: GroundTruth, direction: str) -> tuple[torch.Tensor, torch.Tensor]:

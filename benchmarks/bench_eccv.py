@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from baseline_positives import old_evaluate
 from common import LoadMeter, describe, machine, timed_interleaved_cpu, write_report
 
-from vsectl import coco_protocols
-from vsectl.protocols import PROTOCOLS, evaluate_protocol, expand
-from vsectl.tie_rules import DEFAULT_TIE_RULE
+from vsectl.scoring import coco_protocols
+from vsectl.scoring.protocols import PROTOCOLS, evaluate_protocol, expand
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE
 
 TARGET = 1.5
 
@@ -51,7 +51,7 @@ class Split:
 
 def seams_truth(split: Split) -> object:
     """ECCV ∪ CxC ∪ COCO positives of every query as the generic `GroundTruth` (pairs in both directions)."""
-    from vsectl.positives import GroundTruth
+    from vsectl.scoring.positives import GroundTruth
 
     gt = PROTOCOLS.get("eccv").ground_truth(split, Path("."))
     i2t, t2i = set(), set()

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from baseline_positives import old_evaluate
 from common import LoadMeter, describe, machine
 
-from vsectl.metrics import tie_counts, tie_ranked_metrics
-from vsectl.positives import GroundTruth
-from vsectl.protocols import evaluate_protocol
-from vsectl.ranking import rank_counts
+from vsectl.scoring.metrics import tie_counts, tie_ranked_metrics
+from vsectl.scoring.positives import GroundTruth
+from vsectl.scoring.protocols import evaluate_protocol
+from vsectl.scoring.ranking import rank_counts
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Benchmark retrieval ranking: vsectl.metrics against the classic float64 argsort loop (spec §10.3, §13 pitfall 2).
+"""Benchmark retrieval ranking: vsectl.scoring.metrics against the classic float64 argsort loop.
 
 At the COCO 5K (5,000 × 25,000) and Flickr30K 1K (1,000 × 5,000) sizes, with 1024-d L2-normalised random embeddings,
 it times the bare similarity product, our ``rank_retrieval`` + ``recall_metrics``, and the loop reference (similarity
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vsectl.metrics import METRIC_KEYS, recall_metrics
-from vsectl.ranking import rank_retrieval
+from vsectl.scoring.metrics import METRIC_KEYS, recall_metrics
+from vsectl.scoring.ranking import rank_retrieval
 
 SIZES = {"coco5k": 5000, "f30k": 1000}  # images; both protocols have 5 captions per image
 CAPS_PER_IMAGE = 5

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_ties.py [--baseline 639aa30] [--images 5000] [--rounds 3]
 
-The baseline's `vsectl/metrics.py` is read with `git show` and imported as a module, so both run in one process on
-the same embeddings (COCO 5K size by default: 5,000 images × 25,000 captions × 1024), alternating, median of rounds.
+The baseline's `vsectl/metrics.py` (its path at that revision) is read with `git show` and imported as a module, so both
+run in one process on the same embeddings (COCO 5K size by default: 5,000 images × 25,000 captions × 1024), alternating,
+median of rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ranking import make_embeddings  # noqa: E402
 
-from vsectl.metrics import rank_counts  # noqa: E402
+from vsectl.scoring.metrics import rank_counts  # noqa: E402
 
 
 def baseline_module(rev: str):  # noqa: ANN201 - a module

@@ -153,8 +153,8 @@ def check_step(device: torch.device, s: dict[str, Any], out: Path) -> dict[str, 
 
 
 def check_eval(device: torch.device, s: dict[str, Any], out: Path) -> dict[str, Any]:
-    from vsectl.metrics import recall_metrics
-    from vsectl.ranking import rank_retrieval
+    from vsectl.scoring.metrics import recall_metrics
+    from vsectl.scoring.ranking import rank_retrieval
 
     n, c = s["coco"]
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,5 @@
-"""ECCV Caption and CxC (vsectl.annotated_protocols): the COCO id mapping against the eccv-caption package's own files,
-every metric against the package's reference code on the full COCO 5K shape, and the refusals."""
+"""ECCV Caption and CxC (vsectl.scoring.annotated_protocols): the COCO id mapping against the eccv-caption package's own
+files, every metric against the package's reference code on the full COCO 5K shape, and the refusals."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from cli_checks import one_error_line
 from typer.testing import CliRunner
 
 from vsectl.cli import app
-from vsectl.coco_annotations import annotation_dir, split_ids, standard_ids
 from vsectl.errors import ConfigError
-from vsectl.protocols import PROTOCOLS, evaluate_protocol, expand
+from vsectl.scoring.coco_annotations import annotation_dir, split_ids, standard_ids
+from vsectl.scoring.protocols import PROTOCOLS, evaluate_protocol, expand
 
 pytest.importorskip("eccv_caption")  # the 'eccv' extra; `make setup` installs it
 runner = CliRunner()
@@ -143,7 +143,7 @@ def test_eccv_on_a_split_that_is_not_coco_5k_is_refused_before_encoding(clipart_
 
 
 def test_a_missing_extra_is_named_in_one_line(monkeypatch):
-    import vsectl.coco_annotations as annotations
+    import vsectl.scoring.coco_annotations as annotations
 
     monkeypatch.setattr(annotations.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install 'vsectl\[eccv\]'"):

@@ -43,10 +43,11 @@ def option_default(command: str, option: str) -> object:
 
 
 def test_every_command_and_function_defaults_to_one_tie_rule():
-    from vsectl import evaluation, metrics, protocols
+    from vsectl import evaluation
     from vsectl.config import load_recipe
     from vsectl.science.gridsearch import gridsearch
-    from vsectl.tie_rules import DEFAULT_TIE_RULE
+    from vsectl.scoring import metrics, protocols
+    from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE
 
     assert DEFAULT_TIE_RULE == "expected"
     assert option_default("eval", "ties") == DEFAULT_TIE_RULE

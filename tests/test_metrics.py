@@ -1,4 +1,4 @@
-"""Tests for vsectl.metrics: ranks and recalls against per-query loop references (spec §10, EVAL-1/2/3)."""
+"""Tests for vsectl.scoring.metrics: ranks and recalls against per-query loop references (spec §10, EVAL-1/2/3)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsectl import ranking
-from vsectl.metrics import METRIC_KEYS, recall_metrics, subset
-from vsectl.protocols import PROTOCOLS, evaluate_protocol
-from vsectl.ranking import rank_retrieval
+from vsectl.scoring import ranking
+from vsectl.scoring.metrics import METRIC_KEYS, recall_metrics, subset
+from vsectl.scoring.protocols import PROTOCOLS, evaluate_protocol
+from vsectl.scoring.ranking import rank_retrieval
 
 
 def loop_ranks(sims: torch.Tensor, cap2img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +120,7 @@ def test_collapsed_embeddings_rank_everything_first(caplog):
     and columns are recounted."""
     img, cap = torch.ones(6, 4), torch.ones(12, 4)
     cap2img = torch.arange(12) % 6
-    with caplog.at_level(logging.DEBUG, logger="vsectl.ranking"):
+    with caplog.at_level(logging.DEBUG, logger="vsectl.scoring.ranking"):
         i2t, t2i = rank_retrieval([(img, cap)], cap2img, chunk_size=1)
     assert i2t.tolist() == [0] * 6 and t2i.tolist() == [0] * 12
     assert "recounting" in caplog.text
@@ -130,7 +130,7 @@ def test_recount_fallback_matches_loop_reference(monkeypatch, caplog):
     """EVAL-3: with a zero-width band most columns take the exact whole-column recount, which must agree too."""
     monkeypatch.setattr(ranking, "GT_BAND_SCALE", 0.0)
     img, cap, cap2img = random_split([4, 2, 5, 3, 1, 5, 2], dim=16, seed=3)
-    with caplog.at_level(logging.DEBUG, logger="vsectl.ranking"):
+    with caplog.at_level(logging.DEBUG, logger="vsectl.scoring.ranking"):
         i2t, t2i = rank_retrieval([(img, cap)], cap2img, chunk_size=2)
     ref_i2t, ref_t2i = loop_ranks(img @ cap.T, cap2img)
     torch.testing.assert_close(i2t, ref_i2t)

@@ -1,5 +1,6 @@
-"""Several positives per query (vsectl.multi_positive, vsectl.top_lists, vsectl.positives.evaluate_sets):
-R@K, R-Precision and mAP@R under each tie rule against a brute force over every order of the tied items."""
+"""Several positives per query (vsectl.scoring.multi_positive, vsectl.scoring.top_lists,
+vsectl.scoring.positives.evaluate_sets): R@K, R-Precision and mAP@R under each tie rule against a brute force over every
+order of the tied items."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from vsectl.coco_protocols import coco5k_sets
-from vsectl.multi_positive import PositiveSets, positive_stats, query_metrics, truncated_ties
-from vsectl.positives import evaluate_sets
-from vsectl.protocols import evaluate_protocol
-from vsectl.tie_rules import TIE_RULES
-from vsectl.top_lists import full_lists, top_lists
+from vsectl.scoring.coco_protocols import coco5k_sets
+from vsectl.scoring.multi_positive import PositiveSets, positive_stats, query_metrics, truncated_ties
+from vsectl.scoring.positives import evaluate_sets
+from vsectl.scoring.protocols import evaluate_protocol
+from vsectl.scoring.tie_rules import TIE_RULES
+from vsectl.scoring.top_lists import full_lists, top_lists
 
 
 def label_orders(scores: list[float], positives: set[int]) -> list[list[bool]]:
@@ -108,7 +109,7 @@ def test_one_pass_lists_match_brute_force_with_ties_past_the_list_depth(rule, ch
         return torch.randperm(n, generator=g)[: int(torch.randint(1, most, (1,), generator=g))].tolist()
 
     i2t, t2i = {q: draw(70, 4) for q in range(30)}, {q: draw(30, 3) for q in range(70)}
-    from vsectl import positives
+    from vsectl.scoring import positives
 
     monkeypatch.setattr(positives, "LIST_DEPTH_LIMIT", deep)  # 1: every set deeper than it is ranked in full
     sets = {"x": (PositiveSets.from_lists(i2t), PositiveSets.from_lists(t2i))}
@@ -172,7 +173,7 @@ def test_lists_refuse_nan_embeddings():
 
 def test_both_membership_lookups_agree(monkeypatch):
     """The padded table (few positives per query) and the sorted-key lookup (many) find the same positives."""
-    from vsectl import multi_positive
+    from vsectl.scoring import multi_positive
 
     scores, sets = tied_problem(7, n_queries=30, n_cand=9)
     values, indices = torch.sort(scores, dim=1, descending=True)

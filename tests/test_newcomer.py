@@ -399,7 +399,7 @@ def orderings_reference(rows: list[tuple[int, int, int]], rule: str) -> dict[str
 def test_tie_counts_and_rules_match_loop_and_ordering_references(chunk_size: int) -> None:
     import torch
 
-    from vsectl.metrics import rank_counts, tie_counts, tie_ranked_metrics
+    from vsectl.scoring.metrics import rank_counts, tie_counts, tie_ranked_metrics
 
     g = torch.Generator().manual_seed(0)
     img = torch.randint(-1, 2, (7, 3), generator=g).float()  # tiny integer vectors: exact scores, many exact ties

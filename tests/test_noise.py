@@ -1,5 +1,5 @@
-"""Noisy correspondence (vsectl.noise, vsectl.pair_loss): drawing and reading noise indices, what a run records, resume,
-the refusals, and the per-pair loss against a double loop."""
+"""Noisy correspondence (vsectl.noisy.noise, vsectl.noisy.pair_loss): drawing and reading noise indices, what a run
+records, resume, the refusals, and the per-pair loss against a double loop."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from vsectl.config import load_recipe
 from vsectl.data.sources import load_split
 from vsectl.errors import ConfigError, DataError
 from vsectl.losses import ContrastiveLoss
-from vsectl.noise import draw_noise, read_noise_index
-from vsectl.pair_loss import PairSample, read_pair_losses, separation
+from vsectl.noisy.noise import draw_noise, read_noise_index
+from vsectl.noisy.pair_loss import PairSample, read_pair_losses, separation
 from vsectl.training import setup_run, train
 
 REPO = Path(__file__).resolve().parent.parent

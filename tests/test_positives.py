@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vsectl import positives
-from vsectl.metrics import evaluate_images, tie_ranked_metrics
-from vsectl.positives import GroundTruth, rank_ground_truth
-from vsectl.protocols import evaluate_protocol
-from vsectl.ranking import rank_counts
-from vsectl.tie_rules import TIE_RULES
+from vsectl.scoring import positives
+from vsectl.scoring.metrics import evaluate_images, tie_ranked_metrics
+from vsectl.scoring.positives import GroundTruth, rank_ground_truth
+from vsectl.scoring.protocols import evaluate_protocol
+from vsectl.scoring.ranking import rank_counts
+from vsectl.scoring.tie_rules import TIE_RULES
 
 
 def random_ground_truth(n_img: int, n_cap: int, seed: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

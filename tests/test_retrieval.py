@@ -98,8 +98,8 @@ def test_search_ranks_equal_eval_ranks_both_directions(clipart_run, model, test_
     from vsectl.builders import load_run
     from vsectl.data.sources import load_split
     from vsectl.evaluation import encode_split, evaluate_runs
-    from vsectl.metrics import recall_metrics
-    from vsectl.ranking import rank_retrieval
+    from vsectl.scoring.metrics import recall_metrics
+    from vsectl.scoring.ranking import rank_retrieval
 
     indexes = []
     for side in ("images", "captions"):
@@ -382,7 +382,7 @@ def test_a_store_from_another_backbone_is_refused(clipart_run, tmp_path):
 def test_a_run_that_trains_its_own_backbone_embeds_image_files(clipart_run, tmp_path):
     from vsectl.config import load_recipe
     from vsectl.evaluation import evaluate_runs
-    from vsectl.metrics import recall_metrics
+    from vsectl.scoring.metrics import recall_metrics
     from vsectl.training import train
 
     overrides = [f"data.root={clipart_run['raw']}", "name=bb", "data.batch_size=16", "data.val_images=16",

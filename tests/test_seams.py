@@ -19,8 +19,8 @@ from vsectl.data.features import FeatureSource
 from vsectl.data.sources import Split
 from vsectl.evaluation import evaluate_runs
 from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS, ImageInput, TextKind, register_text_kind
-from vsectl.positives import GroundTruth
-from vsectl.protocols import RECALL_COLUMNS, Protocol, register_protocol
+from vsectl.scoring.positives import GroundTruth
+from vsectl.scoring.protocols import RECALL_COLUMNS, Protocol, register_protocol
 from vsectl.training import train
 
 REPO = Path(__file__).resolve().parent.parent

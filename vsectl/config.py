@@ -13,12 +13,12 @@ import yaml
 
 from vsectl.errors import ConfigError
 from vsectl.kinds import IMAGE_KINDS, TEXT_KINDS
-from vsectl.noise_config import NoiseConfig, check_noise
+from vsectl.noisy.noise_config import NoiseConfig, check_noise
 from vsectl.pool_options import DEFAULT_POOLER, POOL_OPTIONS, PoolOptions, options_class
 from vsectl.recipe_yaml import check_name, check_values, load_yaml_file, load_yaml_text
 from vsectl.registry import did_you_mean
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 from vsectl.strict import from_dict, to_dict
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 
 def pool_options(name: str = DEFAULT_POOLER, **values: Any) -> PoolOptions:

@@ -23,11 +23,11 @@ from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_write_json
 from vsectl.kinds import IMAGE_KINDS, TextInput
 from vsectl.locks import FolderBusy, folder_lock
-from vsectl.metrics import metrics_by_rule
 from vsectl.models.vse import VSEModel
-from vsectl.protocols import Protocol, evaluate_protocol, expand
 from vsectl.runtime import Distributed, NullProgress, Precision, Progress, gather_rows
-from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE, TIE_RULES
+from vsectl.scoring.metrics import metrics_by_rule
+from vsectl.scoring.protocols import Protocol, evaluate_protocol, expand
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE, TIE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def evaluate_runs(
 
     Args:
         runs: run directories or checkpoint folders; more than one means an ensemble.
-        protocol: a registered protocol (`vsectl.protocols`: f30k | coco1k | coco5k | dev1k) or a group (all =
+        protocol: a registered protocol (`vsectl.scoring.protocols`: f30k | coco1k | coco5k | dev1k) or a group (all =
             coco1k and coco5k).
         split: the split to encode; defaults to the protocol's (test for f30k, testall for COCO); `val` means `dev`.
         data_root: overrides the runs' `data.root`.

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from vsectl.errors import ConfigError
-from vsectl.tie_rules import LEGACY_TIE_RULE
+from vsectl.scoring.tie_rules import LEGACY_TIE_RULE
 
 log = logging.getLogger(__name__)
 

@@ -41,9 +41,9 @@ from vsectl.kinds import IMAGE_KINDS, ImageInput, TextInput, text_input_for
 from vsectl.locks import folder_lock
 from vsectl.models.rnn import rnn_path_for, set_rnn_path
 from vsectl.models.vse import VSEModel
-from vsectl.noise import NoisyPairs, apply_noise, noisy_pairs
+from vsectl.noisy.noise import NoisyPairs, apply_noise, noisy_pairs
+from vsectl.noisy.pair_loss import pair_loss_tracker
 from vsectl.optim import create_run_optimizer
-from vsectl.pair_loss import pair_loss_tracker
 from vsectl.run_dir import MetricsLog, last_checkpoint, open_run_dir, restore_checkpoint
 from vsectl.runtime import (
     Distributed,
@@ -69,8 +69,8 @@ from vsectl.schedules import (
     steps_in_epoch,
     use_hardest_negative,
 )
+from vsectl.scoring.tie_rules import LEGACY_TIE_RULE
 from vsectl.text_cache import CachedTextStates, state_caches
-from vsectl.tie_rules import LEGACY_TIE_RULE
 from vsectl.train_logs import check_train_logs, open_tensorboard
 
 log = logging.getLogger(__name__)

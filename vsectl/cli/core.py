@@ -23,8 +23,8 @@ from vsectl.cli.common import (
     json_output,
     run_guarded,
 )
-from vsectl.protocols import GROUPS, PROTOCOLS, choices
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULE_HELP
+from vsectl.scoring.protocols import GROUPS, PROTOCOLS, choices
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, TIE_RULE_HELP
 
 
 @app.command("train")

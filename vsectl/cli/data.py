@@ -230,7 +230,7 @@ def _verify_noise(path: Path, target: Path) -> dict:
     from rich.table import Table
 
     from vsectl.cli.common import err
-    from vsectl.noise_verify import verify_noise
+    from vsectl.noisy.noise_verify import verify_noise
 
     report = run_guarded(verify_noise, path, target)
     table = Table(title=f"noisy pairs: {target} ({report['kind']})", title_justify="left", show_header=False)

@@ -19,7 +19,7 @@ def plot_pair_loss_cli(
 ) -> None:
     """Plot the loss distributions of sampled clean and noisy training pairs per epoch; prints the figure path."""
     from vsectl.cli.common import fail
-    from vsectl.pair_loss_plot import write_pair_loss_figure
+    from vsectl.noisy.pair_loss_plot import write_pair_loss_figure
 
     try:
         chosen = [int(e) for e in epochs.split(",") if e.strip()] if epochs else None

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from vsectl.cli.common import STATE, DeviceOpt, RichProgress, SetOpt, app, err, run_guarded
-from vsectl.tie_rules import DEFAULT_TIE_RULE
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40

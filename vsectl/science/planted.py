@@ -27,8 +27,8 @@ from vsectl.runtime import NullProgress, Progress
 from vsectl.science.experiment import load_experiment, recipe_dir
 from vsectl.science.patterns import pattern_weights
 from vsectl.science.planted_data import MANIFEST, PlantedSplit, make_planted_data
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE
 from vsectl.strict import to_dict
-from vsectl.tie_rules import DEFAULT_TIE_RULE
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from vsectl.io import atomic_write_json, atomic_write_text
 from vsectl.science.gridsearch.figures import FIGURE_STEM, figure_title, write_grid_figures
 from vsectl.science.gridsearch.stats import _fmt, summarise, verdict
-from vsectl.tie_rules import LEGACY_TIE_RULE
+from vsectl.scoring.tie_rules import LEGACY_TIE_RULE
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ def is_finished(run_dir: Path, protocol: str, split: str, data_root: str | Path 
         result = json.loads(path.read_text())
     except json.JSONDecodeError:
         return False
-    from vsectl.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE
+    from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, LEGACY_TIE_RULE
 
     same_rule = result.get("tie_rule", LEGACY_TIE_RULE) == (tie_rule or DEFAULT_TIE_RULE)  # an older default's file
     return result.get("split") == split and same_rule and (data_root is None or same_root(result.get("data_root", ""),
@@ -136,7 +136,7 @@ def run_sweep(
     """
     progress = progress or NullProgress()
     runs_root = Path(out_dir) / "runs"
-    from vsectl.tie_rules import TIE_RULES
+    from vsectl.scoring.tie_rules import TIE_RULES
 
     if tie_rule is not None and tie_rule not in TIE_RULES:  # evaluation would refuse it only after the first training
         raise ConfigError(f"unknown tie rule '{tie_rule}'; use one of {', '.join(TIE_RULES)}")

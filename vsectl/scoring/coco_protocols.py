@@ -1,8 +1,8 @@
 """ECCV Caption and CxC on COCO 5K (and plausible-match R-Precision), with the original COCO 5K R@K beside them.
 
-Every score comes from one pass over the similarities (`vsectl.top_lists`): each query keeps its best candidates as
-deep as its largest R (or K) needs, and the positives of every annotation set are located in those lists
-(`vsectl.positives.evaluate_sets`). Metrics are percentages, like vsectl's R@K.
+Every score comes from one pass over the similarities (`vsectl.scoring.top_lists`): each query keeps its best candidates
+as deep as its largest R (or K) needs, and the positives of every annotation set are located in those lists
+(`vsectl.scoring.positives.evaluate_sets`). Metrics are percentages, like vsectl's R@K.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsectl.coco_annotations import annotation_dir, load_annotation, load_plausible, split_ids
-from vsectl.multi_positive import PositiveSets
-from vsectl.positives import GroundTruth, evaluate_sets, needed_depths
-from vsectl.top_lists import DIRECTIONS, top_lists
+from vsectl.scoring.coco_annotations import annotation_dir, load_annotation, load_plausible, split_ids
+from vsectl.scoring.multi_positive import PositiveSets
+from vsectl.scoring.positives import GroundTruth, evaluate_sets, needed_depths
+from vsectl.scoring.top_lists import DIRECTIONS, top_lists
 
 RECALL_KS = (1, 5, 10)
 BESIDE = {"coco5k": ("r@1", "r@5", "r@10"), "pcm": ("r_precision",)}  # reported with every annotated protocol

@@ -1,9 +1,9 @@
 """Retrieval with several positives per query: R@K, R-Precision and mAP@R under each tie rule.
 
 The metrics of ECCV Caption, CxC and plausible-match R-Precision need, for every positive of a query, where it lands in
-the ranking. They are computed from ranked top lists (`vsectl.top_lists`): each positive's count of candidates scoring
-strictly higher (G), of candidates scoring exactly the same (E, itself included), of positives strictly higher (c), of
-positives tied with it (m) and its place among those (t). Pure torch on precomputed scores; no per-query loop.
+the ranking. They are computed from ranked top lists (`vsectl.scoring.top_lists`): each positive's count of candidates
+scoring strictly higher (G), of candidates scoring exactly the same (E, itself included), of positives strictly higher
+(c), of positives tied with it (m) and its place among those (t). Pure torch on precomputed scores; no per-query loop.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vsectl.tie_rules import TIE_RULES
+from vsectl.scoring.tie_rules import TIE_RULES
 
 MEMBERSHIP_BLOCK = 1 << 25  # (list entries × widest positive set) compared at once before keys are looked up instead
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from vsectl.errors import ConfigError, DataError
-from vsectl.multi_positive import PositiveSets
+from vsectl.scoring.multi_positive import PositiveSets
 
 log = logging.getLogger(__name__)
 

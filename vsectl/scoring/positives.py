@@ -4,8 +4,9 @@ A Karpathy split has one correct image per caption, and an image's correct capti
 ranks that case (the fast, exact path that published numbers are compared on). Protocols with extended annotations give
 a `GroundTruth` with both relations (several correct candidates per query, not necessarily symmetric), or named
 `PositiveSets` (ECCV Caption, CxC: `evaluate_sets`). Both are ranked from one pass over the similarities
-(`vsectl.top_lists`): each query keeps its best candidates as deep as its largest R (or K) needs, its positives are
-located in that list (`vsectl.multi_positive`), and the queries a list cannot settle are ranked against every candidate.
+(`vsectl.scoring.top_lists`): each query keeps its best candidates as deep as its largest R (or K) needs, its positives
+are located in that list (`vsectl.scoring.multi_positive`), and the queries a list cannot settle are ranked against
+every candidate.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from vsectl.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
-from vsectl.ranking import RankCounts
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
-from vsectl.top_lists import DIRECTIONS, TopLists, full_lists, full_scores, list_length, top_lists
+from vsectl.scoring.multi_positive import PositiveSets, PositiveStats, positive_stats, query_metrics, truncated_ties
+from vsectl.scoring.ranking import RankCounts
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
+from vsectl.scoring.top_lists import DIRECTIONS, TopLists, full_lists, full_scores, list_length, top_lists
 
 LIST_DEPTH_LIMIT = 1024  # sets needing deeper lists than this (plausible match) are ranked in full instead
 RECALL_DEPTH = 10  # places a GroundTruth's lists hold at least: R@10 and most best ranks are read from them

@@ -1,9 +1,9 @@
 """Ranked top lists of both directions from one chunked pass over the image × caption similarities.
 
-Each similarity is computed once (one GEMM per chunk of image rows, as `vsectl.ranking` does): a chunk's rows give the
-image queries their top L captions at once, and the caption queries' top L images are merged chunk by chunk. Memory is
-one (chunk × captions) block plus the lists. Queries whose list may be cut inside a tie group are ranked again in full
-(`full_lists`). Pure torch on precomputed embeddings.
+Each similarity is computed once (one GEMM per chunk of image rows, as `vsectl.scoring.ranking` does): a chunk's rows
+give the image queries their top L captions at once, and the caption queries' top L images are merged chunk by chunk.
+Memory is one (chunk × captions) block plus the lists. Queries whose list may be cut inside a tie group are ranked again
+in full (`full_lists`). Pure torch on precomputed embeddings.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vsectl.ranking import similarity_chunk
+from vsectl.scoring.ranking import similarity_chunk
 
 DIRECTIONS = ("i2t", "t2i")  # image queries over captions, caption queries over images
 LIST_MARGIN = 8  # places kept beyond the needed depth, so a tie group at the depth rarely reaches the list's end

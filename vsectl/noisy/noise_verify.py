@@ -13,8 +13,8 @@ from vsectl.config import config_from_yaml
 from vsectl.data.raw import is_raw_dataset
 from vsectl.data.sources import Split, load_split
 from vsectl.errors import ConfigError, VsectlError
-from vsectl.noise import INDEX_FILE, RECORD_FILE, NoisyPairs, noisy_pairs, summary
-from vsectl.noise_config import NoiseConfig
+from vsectl.noisy.noise import INDEX_FILE, RECORD_FILE, NoisyPairs, noisy_pairs, summary
+from vsectl.noisy.noise_config import NoiseConfig
 
 
 def _train_split(data_root: Path, name: str) -> Split:

@@ -22,7 +22,7 @@ import numpy as np
 from vsectl.data.sources import Split
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_path, atomic_write_json
-from vsectl.noise_config import NoiseConfig
+from vsectl.noisy.noise_config import NoiseConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The evaluation protocols `vsectl eval` offers: its choices, defaults, tables, JSON and help come from here.
 
 The published protocols (f30k, coco1k, coco5k, dev1k and the group all) are registered below, ECCV Caption and CxC
-(and the group extended) by `vsectl.annotated_protocols`; the `Protocol` class and the registry are in
-`vsectl.protocol_base`. This module imports no torch (the CLI builds its help from it).
+(and the group extended) by `vsectl.scoring.annotated_protocols`; the `Protocol` class and the registry are in
+`vsectl.scoring.protocol_base`. This module imports no torch (the CLI builds its help from it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vsectl.errors import ConfigError
-from vsectl.protocol_base import (
+from vsectl.registry import did_you_mean
+from vsectl.scoring.protocol_base import (
     COCO_5K_IMAGES,
     COCO_FOLD_SIZE,
     DEV_IMAGES,
@@ -23,15 +24,14 @@ from vsectl.protocol_base import (
     register_group,
     register_protocol,
 )
-from vsectl.registry import did_you_mean
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     import torch
 
-    from vsectl.positives import GroundTruth
+    from vsectl.scoring.positives import GroundTruth
 
 __all__ = ["COCO_5K_IMAGES", "COCO_FOLD_SIZE", "DEV_IMAGES", "GROUPS", "PROTOCOLS", "RECALL_COLUMNS", "FirstImages",
            "Folds", "Protocol", "choices", "evaluate_protocol", "expand", "register_group", "register_protocol"]
@@ -46,7 +46,7 @@ register_protocol(FirstImages("dev1k", "the first 1,000 dev images (model select
 
 
 # after the published ones, so that --help and choices() list those first
-from vsectl import annotated_protocols  # noqa: E402, F401  (registers eccv, cxc and the group extended)
+from vsectl.scoring import annotated_protocols  # noqa: E402, F401  (registers eccv, cxc and the group extended)
 
 
 def expand(name: str) -> list[Protocol]:
@@ -72,7 +72,7 @@ def evaluate_protocol(
     chunk_size: int = 1024,
     tie_rule: str = DEFAULT_TIE_RULE,
 ) -> dict:
-    """Run one evaluation protocol (`vsectl.protocols.PROTOCOLS`) on the embeddings of one split.
+    """Run one evaluation protocol (`vsectl.scoring.protocols.PROTOCOLS`) on the embeddings of one split.
 
     Several models form an equal-weight ensemble (per fold for fold protocols).
 
@@ -91,7 +91,7 @@ def evaluate_protocol(
     Raises:
         ValueError: for an unknown protocol, a split of the wrong size, or bad inputs.
     """
-    from vsectl.positives import GroundTruth
+    from vsectl.scoring.positives import GroundTruth
 
     if isinstance(protocol, str):
         if protocol not in PROTOCOLS:

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vsectl.multi_positive import first_own_before
-from vsectl.positives import GroundTruth, rank_ground_truth
-from vsectl.ranking import RankCounts, rank_counts
-from vsectl.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
+from vsectl.scoring.multi_positive import first_own_before
+from vsectl.scoring.positives import GroundTruth, rank_ground_truth
+from vsectl.scoring.ranking import RankCounts, rank_counts
+from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE, TIE_RULES
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def tie_ranked_metrics(counts: RankCounts, rule: str = DEFAULT_TIE_RULE) -> dict
 
     - optimistic: a tied competitor never counts (rank = strictly greater candidates);
     - pessimistic: every tied competitor counts (rank = greater + tied);
-    - expected (vsectl's default, `vsectl.tie_rules`): the expectation over a uniformly random order of the tied
+    - expected (vsectl's default, `vsectl.scoring.tie_rules`): the expectation over a uniformly random order of the tied
       items: R@K is the probability that the (first) ground truth lands within the top K, meanr the expected rank + 1,
       medr from the expected ranks. Without ties all three are the same.
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import DataError
-from vsectl.pair_loss import LOG_FILE, read_pair_losses, separation, split_by_kind
+from vsectl.noisy.pair_loss import LOG_FILE, read_pair_losses, separation, split_by_kind
 from vsectl.science.plots import figure_format, new_figure, paper_style, save_figure
 
 PANELS = 4  # epochs shown by default: the first, the last and evenly spaced ones between

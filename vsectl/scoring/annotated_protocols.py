@@ -2,7 +2,7 @@
 query), the original COCO 5K R@K beside them, and plausible-match R-Precision when its files are given.
 
 This module imports no torch (the CLI builds its help from the registry); the ground truth comes from
-`vsectl.coco_annotations` and the scores from `vsectl.coco_protocols` when a protocol is used.
+`vsectl.scoring.coco_annotations` and the scores from `vsectl.scoring.coco_protocols` when a protocol is used.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vsectl.protocol_base import COCO_5K_IMAGES, Protocol, register_group, register_protocol
+from vsectl.scoring.protocol_base import COCO_5K_IMAGES, Protocol, register_group, register_protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from vsectl.positives import GroundTruth
+    from vsectl.scoring.positives import GroundTruth
 
 ANNOTATION_OPTIONS = ("caption_ids", "image_ids", "pm_dir")  # what `vsectl eval --caption-ids/--image-ids/--pcm` give
 BESIDE = ("coco5k_r1", "coco5k_r5", "coco5k_r10")  # the original COCO 5K R@K, shown beside every extended protocol
@@ -57,14 +57,14 @@ class AnnotatedProtocol(Protocol):
 
     def ground_truth(self, split: Any, root: Path) -> GroundTruth:
         """The split's own truth plus the annotation sets, on the split's indices (COCO ids from the package)."""
-        from vsectl.coco_protocols import annotated_truth
+        from vsectl.scoring.coco_protocols import annotated_truth
 
         return annotated_truth(split, self.annotation, self.files.caption_ids, self.files.image_ids,
                                self.files.pm_dir)
 
     def evaluate(self, img_embs: list[torch.Tensor], cap_embs: list[torch.Tensor], gt: GroundTruth,
                  chunk_size: int, tie_rule: str) -> dict[str, Any]:
-        from vsectl.coco_protocols import evaluate_annotated
+        from vsectl.scoring.coco_protocols import evaluate_annotated
 
         return evaluate_annotated(img_embs, cap_embs, gt, self.annotation, self.measures, chunk_size, tie_rule)
 

@@ -1,10 +1,10 @@
 """The protocol seam: the `Protocol` class, its registry and groups, and how a protocol is registered.
 
-A protocol says which split it is defined on, how many images that split must have, how its ground truth is formed
-from the split (one correct image per caption, or several correct candidates per query in either direction), and
-how its metrics are computed from the embeddings. The catalogue `vsectl eval` offers is `vsectl.protocols` (the
-published protocols, then ECCV Caption and CxC from `vsectl.annotated_protocols`). This module imports no torch (the
-CLI builds its help from it); the computing imports it when called.
+A protocol says which split it is defined on, how many images that split must have, how its ground truth is formed from
+the split (one correct image per caption, or several correct candidates per query in either direction), and how its
+metrics are computed from the embeddings. The catalogue `vsectl eval` offers is `vsectl.scoring.protocols` (the
+published protocols, then ECCV Caption and CxC from `vsectl.scoring.annotated_protocols`). This module imports no torch
+(the CLI builds its help from it); the computing imports it when called.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from vsectl.registry import Registry
 if TYPE_CHECKING:
     import torch
 
-    from vsectl.positives import GroundTruth
+    from vsectl.scoring.positives import GroundTruth
 
 RECALL_COLUMNS = ("r1", "r5", "r10", "medr", "meanr")  # per direction, in eval's table
 COCO_5K_IMAGES = 5000  # images in COCO Karpathy `testall`
@@ -57,14 +57,14 @@ class Protocol:
     def ground_truth(self, split: Any, root: Path) -> GroundTruth:
         """The correct candidates of every query of `split` (a `vsectl.data.sources.Split`; its `root` folder holds
         any extra annotations). Default: a caption's image, and an image's own captions."""
-        from vsectl.positives import GroundTruth
+        from vsectl.scoring.positives import GroundTruth
 
         return GroundTruth.from_cap2img(split.cap2img)
 
     def evaluate(self, img_embs: list[torch.Tensor], cap_embs: list[torch.Tensor], gt: GroundTruth,
                  chunk_size: int, tie_rule: str) -> dict[str, Any]:
         """{"n_images", "n_captions" (the counts ranked), "metrics", "ties"} (and anything the protocol adds)."""
-        from vsectl.metrics import evaluate_images
+        from vsectl.scoring.metrics import evaluate_images
 
         return evaluate_images(img_embs, cap_embs, gt, None, chunk_size, tie_rule)
 
@@ -76,7 +76,7 @@ class FirstImages(Protocol):
                  chunk_size: int, tie_rule: str) -> dict[str, Any]:
         import torch
 
-        from vsectl.metrics import evaluate_images
+        from vsectl.scoring.metrics import evaluate_images
 
         images = torch.arange(min(self.block, gt.n_images), device=img_embs[0].device)
         return evaluate_images(img_embs, cap_embs, gt, images, chunk_size, tie_rule)
@@ -90,7 +90,7 @@ class Folds(Protocol):
         import numpy as np
         import torch
 
-        from vsectl.metrics import evaluate_images
+        from vsectl.scoring.metrics import evaluate_images
 
         runs = [evaluate_images(img_embs, cap_embs, gt, torch.arange(a, a + self.block, device=img_embs[0].device),
                                 chunk_size, tie_rule) for a in range(0, gt.n_images - self.block + 1, self.block)]
