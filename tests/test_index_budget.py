@@ -55,6 +55,25 @@ def collection(tmp_path_factory) -> Path:
                          cap2img=np.arange(600))
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_collection_of_a_few_images_with_captions_gets_its_card(kind, tmp_path):
+    """45 images and their captions (a small tar-shard collection): the card asked for 46 hits and crashed."""
+    if kind != "flat":
+        pytest.importorskip("faiss")
+    import vsectl
+    from vsectl.retrieval.embeddings import write_vectors
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((45, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    caps = x + 0.2 * rng.standard_normal((45, 16)).astype(np.float32)
+    caps /= np.linalg.norm(caps, axis=1, keepdims=True)
+    emb = write_vectors(tmp_path / "emb", [x], 45, 16, captions=caps, cap2img=np.arange(45))
+    index = vsectl.build_index(emb, kind=kind)
+    card = json.loads((index / "card.json").read_text())
+    assert card["queries"]["source"] == "captions" and card["recall"]["@100"] == 1.0
+
+
 def brute_force_recall(matrix: np.ndarray, queries: np.ndarray, found: np.ndarray, k: int, own=None) -> float:
     """Per query: score every row, sort, drop the query's own row; the share of the true top k that was found."""
     shares = []
