@@ -294,7 +294,28 @@ def test_serve_shows_images_from_inside_their_tar_shards(clipart_run, clipart_sh
             body, kind = response.read(), response.headers["Content-Type"]
         raw = Path(member["file"]).read_bytes()
         assert kind == "image/png" and body == raw[member["offset"] : member["offset"] + member["size"]]
+        with urllib.request.urlopen(server.url + "api/search?q=a+bird&k=5", timeout=60) as response:
+            hits = json.loads(response.read())["hits"]
+        assert [h["image_url"] for h in hits] == [f"/image/{h['image']}" for h in hits]  # they were all null
     finally:
         server.shutdown()
         server.server_close()
         server.engine.close()
+
+
+def test_a_contact_sheet_draws_images_from_inside_their_tar_shards(clipart_run, clipart_shards, tmp_path):
+    """The sheet drew the grey "no image" tile for every hit of a tar-shard collection."""
+    from PIL import Image
+
+    import vsectl
+    from vsectl.retrieval.sheet import FONT_SIZE, PAD, THUMB, TITLE_SIZE, _font, _thumbnail
+
+    out = vsectl.embed(clipart_run["run"], tmp_path / "emb", shards=clipart_shards, device="cpu", workers=0)
+    from vsectl.retrieval.query import search_collection
+
+    search_collection(out, ["a bird"], k=3, sheet=tmp_path / "sheet.png", device="cpu")
+    sheet = Image.open(tmp_path / "sheet.png").convert("RGB")
+    top = PAD + TITLE_SIZE + 2 * PAD  # the first row of thumbnails, under the query's title
+    for n in range(3):
+        tile = sheet.crop((PAD + n * (THUMB + PAD), top, PAD + n * (THUMB + PAD) + THUMB, top + THUMB))
+        assert tile.tobytes() != _thumbnail(None, _font(FONT_SIZE)).tobytes(), f"thumbnail {n} is the no-image tile"

@@ -108,4 +108,5 @@ def decode_sample(sample: Sample, size: int) -> tuple[Any, str]:
     try:
         return preprocess(data, size), ""
     except UnreadableImage as e:
-        return None, f"{sample.image_name}: {str(e).replace(str(data), 'member')}"
+        said = str(e).removeprefix(f"{data}: ").replace(str(data), repr(sample.image_name))  # no object repr
+        return None, f"{sample.image_name}: {said}"

@@ -147,6 +147,22 @@ class Embeddings:
             raise DataError(f"{self.path}/captions.jsonl: record {j} lacks its text or a valid image index; {AGAIN}")
         return rec
 
+    def image_file(self, i: int) -> str | io.BytesIO | None:
+        """Image i to open: its file, or the bytes of its member for an image inside a tar shard; None when unknown
+        or when the shard cannot be read."""
+        rec = self.image(i)
+        if rec.get("path"):
+            return rec["path"]
+        member = rec.get("tar")
+        if not isinstance(member, dict):
+            return None
+        from vsectl.data.tar_shards import read_member
+
+        try:
+            return io.BytesIO(read_member(member["file"], int(member["offset"]), int(member["size"])))
+        except (OSError, DataError, KeyError, TypeError, ValueError):
+            return None
+
     def image_path(self, i: int) -> Path | None:
         """The file of image i as recorded at embed time (absolute), or None when unknown (a store without paths)."""
         path = self.image(i).get("path")

@@ -199,7 +199,8 @@ def check_texts(texts: Sequence[str], where: str = "query") -> None:
 
 
 def read_queries(path: str | Path) -> list[str]:
-    """Queries from a UTF-8 text file, one per line; a blank line is refused (it would be an empty query)."""
+    """Queries from a UTF-8 text file, one per line; a blank line between queries is refused (it would be an empty
+    query), blank lines at the end are ignored."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"queries file {path} is a folder; give a text file with one query per line")
@@ -213,6 +214,8 @@ def read_queries(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ConfigError(f"queries file {path} is not UTF-8 text ({e})") from None
+    while lines and not lines[-1].strip():  # the blank lines an editor leaves at the end
+        lines.pop()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             raise ConfigError(f"line {n} of {path} is empty; write one query per line")
@@ -302,5 +305,5 @@ def search_collection(
     if sheet is not None:
         from vsectl.retrieval.sheet import contact_sheet
 
-        contact_sheet(results, sheet)
+        contact_sheet(results, sheet, image_file=emb.image_file)
     return results

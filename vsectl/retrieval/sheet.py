@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def _thumbnail(path: str | None, font: Any) -> Any:
+def _thumbnail(path: Any, font: Any) -> Any:
     """The image scaled (up or down) to fit THUMB×THUMB, centred on white; a grey "no image" tile without one."""
     from PIL import ImageDraw
 
@@ -92,7 +92,8 @@ def check_sheet_target(out: str | Path) -> None:
                           "(an existing sheet is replaced, any other file is kept)")
 
 
-def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = COLUMNS) -> Path:
+def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = COLUMNS,
+                  image_file: Callable[[int], Any] | None = None) -> Path:
     """Draw search results as a PNG: per query a title line, then its hits in rows of `columns` thumbnails.
 
     Under each thumbnail: "#rank  score" and the caption (the hit's caption, or the image's first caption). Images
@@ -102,6 +103,8 @@ def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = 
         results: one `SearchResult` or a sequence of them.
         out: the PNG to write (atomically).
         columns: thumbnails per row.
+        image_file: image index → its file or bytes (`Embeddings.image_file`, which also reads images inside tar
+            shards); without it each hit's recorded path.
 
     Returns:
         `out`.
@@ -128,7 +131,7 @@ def contact_sheet(results: Any | Sequence[Any], out: str | Path, columns: int = 
         for n, hit in enumerate(result.hits):
             x = PAD + (n % cols) * (THUMB + PAD)
             top = y + (n // cols) * tile_h
-            sheet.paste(_thumbnail(hit.path, font), (x, top))
+            sheet.paste(_thumbnail(image_file(hit.image) if image_file else hit.path, font), (x, top))
             ty = top + THUMB + PAD // 2
             draw.text((x, ty), f"#{hit.rank}  {hit.score:.3f}  {hit.id}"[:wrap], fill=MUTED, font=font)
             for k, line in enumerate(_lines(hit.caption, wrap)):

@@ -194,19 +194,24 @@ class SearchEngine:
         hits = self.batcher.submit(vector, k, side)
         record = self.emb.image(image)
         query = {"index": image, "id": record["id"], "caption": record.get("caption"),
-                 "image_url": f"/image/{image}" if record.get("path") else None}  # the page shows it above the hits
+                 "image_url": f"/image/{image}" if self._shown(image) else None}  # the page shows it above the hits
         return self._answer(f"image:{record['id']}", side, k, hits, start, image=image, query_image=query)
 
     def _answer(self, query: str, side: str, k: int, hits: list[Any], start: float, **extra: Any) -> dict[str, Any]:
         rows = []
         for hit in hits:
             row = asdict(hit)
-            row["image_url"] = f"/image/{hit.image}" if hit.path else None
+            row["image_url"] = f"/image/{hit.image}" if hit.path or self._shown(hit.image) else None
             row.pop("path")  # the server's file layout is not the client's business
             rows.append(row)
         took_ms = round(1000 * (time.perf_counter() - start), 3)
         return {"query": query, "side": side, "k": k, **extra, "took_ms": took_ms,
                 "searched_with": self.searched_with(side), "hits": rows}
+
+    def _shown(self, image: int) -> bool:
+        """Whether image `image` has something `/image/N` can serve: a recorded file, or a member of a tar shard."""
+        record = self.emb.image(image)
+        return bool(record.get("path") or record.get("tar"))
 
     def searched_with(self, side: str) -> dict[str, Any]:
         """What answers searches of `side`: {"kind": "exact"} or the index's kind, folder and recall@10."""
