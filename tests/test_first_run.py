@@ -156,6 +156,22 @@ def test_quiet_search_and_eval_both_print_their_results_on_stdout_only(clip_emb:
     assert as_json.exit_code == 0 and as_json.stderr == "" and json.loads(as_json.stdout)["f30k"]["tie_rule"]
 
 
+def test_plot_weights_report_and_index_info_follow_q_and_json(clip_emb: Path, done: Path, tmp_path: Path):
+    """`-q plot-weights` printed both tables; `report --json` and `index --info --json` printed theirs on stderr."""
+    run = shutil.copytree(done, tmp_path / "run")
+    plot = runner.invoke(app, ["-q", "plot-weights", str(run), "--out", str(tmp_path / "w.png")])
+    assert plot.exit_code == 0 and plot.stderr == "" and plot.stdout.strip() == str(tmp_path / "w.png")
+    assert runner.invoke(app, ["-q", "eval", str(run), "--device", "cpu"]).exit_code == 0
+    report = runner.invoke(app, ["report", str(run), "--json"])
+    assert report.exit_code == 0 and report.stderr == "" and json.loads(report.stdout)
+    emb = shutil.copytree(clip_emb, tmp_path / "emb")
+    assert runner.invoke(app, ["-q", "index", str(emb), "--kind", "flat"]).exit_code == 0
+    info = runner.invoke(app, ["index", str(emb), "--info", "--json"])
+    assert info.exit_code == 0 and info.stderr == "" and len(json.loads(info.stdout)) == 1
+    table = runner.invoke(app, ["index", str(emb), "--info"])
+    assert "index card" in table.stderr and "0 GB" not in table.stderr  # sizes in a unit that suits them (was 0 GB)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 11. verify reports identical captions on different images of a split
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from vsectl.cli.common import STATE, app, err, fail, run_guarded
+from vsectl.cli.common import STATE, app, err, fail, json_output, run_guarded
 
 
 def report_tables(report: dict[str, Any]) -> list[Table]:
@@ -53,6 +53,7 @@ def report_cli(
     from vsectl.report import build_report
     from vsectl.report_format import parse_list, write_metric_figure, write_report
 
+    json_output(as_json)
     if (plot is None) != (x is None):
         fail("--plot and --x go together: --plot METRIC --x SETTING (e.g. --plot rsum --x data.noise.ratio)")
     if plot is not None and out is None:

@@ -99,7 +99,8 @@ def show_cards(target: Path, as_json: bool) -> None:
     if not folders:
         run_guarded(_no_index, target)
     cards = {str(f): read_card(f) for f in folders}
-    for folder in folders:
+    json_output(as_json)
+    for folder in folders if not STATE.get("quiet") else ():
         err.print(card_table(folder), highlight=False)
     if as_json:
         typer.echo(json_text(cards, indent=1))
@@ -111,8 +112,14 @@ def _no_index(target: Path) -> None:
     raise ConfigError(f"{target} holds no index; build one with `vsectl index {target} --max-memory 4GB`")
 
 
-def _gb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e9:.3g} GB"
+def _size(n: float | None) -> str:
+    """A size in the unit that suits it (3.7 MB, 1.37 GB)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
 
 
 def card_table(folder: Path) -> Table:
@@ -131,9 +138,9 @@ def card_table(folder: Path) -> Table:
     rows = [("kind", f"{c['kind']}  {c.get('factory') or ''}  {c.get('params')}"),
             ("vectors", f"{c['vectors']:,} × {c['dim']} ({c['side']})"),
             ("chosen because", c.get("reason", "")),
-            ("bytes", f"{_gb(c.get('bytes_on_disk'))} on disk, {_gb(c.get('ram_bytes_estimate'))} in RAM (estimate)"),
+            ("bytes", f"{_size(c.get('bytes_on_disk'))} on disk, {_size(c.get('ram_bytes_estimate'))} in RAM (estimate)"),
             ("build", f"{c['build_seconds']:.1f} s wall, {c['build_cpu_seconds']:.1f} s CPU, "
-                      f"{c.get('processes', 1)} process(es), peak RSS {_gb(c.get('build_peak_rss_bytes'))}"),
+                      f"{c.get('processes', 1)} process(es), peak RSS {_size(c.get('build_peak_rss_bytes'))}"),
             ("recall vs exact", "  ".join(f"{k} {v:.3f}" for k, v in recall.items())
              + f"  ({c['queries']['count']} held-out {c['queries']['source']})"),
             ("query", f"{q['single']['median']:.2f} ms single (median of {q['single']['count']}"

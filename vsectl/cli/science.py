@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from vsectl.cli.common import STATE, DeviceOpt, RichProgress, SetOpt, app, err, run_guarded
+from vsectl.cli.common import STATE, DeviceOpt, RichProgress, SetOpt, app, err, json_output, run_guarded
 from vsectl.scoring.tie_rules import DEFAULT_TIE_RULE
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -43,7 +43,8 @@ def gridsearch_cli(
     result = run_guarded(gridsearch, recipe, spec, out_dir=out, overrides=overrides or [], quick=quick,
                          protocol=protocol, split=split, device=device, jobs=jobs, tie_rule=ties,
                          progress=RichProgress(enabled=not STATE.get("quiet")))
-    err.print(Path(result["out_dir"], "results.md").read_text(), highlight=False, markup=False)
+    if not STATE.get("quiet"):
+        err.print(Path(result["out_dir"], "results.md").read_text(), highlight=False, markup=False)
     typer.echo(result["out_dir"])
 
 
@@ -76,7 +77,7 @@ def plot_weights_cli(
     run: Annotated[Path, typer.Argument(help="Run directory or checkpoint folder")],
     sizes: Annotated[str | None, typer.Option(help="Set sizes N, e.g. 10,36,49,100 (default: from the data)")] = None,
     out: Annotated[Path | None, typer.Option(help="A .pdf, .svg or .png file, or a folder (default RUN/plots: "
-                                                  "weights.png + weights.pdf)")] = None,
+                                                  "weights.png, .pdf and .svg, and weights.json)")] = None,
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
     x_axis: Annotated[str, typer.Option(help="relative = rank k/(N−1) | index = raw rank k")] = "relative",
     y_scale: Annotated[str, typer.Option(help="log | linear")] = "log",
@@ -88,11 +89,12 @@ def plot_weights_cli(
     ns = list(run_guarded(parse_list, sizes, "sizes", int)) if sizes is not None else None
     curves, paths = run_guarded(write_weight_plots, run, ns, out=out, which=checkpoint, x_axis=x_axis,
                                 y_scale=y_scale)
-    for branch, per_n in curves.curves.items():
-        err.print(curves_table(branch, curves.pools[branch], per_n, curves.trained.get(branch)))
-    for branch, note in curves.notes.items():
-        err.print(f"{branch}: {note}", highlight=False)
-    err.print(f"wrote {paths['json']}", highlight=False)
+    if not STATE.get("quiet"):  # -q: only the figure's path on stdout
+        for branch, per_n in curves.curves.items():
+            err.print(curves_table(branch, curves.pools[branch], per_n, curves.trained.get(branch)))
+        for branch, note in curves.notes.items():
+            err.print(f"{branch}: {note}", highlight=False)
+        err.print(f"wrote {', '.join(str(p) for p in [*paths['figures'], paths['json']])}", highlight=False)
     typer.echo(str(paths["figures"][0]))
 
 
@@ -129,7 +131,9 @@ def patterns_cli(
     extra = [f"{key}={value}" for key, value in (("designs", designs), ("patterns", patterns), ("seed", seed))
              if value is not None]
     path = recipe or RECIPES / ("quick.yaml" if quick else "default.yaml")
+    json_output(as_json)
     cfg = run_guarded(load_patterns_config, path, [*(overrides or []), *extra])
     result = run_guarded(run_patterns, cfg, out, progress=RichProgress(enabled=not STATE.get("quiet")))
-    err.print(patterns_table(result))
+    if not STATE.get("quiet"):
+        err.print(patterns_table(result))
     typer.echo(json.dumps(result, indent=1) if as_json else str(out))

@@ -186,8 +186,8 @@ def plan_index(n: int, dim: int, kind: str = "auto", max_memory: str | int | Non
                        if overrides.get("pq_bytes") in (None, b) and n >= PQ_MIN_VECTORS]
     for plan in candidates:
         if limit is None or plan.ram_bytes <= limit:
-            size = "no budget given" if limit is None else f"fits {INDEX_SHARE:.0%} of {max_memory}"
-            plan.reason = f"{plan.kind} ({plan.reason}): the most accurate kind that {size} for {n} vectors"
+            size = "(no memory budget given)" if limit is None else f"that fits {INDEX_SHARE:.0%} of {max_memory}"
+            plan.reason = f"{plan.kind} ({plan.reason}): the most accurate kind {size} for {n:,} vectors"
             return plan
     raise ConfigError(f"no index of {n} {dim}-d vectors fits --max-memory {max_memory} (the smallest needs about "
                       f"{min(p.ram_bytes for p in candidates) / 1e9:.2f} GB); raise the budget")
