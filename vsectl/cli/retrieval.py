@@ -138,7 +138,8 @@ def card_table(folder: Path) -> Table:
     rows = [("kind", f"{c['kind']}  {c.get('factory') or ''}  {c.get('params')}"),
             ("vectors", f"{c['vectors']:,} × {c['dim']} ({c['side']})"),
             ("chosen because", c.get("reason", "")),
-            ("bytes", f"{_size(c.get('bytes_on_disk'))} on disk, {_size(c.get('ram_bytes_estimate'))} in RAM (estimate)"),
+            ("bytes", f"{_size(c.get('bytes_on_disk'))} on disk, {_size(c.get('ram_bytes_estimate'))} in RAM "
+                      "(estimate)"),
             ("build", f"{c['build_seconds']:.1f} s wall, {c['build_cpu_seconds']:.1f} s CPU, "
                       f"{c.get('processes', 1)} process(es), peak RSS {_size(c.get('build_peak_rss_bytes'))}"),
             ("recall vs exact", "  ".join(f"{k} {v:.3f}" for k, v in recall.items())
