@@ -153,7 +153,8 @@ def card_table(folder: Path) -> Table:
     if c.get("rsum"):
         r = c["rsum"]
         rows.append(("rsum", f"{r['index']:.2f} through the index vs {r['exact']:.2f} exact ({r['captions']} "
-                             f"captions, {r['images']} images sampled)"))
+                             f"captions, {r['images']} images sampled; exact ties in the order the search returns "
+                             "them, no tie rule: the protocol's numbers come from vsectl eval)"))
     for name, value in rows:
         table.add_row(name, value)
     return table

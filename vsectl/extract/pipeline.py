@@ -124,9 +124,10 @@ def extract_split(
     _prepare_shard_dir(shard_dir, fingerprint, dist)
     n_shards = math.ceil(len(images) / shard_size)
     todo = [s for s in range(dist.rank, n_shards, dist.world_size) if not shard_path(shard_dir, s).is_file()]
+    items = "videos" if video else "images"  # a video (file or folder of frames) is one item with its frame set
     if todo:
-        log.info("split %s: %d images, %d of %d shards to extract on rank %d", split, len(images), len(todo), n_shards,
-                 dist.rank)
+        log.info("split %s: %d %s, %d of %d shards to extract on rank %d", split, len(images), items, len(todo),
+                 n_shards, dist.rank)
         start = time.perf_counter()
         n_todo = sum(min((s + 1) * shard_size, len(images)) - s * shard_size for s in todo)
         frames_each = (video.frames or video.max_frames or 1) if isinstance(video, VideoFileSampling) else 1
@@ -138,8 +139,8 @@ def extract_split(
               workers=workers, device=device, precision=precision, channels_last=channels_last, dtype=dtype,
               progress=progress, description=f"extract {split}", video=video, engine=choice)
         seconds = time.perf_counter() - start
-        log.info("split %s: %d images in %.1f s (%.1f images/s, %s engine)", split, n_todo, seconds,
-                 n_todo / max(seconds, 1e-9), choice.engine.name)
+        log.info("split %s: %d %s in %.1f s (%.1f %s/s, %s engine)", split, n_todo, items, seconds,
+                 n_todo / max(seconds, 1e-9), items, choice.engine.name)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     if dist.rank != 0:
@@ -151,8 +152,8 @@ def extract_split(
     shutil.rmtree(shard_dir)
     if n_skipped:
         log.warning("split %s: skipped %d unreadable %s (attrs n_skipped, skipped), first: %s",
-                    split, n_skipped, "videos" if video else "images", skipped[0]["reason"])
-    log.info("split %s: wrote %s (%d images)", split, out_path, n)
+                    split, n_skipped, items, skipped[0]["reason"])
+    log.info("split %s: wrote %s (%d %s)", split, out_path, n, items)
     return out_path
 
 

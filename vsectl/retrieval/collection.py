@@ -326,8 +326,8 @@ def embed_unlocked(
     n_img, n_cap = _shard_counts(source, shard_size)
     todo = [s for s in range(dist.rank, n_img, dist.world_size) if not shard_done(folder, _image_shard(source, s))]
     cap_todo = [s for s in range(dist.rank, n_cap, dist.world_size) if not shard_done(folder, part_name("captions", s))]
-    log.info("embedding %s: %d + %d of %d + %d shards to do on rank %d of %d", source.path, len(todo), len(cap_todo),
-             n_img, n_cap, dist.rank, dist.world_size)
+    log.info("embedding %s: %d of %d image shard(s) and %d of %d caption shard(s) to do%s", source.path, len(todo),
+             n_img, len(cap_todo), n_cap, f" on rank {dist.rank} of {dist.world_size}" if dist.world_size > 1 else "")
     start = time.perf_counter()
     if todo and source.kind == "shards":
         from vsectl.retrieval.tar_collection import embed_tar_shards
@@ -350,7 +350,7 @@ def embed_unlocked(
               + [folder / f"{part_name('captions', s)}.json" for s in range(n_cap)])
     seconds = time.perf_counter() - start
     if todo:
-        log.info("embedded %d shards in %.1f s", len(todo), seconds)
+        log.info("embedded %d image shard(s) in %.1f s", len(todo), seconds)
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": str(model.run_dir),
             "checkpoint": model.checkpoint, "fingerprint": model.fingerprint, "embed_dim": model.embed_dim,
             "source": {"kind": source.kind, "path": str(source.path), "split": source.split}, "backbone": backbone,

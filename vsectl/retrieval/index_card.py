@@ -124,7 +124,9 @@ def _hits_at(rows: np.ndarray, truth: list[set[int]]) -> dict[int, float]:
 def rsum(emb: Any, side: str, search: SearchFn, seed: int = QUERY_SEED) -> dict[str, Any] | None:
     """R@1/5/10 both ways on samples of captions and images, the indexed direction through the index and exactly.
 
-    The direction that searches `side` goes through the index; the other one is exact in both sums.
+    The direction that searches `side` goes through the index; the other one is exact in both sums. Items tied exactly
+    keep the order the search returns them in (no tie rule): the sums compare the index with exact search, and the
+    protocol's numbers are `vsectl eval`'s.
     """
     if not emb.n_captions or not emb.n_images:
         return None
@@ -150,7 +152,7 @@ def rsum(emb: Any, side: str, search: SearchFn, seed: int = QUERY_SEED) -> dict[
     total = {name: round(sum(v for d in parts.values() for v in d.values()), 2)
              for name, parts in (("index", through), ("exact", exact))}
     return {**total, "captions": len(caps), "images": len(imgs), "indexed_direction": "t2i" if side == "images"
-            else "i2t", "recall_index": through, "recall_exact": exact}
+            else "i2t", "ties": "search order", "recall_index": through, "recall_exact": exact}
 
 
 def measure(emb: Any, side: str, search: SearchFn, *, tune_with: tuple[Callable[[int], None], list[int]] | None,
