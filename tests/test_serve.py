@@ -57,7 +57,7 @@ def test_batched_searches_equal_one_search_per_query_and_share_scans():
     for t in threads[1:]:
         t.start()
     deadline = time.monotonic() + 5
-    while batcher._queue.qsize() < len(queries) - 1 and time.monotonic() < deadline:
+    while batcher._worker._queue.qsize() < len(queries) - 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     gate.set()
     for t in threads:
@@ -90,6 +90,39 @@ def test_shared_scan_equals_each_query_alone_bit_for_bit(n, k, dim):
     if reference:
         assert rows[0].tolist() == [i for i, _ in reference]
     assert rows[4][:2].tolist() == [3, n // 2]  # the tie: lower row first
+
+
+def test_query_texts_that_arrive_together_are_encoded_in_one_batch_each_getting_its_own_vector():
+    """The server encoded one query text at a time under a lock; texts queued behind a running encode now go in one
+    batch (a transformer's cost per text falls with the batch), and each request gets its own text's vector."""
+    from vsectl.serving.engine import Coalescer
+
+    gate, entered, calls = threading.Event(), threading.Event(), []
+
+    def encode(texts: list[str]) -> list[np.ndarray]:
+        entered.set()
+        gate.wait(5)
+        calls.append(list(texts))
+        return [np.array([len(t)], dtype=np.float32) for t in texts]
+
+    coalescer = Coalescer(encode, max_batch=32, name="test-encode")
+    texts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    answers: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda j=j, t=t: answers.__setitem__(j, coalescer.submit(t)))
+               for j, t in enumerate(texts)]
+    threads[0].start()
+    assert entered.wait(5)
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 5
+    while coalescer._queue.qsize() < len(texts) - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    coalescer.close()
+    assert [float(answers[j][0]) for j in range(len(texts))] == [1, 2, 3, 4, 5]
+    assert calls[0] == ["a"] and sorted(calls[1]) == ["bb", "ccc", "dddd", "eeeee"] and len(calls) == 2
 
 
 def test_an_error_in_a_batched_search_reaches_every_waiting_request_and_the_worker_survives():

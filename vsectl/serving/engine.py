@@ -32,11 +32,68 @@ log = logging.getLogger(__name__)
 MAX_K = 100            # hits one request may ask for
 MAX_QUERY_CHARS = 500  # longer text is refused rather than truncated
 MAX_BATCH = 64         # vectors scanned together at most
+MAX_TEXTS = 32         # query texts encoded together at most
 SIDES = ("images", "captions")
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".webp": "image/webp", ".bmp": "image/bmp", ".svg": "image/svg+xml"}  # what the page may show
 
 SearchFn = Callable[[np.ndarray, int, str], list[Any]]  # (Q, E) vectors, k, side → one SearchResult per vector
+
+
+class Coalescer:
+    """One worker thread that runs `run(items) -> results` once for all the requests queued together.
+
+    A result that is an exception is raised in its own request only; an exception of `run` itself in every request of
+    the batch (the worker lives on).
+
+    Args:
+        run: items → one result per item, in order.
+        max_batch: items per run at most.
+        name: the worker thread's name.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, name: str) -> None:
+        self._run, self.max_batch = run, max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> Any:
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future.result()
+
+    def _take_batch(self) -> list[tuple] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        while len(batch) < self.max_batch:
+            try:
+                entry = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            batch.append(entry)
+        return batch
+
+    def _work(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                results = self._run([item for item, _ in batch])
+            except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
+                results = [e] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)
 
 
 class QueryBatcher:
@@ -50,58 +107,37 @@ class QueryBatcher:
 
     def __init__(self, search: SearchFn, batching: bool = True, max_batch: int = MAX_BATCH) -> None:
         self._search, self.batching, self.max_batch = search, batching, max_batch
-        self._queue: queue.Queue = queue.Queue()
         self.scans = 0    # batched scans run, and vectors answered through them (for the log and the benchmark)
         self.vectors = 0
-        self._thread = threading.Thread(target=self._run, name="vsectl-search", daemon=True)
-        if batching:
-            self._thread.start()
+        self._worker = Coalescer(self._scan, max_batch, "vsectl-search") if batching else None
 
     def submit(self, vector: np.ndarray, k: int, side: str) -> list[Any]:
         """The top-k hits of one (E,) vector on `side`, best first."""
-        if not self.batching:
+        if self._worker is None:
             return self._search(vector[None], k, side)[0].hits
-        future: Future = Future()
-        self._queue.put((vector, k, side, future))
-        return future.result()
+        return self._worker.submit((vector, k, side))
 
-    def _take_batch(self) -> list[tuple] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self.max_batch:
+    def _scan(self, items: list[tuple[np.ndarray, int, str]]) -> list[Any]:
+        """One scan per side for the queued vectors; an error of one side's scan goes to that side's requests."""
+        out: list[Any] = [None] * len(items)
+        for side in SIDES:
+            group = [i for i, item in enumerate(items) if item[2] == side]
+            if not group:
+                continue
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            batch.append(item)
-        return batch
-
-    def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            for side in SIDES:
-                group = [item for item in batch if item[2] == side]
-                if not group:
-                    continue
-                try:
-                    k = max(item[1] for item in group)
-                    results = self._search(np.stack([item[0] for item in group]), k, side)
-                    self.scans += 1
-                    self.vectors += len(group)
-                    for (_, k_item, _, future), result in zip(group, results, strict=True):
-                        future.set_result(result.hits[:k_item])
-                except BaseException as e:  # noqa: BLE001 - every waiting request gets the error, the worker lives on
-                    for *_, future in group:
-                        future.set_exception(e)
+                results = self._search(np.stack([items[i][0] for i in group]), max(items[i][1] for i in group), side)
+                self.scans += 1
+                self.vectors += len(group)
+                for i, result in zip(group, results, strict=True):
+                    out[i] = result.hits[:items[i][1]]
+            except BaseException as e:  # noqa: BLE001 - handed to the requests of this side
+                for i in group:
+                    out[i] = e
+        return out
 
     def close(self) -> None:
-        if self.batching:
-            self._queue.put(None)
-            self._thread.join(timeout=5)
+        if self._worker is not None:
+            self._worker.close()
 
 
 class SearchEngine:
@@ -129,6 +165,8 @@ class SearchEngine:
         for side, index in self.indexes.items():
             log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
+        # concurrent queries' texts are encoded in one batch (a transformer's cost per text falls with the batch)
+        self.encoder = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode") if batching else None
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
         root = image_root(self.emb)
         # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
@@ -172,8 +210,13 @@ class SearchEngine:
             raise ConfigError("empty query: type some words to search for")
         if len(text) > MAX_QUERY_CHARS:
             raise ConfigError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
+        if self.encoder is not None:
+            return self.encoder.submit(text)
+        return self._encode_texts([text])[0]
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
         with self._encode_lock:
-            return self.model.encode_text([text])[0]
+            return list(self.model.encode_text(texts))
 
     def search_text(self, text: str, k: int = 10, side: str = "images") -> dict[str, Any]:
         """The JSON answer of a text query: {"query", "side", "k", "took_ms", "hits": [...]}."""
@@ -274,6 +317,8 @@ class SearchEngine:
 
     def close(self) -> None:
         self.batcher.close()
+        if self.encoder is not None:
+            self.encoder.close()
 
 
 def _opened_path(fd: int, path: Path) -> str:
