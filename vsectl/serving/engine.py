@@ -166,7 +166,7 @@ class SearchEngine:
             log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         # concurrent queries' texts are encoded in one batch (a transformer's cost per text falls with the batch)
-        self.encoder = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode") if batching else None
+        self.text_batcher = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode") if batching else None
         self.batcher = QueryBatcher(self._search_vectors, batching=batching)
         root = image_root(self.emb)
         # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
@@ -210,8 +210,8 @@ class SearchEngine:
             raise ConfigError("empty query: type some words to search for")
         if len(text) > MAX_QUERY_CHARS:
             raise ConfigError(f"query too long ({len(text)} characters, at most {MAX_QUERY_CHARS})")
-        if self.encoder is not None:
-            return self.encoder.submit(text)
+        if self.text_batcher is not None:
+            return self.text_batcher.submit(text)
         return self._encode_texts([text])[0]
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
@@ -317,8 +317,8 @@ class SearchEngine:
 
     def close(self) -> None:
         self.batcher.close()
-        if self.encoder is not None:
-            self.encoder.close()
+        if self.text_batcher is not None:
+            self.text_batcher.close()
 
 
 def _opened_path(fd: int, path: Path) -> str:
