@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vsectl.config import RunConfig
 from vsectl.kinds import IMAGE_KINDS
@@ -76,9 +76,10 @@ def group_lr(cfg: RunConfig, epoch: int, lr_mult: float, length: RunLength | Non
     return cfg.train.lr * lr_mult * lr_factor(cfg, epoch, length)
 
 
-def use_hardest_negative(cfg: RunConfig, epoch: int) -> bool:
-    """All negatives during the warm-up epochs, the hardest negative after (LOSS-5)."""
-    return epoch >= cfg.loss.hardest_negative_from_epoch
+def use_hardest_negative(cfg: RunConfig, epoch: int, loss: Any = None) -> bool:
+    """All negatives during the warm-up epochs, the hardest negative after (LOSS-5); never for a `loss` that does not
+    mine hardest negatives (its `mines_hardest_negatives` is False: InfoNCE)."""
+    return epoch >= cfg.loss.hardest_negative_from_epoch and getattr(loss, "mines_hardest_negatives", True)
 
 
 ALL_STAGES_FROZEN = 4  # stem and layer1..layer4 all fixed: the whole backbone frozen

@@ -146,7 +146,7 @@ def train_one_epoch(
     """
     dist = dist or Distributed()
     model.train()
-    hardest = use_hardest_negative(cfg, epoch) and criterion.mines_hardest_negatives
+    hardest = use_hardest_negative(cfg, epoch, criterion)
     scaler = precision.grad_scaler()
     total = min(steps_in_epoch(cfg, len(loader.dataset)), len(loader))
     rate_name = IMAGE_KINDS.get(cfg.model.image.encoder).reads.rate_name
@@ -351,7 +351,7 @@ def fit(run: TrainingRun) -> Path:
             best_rsum, best_epoch = val["rsum"], epoch
         run.metrics.write({"kind": "val", "epoch": epoch, "global_step": global_step, "best": is_best, **val})
         if pairs is not None:
-            hardest = use_hardest_negative(cfg, epoch) and run.criterion.mines_hardest_negatives
+            hardest = use_hardest_negative(cfg, epoch, run.criterion)
             pairs.record(model, epoch, global_step, hardest, run.device, run.precision)
         log.info("epoch %d: dev rsum %.2f (R@1 i2t %.1f, t2i %.1f; %s tie rule)%s", epoch, val["rsum"],
                  val["i2t_r1"], val["t2i_r1"], cfg.train.select_tie_rule, " best" if is_best else "")

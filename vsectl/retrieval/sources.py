@@ -53,21 +53,22 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def _folder_items(folder: str | Path, what: str, files_of: Any, suffixes: Any) -> tuple[Path, list[dict[str, Any]]]:
-    """A plain folder's files of one kind as items: ids are the paths relative to the folder (refused when none)."""
+def _folder_items(folder: str | Path, what: str, files: str, files_of: Any, suffixes: Any
+                  ) -> tuple[Path, list[dict[str, Any]]]:
+    """A plain folder's `files` (e.g. "video files") of one kind (`what`: "video") as items: ids are the paths relative
+    to the folder (refused when there are none)."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} does not exist")
-    files = files_of(folder)
-    if not files:
-        plural = "images" if what == "image" else f"{what} files"
-        raise DataError(f"{folder} holds no {plural} ({', '.join(sorted(suffixes))}); give a folder of {what}s")
-    return folder, [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in files]
+    found = files_of(folder)
+    if not found:
+        raise DataError(f"{folder} holds no {files} ({', '.join(sorted(suffixes))}); give a folder of {what}s")
+    return folder, [{"id": p.relative_to(folder).as_posix(), "path": str(p)} for p in found]
 
 
 def folder_source(folder: str | Path) -> Source:
     """A plain folder of images (no captions); ids are the paths relative to the folder."""
-    folder, items = _folder_items(folder, "image", list_images, IMAGE_SUFFIXES)
+    folder, items = _folder_items(folder, "image", "images", list_images, IMAGE_SUFFIXES)
     listing = hashlib.sha256("\n".join(i["id"] for i in items).encode("utf-8")).hexdigest()
     return Source(kind="images", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
                   root=folder)
@@ -202,7 +203,7 @@ def video_folder_source(folder: str | Path) -> Source:
     """A plain folder of video files (no captions); ids are the paths relative to the folder."""
     from vsectl.data.video_files import VIDEO_SUFFIXES, list_videos
 
-    folder, items = _folder_items(folder, "video", list_videos, VIDEO_SUFFIXES)
+    folder, items = _folder_items(folder, "video", "video files", list_videos, VIDEO_SUFFIXES)
     names = "\n".join(f"{i['id']}:{Path(i['path']).stat().st_size}" for i in items)
     listing = hashlib.sha256(names.encode("utf-8")).hexdigest()
     return Source(kind="videos", path=folder, items=items, captions=[], identity={"listing_sha256": listing},
