@@ -27,7 +27,7 @@ def test_the_budget_picks_the_most_accurate_kind_that_fits():
     assert plan_index(200_000, 512, "auto", "4GB").kind == "hnsw"
     assert plan_index(1_000_000, 512, "auto", "4GB").factory == "IVF1024,Flat"
     big = plan_index(10_000_000, 512, "auto", "4GB")
-    assert big.kind == "ivf-pq" and big.factory == "IVF4096_HNSW32,PQ128x8np" and big.ram_bytes <= 0.75 * 4e9
+    assert big.kind == "ivf-pq" and big.factory == "IVF4096_HNSW32,PQ256x4fs" and big.ram_bytes <= 0.75 * 4e9
     assert plan_index(10_000_000, 512, "auto", "16GB").kind == "ivf-sq8"
     assert plan_index(100_000_000, 512, "auto", "4GB").params["pq_bytes"] == 16
     with pytest.raises(ConfigError, match="no index of 1000000000 512-d vectors fits"):
@@ -154,40 +154,45 @@ def test_parts_added_by_several_ranks_merge_to_the_one_process_index(collection,
     assert np.array_equal(a.search(queries, 5)[1], b.search(queries, 5)[1])
 
 
-@pytest.mark.parametrize("factory", ["IVF8,PQ4x8np", "IVF8,SQ8", "IVF8,Flat"])
-def test_parts_merged_in_place_equal_faiss_merge_from(factory, tmp_path):
-    """merge_parts sizes each inverted list once and fills it; faiss' merge_from (appending part after part) is the
-    reference: the same ids and codes in every list, in the same order, and the same count."""
+@pytest.mark.parametrize("factory", ["IVF8,PQ8x4fs", "IVF8,PQ4x8np", "IVF8,SQ8", "IVF8,Flat", "IVF8_HNSW4,PQ8x4fs"])
+def test_parts_merged_list_by_list_equal_faiss_own_add(factory, tmp_path):
+    """Parts encoded and written by list, then merged list by list, hold what faiss' own `add` of every row makes
+    (the reference): the same ids and codes in every list (fast-scan blocks byte for byte), the same count, the
+    same hits; a part cut short is refused in one line."""
     faiss = pytest.importorskip("faiss")
-    from vsectl.retrieval.index_build import merge_parts
+    from vsectl.errors import DataError
+    from vsectl.retrieval import index_build, index_parts
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2600, 16)).astype(np.float32)
+    np.save(tmp_path / "rows.npy", x)
+    reader = index_build.RowReader(tmp_path / "rows.npy")
     trained = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
     trained.train(x)
-    faiss.write_index(trained, str(tmp_path / "trained.faiss"))
+    reference = faiss.clone_index(trained)
+    reference.add(x)
     rows, files = 700, []
     for p, a in enumerate(range(0, len(x), rows)):
-        part = faiss.read_index(str(tmp_path / "trained.faiss"))
-        part.add(x[a:a + rows])
-        files.append(tmp_path / f"part-{p}.faiss")
-        faiss.write_index(part, str(files[-1]))
-    ours = merge_parts(faiss.read_index(str(tmp_path / "trained.faiss")), files, rows)
-    reference = faiss.read_index(str(tmp_path / "trained.faiss"))
-    for p, f in enumerate(files):
-        reference.merge_from(faiss.read_index(str(f)), p * rows)
+        files.append(tmp_path / f"part-{p}.lists")
+        index_parts.write_part(files[-1], *index_parts.encode_rows(trained, reader, a, min(a + rows, len(x))))
+    ours = index_parts.merge(trained, files)
     assert ours.ntotal == reference.ntotal == len(x)
     mine, theirs = faiss.extract_index_ivf(ours).invlists, faiss.extract_index_ivf(reference).invlists
-    code_size = mine.code_size
+    fast = index_parts.is_fast_scan(index_parts.ivf_of(ours))
+    assert fast == factory.endswith("fs")
     for lst in range(8):
         n = theirs.list_size(lst)
         assert mine.list_size(lst) == n
         if n:
+            size = -(-n // 32) * 32 * 4 if fast else n * mine.code_size  # fast scan: 32-code blocks, 4 bytes each
             assert np.array_equal(faiss.rev_swig_ptr(mine.get_ids(lst), n), faiss.rev_swig_ptr(theirs.get_ids(lst), n))
-            assert np.array_equal(faiss.rev_swig_ptr(mine.get_codes(lst), n * code_size),
-                                  faiss.rev_swig_ptr(theirs.get_codes(lst), n * code_size))
-    ours.nprobe = reference.nprobe = 8
+            assert np.array_equal(faiss.rev_swig_ptr(mine.get_codes(lst), size),
+                                  faiss.rev_swig_ptr(theirs.get_codes(lst), size))
+    faiss.extract_index_ivf(ours).nprobe = faiss.extract_index_ivf(reference).nprobe = 8
     assert np.array_equal(ours.search(x[:50], 10)[1], reference.search(x[:50], 10)[1])
+    files[1].write_bytes(files[1].read_bytes()[:-5])
+    with pytest.raises(DataError, match="cut short or damaged"):
+        index_parts.merge(faiss.clone_index(trained), files)
 
 
 def test_a_killed_build_resumes_from_its_finished_parts(collection, tmp_path, monkeypatch):
@@ -220,13 +225,15 @@ def test_a_killed_build_resumes_from_its_finished_parts(collection, tmp_path, mo
     with pytest.raises(Killed):
         vsectl.build_index(emb, "ivf-pq", nprobe=4, progress=Progress())
     partial = emb / ".index-ivf-pq-images.partial"
-    assert sorted(p.name for p in partial.glob("part-*")) == ["part-00000.faiss", "part-00001.faiss"]
+    assert sorted(p.name for p in partial.glob("part-*")) == ["part-00000.lists", "part-00001.lists"]
     assert not (emb / "index-ivf-pq-images").exists()
     written = []
     monkeypatch.setattr(index_build, "write_index", lambda index, path, f=index_build.write_index: (
         written.append(path.name), f(index, path))[1])
+    monkeypatch.setattr(index_build.index_parts, "write_part", lambda path, *a, f=index_build.index_parts.write_part: (
+        written.append(path.name), f(path, *a))[1])
     resumed = vsectl.build_index(emb, "ivf-pq", nprobe=4)
-    assert written == ["part-00002.faiss", "part-00003.faiss", "part-00004.faiss", "index.faiss"]  # not redone
+    assert written == ["part-00002.lists", "part-00003.lists", "part-00004.lists", "index.faiss"]  # not redone
     assert (resumed / "index.faiss").read_bytes() == expected and not partial.exists()
     assert sorted(p.name for p in resumed.iterdir() if not p.name.startswith(".")) == ["card.json", "index.faiss",
                                                                                          "index.json"]

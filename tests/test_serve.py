@@ -125,6 +125,40 @@ def test_query_texts_that_arrive_together_are_encoded_in_one_batch_each_getting_
     assert calls[0] == ["a"] and sorted(calls[1]) == ["bb", "ccc", "dddd", "eeeee"] and len(calls) == 2
 
 
+def test_each_stage_gets_half_the_cpus_with_an_index_and_all_of_them_for_an_exact_scan(monkeypatch):
+    """Decided once: given threads as given (below 1 refused in one line); an exact scan gains from every core; with
+    indexes the encode and search stages run side by side, half the cores each."""
+    from vsectl import runtime
+    from vsectl.errors import ConfigError
+    from vsectl.serving.threads import stage_threads
+
+    for cpus, scanned, expected in ((2, False, 1), (16, False, 8), (1, False, 1), (2, True, 2), (16, True, 16)):
+        monkeypatch.setattr(runtime, "usable_cpus", lambda c=cpus: c)
+        assert stage_threads(None, scanned) == expected
+    assert stage_threads(3, False) == 3
+    with pytest.raises(ConfigError, match="--threads must be at least 1"):
+        stage_threads(0, True)
+
+
+def test_a_worker_sets_its_own_thread_counts_before_its_first_batch():
+    """OpenMP thread counts belong to the thread that sets them: faiss run from the worker thread would use every
+    core whatever the main thread set, so each worker sets them itself first."""
+    faiss = pytest.importorskip("faiss")
+    import torch
+
+    from vsectl.serving.engine import Coalescer
+    from vsectl.serving.threads import set_threads
+
+    seen, before = [], torch.get_num_threads()
+    coalescer = Coalescer(lambda items: [faiss.omp_get_max_threads() for _ in items], 4, "test-threads",
+                          on_start=lambda: (seen.append(threading.current_thread().name), set_threads(1)))
+    try:
+        assert coalescer.submit("x") == 1 and seen == ["test-threads"]
+    finally:
+        coalescer.close()
+        torch.set_num_threads(before)
+
+
 def test_an_error_in_a_batched_search_reaches_every_waiting_request_and_the_worker_survives():
     def search(vectors: np.ndarray, k: int, side: str) -> list:
         if k == 99:

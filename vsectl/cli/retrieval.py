@@ -61,10 +61,12 @@ def index_cli(
                                            "the 'faiss' extra)")] = "auto",
     max_memory: Annotated[str | None, typer.Option(help="Memory budget of the opened index, e.g. 4GB")] = None,
     max_query_ms: Annotated[float | None, typer.Option(help="Longest single query; tuning respects it")] = None,
+    recall: Annotated[float, typer.Option(help="recall@10 the tuning aims for (the smallest nprobe / ef_search "
+                                               "reaching it)")] = 0.95,
     side: Annotated[str, typer.Option(help="images | captions")] = "images",
     nlist: Annotated[int | None, typer.Option(help="ivf kinds: lists [default: the power of 2 nearest sqrt(N)]")]
     = None,
-    nprobe: Annotated[int | None, typer.Option(help="ivf kinds: lists probed [default: tuned to recall@10 0.95]")]
+    nprobe: Annotated[int | None, typer.Option(help="ivf kinds: lists probed [default: tuned to --recall]")]
     = None,
     pq_bytes: Annotated[int | None, typer.Option(help="ivf-pq: code bytes per vector [default: largest fitting]")]
     = None,
@@ -81,6 +83,7 @@ def index_cli(
     from vsectl.retrieval import build_index
 
     path = run_guarded(build_index, embeddings, kind, side, max_memory=max_memory, max_query_ms=max_query_ms,
+                       recall=recall,
                        nlist=nlist, nprobe=nprobe, pq_bytes=pq_bytes, m=m, ef_construction=ef_construction,
                        ef_search=ef_search, progress=RichProgress(enabled=not STATE.get("quiet")))
     if path is None:  # a torchrun rank other than 0: rank 0 merges and prints

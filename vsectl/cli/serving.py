@@ -67,13 +67,15 @@ def serve_cli(
     verify: Annotated[bool, typer.Option("--verify", help="Hash the embeddings against meta.json and check every "
                                                           "row first")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Exact search even when the folder holds an index")] = False,
+    threads: Annotated[int | None, typer.Option(help="Threads of each stage (text encoding, search) [default: all "
+                                                     "CPUs for an exact scan, half each with an index]")] = None,
 ) -> None:
     """Serve a search page and a JSON API (/api/search?q=...&k=10) over a collection; prints the URL. An embeddings
     folder is searched through its best index per side when it has one (`vsectl index`), exactly otherwise."""
     from vsectl.serving import open_server
 
     server = run_guarded(open_server, target, run=run, checkpoint=checkpoint, host=host, port=port, device=device,
-                         allow_hosts=allow_host or [], verify=verify, exact=exact)
+                         allow_hosts=allow_host or [], verify=verify, exact=exact, threads=threads)
     typer.echo(server.url)
     sys.stdout.flush()
     err.print(f"serving {server.engine.emb.n_images} images at {server.url} (Ctrl-C stops)", highlight=False)

@@ -29,18 +29,16 @@ import numpy as np
 
 from vsectl.errors import DataError
 from vsectl.io import json_text, sha256_file
+from vsectl.retrieval.finite import AGAIN, check_finite, sample_rows
 
 EMBEDDINGS_FORMAT = "vsectl-embeddings"
 EMBEDDINGS_VERSION = 1
 META = "meta.json"
 SIDES = ("images", "captions")
 HASH_BLOCK = 1 << 24  # 16 MiB per read while hashing
-SAMPLE_ROWS = 1024  # rows of each side checked for NaN/inf on every open (all of them with verify=True)
-SCAN_ROWS = 1 << 16  # rows per block of the full check
 MAX_RECORD_BYTES = 1 << 20  # one line of images.jsonl / captions.jsonl; longer means a damaged offsets file
 META_FIELDS = {"n_images": int, "n_captions": int, "embed_dim": int, "fingerprint": str, "images_sha256": str,
                "captions_sha256": str}
-AGAIN = "the folder is damaged: embed it again"
 
 
 def _map(path: Path) -> np.ndarray:
@@ -199,23 +197,6 @@ def _check_size(path: Path, array: np.ndarray) -> None:
         raise DataError(f"{path} is {size} bytes, its header announces {expected}; {AGAIN}")
 
 
-def check_finite(name: str, matrix: np.ndarray, rows: np.ndarray | None = None) -> None:
-    """Refuse NaN or inf in `rows` of `matrix` (all rows, block by block, when None)."""
-    blocks = [rows] if rows is not None else [np.arange(a, min(a + SCAN_ROWS, len(matrix)))
-                                              for a in range(0, len(matrix), SCAN_ROWS)]
-    for block in blocks:
-        if len(block) == 0:
-            continue
-        values = matrix[block] if rows is not None else matrix[block[0] : block[-1] + 1]
-        finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
-        if not finite.all():
-            raise DataError(f"row {int(block[np.argmin(finite)])} of {name} holds NaN or inf values; {AGAIN}")
-
-
-def _sample(n: int) -> np.ndarray:
-    return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)
-
-
 def _verify(path: Path, meta: dict[str, Any], images: np.ndarray, captions: np.ndarray,
             cap2img: np.ndarray) -> None:
     """The whole check: both matrices hashed against meta.json and scanned for NaN/inf, every caption's image."""
@@ -265,8 +246,8 @@ def open_embeddings(path: str | Path, verify: bool = False) -> Embeddings:
         raise DataError(f"{path}: embeddings must be float32, found {images.dtype} / {captions.dtype}")
     for name, array in (("images", images), ("captions", captions), ("cap2img", cap2img)):
         _check_size(path / f"{name}.npy", array)
-    check_finite(str(path / "images.npy"), images, _sample(n))
-    check_finite(str(path / "captions.npy"), captions, _sample(c))
+    check_finite(str(path / "images.npy"), images, sample_rows(n))
+    check_finite(str(path / "captions.npy"), captions, sample_rows(c))
     if verify:
         _verify(path, meta, images, captions, cap2img)
     return Embeddings(path=path, meta=meta, images=images, captions=captions, cap2img=cap2img)

@@ -28,6 +28,7 @@ from vsectl.locks import folder_lock
 from vsectl.retrieval import index_build
 from vsectl.retrieval.embeddings import META, SIDES, Embeddings, open_embeddings
 from vsectl.retrieval.index_build import faiss_module
+from vsectl.retrieval.index_card import TARGET_RECALL, measure
 from vsectl.retrieval.index_files import (
     CARD,
     FAISS_FILE,
@@ -38,6 +39,7 @@ from vsectl.retrieval.index_files import (
     read_card,
     read_meta,
 )
+from vsectl.retrieval.index_memory import NoMemory, PhaseMemory
 from vsectl.retrieval.index_plan import KIND_CHOICES, IndexPlan, plan_index
 
 log = logging.getLogger(__name__)
@@ -153,13 +155,12 @@ def _ladder(kind: str, params: dict[str, Any]) -> list[int]:
     if kind == "hnsw":
         return EF_LADDER
     nlist = int(params["nlist"])
-    return sorted({min(nlist, 1 << p) for p in range(0, NPROBE_LADDER_TOP.bit_length()) if (1 << p) <= 2 * nlist})
+    steps = {v for p in range(NPROBE_LADDER_TOP.bit_length()) for v in (1 << p, 3 << max(0, p - 1)) if v <= nlist}
+    return sorted(steps | {nlist})  # powers of two and the halfway steps between them (…, 64, 96, 128, 192, …)
 
 
 def _card(emb: Embeddings, side: str, plan: IndexPlan, faiss_index: Any, tuned: bool,
-          max_query_ms: float | None) -> dict[str, Any]:
-    from vsectl.retrieval.index_card import measure
-
+          max_query_ms: float | None, target: float) -> dict[str, Any]:
     params = dict(plan.params)
     opened = Index(path=Path(), kind=plan.kind, side=side, embeddings=emb, params=params, _faiss_index=faiss_index)
     key = "ef_search" if plan.kind == "hnsw" else "nprobe"
@@ -171,7 +172,7 @@ def _card(emb: Embeddings, side: str, plan: IndexPlan, faiss_index: Any, tuned: 
     if faiss_index is not None:
         index_build.set_search_params(faiss_index, plan.kind, params)
     tune_with = (set_param, _ladder(plan.kind, params)) if faiss_index is not None and tuned else None
-    card = measure(emb, side, opened.search_raw, tune_with=tune_with, max_query_ms=max_query_ms)
+    card = measure(emb, side, opened.search_raw, tune_with=tune_with, max_query_ms=max_query_ms, target=target)
     return {**card, "params": params}
 
 
@@ -182,6 +183,7 @@ def build_index(
     *,
     max_memory: str | int | None = None,
     max_query_ms: float | None = None,
+    recall: float = TARGET_RECALL,
     nlist: int | None = None,
     nprobe: int | None = None,
     pq_bytes: int | None = None,
@@ -202,6 +204,7 @@ def build_index(
         side: "images" or "captions".
         max_memory: budget for the opened index, e.g. "4GB" (None: no limit).
         max_query_ms: a single query may take at most this long; the tuned nprobe / ef_search respects it.
+        recall: the recall@10 the tuning aims for: the smallest nprobe / ef_search reaching it on held-out queries.
         nlist, nprobe, pq_bytes: ivf lists, lists probed per query (given: not tuned), ivf-pq code bytes.
         m, ef_construction, ef_search: hnsw graph degree and beam widths (ef_search given: not tuned).
         seed: picks the training sample.
@@ -219,6 +222,11 @@ def build_index(
         raise ConfigError(f"unknown side {side!r}; use images or captions")
     if max_query_ms is not None and max_query_ms <= 0:
         raise ConfigError(f"--max-query-ms must be positive, got {max_query_ms}")
+    if not 0 < recall <= 1:
+        raise ConfigError(f"--recall is a recall@10 between 0 and 1, got {recall}")
+    if recall < RECALL_FLOOR:
+        log.warning("--recall %s is under %s: serve and search use an index only from recall@10 %s on",
+                    recall, RECALL_FLOOR, RECALL_FLOOR)
     emb = embeddings if isinstance(embeddings, Embeddings) else open_embeddings(embeddings)
     n = emb.size(side)
     if n == 0:
@@ -236,47 +244,54 @@ def build_index(
     out = index_dir(emb.path, plan.kind, side)
     partial = out.with_name(f".{out.name}.partial")
     build = (emb, side, plan, out, partial, dist.rank, dist.world_size, seed, progress)
-    tuned = (nprobe if plan.kind != "hnsw" else ef_search) is None
+    tuning = {"tuned": (nprobe if plan.kind != "hnsw" else ef_search) is None, "max_query_ms": max_query_ms,
+              "target": recall}
     if dist.rank != 0:  # rank 0 holds the folder's lock for the whole job; the others add their parts
-        return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
+        return _build(*build, tuning=tuning)
     with folder_lock(out):
         recover(out, earlier_index)
         check_target(out, INDEX_HINT, earlier_index)  # refused before any work, not after the build
-        return _build(*build, tuned=tuned, max_query_ms=max_query_ms)
+        return _build(*build, tuning=tuning)
 
 
 def _build(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial: Path, rank: int, world: int, seed: int,
-           progress: Any, *, tuned: bool, max_query_ms: float | None) -> Path | None:
+           progress: Any, *, tuning: dict[str, Any]) -> Path | None:
     try:
-        return _build_parts(emb, side, plan, out, partial, rank, world, seed, progress, tuned=tuned,
-                            max_query_ms=max_query_ms)
+        return _build_parts(emb, side, plan, out, partial, rank, world, seed, progress, tuning=tuning)
     except BaseException:
-        if rank == 0 and partial.is_dir() and not any(partial.glob("part-*.faiss")):
+        if rank == 0 and partial.is_dir() and not any(partial.glob(f"part-*.{index_build.PART_SUFFIX}")):
             shutil.rmtree(partial, ignore_errors=True)  # nothing a rerun could resume from
         raise
 
 
 def _build_parts(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial: Path, rank: int, world: int,
-                 seed: int, progress: Any, *, tuned: bool, max_query_ms: float | None) -> Path | None:
+                 seed: int, progress: Any, *, tuning: dict[str, Any]) -> Path | None:
     start, cpu0 = time.perf_counter(), time.process_time()
     index_build.prepare(partial, plan, _identity(emb, side), rank)
     faiss_index = None
-    if plan.kind != "flat":
-        reader = index_build.RowReader(emb.path / f"{side}.npy")
-        faiss_index = index_build.build_faiss(plan, reader, partial, rank=rank, world=world, seed=seed,
-                                              progress=progress)
-    if rank != 0:
-        return None
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
-    card = _card(emb, side, plan, faiss_index, tuned, max_query_ms)
-    params = card.pop("params")
-    if faiss_index is not None:
-        index_build.write_index(faiss_index, partial / FAISS_FILE)
+    memory = PhaseMemory() if rank == 0 else NoMemory()
+    try:
+        if plan.kind != "flat":
+            reader = index_build.RowReader(emb.path / f"{side}.npy")
+            faiss_index = index_build.build_faiss(plan, reader, partial, rank=rank, world=world, seed=seed,
+                                                  progress=progress, memory=memory)
+        if rank != 0:
+            return None
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+        with memory.phase("measure"):
+            card = _card(emb, side, plan, faiss_index, **tuning)
+        params = card.pop("params")
+        if faiss_index is not None:
+            with memory.phase("write"):
+                index_build.write_index(faiss_index, partial / FAISS_FILE)
+    finally:
+        memory.stop()
     index_build.cleanup(partial)
     card = {"kind": plan.kind, "factory": plan.factory, "params": params, "side": side, "vectors": emb.size(side),
             "dim": emb.dim, "reason": plan.reason, "bytes_on_disk": index_build.file_bytes(partial),
             "ram_bytes_estimate": plan.ram_bytes, "build_seconds": round(seconds, 2),
-            "build_cpu_seconds": round(cpu, 2), "build_peak_rss_bytes": _peak_rss(), "processes": world, **card}
+            "build_cpu_seconds": round(cpu, 2), "build_peak_rss_bytes": _peak_rss(),
+            "build_rss_by_phase": memory.summary(), "processes": world, **card}
     write_json(partial / CARD, card)
     write_json(partial / INDEX_META, {"format": INDEX_FORMAT, "version": INDEX_VERSION, "kind": plan.kind,
                                       "side": side, "factory": plan.factory, "params": params,

@@ -1,10 +1,10 @@
 """Building a faiss index in bounded memory, resumably, across processes: train on a sample, add parts, merge.
 
 The vectors are read from the embeddings' .npy file in blocks with plain reads (never mapped, never whole), so the
-build's memory is the index itself plus one block. The rows are cut into parts of `PART_ROWS`; torchrun rank r adds
-the parts p with p % WORLD_SIZE == r to its own copy of the trained (empty) index and writes each one as it finishes,
-so a killed build loses at most one part per process. Rank 0 trains first (the others wait for its file), and
-merges the parts in row order once they all exist: a part's ids are shifted by its first row, so ids are rows.
+build's memory is the index itself plus one block. The rows are cut into parts of `PART_ROWS`; torchrun rank r
+encodes the parts p with p % WORLD_SIZE == r with the trained (empty) index and writes each one as it finishes (its
+codes and ids by list, `vsectl.retrieval.index_parts`), so a killed build loses at most one part per process. Rank 0
+trains first (the others wait for its file), and merges the parts list by list once they all exist; ids are rows.
 
 Work in progress lives in one folder (`partial`) that the caller renames into place when the index is complete.
 """
@@ -25,12 +25,15 @@ import numpy as np
 
 from vsectl.errors import ConfigError, DataError
 from vsectl.io import atomic_path, atomic_write_json
+from vsectl.retrieval import index_parts
+from vsectl.retrieval.index_memory import NoMemory
 from vsectl.retrieval.index_plan import HNSW_MAX_EF, HNSW_MAX_M, IndexPlan
 
 log = logging.getLogger(__name__)
 
 ADD_BLOCK = 65536  # rows read and handed to faiss per add() call (128 MiB at 512-d fp32)
 PART_ROWS = 1 << 20  # rows per resumable part
+PART_SUFFIX = "lists"  # a part's codes and ids by list (vsectl.retrieval.index_parts), not a faiss file
 TRAINED = "trained.faiss"
 PLAN = "plan.json"
 POLL_SECONDS = 1.0
@@ -129,7 +132,7 @@ def train(plan: IndexPlan, reader: RowReader, seed: int) -> Any:
 
 
 def _part_file(partial: Path, p: int) -> Path:
-    return partial / f"part-{p:05d}.faiss"
+    return partial / f"part-{p:05d}.{PART_SUFFIX}"
 
 
 _STRERROR = {os.strerror(code): code for code in errno.errorcode}
@@ -184,7 +187,8 @@ def _wait(files: list[Path], what: str) -> None:
 
 def prepare(partial: Path, plan: IndexPlan, identity: dict[str, Any], rank: int) -> None:
     """Keep a partial build made with the same plan and embeddings; start again otherwise (rank 0 decides)."""
-    settings = {"plan": plan.to_dict() | {"reason": ""}, "embeddings": identity, "part_rows": PART_ROWS}
+    settings = {"plan": plan.to_dict() | {"reason": ""}, "embeddings": identity, "part_rows": PART_ROWS,
+                "parts": PART_SUFFIX}
     marker = partial / PLAN
     if rank == 0:
         if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != settings:
@@ -199,7 +203,7 @@ def prepare(partial: Path, plan: IndexPlan, identity: dict[str, Any], rank: int)
 
 
 def build_faiss(plan: IndexPlan, reader: RowReader, partial: Path, *, rank: int, world: int, seed: int,
-                progress: Any) -> Any:
+                progress: Any, memory: Any = None) -> Any:
     """Train (rank 0), add this rank's parts, and on rank 0 merge every part; returns the index on rank 0, else None.
 
     An hnsw graph cannot be merged from parts, so it is built whole by rank 0 (other ranks return at once).
@@ -214,63 +218,35 @@ def build_faiss(plan: IndexPlan, reader: RowReader, partial: Path, *, rank: int,
             index.add(block)
             progress.update(vectors=a + len(block))
         return index
+    memory = memory or NoMemory()
     trained = partial / TRAINED
     if rank == 0 and not trained.is_file():
-        write_index(train(plan, reader, seed), trained)
+        with memory.phase("train"):
+            write_index(train(plan, reader, seed), trained)
     _wait([trained], "trained quantizer")
+    index = faiss.read_index(str(trained))  # never added to: it encodes the parts, then receives the merge
     parts = -(-reader.n // PART_ROWS)
     mine = [p for p in range(rank, parts, world) if not _part_file(partial, p).is_file()]
     for p in progress.track(mine, total=len(mine), description=f"index {plan.kind}"):
-        index = faiss.read_index(str(trained))
         a, b = p * PART_ROWS, min((p + 1) * PART_ROWS, reader.n)
-        for s, block in reader.blocks(a, b):
-            index.add(block)  # ids a..b-1 become 0..b-a-1 here; the merge shifts them back
-            progress.update(vectors=s + len(block) - a, part=p)
-        write_index(index, _part_file(partial, p))
+        with memory.phase("encode"):
+            index_parts.write_part(_part_file(partial, p), *index_parts.encode_rows(
+                index, reader, a, b, on_block=lambda done, p=p: progress.update(vectors=done, part=p)))
     if rank != 0:
         return None
     files = [_part_file(partial, p) for p in range(parts)]
     _wait(files, "index parts")
-    index = merge_parts(faiss.read_index(str(trained)), files, PART_ROWS)
+    for _ in progress.track([None], total=1, description=f"merge {parts} parts"):
+        with memory.phase("merge"):
+            index = index_parts.merge(index, files, on_lists=lambda done: progress.update(lists=done))
     if index.ntotal != reader.n:
         raise DataError(f"the merged index holds {index.ntotal} vectors, the embeddings {reader.n}; build it again")
     return index
 
 
-def merge_parts(index: Any, files: list[Path], rows_per_part: int) -> Any:
-    """The parts' vectors in the trained, empty `index`, part p's ids shifted by p · rows_per_part: what faiss'
-    `merge_from` makes, but each inverted list is sized once to its final length and filled in place. `merge_from`
-    appends part after part, and each list's growth by doubling (with the old copy alive while it moves) took the
-    10M-vector build to three times the final lists in memory; this keeps the peak at the lists plus one part."""
-    faiss = faiss_module()
-    ivf = faiss.extract_index_ivf(index)
-    lists, nlist = ivf.invlists, ivf.nlist
-    sizes = np.zeros(nlist, dtype=np.int64)
-    for f in files:  # first pass: every list's final length, from the parts' headers and lists (not their codes)
-        part = faiss.read_index(str(f), faiss.IO_FLAG_MMAP)  # kept referenced: the IVF view below lives in it
-        src = faiss.extract_index_ivf(part).invlists
-        sizes += [src.list_size(lst) for lst in range(nlist)]
-        del src, part
-    for lst in np.flatnonzero(sizes).tolist():
-        lists.resize(lst, int(sizes[lst]))
-    filled = np.zeros(nlist, dtype=np.int64)
-    for p, f in enumerate(files):
-        part = faiss.read_index(str(f))
-        src = faiss.extract_index_ivf(part).invlists
-        for lst in range(nlist):
-            n = src.list_size(lst)
-            if n:
-                ids = faiss.rev_swig_ptr(src.get_ids(lst), n).astype(np.int64) + p * rows_per_part
-                lists.update_entries(lst, int(filled[lst]), n, faiss.swig_ptr(ids), src.get_codes(lst))
-                filled[lst] += n
-        del part
-    ivf.ntotal = index.ntotal = int(sizes.sum())
-    return index
-
-
 def cleanup(partial: Path) -> None:
     """Remove the build's intermediate files (trained quantizer, parts, plan) from the finished folder."""
-    for f in [partial / TRAINED, partial / PLAN, *partial.glob("part-*.faiss")]:
+    for f in [partial / TRAINED, partial / PLAN, *partial.glob(f"part-*.{PART_SUFFIX}")]:
         f.unlink(missing_ok=True)
 
 

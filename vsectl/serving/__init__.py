@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint: str | None = None,
                 host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batching: bool = True,
-                allow_hosts: Sequence[str] = (), verify: bool = False, exact: bool = False) -> Any:
+                allow_hosts: Sequence[str] = (), verify: bool = False, exact: bool = False,
+                threads: int | None = None) -> Any:
     """Open a collection and its model and bind the server (not yet serving).
 
     Args:
@@ -34,6 +35,8 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         verify: hash the embeddings against meta.json and check every row for NaN/inf before serving.
         exact: search an embeddings folder exactly even when it holds an index (by default its best index per side
             answers, see `vsectl.retrieval.index.best_index`).
+        threads: intra-op threads of each stage (text encoding, search); default: all usable CPUs when a side is
+            scanned exactly, half of them each when indexes answer (`vsectl.serving.engine.stage_threads`).
 
     Returns:
         a bound `VsectlServer`; call `.serve_forever()`, and `.server_close()` plus `.engine.close()` when done.
@@ -58,7 +61,7 @@ def open_server(target: str | Path, *, run: str | Path | None = None, checkpoint
         from vsectl.retrieval import load  # torch: imported after the port is ours
 
         model = load(run, checkpoint=checkpoint or emb.meta.get("checkpoint") or "best", device=device)
-        server.engine = SearchEngine(opened, model, batching=batching, exact=exact)
+        server.engine = SearchEngine(opened, model, batching=batching, exact=exact, threads=threads)
         server.engine.warm_up()
     except BaseException:
         server.server_close()

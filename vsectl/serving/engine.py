@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vsectl.errors import ConfigError
+from vsectl.serving.threads import get_threads, set_threads, stage_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ class Coalescer:
         run: items → one result per item, in order.
         max_batch: items per run at most.
         name: the worker thread's name.
+        on_start: run once in the worker thread before its first batch (e.g. its thread counts).
     """
 
-    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, name: str) -> None:
-        self._run, self.max_batch = run, max_batch
+    def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, name: str,
+                 on_start: Callable[[], None] | None = None) -> None:
+        self._run, self.max_batch, self._on_start = run, max_batch, on_start
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
@@ -80,6 +83,8 @@ class Coalescer:
         return batch
 
     def _work(self) -> None:
+        if self._on_start is not None:
+            self._on_start()  # in this thread: OpenMP thread counts belong to the thread that sets them
         while (batch := self._take_batch()) is not None:
             try:
                 results = self._run([item for item, _ in batch])
@@ -103,13 +108,15 @@ class QueryBatcher:
         search: the batched search, (Q, E) vectors, k, side → results with `.hits`.
         batching: False runs each search in the caller's thread instead (the benchmark's baseline).
         max_batch: vectors per scan at most.
+        on_start: run once in the search worker's thread first.
     """
 
-    def __init__(self, search: SearchFn, batching: bool = True, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, search: SearchFn, batching: bool = True, max_batch: int = MAX_BATCH,
+                 on_start: Callable[[], None] | None = None) -> None:
         self._search, self.batching, self.max_batch = search, batching, max_batch
         self.scans = 0    # batched scans run, and vectors answered through them (for the log and the benchmark)
         self.vectors = 0
-        self._worker = Coalescer(self._scan, max_batch, "vsectl-search") if batching else None
+        self._worker = Coalescer(self._scan, max_batch, "vsectl-search", on_start) if batching else None
 
     def submit(self, vector: np.ndarray, k: int, side: str) -> list[Any]:
         """The top-k hits of one (E,) vector on `side`, best first."""
@@ -147,9 +154,12 @@ class SearchEngine:
         target: an opened `Embeddings` or `Index` (from `vsectl.retrieval.open_target`).
         model: a `RetrievalModel` whose fingerprint equals the embeddings' (checked here).
         batching: coalesce concurrent searches into one scan.
+        exact: search exactly even where the embeddings folder holds an index.
+        threads: intra-op threads of each stage (text encoding, search); None: see `stage_threads`.
     """
 
-    def __init__(self, target: Any, model: Any, batching: bool = True, exact: bool = False) -> None:
+    def __init__(self, target: Any, model: Any, batching: bool = True, exact: bool = False,
+                 threads: int | None = None) -> None:
         from vsectl.retrieval.index import best_index
         from vsectl.retrieval.query import check_model
 
@@ -164,10 +174,17 @@ class SearchEngine:
                             for side in SIDES}
         for side, index in self.indexes.items():
             log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
+        scanned = any(index is None or index.kind == "flat" for side, index in self.indexes.items()
+                      if self.emb.size(side))
+        self.threads = stage_threads(threads, scanned)
+        self._threads_before = get_threads()  # the process's own counts, given back on close()
+        set_threads(self.threads)
+        log.info("%d thread(s) for text encoding and %d for search", self.threads, self.threads)
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         # concurrent queries' texts are encoded in one batch (a transformer's cost per text falls with the batch)
-        self.text_batcher = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode") if batching else None
-        self.batcher = QueryBatcher(self._search_vectors, batching=batching)
+        own = lambda: set_threads(self.threads)  # noqa: E731 - the workers' first act
+        self.text_batcher = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode", own) if batching else None
+        self.batcher = QueryBatcher(self._search_vectors, batching=batching, on_start=own)
         root = image_root(self.emb)
         # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
         self.image_root = os.path.realpath(root) if root is not None else None
@@ -319,6 +336,7 @@ class SearchEngine:
         self.batcher.close()
         if self.text_batcher is not None:
             self.text_batcher.close()
+        set_threads(*self._threads_before)
 
 
 def _opened_path(fd: int, path: Path) -> str:

@@ -69,6 +69,7 @@ class Handler(BaseHTTPRequestHandler):
     """One request; the engine is the server's."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
+    disable_nagle_algorithm = True  # headers and body go out as written: no 40 ms wait for the client's delayed ACK
     timeout = 60                   # an idle connection is closed after a minute instead of holding its thread
     server_version = "vsectl"
     sys_version = ""
