@@ -1,7 +1,8 @@
 """Collections of millions: an index under a memory budget at 1M and 10M vectors, and serving from it.
 
     python benchmarks/bench_scale.py --run runs/demo --store data/demo_feats/train.h5 --work data/scale \
-        --sizes 1000000,10000000 [--max-memory 4GB] [--kind auto] [--seconds 30] [--json FILE] [--skip STAGES]
+        --sizes 1000000,10000000 [--max-memory 4GB] [--kind auto] [--recall 0.95] [--max-query-ms MS] \
+        [--seconds 30] [--json FILE] [--skip STAGES]
 
 1. real: the store embedded with the run (the demo model's real image and caption embeddings).
 2. fit: a low-rank Gaussian mixture fitted to them (benchmarks/scale_vectors.py), compared with them at their count.
@@ -87,10 +88,12 @@ def run_measured(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
             "peak_rss_bytes": usage.ru_maxrss * 1024, "load": meter.read(), "stdout": out.strip()}
 
 
-def build(emb: Path, kind: str, max_memory: str, max_query_ms: float | None, procs: int) -> dict[str, Any]:
+def build(emb: Path, kind: str, max_memory: str, max_query_ms: float | None, procs: int,
+          recall: float | None = None) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE")
     args = ["-m", "vsectl", "-q", "index", str(emb), "--kind", kind, "--max-memory", max_memory]
     args += ["--max-query-ms", str(max_query_ms)] if max_query_ms else []
+    args += ["--recall", str(recall)] if recall else []
     if procs > 1:
         torchrun = str(Path(sys.executable).parent / "torchrun")
         cmd = [torchrun, "--standalone", f"--nproc_per_node={procs}", *args[1:]]
@@ -153,6 +156,7 @@ def main() -> None:
     p.add_argument("--kind", default="auto")
     p.add_argument("--max-memory", default="4GB")
     p.add_argument("--max-query-ms", type=float, default=None)
+    p.add_argument("--recall", type=float, default=None, help="recall@10 the index tuning aims for [0.95]")
     p.add_argument("--procs", type=int, default=1, help="torchrun processes for the index build")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--skip", nargs="*", default=[], choices=STAGES)
@@ -179,13 +183,15 @@ def main() -> None:
         report[f"write {n}"] = write_collection(folder, mix_i, n, run_meta)
         print(f"wrote {folder}: {report[f'write {n}']}", flush=True)
         if "build" not in args.skip:
-            report[f"index {n}"] = r = build(folder, args.kind, args.max_memory, args.max_query_ms, args.procs)
+            report[f"index {n}"] = r = build(folder, args.kind, args.max_memory, args.max_query_ms, args.procs,
+                                                   args.recall)
             kinds[n] = r["card"]["kind"]
             print(f"index {n}: {json.dumps({k: v for k, v in r.items() if k != 'card'})}", flush=True)
             print(f"card {n}: {json.dumps(r['card'])}", flush=True)
         write_report(args.json, report)
     if "real" not in args.skip and kinds:
-        report["index real"] = build(real, next(iter(kinds.values())), args.max_memory, args.max_query_ms, 1)
+        report["index real"] = build(real, next(iter(kinds.values())), args.max_memory, args.max_query_ms, 1,
+                                     args.recall)
         print(f"card real: {json.dumps(report['index real']['card'])}", flush=True)
     if "exact" not in args.skip:
         report["exact"] = exact_batch(args.work / f"drawn-{min(sizes)}", mix_c)

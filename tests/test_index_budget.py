@@ -4,6 +4,7 @@ ranks merging to the one-process index, and a killed build resuming from its par
 from __future__ import annotations
 
 import json
+import time
 import threading
 from pathlib import Path
 
@@ -237,3 +238,62 @@ def test_a_killed_build_resumes_from_its_finished_parts(collection, tmp_path, mo
     assert (resumed / "index.faiss").read_bytes() == expected and not partial.exists()
     assert sorted(p.name for p in resumed.iterdir() if not p.name.startswith(".")) == ["card.json", "index.faiss",
                                                                                          "index.json"]
+
+
+def test_tuning_aims_at_the_recall_asked_and_the_ladder_has_halfway_steps(collection, tmp_path):
+    """`--recall R`: the chosen nprobe is the smallest ladder value whose recall@10 reaches R (the ladder is measured
+    in order up to it); the ladder steps through powers of two and the halfway values between them; a recall outside
+    (0, 1] is one line."""
+    pytest.importorskip("faiss")
+    import shutil
+
+    import vsectl
+    from vsectl.errors import ConfigError
+    from vsectl.retrieval.index import _ladder
+
+    assert _ladder("ivf", {"nlist": 64}) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert _ladder("ivf", {"nlist": 50}) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 50]
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    for bad in (0, 1.5, -0.2):
+        with pytest.raises(ConfigError, match="--recall is a recall@10 between 0 and 1"):
+            vsectl.build_index(emb, "ivf", recall=bad)
+    card = json.loads((vsectl.build_index(emb, "ivf", side="captions", recall=0.6) / "card.json").read_text())
+    ladder = card["tuning"]["ladder"]
+    assert card["tuning"]["target_recall@10"] == 0.6
+    assert all(row["recall@10"] < 0.6 for row in ladder[:-1]) and ladder[-1]["recall@10"] >= 0.6
+    assert card["tuning"]["chosen"] == ladder[-1]["value"] == card["params"]["nprobe"] > 1
+
+
+def test_the_card_gives_the_builds_peak_memory_by_phase(collection, tmp_path):
+    pytest.importorskip("faiss")
+    import shutil
+
+    import vsectl
+
+    emb = tmp_path / "emb"
+    shutil.copytree(collection, emb)
+    card = json.loads((vsectl.build_index(emb, "ivf-pq", nprobe=4) / "card.json").read_text())
+    phases = card["build_rss_by_phase"]
+    assert set(phases) == {"train", "encode", "merge", "measure", "write"}
+    for peak in phases.values():  # the kernel's high-water mark and its sampled counters differ by a few pages
+        assert 0 < peak["anon"] <= peak["rss"] <= card["build_peak_rss_bytes"] + (4 << 20) and peak["file"] >= 0
+
+
+def test_phase_memory_sees_what_a_phase_allocates():
+    from vsectl.retrieval.index_memory import PhaseMemory, read_status
+
+    if not read_status():
+        pytest.skip("no /proc/self/status here")
+    memory = PhaseMemory()
+    try:
+        with memory.phase("small"):
+            time.sleep(0.3)
+        with memory.phase("big"):
+            block = np.ones(300 << 20, dtype=np.uint8)  # 300 MiB, every page touched
+            time.sleep(0.5)
+            del block
+    finally:
+        memory.stop()
+    peaks = memory.summary()
+    assert peaks["big"]["anon"] - peaks["small"]["anon"] >= 250 << 20

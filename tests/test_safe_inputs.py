@@ -412,3 +412,27 @@ def test_a_full_disk_in_embed_and_index_is_one_line_and_the_rerun_completes(clip
     assert "file larger than the file system or the size limit allows" in line and "index.faiss" in line
     assert not (tmp_path / "E" / "index-hnsw-images").exists()
     assert sorted(p.name for p in (tmp_path / "E").iterdir() if p.name.startswith(".")) == []
+
+
+def test_rows_of_a_mapped_matrix_are_read_from_its_file_as_the_map_shows_them(tmp_path):
+    """The NaN/inf check reads a memory-mapped matrix by positioned reads (not through the map, whose read-ahead
+    pages stayed resident): the rows it reads are the map's own, sampled or in a run; a short file is one line."""
+    from vsectl.errors import DataError
+    from vsectl.retrieval.finite import _read_rows, check_finite
+
+    x = np.random.default_rng(4).standard_normal((1000, 24)).astype(np.float32)
+    np.save(tmp_path / "m.npy", x)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    rows = np.array([0, 3, 4, 517, 999])
+    assert np.array_equal(_read_rows(mapped, rows, contiguous=False), x[rows])
+    assert np.array_equal(_read_rows(mapped, np.arange(200, 740), contiguous=True), x[200:740])
+    assert np.array_equal(_read_rows(x, rows, contiguous=False), x[rows])  # an in-memory array: indexed
+    x[517, 5] = np.inf
+    np.save(tmp_path / "m.npy", x)
+    with pytest.raises(DataError, match="row 517 of .* holds NaN or inf"):
+        check_finite("m.npy", np.load(tmp_path / "m.npy", mmap_mode="r"), rows)
+    mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    with open(tmp_path / "m.npy", "r+b") as f:
+        f.truncate(128 + 500 * 24 * 4)
+    with pytest.raises(DataError, match="shorter than its header says"):
+        _read_rows(mapped, np.array([900]), contiguous=False)

@@ -505,3 +505,29 @@ def test_the_page_searches_through_the_index_and_shows_it(indexed, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_recorded_image_root_is_taken_without_reading_the_records(tmp_path):
+    """`serve` found the image folder of a collection without a recorded one by reading every record (8 s per
+    million at start-up); a recorded root, None included (vectors with no image files), is taken as recorded, and
+    only a folder written before roots were recorded is still read."""
+    import json as json_module
+
+    from vsectl.retrieval.embeddings import open_embeddings, write_vectors
+    from vsectl.serving.engine import image_root
+
+    x = np.eye(4, dtype=np.float32)
+    folder = write_vectors(tmp_path / "emb", [x], 4, 4)
+    emb = open_embeddings(folder)
+    assert emb.meta["image_root"] is None
+    emb.image = lambda i: (_ for _ in ()).throw(AssertionError("a record was read"))
+    assert image_root(emb) is None
+    emb.meta["image_root"] = str(tmp_path)
+    assert image_root(emb) == tmp_path
+    meta = json_module.loads((folder / "meta.json").read_text())
+    del meta["image_root"]  # written before roots were recorded: the records' common folder
+    (folder / "meta.json").write_text(json_module.dumps(meta))
+    old = open_embeddings(folder)
+    seen = []
+    old.image = lambda i: (seen.append(i), {"path": str(tmp_path / "pics" / f"{i}.png")})[1]
+    assert image_root(old) == tmp_path / "pics" and seen == [0, 1, 2, 3]

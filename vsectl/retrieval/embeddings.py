@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,15 @@ def _map(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not a readable .npy file ({e}); run `vsectl embed` again") from None
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class JsonLines:
     """Random access to the lines of a JSONL file through its offsets array (nothing read until asked)."""
 
     def __init__(self, path: Path, offsets: Path, n: int | None = None) -> None:
         self.path = path
+        self._fd: int | None = None  # opened at the first read, kept: positioned reads share it across threads
         self.offsets = _map(offsets)  # (n + 1,) int64
         size = path.stat().st_size if path.is_file() else -1
         if self.offsets.ndim != 1 or len(self.offsets) < 1 or (n is not None and len(self.offsets) != n + 1) \
@@ -71,9 +76,7 @@ class JsonLines:
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
         if not 0 <= stop - start <= MAX_RECORD_BYTES:
             raise DataError(f"{self.path}: the offsets of record {i} are damaged ({start}..{stop}); {AGAIN}")
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            raw = f.read(stop - start)
+        raw = os.pread(self._open(), stop - start, start)
         try:
             record = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -81,6 +84,16 @@ class JsonLines:
         if not isinstance(record, dict):
             raise DataError(f"{self.path}: record {i} is not a JSON object; {AGAIN}")
         return record
+
+    def _open(self) -> int:
+        with _OPEN_LOCK:  # two first reads at once must not open (and leak) two descriptors
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            return self._fd
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
 
 @dataclass
@@ -355,6 +368,6 @@ def write_vectors(out: Path, images: Any, n_images: int, dim: int, *, captions: 
     meta = {"format": EMBEDDINGS_FORMAT, "version": EMBEDDINGS_VERSION, "run": None, "checkpoint": None,
             "fingerprint": "vectors", **(run_meta or {}), "embed_dim": dim, "source": {"kind": "vectors"},
             "n_images": n_images, "n_captions": len(captions), "n_skipped": 0, "skipped": [],
-            "images_sha256": images_sha, "captions_sha256": captions_sha}
+            "images_sha256": images_sha, "captions_sha256": captions_sha, "image_root": None}
     (out / META).write_text(json_text(meta, indent=1) + "\n", encoding="utf-8")
     return out
