@@ -138,7 +138,7 @@ def nan_row(folder: Path, row: int) -> None:
 
 
 def test_nan_rows_are_refused_on_open_and_never_reach_json(emb: Path, tmp_path: Path, monkeypatch) -> None:
-    from vsectl.retrieval import embeddings as embeddings_module
+    from vsectl.retrieval import finite as finite_module
 
     copy = damaged(emb, tmp_path)
     for index in copy.glob("index-*"):  # a stale index adds its own warning line; only the rows are under test here
@@ -146,7 +146,7 @@ def test_nan_rows_are_refused_on_open_and_never_reach_json(emb: Path, tmp_path: 
     nan_row(copy, 17)
     line = refuse("search", str(copy), "a red circle", "--json", "--device", "cpu")
     assert "row 17 of" in line and "images.npy holds NaN or inf values" in line
-    monkeypatch.setattr(embeddings_module, "SAMPLE_ROWS", 2)  # a row the cheap check on open does not read
+    monkeypatch.setattr(finite_module, "SAMPLE_ROWS", 2)  # a row the cheap check on open does not read
     line = refuse("search", str(copy), "a red circle", "--json", "--device", "cpu")
     assert "row 17 of" in line and "holds NaN or inf values" in line  # caught as the hit it would have been
     line = refuse("search", str(copy), "a red circle", "--verify", "--device", "cpu")
