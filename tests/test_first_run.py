@@ -170,6 +170,7 @@ def test_plot_weights_report_and_index_info_follow_q_and_json(clip_emb: Path, do
     assert info.exit_code == 0 and info.stderr == "" and len(json.loads(info.stdout)) == 1
     table = runner.invoke(app, ["index", str(emb), "--info"])
     assert "index card" in table.stderr and "0 GB" not in table.stderr  # sizes in a unit that suits them (was 0 GB)
+    assert "memory by phase" in table.stderr and "measure " in table.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,8 +4,8 @@ ranks merging to the one-process index, and a killed build resuming from its par
 from __future__ import annotations
 
 import json
-import time
 import threading
+import time
 from pathlib import Path
 
 import numpy as np

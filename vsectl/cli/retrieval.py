@@ -150,9 +150,14 @@ def card_table(folder: Path) -> Table:
             ("query", f"{q['single']['median']:.2f} ms single (median of {q['single']['count']}"
                       + (f"; {q['single']['cpu_median']:.2f} ms of CPU" if "cpu_median" in q["single"] else "")
                       + f"), {q['batched_per_query']:.3f} ms/query in a batch of {q['batch']}")]
+    if c.get("build_rss_by_phase"):
+        phases = c["build_rss_by_phase"]
+        rows.append(("memory by phase", ", ".join(f"{name} {_size(p['rss'])}" for name, p in phases.items())
+                     + f" (of which file pages at most {_size(max(p['file'] for p in phases.values()))})"))
     if c.get("tuning"):
         ladder = ", ".join(f"{r['value']}: {r['recall@10']:.3f}" for r in c["tuning"]["ladder"])
-        rows.append(("tuning (recall@10)", f"chose {c['tuning']['chosen']}; {ladder}"))
+        rows.append(("tuning (recall@10)", f"chose {c['tuning']['chosen']}; "
+                                           f"target {c['tuning'].get('target_recall@10', 0.95)}; {ladder}"))
     if c.get("rsum"):
         r = c["rsum"]
         rows.append(("rsum", f"{r['index']:.2f} through the index vs {r['exact']:.2f} exact ({r['captions']} "
