@@ -181,14 +181,28 @@ def test_parts_merged_list_by_list_equal_faiss_own_add(factory, tmp_path):
     mine, theirs = faiss.extract_index_ivf(ours).invlists, faiss.extract_index_ivf(reference).invlists
     fast = index_parts.is_fast_scan(index_parts.ivf_of(ours))
     assert fast == factory.endswith("fs")
+    packer = index_parts.ivf_of(ours).get_CodePacker() if fast else None
+
+    def codes_of(lists, lst: int, n: int, fast: bool) -> np.ndarray:
+        """A list's n flat codes: read as stored, or unpacked from its fast-scan blocks one by one."""
+        if not fast:
+            return faiss.rev_swig_ptr(lists.get_codes(lst), n * lists.code_size).reshape(n, -1).copy()
+        blocks, out = lists.get_codes(lst), np.zeros((n, packer.code_size), dtype=np.uint8)
+        for j in range(n):
+            packer.unpack_1_c(blocks, j, faiss.swig_ptr(out[j]))  # the C call: offsets run across blocks
+        return out
+
     for lst in range(8):
         n = theirs.list_size(lst)
         assert mine.list_size(lst) == n
         if n:
-            size = -(-n // 32) * 32 * 4 if fast else n * mine.code_size  # fast scan: 32-code blocks, 4 bytes each
             assert np.array_equal(faiss.rev_swig_ptr(mine.get_ids(lst), n), faiss.rev_swig_ptr(theirs.get_ids(lst), n))
-            assert np.array_equal(faiss.rev_swig_ptr(mine.get_codes(lst), size),
-                                  faiss.rev_swig_ptr(theirs.get_codes(lst), size))
+            assert np.array_equal(codes_of(mine, lst, n, fast), codes_of(theirs, lst, n, fast))
+            if fast:  # the last block's padding is ours, zeros (faiss' own add leaves whatever memory held)
+                blocks = faiss.rev_swig_ptr(mine.get_codes(lst), -(-n // 32) * 32 * 4)
+                padded = np.zeros((-(-n // 32) * 32, 4), dtype=np.uint8)
+                padded[:n] = codes_of(mine, lst, n, fast)
+                assert np.array_equal(blocks, index_parts.pack_blocks(packer, padded[:n]))
     faiss.extract_index_ivf(ours).nprobe = faiss.extract_index_ivf(reference).nprobe = 8
     assert np.array_equal(ours.search(x[:50], 10)[1], reference.search(x[:50], 10)[1])
     files[1].write_bytes(files[1].read_bytes()[:-5])
