@@ -7,6 +7,7 @@ what held it. Sampling misses spikes shorter than the interval; `ru_maxrss` (the
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,6 +79,25 @@ class PhaseMemory:
         """{phase: {"rss": bytes, "anon": bytes, "file": bytes}} at each phase's sampled peak."""
         with self._lock:
             return {name: dict(peak) for name, peak in self.peaks.items()}
+
+
+_TRIM: object = None
+
+
+def trim_heap() -> None:
+    """Hand the allocator's free heap pages back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    The merge allocates each inverted list between short-lived temporaries of similar sizes; the holes they leave
+    stayed resident: at 1M vectors the merged process held 419 MB where 356 MB remained after trimming once per run
+    of lists (the lists themselves: 138 MB)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(None).malloc_trim  # the C library the process already runs on
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
 
 
 class NoMemory:

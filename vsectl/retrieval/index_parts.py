@@ -21,6 +21,7 @@ import numpy as np
 
 from vsectl.errors import DataError
 from vsectl.io import atomic_path
+from vsectl.retrieval.index_memory import trim_heap
 
 MAGIC = b"VSXIVF01"
 HEADER = len(MAGIC) + 3 * 8
@@ -142,6 +143,8 @@ def merge(index: Any, files: list[Path], on_lists: Any = None) -> Any:
                     ivf.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
                     if packer is not None:  # faiss leaves the last block's padding uninitialised: our zeros instead
                         faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), codes.size)[:] = codes
+            del runs
+            trim_heap()  # the run's temporaries lay between the lists just allocated: their pages go back
             if on_lists is not None:
                 on_lists(l1)
             l0 = l1
