@@ -47,7 +47,8 @@ PQ_BITS = 4  # bits per sub-quantizer: two per byte, the fast-scan layout
 PQ_MIN_DIMS = 2  # each sub-quantizer covers at least this many dimensions
 PQ_MIN_VECTORS = 256  # enough training rows for every 16-centroid codebook (faiss warns below 39 per centroid)
 FAST_SCAN_BLOCK = 32  # fast-scan lists are stored in blocks of 32 codes (the last one padded)
-REFINE = 10  # ivf-pq finds k·REFINE candidates and re-scores them exactly from the embeddings file
+REFINE = 20  # ivf-pq finds k·REFINE candidates and re-scores them exactly from the embeddings file: at 10M × 512
+# and nprobe 64, 100 candidates for k = 10 gave recall@10 0.906, 200 gave 0.924 (the 100 more rows cost ~0.1 ms)
 INDEX_SHARE = 0.75  # the index may take this share of --max-memory; the rest is for training and added blocks
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
