@@ -140,9 +140,8 @@ def merge(index: Any, files: list[Path], on_lists: Any = None) -> Any:
                     codes = np.concatenate([codes[s[j] : s[j + 1]] for s, _, codes in runs])
                     if packer is not None:
                         codes = pack_blocks(packer, codes)
+                    # a fresh fast-scan list takes whole blocks as given: our zero padding, not uninitialised bytes
                     ivf.invlists.add_entries(lst, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
-                    if packer is not None:  # faiss leaves the last block's padding uninitialised: our zeros instead
-                        faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), codes.size)[:] = codes
             del runs
             trim_heap()  # the run's temporaries lay between the lists just allocated: their pages go back
             if on_lists is not None:
