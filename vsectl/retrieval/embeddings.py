@@ -30,7 +30,7 @@ import numpy as np
 
 from vsectl.errors import DataError
 from vsectl.io import json_text, sha256_file
-from vsectl.retrieval.finite import AGAIN, check_finite, sample_rows
+from vsectl.retrieval.finite import AGAIN, check_finite, spread_rows
 
 EMBEDDINGS_FORMAT = "vsectl-embeddings"
 EMBEDDINGS_VERSION = 1
@@ -259,8 +259,8 @@ def open_embeddings(path: str | Path, verify: bool = False) -> Embeddings:
         raise DataError(f"{path}: embeddings must be float32, found {images.dtype} / {captions.dtype}")
     for name, array in (("images", images), ("captions", captions), ("cap2img", cap2img)):
         _check_size(path / f"{name}.npy", array)
-    check_finite(str(path / "images.npy"), images, sample_rows(n))
-    check_finite(str(path / "captions.npy"), captions, sample_rows(c))
+    check_finite(str(path / "images.npy"), images, spread_rows(n))
+    check_finite(str(path / "captions.npy"), captions, spread_rows(c))
     if verify:
         _verify(path, meta, images, captions, cap2img)
     return Embeddings(path=path, meta=meta, images=images, captions=captions, cap2img=cap2img)

@@ -5,11 +5,10 @@ A memory-mapped matrix is read with positioned reads, never through its map (see
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from vsectl.errors import DataError
+from vsectl.retrieval.rows import RowReader
 
 SAMPLE_ROWS = 1024  # rows of each side checked for NaN/inf on every open (all of them with verify=True)
 SCAN_ROWS = 1 << 16  # rows per block of the full check
@@ -35,26 +34,17 @@ def check_finite(name: str, matrix: np.ndarray, rows: np.ndarray | None = None) 
 
 
 def _read_rows(matrix: np.ndarray, rows: np.ndarray, contiguous: bool) -> np.ndarray:
-    """matrix[rows] (a run of rows when `contiguous`), read from the file of a memory map by positioned reads."""
+    """matrix[rows] (a run of rows when `contiguous`); a memory map's rows by positioned reads from its file."""
     path = getattr(matrix, "filename", None)
-    if not isinstance(matrix, np.memmap) or not path or not matrix.flags.c_contiguous:
+    if not isinstance(matrix, np.memmap) or not path:
         return matrix[rows] if not contiguous else matrix[rows[0] : rows[-1] + 1]
-    row_bytes = matrix.itemsize * int(np.prod(matrix.shape[1:], dtype=np.int64))
-    out = np.empty((len(rows), *matrix.shape[1:]), dtype=matrix.dtype)
-    fd = os.open(path, os.O_RDONLY)
+    reader = RowReader(path)
     try:
-        spans = [(int(rows[0]), len(rows))] if contiguous else [(int(r), 1) for r in rows]
-        at = 0
-        for first, count in spans:
-            data = os.pread(fd, count * row_bytes, matrix.offset + first * row_bytes)
-            if len(data) != count * row_bytes:
-                raise DataError(f"{path} is shorter than its header says; {AGAIN}")
-            out[at : at + count] = np.frombuffer(data, dtype=matrix.dtype).reshape(count, *matrix.shape[1:])
-            at += count
+        return reader.read(int(rows[0]), int(rows[-1]) + 1) if contiguous else reader.gather(rows)
     finally:
-        os.close(fd)
-    return out
+        reader.close()
 
 
-def sample_rows(n: int) -> np.ndarray:
+def spread_rows(n: int) -> np.ndarray:
+    """SAMPLE_ROWS rows evenly spread over n (all of them when fewer)."""
     return np.unique(np.linspace(0, n - 1, min(n, SAMPLE_ROWS)).astype(np.int64)) if n else np.zeros(0, np.int64)

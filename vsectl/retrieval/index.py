@@ -41,6 +41,7 @@ from vsectl.retrieval.index_files import (
 )
 from vsectl.retrieval.index_memory import NoMemory, PhaseMemory
 from vsectl.retrieval.index_plan import KIND_CHOICES, IndexPlan, plan_index
+from vsectl.retrieval.rows import RowReader
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Index:
         scores, rows = self._faiss_index.search(queries, min(k * refine, matrix.shape[0]) if refine else k)
         if refine:
             if self._rows is None:
-                self._rows = index_build.RowReader(self.embeddings.path / f"{self.side}.npy")
+                self._rows = RowReader(self.embeddings.path / f"{self.side}.npy")
             return _rescore(self._rows, queries, rows, k)
         return scores.astype(np.float32), rows.astype(np.int64)
 
@@ -272,7 +273,7 @@ def _build_parts(emb: Embeddings, side: str, plan: IndexPlan, out: Path, partial
     memory = PhaseMemory() if rank == 0 else NoMemory()
     try:
         if plan.kind != "flat":
-            reader = index_build.RowReader(emb.path / f"{side}.npy")
+            reader = RowReader(emb.path / f"{side}.npy")
             faiss_index = index_build.build_faiss(plan, reader, partial, rank=rank, world=world, seed=seed,
                                                   progress=progress, memory=memory)
         if rank != 0:

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,11 @@ from vsectl.io import atomic_path, atomic_write_json
 from vsectl.retrieval import index_parts
 from vsectl.retrieval.index_memory import NoMemory
 from vsectl.retrieval.index_plan import HNSW_MAX_EF, HNSW_MAX_M, IndexPlan
+from vsectl.retrieval.rows import BLOCK_ROWS, RowReader
 
 log = logging.getLogger(__name__)
 
-ADD_BLOCK = 65536  # rows read and handed to faiss per add() call (128 MiB at 512-d fp32)
+ADD_BLOCK = BLOCK_ROWS  # rows read and handed to faiss per add() call (128 MiB at 512-d fp32)
 PART_ROWS = 1 << 20  # rows per resumable part
 PART_SUFFIX = "lists"  # a part's codes and ids by list (vsectl.retrieval.index_parts), not a faiss file
 TRAINED = "trained.faiss"
@@ -52,46 +52,6 @@ def faiss_module() -> Any:
         raise ConfigError("approximate indexes (ivf, ivf-sq8, ivf-pq, hnsw) need faiss: pip install 'vsectl[faiss]' "
                           "(faiss-cpu); or use --kind flat (exact, nothing extra)") from None
     return faiss
-
-
-class RowReader:
-    """Rows [a, b) of a 2-d float32 .npy file by plain reads (no memory map, so nothing stays resident)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            view = np.load(self.path, mmap_mode="r")  # reads the header only; the map is dropped at once
-        except (OSError, ValueError, EOFError) as e:
-            raise DataError(f"{self.path} is not a readable .npy file ({e}); embed again") from None
-        if view.ndim != 2 or view.dtype != np.float32 or not view.flags.c_contiguous:
-            raise DataError(f"{self.path} is not a C-ordered 2-d float32 array")
-        self.n, self.dim, self.offset = int(view.shape[0]), int(view.shape[1]), int(view.offset)
-        del view
-
-    def read(self, a: int, b: int) -> np.ndarray:
-        """(b - a, dim) float32, a fresh array."""
-        out = np.empty((b - a, self.dim), dtype=np.float32)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset + a * self.dim * 4)
-            if f.readinto(memoryview(out).cast("B")) != out.nbytes:
-                raise DataError(f"{self.path} is shorter than its header says; embed again")
-        return out
-
-    def gather(self, rows: np.ndarray) -> np.ndarray:
-        """Scattered rows, one positioned read each: (len(rows), dim), nothing mapped (a query's candidates)."""
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        size = self.dim * 4
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for j, r in enumerate(rows.tolist()):
-                out[j] = np.frombuffer(os.pread(fd, size, self.offset + r * size), dtype=np.float32)
-        finally:
-            os.close(fd)
-        return out
-
-    def blocks(self, a: int, b: int, size: int = ADD_BLOCK) -> Iterator[tuple[int, np.ndarray]]:
-        for s in range(a, b, size):
-            yield s, self.read(s, min(s + size, b))
 
 
 def sample_rows(n: int, k: int, seed: int) -> np.ndarray:

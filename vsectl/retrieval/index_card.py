@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from vsectl.retrieval.index_build import RowReader, read_rows, sample_rows
+from vsectl.retrieval.index_build import read_rows, sample_rows
+from vsectl.retrieval.rows import RowReader
 
 log = logging.getLogger(__name__)
 

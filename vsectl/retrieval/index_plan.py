@@ -7,8 +7,8 @@ Every kind is described by what it costs per vector; `plan_index` takes the most
     ivf       faiss IVF over the full vectors: N·(4E + 8) bytes, each query scans nprobe/nlist of them
     ivf-sq8   IVF over 8-bit scalar codes: N·(E + 8) bytes
     ivf-pq    IVF over product-quantised codes: N·(m + 8) bytes, 2m sub-quantizers of 4 bits each in faiss' fast-scan
-              layout (scanned in SIMD registers: at 10M × 512 one query scanned 128-byte codes of this kind several
-              times faster than 8-bit codes of the same size, docs/scaling.md); the candidates are re-scored exactly
+              layout (scanned in SIMD registers: at 10M × 512 and nprobe 128 one query took 6.2 ms against 18.0 ms
+              with 8-bit codes of the same size, docs/scaling.md); the candidates are re-scored exactly
               from the embeddings file, so the hits and scores are exact ones, only which candidates are found is
               approximate
 

@@ -179,7 +179,7 @@ class SearchEngine:
         self.threads = stage_threads(threads, scanned)
         self._threads_before = get_threads()  # the process's own counts, given back on close()
         set_threads(self.threads)
-        log.info("%d thread(s) for text encoding and %d for search", self.threads, self.threads)
+        log.info("%d thread(s) each for text encoding and for search", self.threads)
         self._encode_lock = threading.Lock()  # one text encode at a time: torch threads are shared, not multiplied
         # concurrent queries' texts are encoded in one batch (a transformer's cost per text falls with the batch)
         own = lambda: set_threads(self.threads)  # noqa: E731 - the workers' first act
