@@ -12,6 +12,7 @@ from vsectl.config import TextConfig
 from vsectl.errors import ConfigError
 from vsectl.kinds import TEXT_KINDS, resolve
 from vsectl.models.image_encoders import l2_normalize
+from vsectl.models.lean_bert import lean_ok, lean_states
 from vsectl.models.pooling import create_pooler
 from vsectl.models.pooling.base import length_mask
 from vsectl.models.rnn import bigru
@@ -76,8 +77,13 @@ class TransformerTextEncoder(nn.Module):
         return self
 
     def states(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids → (B, T, H) last hidden states of the body."""
+        """(B, T) ids → (B, T, H) last hidden states of the body.
+
+        A body in eval mode that `lean_bert` reproduces runs through it (the same numbers, less Python per call).
+        """
         mask = (tokens != self.pad_id) & length_mask(lengths, tokens.size(1))
+        if not self.body.training and lean_ok(self.body):  # asked each call: a few attribute reads
+            return lean_states(self.body, tokens, mask)
         return self.body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
