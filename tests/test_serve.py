@@ -465,6 +465,23 @@ def test_an_embeddings_folder_is_served_through_its_index_and_says_so(indexed, c
             p.wait(10)
 
 
+def test_an_index_answers_each_query_as_it_comes_and_an_exact_scan_in_batches(indexed, collection):
+    """A faiss index gains little from a batch (each query visits its own lists), so its searches are not queued
+    together; an exact scan reads the file once for every query waiting, so they are."""
+    import vsectl
+    from vsectl.retrieval import open_target
+    from vsectl.serving.engine import MAX_BATCH, SearchEngine
+
+    model = vsectl.load(collection["run"], device="cpu")
+    for target, batch in ((indexed / "index-ivf-images", 1), (indexed, MAX_BATCH)):  # the folder scans captions
+        engine = SearchEngine(open_target(target), model)
+        try:
+            assert engine.batcher.max_batch == batch
+            assert engine.search_text("a bird", k=3)["hits"]
+        finally:
+            engine.close()
+
+
 def test_search_json_says_which_index_answered(indexed):
     from typer.testing import CliRunner
 

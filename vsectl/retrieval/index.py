@@ -105,6 +105,13 @@ class Index:
     _faiss_index: Any = field(default=None, repr=False)
     _rows: Any = field(default=None, repr=False)  # the side's rows by positioned reads, for re-scoring
 
+    @property
+    def exact(self) -> bool:
+        """Whether a search scans every vector (flat): exact hits, and one pass over the file answers a whole batch
+        of queries, so queuing concurrent queries together pays. The faiss kinds visit other lists or graph nodes for
+        each query, so a batch saves them little (ivf-pq at 10M: 3.4 against 3.5 ms a query, batches of 4 against 1)."""
+        return self.kind == "flat"
+
     def describe(self) -> dict[str, Any]:
         """What answers a search, for the page and --json: kind, folder, recall@10 from the card."""
         return {"kind": self.kind, "path": str(self.path), "recall@10": self.card.get("recall", {}).get("@10")}
@@ -120,7 +127,7 @@ class Index:
         """As `search_vectors`, but a query with fewer than k neighbours found keeps its -1 rows (for measuring)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         matrix = self.embeddings.side(self.side)
-        if self.kind == "flat":
+        if self.exact:
             from vsectl.retrieval.exact import topk
 
             return topk(matrix, queries, k)

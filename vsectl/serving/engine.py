@@ -174,8 +174,7 @@ class SearchEngine:
                             for side in SIDES}
         for side, index in self.indexes.items():
             log.info("%s are searched %s", side, "exactly" if index is None else f"with {index.path.name}")
-        scanned = any(index is None or index.kind == "flat" for side, index in self.indexes.items()
-                      if self.emb.size(side))
+        scanned = any(index is None or index.exact for side, index in self.indexes.items() if self.emb.size(side))
         self.threads = stage_threads(threads, scanned)
         self._threads_before = get_threads()  # the process's own counts, given back on close()
         set_threads(self.threads)
@@ -184,7 +183,10 @@ class SearchEngine:
         # concurrent queries' texts are encoded in one batch (a transformer's cost per text falls with the batch)
         own = lambda: set_threads(self.threads)  # noqa: E731 - the workers' first act
         self.text_batcher = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode", own) if batching else None
-        self.batcher = QueryBatcher(self._search_vectors, batching=batching, on_start=own)
+        # an index answers each query as soon as it is searched: waiting for a batch's last query only delays the
+        # first (10M, ivf-pq, 8 clients: 191 against 178 requests/s, p50 41.3 against 44.6 ms)
+        self.batcher = QueryBatcher(self._search_vectors, batching=batching, on_start=own,
+                                    max_batch=MAX_BATCH if scanned else 1)
         root = image_root(self.emb)
         # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
         self.image_root = os.path.realpath(root) if root is not None else None
@@ -206,7 +208,7 @@ class SearchEngine:
             raise ConfigError(f"index {self.target.path} covers the {self.target.side} side; search it with "
                               f"side={self.target.side} or serve the embeddings folder {self.emb.path}")
         index = self.indexes.get(side)
-        if index is None or index.kind == "flat":
+        if index is None or index.exact:
             scores, rows = shared_topk(self.emb.side(side), vectors, k)
         else:
             scores, rows = index.search_vectors(vectors, k)
