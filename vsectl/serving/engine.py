@@ -1,10 +1,11 @@
-"""The search engine behind `vsectl serve`: one opened collection, one model, queries coalesced into batches.
+"""The search engine behind `vsectl serve`: one opened collection, one model, two worker threads.
 
-Concurrent requests each encode their text on their own, then queue a vector. One worker thread takes every vector
-waiting at that moment and reads the collection once for all of them (`vsectl.serving.scan`, bit for bit the hits of
-each query alone), so under load the pass over the embeddings is shared while an idle server answers at the latency
-of a single query. A hit list of the largest k asked in the batch is cut to each request's k: exact top-k is ordered
-by score then row, so the first k of a longer list are the top k.
+Concurrent requests' texts are encoded together by one worker (a transformer's cost per text falls with the batch),
+then their vectors go to the search worker. For an exact scan it takes every vector waiting at that moment and reads
+the collection once for all of them (`vsectl.serving.scan`, bit for bit the hits of each query alone), so under load
+the pass over the embeddings is shared while an idle server answers at the latency of a single query; an index is
+searched one query at a time, each answered as soon as it is found. A hit list of the largest k asked in a batch is
+cut to each request's k: exact top-k is ordered by score then row, so the first k of a longer list are the top k.
 """
 
 from __future__ import annotations
