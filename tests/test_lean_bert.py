@@ -13,11 +13,11 @@ from vsectl.models import lean_bert  # noqa: E402
 from vsectl.models.lean_bert import lean_ok, lean_states  # noqa: E402
 
 
-def tiny_bert(seed: int = 0, **overrides):
+def tiny_bert(seed: int = 0, attn: str = "sdpa", **overrides):
     torch.manual_seed(seed)
     config = transformers.BertConfig(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=3,
                                      intermediate_size=40, max_position_embeddings=32, **overrides)
-    config._attn_implementation = overrides.pop("attn", "sdpa")
+    config._attn_implementation = attn
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
@@ -77,15 +77,27 @@ def slow_states(body, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("lengths", [[1], [7], [5, 2, 9], [4, 4]])
-def test_equals_transformers_bit_for_bit(lengths):
-    body = tiny_bert()
-    tokens, mask = batch(lengths)
-    with torch.no_grad():
+def same_states(body, tokens, mask, autocast: bool = False) -> None:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         ours = lean_states(body, tokens, mask)
         theirs = body(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
     kept = mask[..., None].expand_as(ours)
-    assert torch.equal(ours[kept], theirs[kept])
+    assert ours.dtype == theirs.dtype and torch.equal(ours[kept], theirs[kept])
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [5, 2, 9], [4, 4]])
+@pytest.mark.parametrize("precision", ["float32", "float64", "bf16 autocast"])
+def test_equals_transformers_bit_for_bit(lengths, precision):
+    """float64 tells the attention scales apart (1/sqrt(d) and d**-0.5 differ in the last bit for d = 8 here)."""
+    body = tiny_bert().to(torch.float64 if precision == "float64" else torch.float32)
+    tokens, mask = batch(lengths)
+    same_states(body, tokens, mask, autocast=precision == "bf16 autocast")
+
+
+def test_the_activation_is_the_body_own():
+    body = tiny_bert(hidden_act="gelu_new")  # the tanh approximation, not torch's exact GELU
+    assert lean_ok(body)
+    same_states(body, *batch([6, 2]))
 
 
 def test_matches_a_slow_reference():
@@ -95,7 +107,7 @@ def test_matches_a_slow_reference():
         ours = lean_states(body, tokens, mask).double()
     ref = slow_states(body, tokens, mask)
     kept = mask[..., None].expand_as(ours)
-    assert torch.allclose(ours[kept], ref[kept], atol=1e-5)
+    torch.testing.assert_close(ours[kept], ref[kept], atol=1e-5, rtol=0)
 
 
 def test_follows_weights_changed_in_place():
@@ -111,10 +123,29 @@ def test_follows_weights_changed_in_place():
     assert torch.equal(after[kept], theirs[kept])
 
 
-@pytest.mark.parametrize("overrides", [{"attn": "eager"}, {"hidden_act": "gelu_new"}, {"is_decoder": True}])
+@pytest.mark.parametrize("overrides", [{"attn": "eager"}, {"is_decoder": True}, {"chunk_size_feed_forward": 2}])
 def test_other_bodies_keep_their_own_forward(overrides):
     assert lean_ok(tiny_bert())
     assert not lean_ok(tiny_bert(**overrides))
+
+
+def test_hooks_and_stand_in_layers_keep_the_body_own_forward():
+    """A forward hook would be skipped, and a Linear subclass (an adapter, say) could compute something else."""
+    body = tiny_bert()
+    handle = body.encoder.layer[0].output.register_forward_hook(lambda *a: None)
+    assert not lean_ok(body)
+    handle.remove()
+    assert lean_ok(body)
+
+    class Scaled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = body.encoder.layer[1].attention.self
+    scaled = Scaled(24, 24)
+    scaled.load_state_dict(layer.value.state_dict())
+    layer.value = scaled
+    assert not lean_ok(body)
 
 
 def test_other_architectures_are_not_taken():

@@ -466,20 +466,53 @@ def test_an_embeddings_folder_is_served_through_its_index_and_says_so(indexed, c
 
 
 def test_an_index_answers_each_query_as_it_comes_and_an_exact_scan_in_batches(indexed, collection):
-    """A faiss index gains little from a batch (each query visits its own lists), so its searches are not queued
-    together; an exact scan reads the file once for every query waiting, so they are."""
+    """A faiss index gains little from a batch (each query visits its own lists), so only the sides scanned exactly
+    queue their queries together; a folder with an image index still scans its captions exactly."""
     import vsectl
     from vsectl.retrieval import open_target
-    from vsectl.serving.engine import MAX_BATCH, SearchEngine
+    from vsectl.serving.engine import SearchEngine
 
     model = vsectl.load(collection["run"], device="cpu")
-    for target, batch in ((indexed / "index-ivf-images", 1), (indexed, MAX_BATCH)):  # the folder scans captions
-        engine = SearchEngine(open_target(target), model)
+    for target, exact, shared in ((indexed / "index-ivf-images", False, set()), (indexed, False, {"captions"}),
+                                  (indexed, True, {"images", "captions"})):
+        engine = SearchEngine(open_target(target), model, exact=exact)
         try:
-            assert engine.batcher.max_batch == batch
+            assert engine.batcher.shared_sides == shared
             assert engine.search_text("a bird", k=3)["hits"]
         finally:
             engine.close()
+
+
+def test_an_item_that_may_not_share_a_run_runs_alone_and_does_not_wait():
+    """Queued behind a running batch: b, then one that must run alone, then c. b's batch stops before it (rather
+    than make it wait for c's), it runs alone, then c."""
+    from vsectl.serving.engine import Coalescer
+
+    gate, entered, calls = threading.Event(), threading.Event(), []
+
+    def run(items: list[str]) -> list[str]:
+        entered.set()
+        gate.wait(5)
+        calls.append(list(items))
+        return [i.upper() for i in items]
+
+    coalescer = Coalescer(run, max_batch=8, name="test-alone", batchable=lambda item: item != "alone")
+    answers: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda t=t: answers.__setitem__(t, coalescer.submit(t)))
+               for t in ("a", "b", "alone", "c")]
+    threads[0].start()
+    assert entered.wait(5)
+    for n, t in enumerate(threads[1:], start=1):
+        t.start()
+        deadline = time.monotonic() + 5
+        while coalescer._queue.qsize() < n and time.monotonic() < deadline:  # queued in this order
+            time.sleep(0.01)
+    gate.set()
+    for t in threads:
+        t.join(5)
+    coalescer.close()
+    assert answers == {"a": "A", "b": "B", "alone": "ALONE", "c": "C"}
+    assert calls == [["a"], ["b"], ["alone"], ["c"]]
 
 
 def test_search_json_says_which_index_answered(indexed):

@@ -17,7 +17,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
@@ -53,12 +53,16 @@ class Coalescer:
         max_batch: items per run at most.
         name: the worker thread's name.
         on_start: run once in the worker thread before its first batch (e.g. its thread counts).
+        batchable: item → whether it may share a run with others (default: all may); one that may not runs alone,
+            and a batch being gathered stops before it rather than make it wait.
     """
 
     def __init__(self, run: Callable[[list[Any]], list[Any]], max_batch: int, name: str,
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, batchable: Callable[[Any], bool] | None = None) -> None:
         self._run, self.max_batch, self._on_start = run, max_batch, on_start
+        self._batchable = batchable or (lambda item: True)
         self._queue: queue.Queue = queue.Queue()
+        self._held: tuple | None = None  # taken from the queue but left for the next run (it runs alone)
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
@@ -68,10 +72,15 @@ class Coalescer:
         return future.result()
 
     def _take_batch(self) -> list[tuple] | None:
-        first = self._queue.get()
+        if self._held is not None:
+            first, self._held = self._held, None
+        else:
+            first = self._queue.get()
         if first is None:
             return None
         batch = [first]
+        if not self._batchable(first[0]):
+            return batch
         while len(batch) < self.max_batch:
             try:
                 entry = self._queue.get_nowait()
@@ -79,6 +88,9 @@ class Coalescer:
                 break
             if entry is None:
                 self._queue.put(None)  # stop after this batch
+                break
+            if not self._batchable(entry[0]):
+                self._held = entry
                 break
             batch.append(entry)
         return batch
@@ -110,14 +122,18 @@ class QueryBatcher:
         batching: False runs each search in the caller's thread instead (the benchmark's baseline).
         max_batch: vectors per scan at most.
         on_start: run once in the search worker's thread first.
+        shared_sides: the sides whose search reads every vector once for a whole batch (an exact scan); a query of
+            another side (searched through an index) is searched alone and answered at once.
     """
 
     def __init__(self, search: SearchFn, batching: bool = True, max_batch: int = MAX_BATCH,
-                 on_start: Callable[[], None] | None = None) -> None:
+                 on_start: Callable[[], None] | None = None, shared_sides: Iterable[str] = SIDES) -> None:
         self._search, self.batching, self.max_batch = search, batching, max_batch
+        self.shared_sides = frozenset(shared_sides)
         self.scans = 0    # batched scans run, and vectors answered through them (for the log and the benchmark)
         self.vectors = 0
-        self._worker = Coalescer(self._scan, max_batch, "vsectl-search", on_start) if batching else None
+        self._worker = Coalescer(self._scan, max_batch, "vsectl-search", on_start,
+                                 batchable=lambda item: item[2] in self.shared_sides) if batching else None
 
     def submit(self, vector: np.ndarray, k: int, side: str) -> list[Any]:
         """The top-k hits of one (E,) vector on `side`, best first."""
@@ -186,8 +202,8 @@ class SearchEngine:
         self.text_batcher = Coalescer(self._encode_texts, MAX_TEXTS, "vsectl-encode", own) if batching else None
         # an index answers each query as soon as it is searched: waiting for a batch's last query only delays the
         # first (10M, ivf-pq, 8 clients: 191 against 178 requests/s, p50 41.3 against 44.6 ms)
-        self.batcher = QueryBatcher(self._search_vectors, batching=batching, on_start=own,
-                                    max_batch=MAX_BATCH if scanned else 1)
+        shared = [side for side, index in self.indexes.items() if index is None or index.exact]
+        self.batcher = QueryBatcher(self._search_vectors, batching=batching, on_start=own, shared_sides=shared)
         root = image_root(self.emb)
         # resolved now: a link swapped in later for the folder itself leads elsewhere, and is refused like any other
         self.image_root = os.path.realpath(root) if root is not None else None
