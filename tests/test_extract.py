@@ -212,6 +212,41 @@ def test_ranks_write_their_own_shards_and_rank0_merges(
     assert not (out / "train.shards").exists()
 
 
+HOLD = """
+import sys, time
+from vsectl.locks import folder_lock
+with folder_lock(sys.argv[1], "vsectl extract (the first)"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_extract_into_the_same_store_is_refused_naming_the_first(
+    raw: Path, tiny: TinyBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two extracts of one split would write the same shards and each merge and delete them; rank 0 holds the store's
+    lock, other torchrun ranks only write their own shards."""
+    import subprocess
+
+    from vsectl.locks import FolderBusy
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out / "train.h5")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusy, match=rf"train.h5 is being written by another process \(pid {holder.pid}: "
+                                             r"vsectl extract \(the first\)"):
+            run(tiny, raw, out)
+        assert not (out / "train.shards").exists()
+        run(tiny, raw, out, split="test")  # another split of the same folder is another store
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        assert run(tiny, raw, out) == [] and (out / "train.shards").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_changed_settings_are_extracted_again(raw: Path, tiny: TinyBackbone, tmp_path: Path) -> None:
     run(tiny, raw, tmp_path)
     [path] = run(tiny, raw, tmp_path, dtype="float16")
@@ -290,6 +325,7 @@ def test_cli_missing_weights_exits_2_with_one_line(raw: Path, tmp_path: Path, mo
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "resnet weights 'microsoft/resnet-152' is not a local folder" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything is written, its lock included
 
 
 # ------------------------------------------------------------------------------------------------ video

@@ -5,12 +5,13 @@ Under torchrun, rank r extracts the shards i with i % WORLD_SIZE == r and rank 0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from vsectl.extract.shards import (
 )
 from vsectl.extract.video import VideoSampling
 from vsectl.extract.video_files import VideoFileSampling, check_modality, video_report, write_video_shards
+from vsectl.locks import folder_lock
 from vsectl.models.backbones import Backbone, create_backbone
 from vsectl.runtime import (
     Distributed,
@@ -228,10 +230,49 @@ def extract(
         log.warning("this CPU has no bf16 units: bf16 is emulated and about 10x slower than fp32 here; use fp32")
     if (data is None) == (shards is None):
         raise ConfigError("give exactly one of --data RAW (a raw dataset) or --shards TARS (webdataset tar shards)")
+    raw = None if data is None else _checked_raw(data, video)
     if shards is not None:
-        return _extract_tar(backbone, shards, out, split, weights=weights, size=size, batch_size=batch_size,
-                            workers=workers, precision=precision, channels_last=channels_last, device=dev,
-                            dtype=dtype, dist=dist, progress=progress or NullProgress(), video=video, engine=engine)
+        _check_tar_request(split, video)
+    model = create_backbone(backbone, weights=weights, size=size)  # before the lock: a bad name leaves no folder
+    options = {"batch_size": batch_size, "workers": workers, "precision": precision, "channels_last": channels_last,
+               "device": dev, "dtype": dtype, "dist": dist, "engine": engine}
+    with store_locks(targets.values(), dist):
+        if raw is None:
+            from vsectl.extract.tar_extract import extract_tar
+
+            path = extract_tar(model, shards, targets[split], split, progress=progress or NullProgress(), **options)
+            return [path] if path is not None else []
+        return _extract_splits(model, raw, targets, skip_empty=split == "all", video=video, shard_size=shard_size,
+                               limit=limit, progress=progress, **options)
+
+
+def _extract_splits(model: Backbone, raw: RawDataset, targets: dict[str, Path], skip_empty: bool,
+                    **kwargs: object) -> list[Path]:
+    written = []
+    for name, path in targets.items():
+        if skip_empty and not raw.split(name):
+            log.warning("%s has no %s images; skipping that split", raw.root, name)
+            continue
+        result = extract_split(model, raw, name, path, **kwargs)
+        if result is not None:
+            written.append(result)
+    return written
+
+
+@contextlib.contextmanager
+def store_locks(paths: Iterable[Path], dist: Distributed) -> Iterator[None]:
+    """One writer per store file: a second `extract` into the same file is refused in one line naming the first.
+
+    Rank 0 holds the locks (it merges and replaces the file); torchrun's other ranks write only their own shards.
+    """
+    with contextlib.ExitStack() as stack:
+        if dist.rank == 0:
+            for path in paths:
+                stack.enter_context(folder_lock(path))
+        yield
+
+
+def _checked_raw(data: str | Path, video: VideoSampling | VideoFileSampling | None) -> RawDataset:
     raw = load_raw_dataset(data)
     modality = raw.manifest.get("modality")
     check_modality(modality, video, raw.root)
@@ -239,29 +280,11 @@ def extract(
         raise ConfigError(f"{raw.root} holds videos (folders of frames); add --video to extract them")
     if modality == "image" and video is not None:
         raise ConfigError(f"{raw.root} holds images, not videos; drop --video")
-    model = create_backbone(backbone, weights=weights, size=size)
-    written = []
-    for name, path in targets.items():
-        if split == "all" and not raw.split(name):
-            log.warning("%s has no %s images; skipping that split", raw.root, name)
-            continue
-        result = extract_split(model, raw, name, path, batch_size=batch_size, workers=workers, device=dev,
-                               precision=precision, channels_last=channels_last, dtype=dtype, shard_size=shard_size,
-                               limit=limit, dist=dist, progress=progress, video=video, engine=engine)
-        if result is not None:
-            written.append(result)
-    return written
+    return raw
 
 
-def _extract_tar(backbone: str | Backbone, shards: str | Path, out: str | Path, split: str, *,
-                 weights: str | Path | None, size: int | None, video: VideoSampling | None,
-                 **kwargs: object) -> list[Path]:
-    from vsectl.extract.tar_extract import extract_tar
-
+def _check_tar_request(split: str, video: VideoSampling | VideoFileSampling | None) -> None:
     if split == "all":
         raise ConfigError("tar shards have no splits: give --split NAME (train, dev or test) to label the store")
     if video is not None:
         raise ConfigError("tar shards hold images; drop --video")
-    model = create_backbone(backbone, weights=weights, size=size)
-    path = extract_tar(model, shards, output_paths(out, [split])[split], split, **kwargs)
-    return [path] if path is not None else []
