@@ -66,3 +66,28 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(toy_root
         assert b["rsum"] == pytest.approx(a["rsum"], abs=2.0)  # a rank or two may swap on near-ties
     assert json.loads((two / "env.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["best", "last"]
+
+
+LEAVE = """
+import atexit, runpy, sys
+import vsectl.runtime
+if sys.argv[1] == "joined":
+    vsectl.runtime._joined.append("gloo")
+atexit.register(lambda: print("teardown ran", flush=True))
+sys.argv = ["vsectl", *sys.argv[2:]]
+runpy.run_module("vsectl", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("joined", ["joined", "alone"])
+def test_a_rank_that_joined_a_process_group_ends_before_the_interpreter_teardown(joined):
+    """A gloo worker thread taking the interpreter lock during teardown aborts the process (see leave_now): a
+    torchrun rank leaves once its command returned, with its exit status and its output flushed."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "0"}
+    for args, status in ((["--help"], 0), (["eval", "/no/such/run"], 2)):
+        result = subprocess.run([sys.executable, "-c", LEAVE, joined, *args], capture_output=True, text=True,
+                                env=env, timeout=120, cwd=REPO)
+        assert result.returncode == status, result.stderr[-2000:]
+        assert ("Usage" in result.stdout) == (status == 0) and ("error:" in result.stderr) == (status == 2)
+        assert ("teardown ran" in result.stdout) == (joined == "alone")
+
