@@ -419,14 +419,16 @@ def test_rows_of_a_mapped_matrix_are_read_from_its_file_as_the_map_shows_them(tm
     pages stayed resident): the rows it reads are the map's own, sampled or in a run; a short file is one line."""
     from vsectl.errors import DataError
     from vsectl.retrieval.finite import _read_rows, check_finite
+    from vsectl.retrieval.rows import RowReader
 
     x = np.random.default_rng(4).standard_normal((1000, 24)).astype(np.float32)
     np.save(tmp_path / "m.npy", x)
     mapped = np.load(tmp_path / "m.npy", mmap_mode="r")
+    reader = RowReader(mapped.filename)
     rows = np.array([0, 3, 4, 517, 999])
-    assert np.array_equal(_read_rows(mapped, rows, contiguous=False), x[rows])
-    assert np.array_equal(_read_rows(mapped, np.arange(200, 740), contiguous=True), x[200:740])
-    assert np.array_equal(_read_rows(x, rows, contiguous=False), x[rows])  # an in-memory array: indexed
+    assert np.array_equal(_read_rows(mapped, reader, rows, contiguous=False), x[rows])
+    assert np.array_equal(_read_rows(mapped, reader, np.arange(200, 740), contiguous=True), x[200:740])
+    assert np.array_equal(_read_rows(x, None, rows, contiguous=False), x[rows])  # an in-memory array: indexed
     x[517, 5] = np.inf
     np.save(tmp_path / "m.npy", x)
     with pytest.raises(DataError, match="row 517 of .* holds NaN or inf"):
@@ -435,4 +437,4 @@ def test_rows_of_a_mapped_matrix_are_read_from_its_file_as_the_map_shows_them(tm
     with open(tmp_path / "m.npy", "r+b") as f:
         f.truncate(128 + 500 * 24 * 4)
     with pytest.raises(DataError, match="m.npy (is shorter than its header says|is not a readable .npy file)"):
-        _read_rows(mapped, np.array([900]), contiguous=False)
+        check_finite("m.npy", mapped, np.array([900]))

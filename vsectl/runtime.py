@@ -331,14 +331,12 @@ def leave_now(code: int | str | None) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    if code is None:
-        os._exit(0)
-    if not isinstance(code, int):  # sys.exit("message"): printed, status 1
+    if code is not None and not isinstance(code, int):  # sys.exit("message"): the message, status 1
         with contextlib.suppress(Exception):
             sys.stderr.write(f"{code}\n")
             sys.stderr.flush()
-        os._exit(1)
-    os._exit(code)
+        code = 1
+    os._exit(code or 0)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -24,25 +24,26 @@ def check_finite(name: str, matrix: np.ndarray, rows: np.ndarray | None = None) 
     """
     blocks = [rows] if rows is not None else [np.arange(a, min(a + SCAN_ROWS, len(matrix)))
                                               for a in range(0, len(matrix), SCAN_ROWS)]
-    for block in blocks:
-        if len(block) == 0:
-            continue
-        values = _read_rows(matrix, block, contiguous=rows is None)
-        finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
-        if not finite.all():
-            raise DataError(f"row {int(block[np.argmin(finite)])} of {name} holds NaN or inf values; {AGAIN}")
-
-
-def _read_rows(matrix: np.ndarray, rows: np.ndarray, contiguous: bool) -> np.ndarray:
-    """matrix[rows] (a run of rows when `contiguous`); a memory map's rows by positioned reads from its file."""
     path = getattr(matrix, "filename", None)
-    if not isinstance(matrix, np.memmap) or not path:
-        return matrix[rows] if not contiguous else matrix[rows[0] : rows[-1] + 1]
-    reader = RowReader(path)
+    reader = RowReader(path) if isinstance(matrix, np.memmap) and path else None  # one for every block
     try:
-        return reader.read(int(rows[0]), int(rows[-1]) + 1) if contiguous else reader.gather(rows)
+        for block in blocks:
+            if len(block) == 0:
+                continue
+            values = _read_rows(matrix, reader, block, contiguous=rows is None)
+            finite = np.isfinite(values).all(axis=tuple(range(1, values.ndim)))
+            if not finite.all():
+                raise DataError(f"row {int(block[np.argmin(finite)])} of {name} holds NaN or inf values; {AGAIN}")
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
+
+
+def _read_rows(matrix: np.ndarray, reader: RowReader | None, rows: np.ndarray, contiguous: bool) -> np.ndarray:
+    """matrix[rows] (a run of rows when `contiguous`); by positioned reads from the file when a reader is given."""
+    if reader is None:
+        return matrix[rows] if not contiguous else matrix[rows[0] : rows[-1] + 1]
+    return reader.read(int(rows[0]), int(rows[-1]) + 1) if contiguous else reader.gather(rows)
 
 
 def spread_rows(n: int) -> np.ndarray:
